@@ -1,0 +1,21 @@
+"""Language models: one interface (config dataclass -> module whose forward gives logits)."""
+from __future__ import annotations
+
+from torch import nn
+
+from model.config import PRESETS, ModelConfig, preset_config
+
+__all__ = ["ModelConfig", "PRESETS", "preset_config", "build_model", "count_params"]
+
+
+def build_model(cfg: ModelConfig) -> nn.Module:
+    if cfg.arch == "lstm":
+        from model.lstm import LSTMLM
+        return LSTMLM(cfg)
+    from model.transformer import TransformerLM
+    return TransformerLM(cfg)
+
+
+def count_params(module: nn.Module) -> int:
+    """Number of distinct parameters (tied weights counted once)."""
+    return sum(p.numel() for p in {id(p): p for p in module.parameters()}.values())

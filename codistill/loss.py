@@ -1,0 +1,107 @@
+"""The codistillation loss: CE(y, p) + alpha * psi(mean teacher probs, p).
+
+psi is the cross entropy of the student's distribution against the averaged teacher
+distribution (the paper's choice; equal to KL(q || p) up to the teacher's entropy, which has
+no gradient). With a temperature T != 1 both sides are softened and psi is scaled by T^2
+(Hinton et al.), so its gradient keeps the same magnitude.
+
+Everything is computed in fp32, chunk by chunk over tokens: the forward pass keeps no
+softmax of the whole batch and the backward pass recomputes it per chunk, so no B*T*V
+tensor is held beyond the logits themselves, their gradient, and the teacher probabilities.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class LossStats:
+    ce: float          # plain next-token cross entropy (no smoothing)
+    distill: float     # psi, before multiplying by alpha (0 when there is no teacher)
+    agreement: float   # top-1 agreement student vs averaged teacher (nan without teacher)
+
+
+class _CodistillLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, targets, teacher_probs, alpha, temperature, label_smoothing, chunk):
+        n, v = logits.shape
+        ce = logits.new_zeros((), dtype=torch.float32)
+        smooth = torch.zeros_like(ce)
+        distill = torch.zeros_like(ce)
+        agree = torch.zeros_like(ce)
+        for i in range(0, n, chunk):
+            s = logits[i:i + chunk].float()
+            logp = F.log_softmax(s, dim=-1)
+            ce -= logp.gather(1, targets[i:i + chunk, None]).sum()
+            if label_smoothing:
+                smooth -= logp.mean(dim=-1).sum()
+            if teacher_probs is not None:
+                q = teacher_probs[i:i + chunk].float()
+                logp_t = logp if temperature == 1.0 else F.log_softmax(s / temperature, dim=-1)
+                distill -= (q * logp_t).sum() * temperature ** 2
+                agree += (s.argmax(-1) == q.argmax(-1)).sum()
+        ctx.save_for_backward(logits, targets)
+        # Stored on ctx, not saved_tensors: teacher outputs come from inference_mode, and
+        # they need no version tracking (nothing writes to them).
+        ctx.teacher_probs = teacher_probs
+        ctx.hp = (alpha, temperature, label_smoothing, chunk)
+        ce, smooth, distill = ce / n, smooth / n, distill / n
+        loss = (1 - label_smoothing) * ce + label_smoothing * smooth
+        if teacher_probs is not None:
+            loss = loss + alpha * distill
+        stats = torch.stack([ce, distill, agree / n if teacher_probs is not None else ce.new_tensor(float("nan"))])
+        ctx.mark_non_differentiable(stats)
+        return loss, stats
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_stats):
+        logits, targets = ctx.saved_tensors
+        q_all = ctx.teacher_probs
+        alpha, temperature, label_smoothing, chunk = ctx.hp
+        n, v = logits.shape
+        scale = grad_loss.float() / n
+        grad = torch.empty_like(logits)
+        for i in range(0, n, chunk):
+            s = logits[i:i + chunk].float()
+            p = F.softmax(s, dim=-1)
+            g = p.clone()                                          # d CE / d s = p - target
+            if label_smoothing:
+                g.sub_(label_smoothing / v)
+            g.scatter_add_(1, targets[i:i + chunk, None],
+                           g.new_full((g.shape[0], 1), -(1 - label_smoothing)))
+            if q_all is not None and alpha:                        # d psi / d s = T * (p_T - q)
+                p_t = p if temperature == 1.0 else F.softmax(s / temperature, dim=-1)
+                g.add_(p_t - q_all[i:i + chunk].float(), alpha=alpha * temperature)
+            grad[i:i + chunk] = (g * scale).to(grad.dtype)
+        return grad, None, None, None, None, None, None
+
+
+def codistill_loss(logits: torch.Tensor, targets: torch.Tensor, teacher_probs: torch.Tensor | None = None,
+                   alpha: float = 1.0, temperature: float = 1.0, label_smoothing: float = 0.0,
+                   chunk_tokens: int = 4096) -> tuple[torch.Tensor, LossStats]:
+    """Mean over tokens of CE(y, p) + alpha * psi(q, p).
+
+    logits: [..., V] student logits; targets: [...] token ids; teacher_probs: [..., V] the
+    averaged teacher distribution (at ``temperature``) or None for plain CE. Returns the loss
+    (differentiable w.r.t. logits only) and detached statistics.
+    """
+    v = logits.shape[-1]
+    q = None if teacher_probs is None else teacher_probs.reshape(-1, v)
+    loss, stats = _CodistillLoss.apply(logits.reshape(-1, v), targets.reshape(-1), q, float(alpha),
+                                       float(temperature), float(label_smoothing), int(chunk_tokens))
+    ce, distill, agree = stats.tolist()
+    return loss, LossStats(ce=ce, distill=distill, agreement=agree)
+
+
+def distill_alpha(step: int, distill_weight: float, burn_in_steps: int, ramp_steps: int = 0) -> float:
+    """alpha at (1-based) ``step``: 0 during burn-in, then an optional linear ramp to the weight."""
+    if distill_weight == 0 or step <= burn_in_steps:
+        return 0.0
+    if ramp_steps > 0:
+        return distill_weight * min(1.0, (step - burn_in_steps) / ramp_steps)
+    return distill_weight
+
+

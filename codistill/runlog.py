@@ -1,0 +1,165 @@
+"""What a run shows and leaves behind: console lines, TensorBoard scalars, final weights,
+summary.json and checkpoint pruning."""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from safetensors.torch import save_file
+
+from codistill.exchange import atomic_write_bytes
+
+
+class Console:
+    """Prints from global rank 0, or from every group leader with a group prefix."""
+
+    def __init__(self, rank: int):
+        self.rank = rank
+
+    def __call__(self, msg: str, force: bool = False) -> None:
+        if self.rank == 0 or force:
+            print(msg, flush=True)
+
+    def error(self, msg: str) -> None:
+        if self.rank == 0:
+            print(f"error: {msg}", file=sys.stderr, flush=True)
+
+
+class TBWriter:
+    """torch's SummaryWriter, created lazily so that ranks that log nothing write no files."""
+
+    def __init__(self, log_dir: Path):
+        from torch.utils.tensorboard import SummaryWriter
+        self.w = SummaryWriter(log_dir=str(log_dir))
+
+    def scalar(self, tag: str, value: float, step: int) -> None:
+        if value is not None and not (isinstance(value, float) and math.isnan(value)):
+            self.w.add_scalar(tag, value, step)
+
+    def close(self) -> None:
+        self.w.flush()
+        self.w.close()
+
+
+def fmt_time(s: float) -> str:
+    s = int(s)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+def log_train(g, step: int, st: dict, pool, reload_ms: float, log, args, t_start: float, start_step: int) -> None:
+    tok_s = g.step_tokens / st["step_time"] if st["step_time"] > 0 else 0.0
+    w = g.writer
+    if w:
+        w.scalar("train/loss", st["loss"], step)
+        w.scalar("train/ce", st["ce"], step)
+        w.scalar("train/distill", st["distill"], step)
+        w.scalar("train/ppl", math.exp(min(st["ce"], 50)), step)
+        w.scalar("train/alpha", st["alpha"], step)
+        w.scalar("lr", st["lr"], step)
+        w.scalar("grad_norm", st["grad_norm"], step)
+        w.scalar("perf/tokens_per_s", tok_s, step)
+        w.scalar("perf/step_time", st["step_time"], step)
+        w.scalar("perf/tokens_seen", g.tokens_seen, step)
+        if st["peers"]:
+            w.scalar("teacher/agreement", st["agreement"], step)
+            for p in st["peers"]:
+                w.scalar(f"teacher/step/group_{p}", pool.steps[p], step)
+                w.scalar(f"teacher/staleness/group_{p}", step - pool.steps[p], step)
+            w.scalar("teacher/step", min(pool.steps[p] for p in st["peers"]), step)
+            w.scalar("teacher/staleness", max(step - pool.steps[p] for p in st["peers"]), step)
+            w.scalar("teacher/num_peers", len(st["peers"]), step)
+        if reload_ms:
+            w.scalar("teacher/reload_ms", reload_ms, step)
+    if g.leader and (step % args.log_every == 0 or step == args.max_steps):
+        elapsed = time.time() - t_start
+        eta = elapsed / max(1, step - start_step) * (args.max_steps - step)
+        teacher = ",".join(f"g{p}@{pool.steps[p]}" for p in st["peers"]) or "-"
+        log(f"[group {g.id}] step {step}/{args.max_steps} | loss {st['loss']:.4f} ce {st['ce']:.4f} "
+            f"distill {st['distill']:.4f} | ppl {math.exp(min(st['ce'], 50)):.1f} | teachers {teacher} | "
+            f"{tok_s / 1e3:.1f}k tok/s | eta {fmt_time(eta)}", force=True)
+
+
+def log_eval(g, step: int, loss: float, ppl: float, log) -> None:
+    if g.writer:
+        g.writer.scalar("val/loss", loss, step)
+        g.writer.scalar("val/ppl", ppl, step)
+        g.writer.scalar("val/ppl_vs_tokens", ppl, g.tokens_seen)
+        g.writer.w.flush()
+    if g.leader:
+        log(f"[group {g.id}] step {step} | val loss {loss:.4f} | val ppl {ppl:.2f}", force=True)
+
+
+def write_json(path: Path, obj) -> None:
+    atomic_write_bytes(Path(path), (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
+
+
+def git_sha(root: Path) -> str | None:
+    try:
+        return subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                              timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def save_final(g, state_dict, model_cfg, step: int, wall: float, pool, peers) -> None:
+    """group_i/final/: model.safetensors + config.json (+ hf/ for Transformers) and summary.json."""
+    final = g.dir / "final"
+    tmp = g.dir / ".final.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state_dict.items()}
+    save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt", "step": str(step)})
+    (tmp / "config.json").write_text(json.dumps(model_cfg.to_dict(), indent=2, sort_keys=True) + "\n")
+    if model_cfg.arch == "transformer":
+        from model import build_model
+        m = build_model(model_cfg)
+        m.load_state_dict(tensors)
+        m.hf.save_pretrained(str(tmp / "hf"))
+    old = g.dir / ".final.old"
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+    loss, ppl = g.last_val
+    write_json(g.dir / "summary.json", {
+        "group": g.id, "steps": step, "tokens_seen": g.tokens_seen, "val_loss": loss, "val_ppl": ppl,
+        "wall_time_s": round(wall, 2), "num_params": g.num_params,
+        "teacher_steps": {str(p): pool.steps[p] for p in peers if p in pool.steps and p != g.id}})
+
+
+def merge_summaries(run_dir: Path, num_groups: int) -> dict:
+    groups = {}
+    for i in range(num_groups):
+        p = Path(run_dir) / f"group_{i}" / "summary.json"
+        if p.is_file():
+            groups[f"group_{i}"] = json.loads(p.read_text())
+    summary = {"run_dir": str(run_dir), "num_groups": num_groups, "groups": groups}
+    write_json(Path(run_dir) / "summary.json", summary)
+    return summary
+
+
+def print_table(summary: dict, run_dir: Path, log) -> None:
+    log("")
+    log(f"{'group':>6} | {'steps':>6} | {'tokens':>10} | {'val loss':>8} | {'val ppl':>8} | teacher step in use")
+    for name, s in summary["groups"].items():
+        teachers = ", ".join(f"g{p}@{t}" for p, t in s["teacher_steps"].items()) or "-"
+        log(f"{s['group']:>6} | {s['steps']:>6} | {s['tokens_seen']:>10} | {s['val_loss']:>8.4f} | "
+            f"{s['val_ppl']:>8.2f} | {teachers}")
+    log(f"\nsummary: {Path(run_dir) / 'summary.json'}")
+    log(f"TensorBoard: tensorboard --logdir {run_dir}")
+
+
+def prune_checkpoints(ckpt_dir: Path, keep: int) -> None:
+    """Keep the newest ``keep`` global_stepN tags; never the one 'latest' names."""
+    latest = (ckpt_dir / "latest").read_text().strip() if (ckpt_dir / "latest").is_file() else None
+    tags = sorted((p for p in ckpt_dir.glob("global_step*") if p.is_dir() and p.name[11:].isdigit()),
+                  key=lambda p: int(p.name[11:]))
+    for p in tags[:-keep] if keep > 0 else []:
+        if p.name != latest:
+            shutil.rmtree(p, ignore_errors=True)

@@ -1,0 +1,170 @@
+"""Peers' stale checkpoints as teachers: a background loader and the in-memory teacher modules.
+
+TeacherLoader (a thread beside the training loop) reads peers' exports from disk into CPU
+memory - file read, sha256 check, safetensors parse - so the trainer only pays for copying
+ready tensors into its teacher modules between steps (TeacherPool.load).
+
+Two ways to choose which export a student uses:
+- "sync" (one launch hosting every group, so all groups export at the same steps): at each
+  export boundary s the trainer swaps in each peer's export of step s - K, which the loader
+  has had K steps to prefetch. Teachers are then a deterministic function of the step
+  (staleness between K and 2K steps), so runs are reproducible and resume is exact.
+- "latest" (groups in separate launches, e.g. SLURM array tasks): the loader follows each
+  peer's LATEST and the trainer swaps in whatever newer export is ready, never waiting.
+A missing, dead, corrupt or hostile peer never stops training: the last good teacher stays
+(or plain CE is used), and the problem is logged once per peer and kind.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from codistill.exchange import Export, ExportError, read_export, read_latest
+from model import ModelConfig, build_model
+
+
+def exports_dir(run_dir: Path, group: int) -> Path:
+    return Path(run_dir) / f"group_{group}" / "exports"
+
+
+class TeacherLoader:
+    def __init__(self, run_dir: Path, peers: list[int], config_hash: str, tokenizer_sha256: str,
+                 mode: str = "latest", poll_interval: float = 1.0, log: Callable[[str], None] = print):
+        if mode not in ("sync", "latest"):
+            raise ValueError(f"teacher loader mode must be sync or latest, got {mode!r}")
+        self.run_dir, self.peers, self.mode = Path(run_dir), list(peers), mode
+        self.config_hash, self.tokenizer_sha256 = config_hash, tokenizer_sha256
+        self.poll_interval, self.log = poll_interval, log
+        self._lock = threading.Condition()
+        self._want: dict[int, int] = {}           # sync mode: peer -> step to prefetch
+        self._ready: dict[int, Export] = {}       # peer -> loaded, not yet taken
+        self._seen: dict[int, int] = {}           # peer -> newest step loaded (or refused)
+        self._warned: set[tuple[int, str]] = set()
+        self.read_ms: list[float] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="teacher-loader", daemon=True)
+        self._thread.start()
+
+    # -- trainer side ---------------------------------------------------------------------
+    def want(self, peer: int, step: int) -> None:
+        with self._lock:
+            self._want[peer] = step
+            self._lock.notify_all()
+
+    def take(self, peer: int) -> Export | None:
+        """The newest loaded export of ``peer`` not handed over yet (never blocks)."""
+        with self._lock:
+            return self._ready.pop(peer, None)
+
+    def wait(self, peer: int, step: int, timeout: float) -> Export | None:
+        """Sync mode: the export of ``peer`` at ``step``, waiting at most ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            while True:
+                exp = self._ready.get(peer)
+                if exp is not None and exp.step == step:
+                    return self._ready.pop(peer)
+                if self._seen.get(peer, -1) >= step or self._stop.is_set():
+                    return None  # refused (already warned) or superseded
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    self.warn_once(peer, "timeout", f"peer group {peer}: export of step {step} did not "
+                                   f"arrive within {timeout:.0f}s; keeping the previous teacher")
+                    return None
+                self._lock.wait(min(left, self.poll_interval))
+
+    def close(self) -> None:
+        self._stop.set()
+        with self._lock:
+            self._lock.notify_all()
+        self._thread.join(timeout=10)
+
+    def warn_once(self, peer: int, kind: str, msg: str) -> None:
+        if (peer, kind) not in self._warned:
+            self._warned.add((peer, kind))
+            self.log(f"WARNING: {msg}")
+
+    # -- background thread ----------------------------------------------------------------
+    def _target(self, peer: int) -> int | None:
+        if self.mode == "sync":
+            return self._want.get(peer)
+        try:
+            return read_latest(exports_dir(self.run_dir, peer), missing_ok=True)
+        except ExportError as e:
+            self.warn_once(peer, "latest", f"peer group {peer}: {e}")
+            return None
+
+    def _run(self) -> None:
+        failures: dict[tuple[int, int], int] = {}
+        while not self._stop.is_set():
+            for peer in self.peers:
+                with self._lock:
+                    target = self._target(peer)
+                    if target is None or target <= self._seen.get(peer, -1):
+                        continue
+                t0 = time.perf_counter()
+                try:
+                    exp = read_export(exports_dir(self.run_dir, peer), target,
+                                      self.config_hash, self.tokenizer_sha256)
+                except ExportError as e:
+                    n = failures[(peer, target)] = failures.get((peer, target), 0) + 1
+                    if n < 3:  # a file being replaced can fail once; retry before refusing
+                        continue
+                    self.warn_once(peer, f"bad-{target}", f"peer group {peer}: refusing export step "
+                                   f"{target}: {e}; keeping the last good teacher")
+                    with self._lock:
+                        self._seen[peer] = target
+                        self._lock.notify_all()
+                    continue
+                except Exception as e:  # never let the loader thread die
+                    self.warn_once(peer, "unexpected", f"peer group {peer}: loader error {e!r}")
+                    continue
+                self.read_ms.append((time.perf_counter() - t0) * 1e3)
+                with self._lock:
+                    self._ready[peer] = exp
+                    self._seen[peer] = target
+                    self._lock.notify_all()
+            with self._lock:
+                self._lock.wait(self.poll_interval)
+
+
+class TeacherPool:
+    """One frozen module per peer on this rank, shared by every student this rank hosts."""
+
+    def __init__(self, model_config: ModelConfig, device: torch.device, dtype: torch.dtype = torch.float32):
+        self.model_config, self.device, self.dtype = model_config, device, dtype
+        self.modules: dict[int, torch.nn.Module] = {}
+        self.steps: dict[int, int] = {}
+
+    def load(self, peer: int, export: Export) -> float:
+        """Swap ``export`` into the peer's module; returns the milliseconds it took."""
+        t0 = time.perf_counter()
+        module = self.modules.get(peer)
+        if module is None:
+            module = build_model(self.model_config).to(device=self.device, dtype=self.dtype)
+            module.eval().requires_grad_(False)
+            self.modules[peer] = module
+        with torch.no_grad():
+            module.load_state_dict(export.state_dict, strict=True)
+        self.steps[peer] = export.step
+        return (time.perf_counter() - t0) * 1e3
+
+    def active(self, student: int, step: int, max_staleness: int | None) -> list[int]:
+        peers = [p for p in sorted(self.modules) if p != student]
+        if max_staleness is not None:
+            peers = [p for p in peers if step - self.steps[p] <= max_staleness]
+        return peers
+
+    @torch.inference_mode()
+    def probs(self, peers: list[int], input_ids: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+        """Mean over ``peers`` of their predicted distributions on the student's batch (fp32)."""
+        total = None
+        for p in peers:
+            prob = F.softmax(self.modules[p](input_ids).float() / temperature, dim=-1)
+            total = prob if total is None else total.add_(prob)
+        return total.div_(len(peers))

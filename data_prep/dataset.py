@@ -1,0 +1,132 @@
+"""Reading prepared token shards for training: memmaps, deterministic batches, fixed eval batches.
+
+A group's training stream is its shard(s) of the data-prep output, seen as one flat token
+array cut into non-overlapping windows of seq_len+1 tokens. Sample k of the stream is a
+window chosen by a seeded permutation per epoch, so:
+- a group sees every window of its data once before any repeats (one pass, as in the paper);
+- batch (step, micro_step, dp_rank) is a pure function of (seed, group, step, ...), so a
+  resumed run continues the exact same stream, and no two ranks of a group share a sample.
+If the data was prepared with more shards than the run has groups (a multiple of them),
+group i reads shards i*m .. i*m+m-1: a 1-group baseline on 2-group data reads everything.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+class DataError(ValueError):
+    pass
+
+
+class TokenData:
+    def __init__(self, data_dir: str | Path):
+        self.dir = Path(data_dir)
+        manifest = self.dir / "manifest.json"
+        if not self.dir.is_dir():
+            raise DataError(f"data directory {self.dir} does not exist: prepare it with "
+                            f"'python data_prep/prepare.py --input YOUR_TEXT --output {self.dir} --num_groups G' "
+                            f"(or --sample for the embedded corpus)")
+        if not manifest.is_file():
+            raise DataError(f"{manifest} is missing: {self.dir} is not a data_prep output directory "
+                            "(or its preparation did not finish)")
+        try:
+            self.manifest = json.loads(manifest.read_text())
+            self.vocab_size = int(self.manifest["vocab_size"])
+            self.num_shards = int(self.manifest["num_groups"])
+            self.dtype = np.dtype(self.manifest["dtype"])
+            self.splits = self.manifest["splits"]
+            self.eos_id = int(self.manifest["eos_id"])
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+            raise DataError(f"{manifest} is not a valid manifest ({e!r}); re-run data_prep/prepare.py") from None
+        self.tokenizer_path = self.dir / self.manifest.get("tokenizer", "tokenizer.model")
+        if not self.tokenizer_path.is_file():
+            raise DataError(f"tokenizer {self.tokenizer_path} named by {manifest} is missing")
+
+    @property
+    def tokenizer_sha256(self) -> str:
+        return self.manifest.get("tokenizer_sha256") or hashlib.sha256(self.tokenizer_path.read_bytes()).hexdigest()
+
+    def check_tokenizer(self) -> None:
+        """The tokenizer file must be a SentencePiece model whose vocab matches the manifest."""
+        import sentencepiece as spm
+        sp = spm.SentencePieceProcessor()
+        try:
+            sp.Load(str(self.tokenizer_path))
+        except Exception as e:
+            raise DataError(f"{self.tokenizer_path} is not a SentencePiece model ({e})") from None
+        if sp.GetPieceSize() != self.vocab_size:
+            raise DataError(f"tokenizer {self.tokenizer_path} has {sp.GetPieceSize()} pieces but "
+                            f"{self.dir}/manifest.json says vocab_size={self.vocab_size}; re-run data prep")
+
+    def tokens(self, split: str) -> np.ndarray:
+        if split not in self.splits:
+            raise DataError(f"split {split!r} is not in {self.dir}/manifest.json (has {sorted(self.splits)})")
+        path = self.dir / self.splits[split]["tokens"]
+        if not path.is_file():
+            raise DataError(f"{path} (split {split}) is missing")
+        return np.memmap(path, dtype=self.dtype, mode="r")
+
+    def group_shards(self, group: int, num_groups: int) -> list[str]:
+        if num_groups < 1 or self.num_shards % num_groups:
+            raise DataError(f"{self.dir} has {self.num_shards} group shards, which cannot be divided among "
+                            f"--num_groups {num_groups}: re-run data prep with --num_groups {num_groups} "
+                            f"(or a multiple of it)")
+        if not 0 <= group < num_groups:
+            raise DataError(f"group {group} is outside 0..{num_groups - 1}")
+        m = self.num_shards // num_groups
+        return [f"group_{s}" for s in range(group * m, (group + 1) * m)]
+
+
+class GroupStream:
+    """Deterministic training batches for one group."""
+
+    def __init__(self, data: TokenData, group: int, num_groups: int, seq_len: int, seed: int):
+        parts = [data.tokens(s) for s in data.group_shards(group, num_groups)]
+        self.tokens = parts[0] if len(parts) == 1 else np.concatenate(parts)
+        self.seq_len, self.seed, self.group = seq_len, seed, group
+        self.num_windows = (len(self.tokens) - 1) // seq_len
+        self._perm_cache: tuple[int, np.ndarray | None] = (-1, None)
+        if self.num_windows < 1:
+            raise DataError(f"group {group}'s shard has {len(self.tokens)} tokens, fewer than --seq_len+1="
+                            f"{seq_len + 1}: use a shorter --seq_len or more data")
+
+    def _perm(self, epoch: int) -> np.ndarray:
+        if self._perm_cache[0] != epoch:
+            self._perm_cache = (epoch, np.random.default_rng([self.seed, self.group, epoch]).permutation(self.num_windows))
+        return self._perm_cache[1]
+
+    def window(self, k: int) -> np.ndarray:
+        epoch, i = divmod(k, self.num_windows)
+        start = int(self._perm(epoch)[i]) * self.seq_len
+        return self.tokens[start:start + self.seq_len + 1]
+
+    def batch(self, step: int, micro_step: int, grad_accum: int, dp_rank: int, dp_size: int,
+              micro_batch: int) -> torch.Tensor:
+        """[micro_batch, seq_len+1] int64 for 0-based ``step``."""
+        base = ((step * grad_accum + micro_step) * dp_size + dp_rank) * micro_batch
+        return torch.from_numpy(np.stack([self.window(base + b) for b in range(micro_batch)]).astype(np.int64))
+
+    def epochs(self, steps: int, global_batch: int) -> float:
+        return steps * global_batch / self.num_windows
+
+
+def eval_batches(data: TokenData, seq_len: int, micro_batch: int, num_batches: int, dp_rank: int,
+                 dp_size: int, split: str = "val") -> list[torch.Tensor]:
+    """The same fixed validation batches every time: consecutive windows from the start of the
+    split, spread over the group's ranks (fewer if the split is short)."""
+    toks = data.tokens(split)
+    n = (len(toks) - 1) // seq_len
+    if n < 1:
+        raise DataError(f"the {split} split of {data.dir} has {len(toks)} tokens, fewer than --seq_len+1")
+    total = min(n, num_batches * micro_batch * dp_size)
+    mine = list(range(dp_rank, total, dp_size))
+    out = []
+    for i in range(0, len(mine), micro_batch):
+        w = [toks[k * seq_len:k * seq_len + seq_len + 1] for k in mine[i:i + micro_batch]]
+        out.append(torch.from_numpy(np.stack(w).astype(np.int64)))
+    return out

@@ -1,0 +1,408 @@
+#!/usr/bin/env python
+"""Train language models with codistillation (Anil et al., 2018) under DeepSpeed.
+
+    deepspeed recipes/train_lm.py --ds_config ds_configs/zero2.json            # 2 groups, 1 process
+    deepspeed --num_gpus 4 recipes/train_lm.py --ds_config ds_configs/zero2.json --num_groups 2
+    deepspeed recipes/train_lm.py ... --num_groups 2 --group_id 0               # one launch per group
+
+Each group trains its own copy of the model on its own shard of the data. Every --export_every
+steps it publishes its weights; every group runs its peers' stale exports in inference mode on
+its own batch and adds alpha * CE(mean teacher probs, student probs) to its loss after
+--burn_in_steps. --num_groups 1 or --distill_weight 0 is the plain baseline, same code.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from codistill.ds_config import ConfigError, load_ds_config, resolve_ds_config  # noqa: E402
+from codistill.exchange import ExportError, atomic_write_bytes, read_export, write_export  # noqa: E402
+from codistill.loss import codistill_loss, distill_alpha  # noqa: E402
+from codistill.teacher import TeacherLoader, TeacherPool, exports_dir  # noqa: E402
+from codistill.topology import TopologyError, build_mpus, plan  # noqa: E402
+from codistill import runlog  # noqa: E402
+from data_prep.dataset import DataError, GroupStream, TokenData, eval_batches  # noqa: E402
+from model import PRESETS, build_model, count_params, preset_config  # noqa: E402
+
+EXIT_REQUEUE = 75  # EX_TEMPFAIL: stopped by SIGTERM/SIGUSR1 after saving a checkpoint; resume me
+DEFAULT_DATA = ROOT / "data" / "sample"
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="JSON file of flag defaults (see recipes/configs/); flags given here win")
+    p.add_argument("--ds_config", default=str(ROOT / "ds_configs" / "zero2.json"))
+    p.add_argument("--data", default=str(DEFAULT_DATA), help="data_prep output dir (default: the embedded "
+                   "corpus, prepared automatically on first use)")
+    p.add_argument("--model", default="lstm", choices=sorted(PRESETS))
+    p.add_argument("--model_size", default="tiny")
+    p.add_argument("--dropout", type=float, default=None, help="override the preset's dropout")
+    p.add_argument("--seq_len", type=int, default=64)
+    p.add_argument("--run_dir", default="runs/codistill")
+    p.add_argument("--max_steps", type=int, default=300)
+    p.add_argument("--lr", type=float, default=None, help="peak LR (default: the ds_config optimizer's)")
+    p.add_argument("--min_lr_ratio", type=float, default=0.1, help="cosine decay ends at lr * this")
+    p.add_argument("--warmup_steps", type=int, default=20)
+    p.add_argument("--eval_every", type=int, default=50)
+    p.add_argument("--eval_batches", type=int, default=20)
+    p.add_argument("--save_every", type=int, default=100)
+    p.add_argument("--keep_checkpoints", type=int, default=2)
+    p.add_argument("--log_every", type=int, default=10)
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--resume", default="auto", help="auto | never | PATH of an earlier run directory")
+    p.add_argument("--num_groups", type=int, default=2)
+    p.add_argument("--group_id", type=int, default=None, help="train only this group (one launch per group)")
+    # codistillation
+    p.add_argument("--export_every", type=int, default=25)
+    p.add_argument("--keep_exports", type=int, default=3)
+    p.add_argument("--burn_in_steps", type=int, default=50)
+    p.add_argument("--distill_weight", type=float, default=1.0)
+    p.add_argument("--distill_ramp_steps", type=int, default=0)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--label_smoothing", type=float, default=0.0)
+    p.add_argument("--teacher_sync", default="auto", choices=["auto", "on", "off"],
+                   help="on: swap teachers at fixed steps (deterministic; needs all groups in this launch); "
+                        "off: follow peers' LATEST; auto: on unless --group_id")
+    p.add_argument("--teacher_timeout", type=float, default=600.0)
+    p.add_argument("--max_teacher_staleness", type=int, default=None,
+                   help="drop a teacher whose export is more than this many steps old")
+    p.add_argument("--poll_interval", type=float, default=1.0)
+    p.add_argument("--loss_chunk_tokens", type=int, default=4096)
+    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the deepspeed launcher
+    pre, _ = p.parse_known_args(argv)
+    if pre.config:
+        try:
+            defaults = json.loads(Path(pre.config).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            p.error(f"--config {pre.config}: {e}")
+        unknown = set(defaults) - {a.dest for a in p._actions}
+        if unknown:
+            p.error(f"--config {pre.config}: unknown keys {sorted(unknown)}")
+        p.set_defaults(**defaults)
+    args = p.parse_args(argv)
+    for name in ("max_steps", "seq_len", "eval_every", "eval_batches", "save_every", "export_every", "log_every"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name} must be >= 1")
+    if args.resume not in ("auto", "never") and not Path(args.resume).is_dir():
+        p.error(f"--resume {args.resume}: not 'auto', 'never' or an existing run directory")
+    if args.model_size not in PRESETS[args.model]:
+        p.error(f"--model_size for --model {args.model} must be one of {sorted(PRESETS[args.model])}")
+    return args
+
+
+def init_distributed():
+    """env:// rendezvous; defaults make plain `python recipes/train_lm.py` a 1-rank world."""
+    import deepspeed
+    for k, v in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
+        os.environ.setdefault(k, v)
+    if "MASTER_PORT" not in os.environ:
+        import socket
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+    deepspeed.init_distributed(verbose=False)
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    if "OMP_NUM_THREADS" not in os.environ:  # share the cores among this node's ranks
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"]))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_world)))
+    return torch.device("cpu")
+
+
+class StopFlag:
+    """SIGTERM / SIGUSR1 (SLURM preemption or time limit): finish the step, checkpoint, exit 75."""
+
+    def __init__(self):
+        self.requested = False
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handler)
+
+    def _handler(self, signum, frame):
+        self.requested = True
+
+    def any_rank(self, dist) -> bool:
+        if dist.get_world_size() == 1:
+            return self.requested
+        t = torch.tensor([float(self.requested)])
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
+
+
+class Group:
+    """Everything one hosted group needs: its engine, data stream, logs and exchange dirs."""
+
+    def __init__(self, gid, args, topo, mpu, data, model_cfg, ds_cfg, device, log):
+        import deepspeed
+        self.id, self.args, self.topo = gid, args, topo
+        self.dir = Path(args.run_dir) / f"group_{gid}"
+        self.leader = topo.is_group_leader(gid)
+        self.dp_rank, self.dp_size = topo.dp_rank(gid), topo.dp_size(gid)
+        self.micro = ds_cfg["train_micro_batch_size_per_gpu"]
+        self.accum = ds_cfg.get("gradient_accumulation_steps", 1)
+        self.global_batch = ds_cfg["train_batch_size"]
+        self.stream = GroupStream(data, gid, topo.num_groups, args.seq_len, args.seed)
+        self.val = eval_batches(data, args.seq_len, self.micro, args.eval_batches, self.dp_rank, self.dp_size)
+        torch.manual_seed(args.seed + 7919 * gid)  # independent initialisation per group
+        model = build_model(model_cfg)
+        self.num_params = count_params(model)
+        optimizer = None
+        if "optimizer" not in ds_cfg:
+            optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr or 1e-3)
+        self.engine, _, _, _ = deepspeed.initialize(
+            model=model, model_parameters=model.parameters(), optimizer=optimizer, config=ds_cfg, mpu=mpu,
+            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, self.lr_factor))
+        self.zero_stage = self.engine.zero_optimization_stage()
+        self.tokens_seen = 0
+        self.step_tokens = self.global_batch * args.seq_len
+        self.writer = runlog.TBWriter(self.dir / "tb") if self.leader else None
+        self.last_val = (float("nan"), float("nan"))
+
+    def lr_factor(self, step: int) -> float:
+        a = self.args
+        if step < a.warmup_steps:
+            return (step + 1) / a.warmup_steps
+        progress = min(1.0, (step - a.warmup_steps) / max(1, a.max_steps - a.warmup_steps))
+        return a.min_lr_ratio + (1 - a.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    def train_step(self, step, pool, device):
+        """One optimizer step (all micro-batches); returns averaged statistics."""
+        a = self.args
+        alpha = distill_alpha(step, a.distill_weight, a.burn_in_steps, a.distill_ramp_steps)
+        peers = pool.active(self.id, step, a.max_teacher_staleness) if alpha > 0 else []
+        sums = {"loss": 0.0, "ce": 0.0, "distill": 0.0, "agreement": 0.0}
+        t0 = time.perf_counter()
+        self.engine.train()
+        for micro in range(self.accum):
+            batch = self.stream.batch(step - 1, micro, self.accum, self.dp_rank, self.dp_size, self.micro).to(device)
+            x, y = batch[:, :-1], batch[:, 1:]
+            q = pool.probs(peers, x, a.temperature) if peers else None
+            logits = self.engine(x)
+            loss, st = codistill_loss(logits, y, q, alpha, a.temperature, a.label_smoothing, a.loss_chunk_tokens)
+            self.engine.backward(loss)
+            self.engine.step()
+            sums["loss"] += loss.item() / self.accum
+            sums["ce"] += st.ce / self.accum
+            sums["distill"] += st.distill / self.accum if q is not None else 0.0
+            sums["agreement"] += st.agreement / self.accum if q is not None else 0.0
+        self.tokens_seen += self.step_tokens
+        gn = self.engine.get_global_grad_norm()
+        sums.update(alpha=alpha, peers=peers, step_time=time.perf_counter() - t0,
+                    grad_norm=float(gn) if gn is not None else float("nan"), lr=self.engine.get_lr()[0])
+        return sums
+
+    @torch.no_grad()
+    def evaluate(self, dist, device):
+        self.engine.eval()
+        tot = torch.zeros(2, dtype=torch.float64)
+        for batch in self.val:
+            batch = batch.to(device)
+            logits = self.engine(batch[:, :-1]).float()
+            tot[0] += torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten(), reduction="sum").item()
+            tot[1] += batch[:, 1:].numel()
+        if self.dp_size > 1:
+            dist.all_reduce(tot, group=self.engine.mpu.get_data_parallel_group() if self.engine.mpu else None)
+        self.engine.train()
+        loss = (tot[0] / tot[1]).item()
+        self.last_val = (loss, math.exp(min(loss, 50)))
+        return self.last_val
+
+    def full_state_dict(self):
+        """Full weights on the group leader (gathered under ZeRO-3; a collective then)."""
+        if self.zero_stage == 3:
+            sd = self.engine._zero3_consolidated_16bit_state_dict()
+            return sd if self.leader else None
+        return self.engine.module.state_dict() if self.leader else None
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = init_distributed()
+    import deepspeed.comm as dist
+    rank, world = dist.get_rank(), dist.get_world_size()
+    log = runlog.Console(rank)
+
+    # ---- everything that can be wrong is checked before any compute ---------------------
+    try:
+        ds_base = load_ds_config(args.ds_config)
+        topo = plan(world, rank, args.num_groups, args.group_id)
+        data_dir = Path(args.data)
+        if not data_dir.exists() and data_dir.resolve() == DEFAULT_DATA.resolve():
+            if rank == 0:
+                from data_prep.prepare import prepare_sample
+                log(f"preparing the embedded corpus into {data_dir} (first run only)")
+                prepare_sample(data_dir)
+            dist.barrier()
+        data = TokenData(data_dir)
+        data.check_tokenizer()
+        for g in topo.hosted:
+            data.group_shards(g, args.num_groups)
+        model_cfg = preset_config(args.model, args.model_size, data.vocab_size, max_seq_len=max(1024, args.seq_len),
+                                  dropout=args.dropout)
+        ds_cfgs = {g: resolve_ds_config(ds_base, topo.dp_size(g), args.lr, device, f"--ds_config {args.ds_config}")
+                   for g in topo.hosted}
+    except (ConfigError, TopologyError, DataError, ValueError) as e:
+        log.error(str(e))
+        sys.exit(2)
+
+    sync = args.teacher_sync == "on" or (args.teacher_sync == "auto" and topo.all_groups_here)
+    if sync and topo.separate_launch:
+        log.error("--teacher_sync on needs every group in this launch; use --teacher_sync off with --group_id")
+        sys.exit(2)
+    keep_exports = args.keep_exports
+    if sync:  # the export a checkpoint's teacher came from must survive until the next checkpoint
+        keep_exports = max(keep_exports, args.save_every // args.export_every + 2)
+    distilling = args.num_groups > 1 and args.distill_weight > 0
+    run_dir = Path(args.run_dir)
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        runlog.write_json(run_dir / "config.json", {
+            "args": vars(args), "model": model_cfg.to_dict(), "ds_config": ds_base, "world_size": world,
+            "hosted_groups_per_rank": len(topo.hosted), "teacher_sync": sync, "git": runlog.git_sha(ROOT)})
+
+    mpus = build_mpus(topo)
+    groups = [Group(g, args, topo, mpus[g], data, model_cfg, ds_cfgs[g], device, log) for g in topo.hosted]
+    g0 = groups[0]
+    log(f"model {args.model}/{args.model_size}: {g0.num_params / 1e6:.2f}M params | world {world} | "
+        f"groups {args.num_groups} (this rank: {topo.hosted}, {g0.dp_size} rank(s) each) | "
+        f"batch {g0.global_batch}x{args.seq_len} tokens/group | ZeRO-{g0.zero_stage} | "
+        f"codistillation {'on' if distilling else 'off'}" + (f" ({'sync' if sync else 'latest'} teachers)" if distilling else ""))
+
+    peers = sorted({p for g in topo.hosted for p in topo.peers(g)}) if distilling else []
+    teacher_dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    pool = TeacherPool(model_cfg, device, teacher_dtype)
+    cfg_hash, tok_hash = model_cfg.config_hash(), data.tokenizer_sha256
+    loader = TeacherLoader(run_dir, peers, cfg_hash, tok_hash, "sync" if sync else "latest",
+                           args.poll_interval, log) if peers else None
+
+    # ---- resume ------------------------------------------------------------------------
+    start = 0
+    if args.resume != "never":
+        src = run_dir if args.resume == "auto" else Path(args.resume)
+        starts = set()
+        for g in groups:
+            ckpt = src / f"group_{g.id}" / "checkpoints"
+            state = {}
+            if (ckpt / "latest").is_file():
+                path, state = g.engine.load_checkpoint(str(ckpt))
+                if path is None:
+                    log.error(f"could not load the checkpoint named by {ckpt / 'latest'}")
+                    sys.exit(2)
+            starts.add(state.get("step", 0))
+            g.tokens_seen = state.get("tokens_seen", 0)
+            if state.get("torch_rng") is not None:
+                torch.set_rng_state(state["torch_rng"])
+            for peer, tstep in (state.get("teacher_steps") or {}).items():
+                if int(peer) not in pool.steps:
+                    try:
+                        pool.load(int(peer), read_export(exports_dir(run_dir, int(peer)), tstep, cfg_hash, tok_hash))
+                    except ExportError as e:
+                        log(f"WARNING: cannot restore teacher of group {peer} at step {tstep} ({e}); "
+                            "resume is not exact until the next teacher swap")
+        if len(starts) > 1:
+            log.error(f"hosted groups have checkpoints at different steps {sorted(starts)}; use --resume never "
+                      "or remove the newer checkpoints")
+            sys.exit(2)
+        start = starts.pop()
+        if start:
+            log(f"resumed from step {start} ({src})")
+        pending = (start - 1) // args.export_every * args.export_every
+        if loader and sync and start and pending >= args.export_every:
+            for p in peers:  # the export the uninterrupted run was prefetching at this step
+                loader.want(p, pending)
+
+    # ---- training ----------------------------------------------------------------------
+    stop = StopFlag()
+    t_start, step = time.time(), start
+    saved_at = start
+    for step in range(start + 1, args.max_steps + 1):
+        reload_ms = 0.0
+        b = step - 1  # boundary b: teachers become the peers' exports of step b - K, then prefetch b
+        if loader and sync and b > 0 and b % args.export_every == 0:
+            if b >= 2 * args.export_every:
+                for p in peers:
+                    exp = loader.wait(p, b - args.export_every, args.teacher_timeout)
+                    if exp is not None:
+                        reload_ms += pool.load(p, exp)
+            for p in peers:
+                loader.want(p, b)
+        elif loader and not sync:
+            for p in peers:
+                exp = loader.take(p)
+                if exp is not None and exp.step > pool.steps.get(p, -1):
+                    reload_ms += pool.load(p, exp)
+        for g in groups:
+            st = g.train_step(step, pool, device)
+            if not math.isfinite(st["loss"]):
+                log.error(f"group {g.id}: loss is {st['loss']} at step {step}; stopping (lower --lr?)")
+                sys.exit(3)
+            runlog.log_train(g, step, st, pool, reload_ms, log, args, t_start, start)
+        if step % args.export_every == 0 and distilling:
+            for g in groups:
+                sd = g.full_state_dict()
+                if g.leader:
+                    write_export(exports_dir(run_dir, g.id), step, sd, {
+                        "group": g.id, "tokens_seen": g.tokens_seen, "model_config": model_cfg.to_dict(),
+                        "model_config_hash": cfg_hash, "tokenizer_sha256": tok_hash}, keep=keep_exports)
+        if step % args.eval_every == 0 or step == args.max_steps:
+            for g in groups:
+                loss, ppl = g.evaluate(dist, device)
+                runlog.log_eval(g, step, loss, ppl, log)
+        stopping = stop.any_rank(dist)
+        if step % args.save_every == 0 or step == args.max_steps or stopping:
+            save_checkpoint(groups, step, pool, args)
+            saved_at = step
+        if stopping:
+            log(f"stop requested (SIGTERM/SIGUSR1): checkpoint saved at step {step}; exiting with "
+                f"{EXIT_REQUEUE} so the job can be requeued and resumed with --resume auto")
+            if loader:
+                loader.close()
+            sys.exit(EXIT_REQUEUE)
+
+    # ---- the end -----------------------------------------------------------------------
+    if start >= args.max_steps:
+        log(f"nothing to do: the checkpoint is already at step {start} >= --max_steps {args.max_steps}")
+        for g in groups:
+            g.evaluate(dist, device)
+    elif saved_at != step:
+        save_checkpoint(groups, step, pool, args)
+    if loader:
+        loader.close()
+    wall = time.time() - t_start
+    for g in groups:
+        sd = g.full_state_dict()
+        if g.leader:
+            runlog.save_final(g, sd, model_cfg, step, wall, pool, peers)
+    dist.barrier()
+    if rank == 0:
+        summary = runlog.merge_summaries(run_dir, args.num_groups)
+        runlog.print_table(summary, run_dir, log)
+    for g in groups:
+        if g.writer:
+            g.writer.close()
+
+
+def save_checkpoint(groups, step, pool, args):
+    for g in groups:
+        ckpt = g.dir / "checkpoints"
+        g.engine.save_checkpoint(str(ckpt), tag=f"global_step{step}", client_state={
+            "step": step, "tokens_seen": g.tokens_seen, "torch_rng": torch.get_rng_state(),
+            "teacher_steps": dict(pool.steps), "samples": step * g.global_batch})
+        if g.leader:
+            runlog.prune_checkpoints(ckpt, args.keep_checkpoints)
+
+
+if __name__ == "__main__":
+    main()
