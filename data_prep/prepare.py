@@ -1,0 +1,524 @@
+"""Text -> cleaned documents -> SentencePiece -> disjoint token shards.
+
+    python data_prep/prepare.py --input PATH [PATH ...] --output DIR --num_groups G \\
+        [--vocab_size 8000] [--val_fraction 0.01] [--tokenizer EXISTING.model] [--workers N] \\
+        [--seed S] [--overwrite] [--text_mode blank_line|file|line] [--jsonl_field text] \\
+        [--min_chars 200] [--min_text_ratio 0.8] [--tokenizer_sample_mb 64] [--quiet]
+    python data_prep/prepare.py --sample [--output data/sample]     # embedded BBC News corpus
+
+Pipeline (two streaming passes; memory does not grow with the corpus except for the
+de-duplication set, ~70 bytes per kept document):
+  1. read inputs (readers.py) -> clean + hash in workers (clean.py) -> drop duplicates in
+     input order -> append kept documents to a spool file in the temporary output dir;
+  2. train SentencePiece on a hash-selected sample of at most --tokenizer_sample_mb of
+     training documents (or reuse --tokenizer);
+  3. read the spool -> encode in workers (order preserved) -> per-split .bin/.idx.npy/
+     .hashes.npy -> manifest.json -> atomic rename of the temporary dir to DIR.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+if __name__ == "__main__":  # run as a file: make the repository root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import argparse
+import collections
+import hashlib
+import io
+import json
+import logging
+import os
+import shutil
+import struct
+import time
+import uuid
+
+import numpy as np
+
+from data_prep.clean import DEFAULT_MIN_CHARS, DEFAULT_MIN_TEXT_RATIO
+from data_prep.parallel import chunked, clean_chunk, encode_chunk, init_clean, init_encode, ordered_map
+from data_prep.readers import DEFAULT_MAX_DOC_BYTES, TEXT_MODES, Stats, discover, read_documents
+from data_prep.sample import SAMPLE_DEFAULTS, SampleCorpusMissing, sample_corpus_dir
+
+log = logging.getLogger("data_prep")
+
+FORMAT_VERSION = 1
+MIN_VOCAB = 300
+_REC = struct.Struct("<IQI")  # split index, doc hash, byte length
+
+
+class DataPrepError(ValueError):
+    """A user-facing error: the message names the path/flag and the fix."""
+
+
+class OutputExistsError(DataPrepError):
+    pass
+
+
+def split_names(num_groups: int) -> list[str]:
+    return ["val"] + [f"group_{g}" for g in range(num_groups)]
+
+
+def is_prepared(path) -> bool:
+    """True if ``path`` holds a complete prepared dataset (manifest + all split files)."""
+    path = Path(path)
+    try:
+        m = json.loads((path / "manifest.json").read_text())
+        if m.get("format_version") != FORMAT_VERSION or not (path / m["tokenizer"]).is_file():
+            return False
+        return all((path / s["tokens"]).is_file() and (path / s["doc_index"]).is_file()
+                   for s in m["splits"].values())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return False
+
+
+def load_tokenizer_proto(path) -> bytes:
+    """Read and validate an existing SentencePiece model; DataPrepError if it is not one."""
+    import sentencepiece as spm
+
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise DataPrepError(f"--tokenizer {path}: cannot read it ({e.strerror}); pass an "
+                            "existing SentencePiece .model file or omit --tokenizer") from None
+    try:
+        sp = spm.SentencePieceProcessor(model_proto=data)
+        if sp.get_piece_size() <= 0:
+            raise RuntimeError("empty vocabulary")
+    except Exception as e:  # noqa: BLE001
+        raise DataPrepError(f"--tokenizer {path} is not a SentencePiece model ({e}); pass a "
+                            ".model file written by SentencePiece, or omit --tokenizer to "
+                            "train one") from None
+    if sp.eos_id() < 0:
+        raise DataPrepError(f"--tokenizer {path} has no EOS id (eos_id=-1); documents are "
+                            "separated by EOS, so train it with eos_id set, or omit --tokenizer")
+    return data
+
+
+def _check_output(output: Path, overwrite: bool) -> None:
+    if output.exists() and not overwrite:
+        if not output.is_dir() or any(output.iterdir()):
+            raise OutputExistsError(
+                f"--output {output} already exists and is not empty; pass --overwrite to "
+                "replace it, or choose another --output")
+
+
+def _say(quiet: bool, msg: str) -> None:
+    if not quiet:
+        print(msg, file=sys.stderr, flush=True)
+
+
+def _progress(quiet: bool, **kw):
+    from tqdm import tqdm
+
+    return tqdm(disable=quiet, file=sys.stderr, dynamic_ncols=True, mininterval=0.5, **kw)
+
+
+def _fmt_dropped(dropped) -> str:
+    return ", ".join(f"{k}={v}" for k, v in sorted(dropped.items())) or "nothing"
+
+
+def prepare(inputs, output, num_groups: int, vocab_size: int = 8000, val_fraction: float = 0.01,
+            tokenizer=None, workers: int = 1, seed: int = 1234, overwrite: bool = False,
+            text_mode: str = "blank_line", jsonl_field: str = "text",
+            min_chars: int = DEFAULT_MIN_CHARS, min_text_ratio: float = DEFAULT_MIN_TEXT_RATIO,
+            max_doc_bytes: int = DEFAULT_MAX_DOC_BYTES, tokenizer_sample_mb: float = 64,
+            quiet: bool = False) -> Path:
+    """Prepare ``inputs`` into the dataset directory ``output``; returns its path.
+
+    Raises DataPrepError (a ValueError) with an actionable message on bad arguments or when
+    nothing usable remains. Bad input files/records are skipped and counted, never fatal.
+    """
+    if isinstance(inputs, (str, os.PathLike)):
+        inputs = [inputs]
+    if not isinstance(num_groups, int) or num_groups < 1:
+        raise DataPrepError(f"--num_groups must be >= 1 (got {num_groups!r})")
+    if not (0 < val_fraction <= 0.5):
+        raise DataPrepError(f"--val_fraction must be in (0, 0.5] (got {val_fraction!r}); "
+                            "a held-out validation split is required")
+    if tokenizer is None and vocab_size < MIN_VOCAB:
+        raise DataPrepError(f"--vocab_size must be >= {MIN_VOCAB} (got {vocab_size}): the "
+                            "tokenizer keeps 256 byte-fallback pieces")
+    if text_mode not in TEXT_MODES:
+        raise DataPrepError(f"--text_mode must be one of {', '.join(TEXT_MODES)}")
+    if workers < 1:
+        raise DataPrepError(f"--workers must be >= 1 (got {workers})")
+    output = Path(output)
+    _check_output(output, overwrite)
+    tok_proto = load_tokenizer_proto(tokenizer) if tokenizer is not None else None
+
+    stats = Stats()
+    files = discover(inputs, stats)
+    if not files:
+        raise DataPrepError(
+            "no input file found in --input " + " ".join(map(str, inputs)) +
+            f" ({_fmt_dropped(stats.dropped)}); give existing files or directories with "
+            ".txt, .jsonl, .warc.wet[.gz], .parquet or .json files (optionally .gz)")
+
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output.parent / f"{output.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        manifest = _build(tmp, files, stats, inputs=inputs, num_groups=num_groups, vocab_size=vocab_size,
+                          val_fraction=val_fraction, tok_proto=tok_proto, workers=workers,
+                          seed=seed, text_mode=text_mode, jsonl_field=jsonl_field,
+                          min_chars=min_chars, min_text_ratio=min_text_ratio,
+                          max_doc_bytes=max_doc_bytes,
+                          sample_bytes=int(tokenizer_sample_mb * (1 << 20)), quiet=quiet)
+        _publish(tmp, output, overwrite)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    sp = manifest["splits"]
+    _say(quiet, f"prepared {output}: kept {manifest['documents_kept']} of "
+                f"{manifest['documents_in']} documents, "
+                f"{sum(s['num_tokens'] for s in sp.values())} tokens "
+                f"(val {sp['val']['num_docs']} docs; {num_groups} groups "
+                f"{min(sp[f'group_{g}']['num_docs'] for g in range(num_groups))}-"
+                f"{max(sp[f'group_{g}']['num_docs'] for g in range(num_groups))} docs each), "
+                f"vocab {manifest['vocab_size']}; dropped: {_fmt_dropped(manifest['dropped'])}")
+    return output
+
+
+def _publish(tmp: Path, output: Path, overwrite: bool) -> None:
+    """Rename the finished temp dir to ``output`` (atomic on one filesystem)."""
+    if output.exists() or output.is_symlink():
+        if output.is_dir() and not output.is_symlink() and not any(output.iterdir()):
+            try:
+                output.rmdir()
+            except OSError:
+                pass
+        elif overwrite:
+            old = output.parent / f"{output.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+            os.rename(output, old)
+            os.rename(tmp, output)
+            if old.is_dir() and not old.is_symlink():
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                old.unlink()
+            return
+        else:
+            raise OutputExistsError(f"--output {output} appeared while preparing and is not "
+                                    "empty; pass --overwrite to replace it")
+    try:
+        os.rename(tmp, output)
+    except OSError as e:
+        raise OutputExistsError(f"--output {output}: cannot move the finished dataset into "
+                                f"place ({e.strerror}); pass --overwrite or remove it") from None
+
+
+def _spool_records(path: Path):
+    with open(path, "rb", buffering=1 << 20) as f:
+        while True:
+            head = f.read(_REC.size)
+            if not head:
+                return
+            s, h, n = _REC.unpack(head)
+            yield s, h, f.read(n)
+
+
+def _train_tokenizer(spool: Path, tmp: Path, train_bytes: int, sample_bytes: int,
+                     vocab_size: int, quiet: bool) -> bytes:
+    import sentencepiece as spm
+
+    frac = min(1.0, sample_bytes / max(train_bytes, 1))
+    threshold = int(frac * 2**32)
+    sample = tmp / "tokenizer_sample.txt"
+    n = nbytes = 0
+    with open(sample, "wb") as f:
+        for s, h, data in _spool_records(spool):
+            if s > 0 and (frac >= 1.0 or (h >> 32) < threshold):
+                f.write(data)
+                f.write(b"\n")
+                n += 1
+                nbytes += len(data)
+    _say(quiet, f"training SentencePiece (unigram, vocab {vocab_size}) on {n} documents, "
+                f"{nbytes / 2**20:.1f} MiB ...")
+    model = io.BytesIO()
+
+    def sentences():  # an iterator, not input=PATH: the path would be stored in the model
+        with open(sample, encoding="utf-8") as f:
+            for line in f:
+                yield line.rstrip("\n")
+
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=sentences(), model_writer=model, model_type="unigram", vocab_size=vocab_size,
+            character_coverage=0.9995, byte_fallback=True, hard_vocab_limit=False,
+            unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+            input_sentence_size=0, shuffle_input_sentence=False,  # the sample is bounded here
+            max_sentence_length=1 << 16, num_threads=1,  # one thread: byte-identical output
+            minloglevel=2)
+    except Exception as e:  # noqa: BLE001
+        raise DataPrepError(f"SentencePiece training failed ({e}); try a smaller --vocab_size "
+                            "or more input text") from None
+    finally:
+        sample.unlink(missing_ok=True)
+    return model.getvalue()
+
+
+def _npy_writer(path: Path, dtype, n: int):
+    f = open(path, "wb", buffering=1 << 20)
+    np.lib.format.write_array_header_1_0(
+        f, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False,
+            "shape": (n,)})
+    return f
+
+
+def summarize_sources(inputs, sources: list[dict]) -> list[dict]:
+    """One manifest entry per --input argument: files, bytes, documents and a sha256 over
+    the sorted (relative path, file sha256) list, so the manifest stays small for many files."""
+    out = []
+    for inp in map(str, inputs):
+        mine = [s for s in sources if s["path"] == inp or s["path"].startswith(inp.rstrip(os.sep) + os.sep)]
+        h = hashlib.sha256()
+        for s in mine:
+            rel = os.path.relpath(s["path"], inp) if s["path"] != inp else os.path.basename(inp)
+            h.update(f"{rel}\0{s.get('sha256', '-')}\n".encode())
+        out.append({"path": inp, "files": len(mine), "bytes": sum(s.get("bytes", 0) for s in mine),
+                    "documents": sum(s["documents"] for s in mine),
+                    "files_skipped": sum(1 for s in mine if "error" in s),
+                    "sha256": h.hexdigest()})
+    return out
+
+
+def _build(tmp: Path, files, stats: Stats, *, inputs, num_groups, vocab_size, val_fraction, tok_proto,
+           workers, seed, text_mode, jsonl_field, min_chars, min_text_ratio, max_doc_bytes,
+           sample_bytes, quiet) -> dict:
+    names = split_names(num_groups)
+    nsplit = len(names)
+    spool_path = tmp / "documents.spool"
+    n_docs = [0] * nsplit
+    train_bytes = 0
+    seen: set[int] = set()
+    docs = read_documents(None, stats, text_mode=text_mode, jsonl_field=jsonl_field,
+                          max_doc_bytes=max_doc_bytes, files=files)
+    t0 = time.time()
+    # ---- pass 1: read, clean, de-duplicate, assign splits, spool
+    with open(spool_path, "wb", buffering=1 << 20) as spool, \
+            _progress(quiet, desc="clean", unit="doc") as bar:
+        for results in ordered_map(clean_chunk, chunked(docs), workers, init_clean,
+                                   (min_chars, min_text_ratio, seed, num_groups, val_fraction)):
+            for r in results:
+                if isinstance(r, str):
+                    stats.dropped[r] += 1
+                    continue
+                data, h, s = r
+                if h in seen:
+                    stats.dropped["duplicate"] += 1
+                    continue
+                seen.add(h)
+                spool.write(_REC.pack(s, h, len(data)))
+                spool.write(data)
+                n_docs[s] += 1
+                if s:
+                    train_bytes += len(data)
+            bar.update(len(results))
+    del seen
+    kept = sum(n_docs)
+    if kept == 0:
+        raise DataPrepError(
+            f"nothing usable remains: {stats.documents_in} documents read from {len(files)} "
+            f"files, dropped: {_fmt_dropped(stats.dropped)}. Check --input/--text_mode/"
+            "--jsonl_field, or relax --min_chars/--min_text_ratio")
+    empty = [names[i] for i in range(nsplit) if n_docs[i] == 0]
+    if empty:
+        raise DataPrepError(
+            f"split(s) {', '.join(empty)} would be empty ({kept} documents kept for "
+            f"{num_groups} groups at --val_fraction {val_fraction}); add more data, use fewer "
+            "--num_groups or a larger --val_fraction")
+    t1 = time.time()
+
+    # ---- tokenizer
+    trained = tok_proto is None
+    if trained:
+        tok_proto = _train_tokenizer(spool_path, tmp, train_bytes, sample_bytes, vocab_size,
+                                     quiet)
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_proto=tok_proto)
+    vocab = sp.get_piece_size()
+    eos_id = sp.eos_id()
+    if trained and vocab < vocab_size:
+        _say(quiet, f"note: the training sample supports only {vocab} pieces; using vocab "
+                    f"{vocab} instead of --vocab_size {vocab_size} (add data for a larger one)")
+    dtype = "uint16" if vocab < 65536 else "uint32"
+    (tmp / "tokenizer.model").write_bytes(tok_proto)
+    t2 = time.time()
+
+    # ---- pass 2: encode, write shards
+    bins = [open(tmp / f"{n}.bin", "wb", buffering=1 << 20) for n in names]
+    idxs = [_npy_writer(tmp / f"{n}.idx.npy", np.int64, n_docs[i] + 1) for i, n in enumerate(names)]
+    hashes = [_npy_writer(tmp / f"{n}.hashes.npy", np.uint64, n_docs[i]) for i, n in enumerate(names)]
+    ntok = [0] * nsplit
+    for f in idxs:
+        f.write(np.zeros(1, np.int64).tobytes())
+    metas: collections.deque = collections.deque()
+
+    def text_chunks():
+        for chunk in chunked(_spool_records(spool_path), size_of=lambda r: len(r[2])):
+            metas.append([(s, h) for s, h, _ in chunk])
+            yield [d for _, _, d in chunk]
+
+    done_tokens = 0
+    with _progress(quiet, desc="tokenize", unit="doc", total=kept) as bar:
+        for flat, lengths in ordered_map(encode_chunk, text_chunks(), workers, init_encode,
+                                         (tok_proto, eos_id, dtype)):
+            meta = metas.popleft()
+            ends = np.cumsum(lengths)
+            start = 0
+            for (s, h), end in zip(meta, ends.tolist()):
+                bins[s].write(flat[start:end].tobytes())
+                ntok[s] += end - start
+                idxs[s].write(struct.pack("<q", ntok[s]))
+                hashes[s].write(struct.pack("<Q", h))
+                start = end
+            done_tokens += int(ends[-1]) if len(ends) else 0
+            bar.update(len(meta))
+            bar.set_postfix_str(f"{done_tokens / max(bar.format_dict['elapsed'], 1e-9):,.0f} tok/s",
+                                refresh=False)
+    for f in bins + idxs + hashes:
+        f.flush()
+        os.fsync(f.fileno())
+        f.close()
+    spool_path.unlink()
+    t3 = time.time()
+
+    splits = {}
+    for i, n in enumerate(names):
+        splits[n] = {"tokens": f"{n}.bin", "doc_index": f"{n}.idx.npy", "num_docs": n_docs[i],
+                     "num_tokens": ntok[i], "doc_hashes": f"{n}.hashes.npy"}
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "tokenizer": "tokenizer.model",
+        "tokenizer_sha256": hashlib.sha256(tok_proto).hexdigest(),
+        "tokenizer_trained": trained,
+        "vocab_size": vocab,
+        "dtype": dtype,
+        "eos_id": eos_id,
+        "num_groups": num_groups,
+        "seed": seed,
+        "val_fraction": val_fraction,
+        "splits": splits,
+        "dropped": dict(sorted(stats.dropped.items())),
+        "documents_in": stats.documents_in,
+        "documents_kept": kept,
+        "doc_hash": "blake2b-64 of the normalised UTF-8 text (uint64, little-endian)",
+        "split_hash": "blake2b-128 keyed by seed: val if first 64 bits / 2^64 < val_fraction, "
+                      "else group = last 64 bits mod num_groups",
+        "cleaning": {"text_mode": text_mode, "jsonl_field": jsonl_field, "min_chars": min_chars,
+                     "min_text_ratio": min_text_ratio, "max_doc_bytes": max_doc_bytes,
+                     "unicode": "NFC", "whitespace": "runs collapsed to one space, lines "
+                     "stripped, empty lines removed (paragraphs separated by one newline)"},
+        "sources": summarize_sources(inputs, stats.sources),
+    }
+    with open(tmp / "manifest.json", "w") as f:
+        json.dump(manifest, f, indent=1)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    log.info("timing: pass1 %.2fs tokenizer %.2fs pass2 %.2fs", t1 - t0, t2 - t1, t3 - t2)
+    if os.environ.get("DATA_PREP_TIMING"):
+        print(json.dumps({"pass1_s": t1 - t0, "tokenizer_s": t2 - t1, "pass2_s": t3 - t2,
+                          "tokens": sum(ntok), "docs": kept}), file=sys.stderr, flush=True)
+    return manifest
+
+
+def prepare_sample(output_dir, num_groups: int = 6, vocab_size: int = 8000, seed: int = 1234,
+                   workers: int = 1, quiet: bool = False) -> Path:
+    """Prepare the embedded BBC News corpus into ``output_dir`` unless it is already there.
+
+    Safe to call from several processes at once: each builds in its own temp dir; the first
+    rename wins and the others discard their copy and return the finished directory.
+    """
+    out = Path(output_dir)
+    if is_prepared(out):
+        return out
+    try:
+        corpus = sample_corpus_dir()
+    except SampleCorpusMissing as e:
+        raise DataPrepError(str(e)) from None
+    try:
+        return prepare([corpus], out, num_groups=num_groups, vocab_size=vocab_size,
+                       val_fraction=SAMPLE_DEFAULTS["val_fraction"], seed=seed, workers=workers,
+                       text_mode=SAMPLE_DEFAULTS["text_mode"], quiet=quiet)
+    except OutputExistsError:
+        if is_prepared(out):
+            return out
+        raise
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description="Clean text, train/reuse a SentencePiece tokenizer and write disjoint "
+                    "token shards (val + G groups).")
+    p.add_argument("--input", nargs="+", metavar="PATH",
+                   help="files or directories (recursive): .txt, .jsonl, .warc.wet, .parquet, "
+                        ".json, optionally .gz")
+    p.add_argument("--sample", action="store_true",
+                   help="use the embedded BBC News corpus instead of --input (defaults: "
+                        "--output data/sample --num_groups 6 --val_fraction 0.05)")
+    p.add_argument("--output", metavar="DIR")
+    p.add_argument("--num_groups", type=int)
+    p.add_argument("--vocab_size", type=int, default=8000)
+    p.add_argument("--val_fraction", type=float)
+    p.add_argument("--tokenizer", metavar="EXISTING.model", help="reuse this SentencePiece model")
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--text_mode", choices=TEXT_MODES,
+                   help=".txt files: documents separated by blank lines (default), one per "
+                        "file, or one per line")
+    p.add_argument("--jsonl_field", default="text")
+    p.add_argument("--min_chars", type=int, default=DEFAULT_MIN_CHARS)
+    p.add_argument("--min_text_ratio", type=float, default=DEFAULT_MIN_TEXT_RATIO)
+    p.add_argument("--max_doc_bytes", type=int, default=DEFAULT_MAX_DOC_BYTES)
+    p.add_argument("--tokenizer_sample_mb", type=float, default=64)
+    p.add_argument("--quiet", action="store_true")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        if args.sample:
+            if args.input:
+                raise DataPrepError("--sample and --input are exclusive; drop one of them")
+            try:
+                inputs = [sample_corpus_dir()]
+            except SampleCorpusMissing as e:
+                raise DataPrepError(str(e)) from None
+            output = args.output or "data/sample"
+            num_groups = SAMPLE_DEFAULTS["num_groups"] if args.num_groups is None else args.num_groups
+            val_fraction = args.val_fraction or SAMPLE_DEFAULTS["val_fraction"]
+            text_mode = args.text_mode or SAMPLE_DEFAULTS["text_mode"]
+        else:
+            missing = [f for f, v in (("--input", args.input), ("--output", args.output),
+                                      ("--num_groups", args.num_groups)) if v is None]
+            if missing:
+                raise DataPrepError(f"{', '.join(missing)} required (or use --sample for the "
+                                    "embedded corpus)")
+            inputs, output, num_groups = args.input, args.output, args.num_groups
+            val_fraction = 0.01 if args.val_fraction is None else args.val_fraction
+            text_mode = args.text_mode or "blank_line"
+        prepare(inputs, output, num_groups=num_groups, vocab_size=args.vocab_size,
+                val_fraction=val_fraction, tokenizer=args.tokenizer, workers=args.workers,
+                seed=args.seed, overwrite=args.overwrite, text_mode=text_mode,
+                jsonl_field=args.jsonl_field, min_chars=args.min_chars,
+                min_text_ratio=args.min_text_ratio, max_doc_bytes=args.max_doc_bytes,
+                tokenizer_sample_mb=args.tokenizer_sample_mb, quiet=args.quiet)
+    except DataPrepError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; nothing was written to the output directory", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
