@@ -1,0 +1,78 @@
+"""Shared fixtures: the embedded corpus prepared once per session, a launcher for real
+DeepSpeed runs (CPU, gloo), and TensorBoard's own event reader."""
+from __future__ import annotations
+
+import glob
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PY = sys.executable
+DEEPSPEED = str(Path(PY).with_name("deepspeed"))
+
+
+@pytest.fixture(scope="session")
+def sample_data(tmp_path_factory) -> Path:
+    """The embedded BBC News corpus, 6 disjoint group shards + val, small vocab for speed."""
+    from data_prep.prepare import prepare_sample
+    return prepare_sample(tmp_path_factory.mktemp("data") / "sample", num_groups=6, vocab_size=2000, quiet=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def env_for_runs() -> dict:
+    env = dict(os.environ)
+    env.setdefault("DS_ACCELERATOR", "cpu")
+    env["PYTHONUNBUFFERED"] = "1"
+    env["PATH"] = f"{Path(PY).parent}{os.pathsep}{env.get('PATH', '')}"
+    return env
+
+
+def launch(args: list[str], num_ranks: int = 1, timeout: int = 600, check: bool = True,
+           background: bool = False):
+    """Run recipes/train_lm.py under the real deepspeed launcher with ``num_ranks`` CPU ranks."""
+    cmd = [DEEPSPEED, "--num_gpus", str(num_ranks), "--master_port", str(free_port()),
+           str(ROOT / "recipes" / "train_lm.py"), *map(str, args)]
+    if background:
+        return subprocess.Popen(cmd, cwd=ROOT, env=env_for_runs(), stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.run(cmd, cwd=ROOT, env=env_for_runs(), capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def run_python(args: list[str], timeout: int = 300, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([PY, *map(str, args)], cwd=ROOT, env=env_for_runs(), capture_output=True, text=True,
+                          timeout=timeout, **kw)
+
+
+def read_scalars(tb_dir: Path, tag: str) -> dict[int, float]:
+    """step -> value for ``tag`` from every event file in ``tb_dir`` (TensorBoard's own reader)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    out: dict[int, float] = {}
+    for f in sorted(glob.glob(str(Path(tb_dir) / "events.out.tfevents.*"))):
+        ea = EventAccumulator(f, size_guidance={"scalars": 0})
+        ea.Reload()
+        if tag in ea.Tags()["scalars"]:
+            out.update({e.step: e.value for e in ea.Scalars(tag)})
+    return out
+
+
+def scalar_tags(tb_dir: Path) -> set[str]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    tags: set[str] = set()
+    for f in glob.glob(str(Path(tb_dir) / "events.out.tfevents.*")):
+        ea = EventAccumulator(f, size_guidance={"scalars": 0})
+        ea.Reload()
+        tags |= set(ea.Tags()["scalars"])
+    return tags

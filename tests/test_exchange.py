@@ -1,0 +1,186 @@
+"""The exchange: atomic exports, LATEST, pruning, refusing hostile or broken files, the loader."""
+import json
+import os
+import pickle
+import threading
+import time
+
+import pytest
+import torch
+
+from codistill.exchange import (ExportError, list_exports, read_export, read_latest, write_export)
+from codistill.teacher import TeacherLoader, exports_dir
+from model import build_model, preset_config
+
+CFG = preset_config("lstm", "tiny", vocab_size=64)
+TOK = "tok-sha"
+
+
+def _meta(group=1):
+    return {"group": group, "tokens_seen": 0, "model_config": CFG.to_dict(),
+            "model_config_hash": CFG.config_hash(), "tokenizer_sha256": TOK}
+
+
+def _export(run_dir, group, step, keep=3, seed=0):
+    torch.manual_seed(seed)
+    sd = build_model(CFG).state_dict()
+    write_export(exports_dir(run_dir, group), step, sd, _meta(group), keep=keep)
+    return sd
+
+
+def test_roundtrip_latest_and_metadata(tmp_path):
+    sd = _export(tmp_path, 1, 20)
+    d = exports_dir(tmp_path, 1)
+    assert read_latest(d) == 20
+    exp = read_export(d, 20, CFG.config_hash(), TOK)
+    assert exp.meta["group"] == 1 and exp.meta["step"] == 20
+    assert all(torch.equal(exp.state_dict[k], v) for k, v in sd.items())
+    assert not [p for p in d.iterdir() if ".tmp" in p.name]
+
+
+def test_old_exports_are_pruned(tmp_path):
+    for step in (10, 20, 30, 40, 50):
+        _export(tmp_path, 0, step, keep=2)
+    assert list_exports(exports_dir(tmp_path, 0)) == [40, 50]
+    assert sorted(p.name for p in exports_dir(tmp_path, 0).iterdir()) == [
+        "LATEST", "step_000040.json", "step_000040.safetensors", "step_000050.json", "step_000050.safetensors"]
+
+
+def test_reader_polling_during_writes_never_sees_a_partial_export(tmp_path):
+    """A reader following LATEST while exports are written sees a complete, valid file or none."""
+    d = exports_dir(tmp_path, 1)
+    stop, seen, errors = threading.Event(), set(), []
+
+    def reader():
+        while not stop.is_set():
+            step = read_latest(d, missing_ok=True)
+            if step is None:
+                continue
+            try:
+                exp = read_export(d, step, CFG.config_hash(), TOK)
+                seen.add(exp.step)
+            except ExportError as e:
+                if "is missing" not in str(e):  # pruned between LATEST and the read: fine
+                    errors.append(str(e))
+
+    t = threading.Thread(target=reader)
+    t.start()
+    for step in range(1, 25):
+        _export(tmp_path, 1, step, keep=2, seed=step)
+    stop.set()
+    t.join()
+    assert not errors, errors[:3]
+    assert len(seen) >= 2
+
+
+def test_pickle_named_safetensors_is_refused_and_not_executed(tmp_path):
+    _export(tmp_path, 1, 10)
+    d = exports_dir(tmp_path, 1)
+    marker = tmp_path / "PWNED"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    (d / "step_000010.safetensors").write_bytes(pickle.dumps(Payload()))
+    with pytest.raises(ExportError, match="pickle"):
+        read_export(d, 10, CFG.config_hash(), TOK)
+    torch.save({"x": Payload()}, d / "step_000010.safetensors")  # a zip-format torch.save file
+    with pytest.raises(ExportError, match="pickle"):
+        read_export(d, 10, CFG.config_hash(), TOK)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("content", ["../../etc/passwd", "/tmp/step_000010", "step_10", "", "step_000010/../x"])
+def test_latest_that_escapes_or_is_malformed_is_refused(tmp_path, content):
+    _export(tmp_path, 1, 10)
+    (exports_dir(tmp_path, 1) / "LATEST").write_text(content)
+    with pytest.raises(ExportError, match="not an export name"):
+        read_latest(exports_dir(tmp_path, 1))
+
+
+def test_corrupt_exports_are_refused(tmp_path):
+    _export(tmp_path, 1, 10)
+    d = exports_dir(tmp_path, 1)
+    blob = (d / "step_000010.safetensors").read_bytes()
+    (d / "step_000010.safetensors").write_bytes(blob[: len(blob) // 2])
+    with pytest.raises(ExportError, match="sha256"):
+        read_export(d, 10)
+    _export(tmp_path, 1, 20)
+    (d / "step_000020.json").write_text("{not json")
+    with pytest.raises(ExportError, match="not valid JSON"):
+        read_export(d, 20)
+    with pytest.raises(ExportError, match="missing"):
+        read_export(d, 30)
+
+
+def test_mismatched_architecture_or_tokenizer_is_refused_naming_both(tmp_path):
+    _export(tmp_path, 1, 10)
+    other = preset_config("lstm", "small", vocab_size=64)
+    with pytest.raises(ExportError, match=r"model config differs.*student " + other.config_hash()):
+        read_export(exports_dir(tmp_path, 1), 10, other.config_hash(), TOK)
+    with pytest.raises(ExportError, match="another tokenizer"):
+        read_export(exports_dir(tmp_path, 1), 10, CFG.config_hash(), "other-tokenizer")
+
+
+def test_nan_weights_are_never_exported(tmp_path):
+    sd = build_model(CFG).state_dict()
+    sd["head.weight"][0, 0] = float("nan")
+    with pytest.raises(ExportError, match="NaN"):
+        write_export(exports_dir(tmp_path, 0), 5, sd, _meta(0))
+    assert read_latest(exports_dir(tmp_path, 0), missing_ok=True) is None
+
+
+def _loader(tmp_path, mode, peers=(1,), log=None):
+    return TeacherLoader(tmp_path, list(peers), CFG.config_hash(), TOK, mode=mode, poll_interval=0.05,
+                         log=log or (lambda m: None))
+
+
+def test_loader_latest_mode_follows_newest_and_survives_missing_and_bad_peers(tmp_path):
+    msgs = []
+    loader = _loader(tmp_path, "latest", peers=(1, 2), log=msgs.append)
+    try:
+        time.sleep(0.2)
+        assert loader.take(1) is None and loader.take(2) is None  # no peer exported yet: CE alone
+        _export(tmp_path, 1, 10)
+        deadline = time.time() + 10
+        exp = None
+        while exp is None and time.time() < deadline:
+            exp = loader.take(1)
+            time.sleep(0.02)
+        assert exp is not None and exp.step == 10
+        # peer 2 publishes a hostile file: refused with one warning, loader keeps running
+        d2 = exports_dir(tmp_path, 2)
+        _export(tmp_path, 2, 5)
+        (d2 / "step_000005.safetensors").write_bytes(pickle.dumps({"a": 1}))
+        _export(tmp_path, 1, 20)
+        deadline = time.time() + 10
+        while not any("group 2" in m for m in msgs) and time.time() < deadline:
+            time.sleep(0.02)
+        assert any("refusing export step 5" in m and "pickle" in m for m in msgs), msgs
+        exp = None
+        while exp is None and time.time() < deadline:
+            exp = loader.take(1)
+            time.sleep(0.02)
+        assert exp is not None and exp.step == 20
+        assert loader.take(2) is None
+    finally:
+        loader.close()
+
+
+def test_loader_sync_mode_waits_for_the_wanted_step_and_times_out(tmp_path):
+    msgs = []
+    loader = _loader(tmp_path, "sync", log=msgs.append)
+    try:
+        _export(tmp_path, 1, 10)
+        _export(tmp_path, 1, 20)
+        loader.want(1, 10)
+        exp = loader.wait(1, 10, timeout=10)
+        assert exp is not None and exp.step == 10  # the wanted step, not LATEST (20)
+        loader.want(1, 30)
+        t0 = time.time()
+        assert loader.wait(1, 30, timeout=0.3) is None  # never exported: no block beyond the timeout
+        assert time.time() - t0 < 5
+        assert any("did not arrive" in m for m in msgs)
+    finally:
+        loader.close()

@@ -1,0 +1,76 @@
+"""Group topology and the deterministic training stream."""
+import numpy as np
+import pytest
+
+from codistill.topology import TopologyError, plan
+from data_prep.dataset import DataError, GroupStream, TokenData, eval_batches
+
+
+def test_world_split_consecutive_ranks():
+    topos = [plan(4, r, 2) for r in range(4)]
+    assert [t.hosted for t in topos] == [[0], [0], [1], [1]]
+    assert topos[0].group_ranks == {0: [0, 1], 1: [2, 3]}
+    assert [t.dp_rank(t.hosted[0]) for t in topos] == [0, 1, 0, 1]
+    assert topos[2].is_group_leader(1) and not topos[3].is_group_leader(1)
+
+
+def test_several_groups_per_rank():
+    assert plan(1, 0, 2).hosted == [0, 1]
+    assert [plan(2, r, 4).hosted for r in range(2)] == [[0, 1], [2, 3]]
+    t = plan(2, 1, 4)
+    assert t.dp_size(2) == 1 and t.peers(2) == [0, 1, 3]
+
+
+def test_one_launch_per_group():
+    t = plan(2, 1, 3, group_id=2)
+    assert t.hosted == [2] and t.group_ranks == {2: [0, 1]} and t.separate_launch
+    assert t.peers(2) == [0, 1]
+
+
+@pytest.mark.parametrize("world,groups,gid,msg", [(3, 2, None, "equal groups"), (2, 3, None, "evenly"),
+                                                  (1, 2, 2, "outside"), (1, 0, None, ">= 1")])
+def test_invalid_topologies(world, groups, gid, msg):
+    with pytest.raises(TopologyError, match=msg):
+        plan(world, 0, groups, gid)
+
+
+def test_stream_is_deterministic_disjoint_across_ranks_and_one_pass(sample_data):
+    data = TokenData(sample_data)
+    s = GroupStream(data, 0, 2, seq_len=32, seed=7)
+    a = s.batch(5, 1, 2, 0, 2, 4)
+    assert np.array_equal(a, GroupStream(data, 0, 2, 32, 7).batch(5, 1, 2, 0, 2, 4))  # resume: same batch
+    other_rank = s.batch(5, 1, 2, 1, 2, 4)
+    assert not any(np.array_equal(x, y) for x in a for y in other_rank)
+    # one epoch visits every window exactly once before anything repeats
+    starts = {int(s._perm(0)[i]) for i in range(s.num_windows)}
+    assert starts == set(range(s.num_windows))
+    assert a.shape == (4, 33)
+
+
+def test_groups_read_disjoint_shards_and_baseline_reads_all(sample_data):
+    data = TokenData(sample_data)
+    assert data.group_shards(0, 2) == ["group_0", "group_1", "group_2"]
+    assert data.group_shards(1, 2) == ["group_3", "group_4", "group_5"]
+    assert data.group_shards(0, 1) == [f"group_{i}" for i in range(6)]
+    total = sum(data.splits[f"group_{i}"]["num_tokens"] for i in range(6))
+    assert len(GroupStream(data, 0, 1, 32, 0).tokens) == total
+    with pytest.raises(DataError, match="--num_groups 4"):
+        data.group_shards(0, 4)
+
+
+def test_eval_batches_fixed_and_split_over_ranks(sample_data):
+    data = TokenData(sample_data)
+    one = eval_batches(data, 32, 4, 3, 0, 1)
+    r0, r1 = eval_batches(data, 32, 4, 3, 0, 2), eval_batches(data, 32, 4, 3, 1, 2)
+    assert sum(len(b) for b in one) == 12 and sum(len(b) for b in r0 + r1) == 24
+    assert np.array_equal(one[0], eval_batches(data, 32, 4, 3, 0, 1)[0])
+
+
+def test_data_errors_are_clear(tmp_path, sample_data):
+    with pytest.raises(DataError, match="does not exist"):
+        TokenData(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="manifest.json is missing"):
+        TokenData(tmp_path / "empty")
+    with pytest.raises(DataError, match="seq_len"):
+        GroupStream(TokenData(sample_data), 0, 6, seq_len=10 ** 7, seed=0)
