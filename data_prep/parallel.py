@@ -3,11 +3,15 @@
 ``multiprocessing.Pool.imap`` pulls its whole input iterator as fast as it can (its task
 feeder thread does not wait for results), so on a large corpus it would hold the corpus in
 memory. ``ordered_map`` keeps at most ``workers * inflight_per_worker`` chunks in flight
-and yields results in submission order, so output is identical for any worker count.
+and yields results in submission order, so the output is identical for any worker count.
+
+One pool serves every pass: each task carries its small config, and the tokenizer is loaded
+once per worker from the file path in the config (cached by path).
 """
 from __future__ import annotations
 
 import collections
+import contextlib
 import multiprocessing as mp
 from itertools import chain
 from typing import Callable, Iterable, Iterator
@@ -16,20 +20,34 @@ import numpy as np
 
 from data_prep.clean import clean_document, doc_hash, split_of
 
-_STATE: dict = {}
+_SP: dict = {}
 
 
-# --- cleaning (pass 1) -------------------------------------------------------------------
+def _tokenizer(path: str):
+    sp = _SP.get(path)
+    if sp is None:
+        import sentencepiece as spm
 
-def init_clean(min_chars: int, min_text_ratio: float, seed: int, num_groups: int,
-               val_fraction: float) -> None:
-    _STATE["clean"] = (min_chars, min_text_ratio, seed, num_groups, val_fraction)
+        _SP.clear()
+        sp = _SP[path] = spm.SentencePieceProcessor(model_file=path)
+    return sp
 
 
-def clean_chunk(docs: list[str]) -> list:
-    """Normalise + filter + hash a chunk. Returns per doc either a drop reason (str) or
-    (utf8_bytes, doc_hash, split_index). Duplicates are decided by the caller (ordered)."""
-    min_chars, min_ratio, seed, g, vf = _STATE["clean"]
+def _encode(sp, texts: list[str], eos: int, dtype: str):
+    ids = sp.encode(texts, num_threads=1)
+    lengths = np.fromiter((len(x) + 1 for x in ids), dtype=np.int64, count=len(ids))
+    eos_list = [eos]
+    flat = np.fromiter(chain.from_iterable(chain(x, eos_list) for x in ids), dtype=dtype,
+                       count=int(lengths.sum()))
+    return flat, lengths
+
+
+def clean_chunk(task) -> list:
+    """(cfg, raw docs) -> per doc a drop reason (str) or (utf8 bytes, doc hash, split).
+
+    cfg = (min_chars, min_text_ratio, seed, num_groups, val_fraction). Duplicates are
+    decided by the caller, in input order."""
+    (min_chars, min_ratio, seed, g, vf), docs = task
     out = []
     for raw in docs:
         r = clean_document(raw, min_chars, min_ratio)
@@ -37,47 +55,48 @@ def clean_chunk(docs: list[str]) -> list:
     return out
 
 
-# --- tokenization (pass 2) ---------------------------------------------------------------
+def clean_encode_chunk(task):
+    """Fused pass (tokenizer known up front): clean + hash + encode.
 
-def init_encode(model_proto: bytes, eos_id: int, dtype: str) -> None:
-    import sentencepiece as spm
-
-    sp = spm.SentencePieceProcessor(model_proto=model_proto)
-    _STATE["encode"] = (sp, eos_id, np.dtype(dtype))
-
-
-def encode_chunk(texts: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
-    """Encode documents; return (tokens with EOS after each doc, per-doc lengths incl. EOS)."""
-    sp, eos, dtype = _STATE["encode"]
-    ids = sp.encode([t.decode("utf-8") for t in texts], num_threads=1)
-    lengths = np.fromiter((len(x) + 1 for x in ids), dtype=np.int64, count=len(ids))
-    total = int(lengths.sum())
-    eos_list = [eos]
-    flat = np.fromiter(chain.from_iterable(chain(x, eos_list) for x in ids), dtype=dtype,
-                       count=total)
-    return flat, lengths
+    task = (clean cfg, (model_path, eos, dtype), raw docs). Returns (meta, flat, lengths)
+    with meta per doc a reason (str) or (doc hash, split); flat/lengths cover kept docs."""
+    cfg, (model, eos, dtype), docs = task
+    meta = clean_chunk((cfg, docs))
+    texts = [m[0].decode("utf-8") for m in meta if not isinstance(m, str)]
+    flat, lengths = _encode(_tokenizer(model), texts, eos, dtype)
+    return [m if isinstance(m, str) else m[1:] for m in meta], flat, lengths
 
 
-# --- ordered bounded map -----------------------------------------------------------------
+def encode_chunk(task):
+    """((model_path, eos, dtype), [utf8 bytes]) -> (tokens with EOS after each doc, lengths)."""
+    (model, eos, dtype), texts = task
+    return _encode(_tokenizer(model), [t.decode("utf-8") for t in texts], eos, dtype)
 
-def ordered_map(fn: Callable, chunks: Iterable, workers: int, initializer: Callable,
-                initargs: tuple, inflight_per_worker: int = 4) -> Iterator:
-    """Like ``map(fn, chunks)`` but over ``workers`` processes (spawn), in order, bounded."""
+
+@contextlib.contextmanager
+def worker_pool(workers: int):
+    """A spawn pool (fork is unsafe once torch/threads are loaded), or None for in-process."""
     if workers <= 1:
-        initializer(*initargs)
-        for c in chunks:
-            yield fn(c)
+        yield None
         return
-    ctx = mp.get_context("spawn")  # fork is unsafe once torch/threads are loaded
-    with ctx.Pool(workers, initializer=initializer, initargs=initargs) as pool:
-        pending: collections.deque = collections.deque()
-        limit = workers * inflight_per_worker
-        for c in chunks:
-            pending.append(pool.apply_async(fn, (c,)))
-            if len(pending) >= limit:
-                yield pending.popleft().get()
-        while pending:
+    with mp.get_context("spawn").Pool(workers) as pool:
+        yield pool
+
+
+def ordered_map(fn: Callable, tasks: Iterable, pool, inflight: int = 4) -> Iterator:
+    """Like ``map(fn, tasks)``; over ``pool`` if given, in order, with bounded look-ahead."""
+    if pool is None:
+        for t in tasks:
+            yield fn(t)
+        return
+    pending: collections.deque = collections.deque()
+    limit = pool._processes * inflight
+    for t in tasks:
+        pending.append(pool.apply_async(fn, (t,)))
+        if len(pending) >= limit:
             yield pending.popleft().get()
+    while pending:
+        yield pending.popleft().get()
 
 
 def chunked(it: Iterable, max_items: int = 256, max_bytes: int = 1 << 20,
@@ -92,7 +111,3 @@ def chunked(it: Iterable, max_items: int = 256, max_bytes: int = 1 << 20,
             buf, size = [], 0
     if buf:
         yield buf
-
-
-__all__ = ["ordered_map", "chunked", "init_clean", "clean_chunk", "init_encode",
-           "encode_chunk"]

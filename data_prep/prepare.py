@@ -3,7 +3,7 @@
     python data_prep/prepare.py --input PATH [PATH ...] --output DIR --num_groups G \\
         [--vocab_size 8000] [--val_fraction 0.01] [--tokenizer EXISTING.model] [--workers N] \\
         [--seed S] [--overwrite] [--text_mode blank_line|file|line] [--jsonl_field text] \\
-        [--min_chars 200] [--min_text_ratio 0.8] [--tokenizer_sample_mb 64] [--quiet]
+        [--min_chars 200] [--min_text_ratio 0.8] [--tokenizer_sample_mb 32] [--quiet]
     python data_prep/prepare.py --sample [--output data/sample]     # embedded BBC News corpus
 
 Pipeline (two streaming passes; memory does not grow with the corpus except for the
@@ -38,7 +38,8 @@ import uuid
 import numpy as np
 
 from data_prep.clean import DEFAULT_MIN_CHARS, DEFAULT_MIN_TEXT_RATIO
-from data_prep.parallel import chunked, clean_chunk, encode_chunk, init_clean, init_encode, ordered_map
+from data_prep.parallel import (chunked, clean_chunk, clean_encode_chunk, encode_chunk,
+                                ordered_map, worker_pool)
 from data_prep.readers import DEFAULT_MAX_DOC_BYTES, TEXT_MODES, Stats, discover, read_documents
 from data_prep.sample import SAMPLE_DEFAULTS, SampleCorpusMissing, sample_corpus_dir
 
@@ -125,7 +126,7 @@ def prepare(inputs, output, num_groups: int, vocab_size: int = 8000, val_fractio
             tokenizer=None, workers: int = 1, seed: int = 1234, overwrite: bool = False,
             text_mode: str = "blank_line", jsonl_field: str = "text",
             min_chars: int = DEFAULT_MIN_CHARS, min_text_ratio: float = DEFAULT_MIN_TEXT_RATIO,
-            max_doc_bytes: int = DEFAULT_MAX_DOC_BYTES, tokenizer_sample_mb: float = 64,
+            max_doc_bytes: int = DEFAULT_MAX_DOC_BYTES, tokenizer_sample_mb: float = 32,
             quiet: bool = False) -> Path:
     """Prepare ``inputs`` into the dataset directory ``output``; returns its path.
 
@@ -150,7 +151,7 @@ def prepare(inputs, output, num_groups: int, vocab_size: int = 8000, val_fractio
     _check_output(output, overwrite)
     tok_proto = load_tokenizer_proto(tokenizer) if tokenizer is not None else None
 
-    stats = Stats()
+    stats = Stats(sources=SourceSummary(inputs))
     files = discover(inputs, stats)
     if not files:
         raise DataPrepError(
@@ -260,137 +261,216 @@ def _train_tokenizer(spool: Path, tmp: Path, train_bytes: int, sample_bytes: int
     return model.getvalue()
 
 
-def _npy_writer(path: Path, dtype, n: int):
-    f = open(path, "wb", buffering=1 << 20)
-    np.lib.format.write_array_header_1_0(
-        f, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False,
-            "shape": (n,)})
-    return f
+class ShardWriter:
+    """Appends documents to <split>.bin and records offsets/hashes; writes the .npy files
+    at the end (offsets and hashes go to raw temp files first, so nothing is held in RAM)."""
+
+    def __init__(self, root: Path, names: list[str], dtype: str):
+        self.root, self.names, self.dtype = root, names, np.dtype(dtype)
+        self.bins = [open(root / f"{n}.bin", "wb", buffering=1 << 20) for n in names]
+        self.offs = [open(root / f"{n}.idx.raw", "wb", buffering=1 << 16) for n in names]
+        self.hashes = [open(root / f"{n}.hashes.raw", "wb", buffering=1 << 16) for n in names]
+        self.ntok = [0] * len(names)
+        self.ndoc = [0] * len(names)
+
+    def add_chunk(self, meta, flat: np.ndarray, lengths: np.ndarray) -> int:
+        """meta: per document (split, hash) or None (skip); flat/lengths: its tokens."""
+        ends = np.cumsum(lengths).tolist()
+        start = written = 0
+        for m, end in zip(meta, ends):
+            if m is not None:
+                s, h = m
+                self.bins[s].write(flat[start:end].tobytes())
+                self.ntok[s] += end - start
+                written += end - start
+                self.ndoc[s] += 1
+                self.offs[s].write(_Q.pack(self.ntok[s]))
+                self.hashes[s].write(_Q.pack(h))
+            start = end
+        return written
+
+    def close(self) -> dict:
+        for f in self.bins + self.offs + self.hashes:
+            f.close()
+        splits = {}
+        for i, n in enumerate(self.names):
+            _raw_to_npy(self.root / f"{n}.idx.raw", self.root / f"{n}.idx.npy", np.int64,
+                        self.ndoc[i], prefix=np.zeros(1, np.int64))
+            _raw_to_npy(self.root / f"{n}.hashes.raw", self.root / f"{n}.hashes.npy",
+                        np.uint64, self.ndoc[i])
+            splits[n] = {"tokens": f"{n}.bin", "doc_index": f"{n}.idx.npy",
+                         "num_docs": self.ndoc[i], "num_tokens": self.ntok[i],
+                         "doc_hashes": f"{n}.hashes.npy"}
+        return splits
+
+    def abort(self) -> None:
+        for f in self.bins + self.offs + self.hashes:
+            f.close()
 
 
-def summarize_sources(inputs, sources: list[dict]) -> list[dict]:
-    """One manifest entry per --input argument: files, bytes, documents and a sha256 over
-    the sorted (relative path, file sha256) list, so the manifest stays small for many files."""
-    out = []
-    for inp in map(str, inputs):
-        mine = [s for s in sources if s["path"] == inp or s["path"].startswith(inp.rstrip(os.sep) + os.sep)]
-        h = hashlib.sha256()
-        for s in mine:
-            rel = os.path.relpath(s["path"], inp) if s["path"] != inp else os.path.basename(inp)
-            h.update(f"{rel}\0{s.get('sha256', '-')}\n".encode())
-        out.append({"path": inp, "files": len(mine), "bytes": sum(s.get("bytes", 0) for s in mine),
-                    "documents": sum(s["documents"] for s in mine),
-                    "files_skipped": sum(1 for s in mine if "error" in s),
-                    "sha256": h.hexdigest()})
-    return out
+_Q = struct.Struct("<Q")
 
 
-def _build(tmp: Path, files, stats: Stats, *, inputs, num_groups, vocab_size, val_fraction, tok_proto,
-           workers, seed, text_mode, jsonl_field, min_chars, min_text_ratio, max_doc_bytes,
-           sample_bytes, quiet) -> dict:
-    names = split_names(num_groups)
-    nsplit = len(names)
-    spool_path = tmp / "documents.spool"
-    n_docs = [0] * nsplit
-    train_bytes = 0
-    seen: set[int] = set()
-    docs = read_documents(None, stats, text_mode=text_mode, jsonl_field=jsonl_field,
-                          max_doc_bytes=max_doc_bytes, files=files)
-    t0 = time.time()
-    # ---- pass 1: read, clean, de-duplicate, assign splits, spool
-    with open(spool_path, "wb", buffering=1 << 20) as spool, \
-            _progress(quiet, desc="clean", unit="doc") as bar:
-        for results in ordered_map(clean_chunk, chunked(docs), workers, init_clean,
-                                   (min_chars, min_text_ratio, seed, num_groups, val_fraction)):
-            for r in results:
-                if isinstance(r, str):
-                    stats.dropped[r] += 1
-                    continue
-                data, h, s = r
-                if h in seen:
-                    stats.dropped["duplicate"] += 1
-                    continue
-                seen.add(h)
-                spool.write(_REC.pack(s, h, len(data)))
-                spool.write(data)
-                n_docs[s] += 1
-                if s:
-                    train_bytes += len(data)
-            bar.update(len(results))
-    del seen
+def _raw_to_npy(raw: Path, dest: Path, dtype, n: int, prefix=None) -> None:
+    dtype = np.dtype(dtype).newbyteorder("<")
+    shape = n + (0 if prefix is None else len(prefix))
+    with open(dest, "wb") as f, open(raw, "rb") as r:
+        np.lib.format.write_array_header_1_0(
+            f, {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False,
+                "shape": (shape,)})
+        if prefix is not None:
+            f.write(np.asarray(prefix, dtype).tobytes())
+        shutil.copyfileobj(r, f, 1 << 20)
+    raw.unlink()
+
+
+class SourceSummary:
+    """Aggregates per-file source entries into one manifest entry per --input argument
+    (files, bytes, documents, skipped files, and a sha256 over the (relative path, file
+    sha256) pairs in read order), so memory and manifest size do not grow with file count."""
+
+    def __init__(self, inputs):
+        self.entries = []
+        for inp in (str(Path(i)) for i in inputs):  # normalised like discover()'s paths
+            self.entries.append((inp, inp.rstrip(os.sep) + os.sep, hashlib.sha256(),
+                                 {"path": inp, "files": 0, "bytes": 0, "documents": 0,
+                                  "files_skipped": 0}))
+
+    def append(self, src: dict) -> None:
+        path = src["path"]
+        for inp, prefix, h, agg in self.entries:
+            if path == inp or path.startswith(prefix):
+                rel = path[len(prefix):] if path != inp else os.path.basename(inp)
+                h.update(f"{rel}\0{src.get('sha256', '-')}\n".encode())
+                agg["files"] += 1
+                agg["bytes"] += src.get("bytes", 0)
+                agg["documents"] += src["documents"]
+                agg["files_skipped"] += "error" in src
+                return
+
+    def summary(self) -> list[dict]:
+        return [{**agg, "sha256": h.hexdigest()} for _, _, h, agg in self.entries]
+
+
+def _check_kept(n_docs, names, stats, files, num_groups, val_fraction) -> None:
     kept = sum(n_docs)
     if kept == 0:
         raise DataPrepError(
             f"nothing usable remains: {stats.documents_in} documents read from {len(files)} "
             f"files, dropped: {_fmt_dropped(stats.dropped)}. Check --input/--text_mode/"
             "--jsonl_field, or relax --min_chars/--min_text_ratio")
-    empty = [names[i] for i in range(nsplit) if n_docs[i] == 0]
+    empty = [names[i] for i in range(len(names)) if n_docs[i] == 0]
     if empty:
         raise DataPrepError(
             f"split(s) {', '.join(empty)} would be empty ({kept} documents kept for "
             f"{num_groups} groups at --val_fraction {val_fraction}); add more data, use fewer "
             "--num_groups or a larger --val_fraction")
-    t1 = time.time()
 
-    # ---- tokenizer
+
+def _build(tmp: Path, files, stats: Stats, *, inputs, num_groups, vocab_size, val_fraction,
+           tok_proto, workers, seed, text_mode, jsonl_field, min_chars, min_text_ratio,
+           max_doc_bytes, sample_bytes, quiet) -> dict:
+    names = split_names(num_groups)
+    cfg = (min_chars, min_text_ratio, seed, num_groups, val_fraction)
+    docs = read_documents(None, stats, text_mode=text_mode, jsonl_field=jsonl_field,
+                          max_doc_bytes=max_doc_bytes, files=files)
+    seen: set[int] = set()  # the one structure that grows with the corpus (see clean.py)
+    timing = {}
+    t0 = time.time()
     trained = tok_proto is None
-    if trained:
-        tok_proto = _train_tokenizer(spool_path, tmp, train_bytes, sample_bytes, vocab_size,
-                                     quiet)
-    import sentencepiece as spm
+    with worker_pool(workers) as pool:
+        if trained:
+            # pass 1: read, clean, de-duplicate, assign splits -> spool file
+            spool_path = tmp / "documents.spool"
+            n_docs = [0] * len(names)
+            train_bytes = 0
+            tasks = ((cfg, c) for c in chunked(docs))
+            with open(spool_path, "wb", buffering=1 << 20) as spool, \
+                    _progress(quiet, desc="clean", unit="doc") as bar:
+                for results in ordered_map(clean_chunk, tasks, pool):
+                    for r in results:
+                        if isinstance(r, str):
+                            stats.dropped[r] += 1
+                            continue
+                        data, h, s = r
+                        if h in seen:
+                            stats.dropped["duplicate"] += 1
+                            continue
+                        seen.add(h)
+                        spool.write(_REC.pack(s, h, len(data)))
+                        spool.write(data)
+                        n_docs[s] += 1
+                        if s:
+                            train_bytes += len(data)
+                    bar.update(len(results))
+            seen.clear()
+            _check_kept(n_docs, names, stats, files, num_groups, val_fraction)
+            timing["clean_s"] = time.time() - t0
+            tok_proto = _train_tokenizer(spool_path, tmp, train_bytes, sample_bytes, vocab_size,
+                                         quiet)
+            timing["tokenizer_s"] = time.time() - t0 - timing["clean_s"]
+        (tmp / "tokenizer.model").write_bytes(tok_proto)
+        import sentencepiece as spm
 
-    sp = spm.SentencePieceProcessor(model_proto=tok_proto)
-    vocab = sp.get_piece_size()
-    eos_id = sp.eos_id()
-    if trained and vocab < vocab_size:
-        _say(quiet, f"note: the training sample supports only {vocab} pieces; using vocab "
-                    f"{vocab} instead of --vocab_size {vocab_size} (add data for a larger one)")
-    dtype = "uint16" if vocab < 65536 else "uint32"
-    (tmp / "tokenizer.model").write_bytes(tok_proto)
-    t2 = time.time()
+        sp = spm.SentencePieceProcessor(model_proto=tok_proto)
+        vocab, eos_id = sp.get_piece_size(), sp.eos_id()
+        if trained and vocab < vocab_size:
+            _say(quiet, f"note: the training sample supports only {vocab} pieces; using vocab "
+                        f"{vocab} instead of --vocab_size {vocab_size} (add data for a larger one)")
+        dtype = "uint16" if vocab < 65536 else "uint32"
+        tok_cfg = (str(tmp / "tokenizer.model"), eos_id, dtype)
+        writer = ShardWriter(tmp, names, dtype)
+        t1 = time.time()
+        n_tok = 0
+        try:
+            with _progress(quiet, desc="tokenize", unit="doc",
+                           total=sum(n_docs) if trained else None) as bar:
+                if trained:  # pass 2: spool -> encode -> shards
+                    metas: collections.deque = collections.deque()
 
-    # ---- pass 2: encode, write shards
-    bins = [open(tmp / f"{n}.bin", "wb", buffering=1 << 20) for n in names]
-    idxs = [_npy_writer(tmp / f"{n}.idx.npy", np.int64, n_docs[i] + 1) for i, n in enumerate(names)]
-    hashes = [_npy_writer(tmp / f"{n}.hashes.npy", np.uint64, n_docs[i]) for i, n in enumerate(names)]
-    ntok = [0] * nsplit
-    for f in idxs:
-        f.write(np.zeros(1, np.int64).tobytes())
-    metas: collections.deque = collections.deque()
+                    def tasks():
+                        for chunk in chunked(_spool_records(spool_path),
+                                             size_of=lambda r: len(r[2])):
+                            metas.append([(s, h) for s, h, _ in chunk])
+                            yield tok_cfg, [d for _, _, d in chunk]
 
-    def text_chunks():
-        for chunk in chunked(_spool_records(spool_path), size_of=lambda r: len(r[2])):
-            metas.append([(s, h) for s, h, _ in chunk])
-            yield [d for _, _, d in chunk]
+                    for flat, lengths in ordered_map(encode_chunk, tasks(), pool):
+                        meta = metas.popleft()
+                        n_tok += writer.add_chunk(meta, flat, lengths)
+                        bar.update(len(meta))
+                        bar.set_postfix_str(f"{n_tok / max(bar.format_dict['elapsed'], 1e-9):,.0f} tok/s",
+                                            refresh=False)
+                    spool_path.unlink()
+                else:  # fused single pass: read -> clean + encode in workers -> dedup -> shards
+                    tasks = ((cfg, tok_cfg, c) for c in chunked(docs))
+                    for meta, flat, lengths in ordered_map(clean_encode_chunk, tasks, pool):
+                        keep = []
+                        for m in meta:
+                            if isinstance(m, str):
+                                stats.dropped[m] += 1
+                                continue
+                            h, s = m
+                            if h in seen:
+                                stats.dropped["duplicate"] += 1
+                                keep.append(None)
+                                continue
+                            seen.add(h)
+                            keep.append((s, h))
+                        n_tok += writer.add_chunk(keep, flat, lengths)
+                        bar.update(len(meta))
+                        bar.set_postfix_str(f"{n_tok / max(bar.format_dict['elapsed'], 1e-9):,.0f} tok/s",
+                                            refresh=False)
+        except BaseException:
+            writer.abort()
+            raise
+    splits = writer.close()
+    n_docs = [splits[n]["num_docs"] for n in names]
+    _check_kept(n_docs, names, stats, files, num_groups, val_fraction)
+    timing["tokenize_s"] = time.time() - t1
+    for n in names:
+        with open(tmp / splits[n]["tokens"], "rb+") as f:
+            os.fsync(f.fileno())
 
-    done_tokens = 0
-    with _progress(quiet, desc="tokenize", unit="doc", total=kept) as bar:
-        for flat, lengths in ordered_map(encode_chunk, text_chunks(), workers, init_encode,
-                                         (tok_proto, eos_id, dtype)):
-            meta = metas.popleft()
-            ends = np.cumsum(lengths)
-            start = 0
-            for (s, h), end in zip(meta, ends.tolist()):
-                bins[s].write(flat[start:end].tobytes())
-                ntok[s] += end - start
-                idxs[s].write(struct.pack("<q", ntok[s]))
-                hashes[s].write(struct.pack("<Q", h))
-                start = end
-            done_tokens += int(ends[-1]) if len(ends) else 0
-            bar.update(len(meta))
-            bar.set_postfix_str(f"{done_tokens / max(bar.format_dict['elapsed'], 1e-9):,.0f} tok/s",
-                                refresh=False)
-    for f in bins + idxs + hashes:
-        f.flush()
-        os.fsync(f.fileno())
-        f.close()
-    spool_path.unlink()
-    t3 = time.time()
-
-    splits = {}
-    for i, n in enumerate(names):
-        splits[n] = {"tokens": f"{n}.bin", "doc_index": f"{n}.idx.npy", "num_docs": n_docs[i],
-                     "num_tokens": ntok[i], "doc_hashes": f"{n}.hashes.npy"}
     manifest = {
         "format_version": FORMAT_VERSION,
         "tokenizer": "tokenizer.model",
@@ -405,7 +485,7 @@ def _build(tmp: Path, files, stats: Stats, *, inputs, num_groups, vocab_size, va
         "splits": splits,
         "dropped": dict(sorted(stats.dropped.items())),
         "documents_in": stats.documents_in,
-        "documents_kept": kept,
+        "documents_kept": sum(n_docs),
         "doc_hash": "blake2b-64 of the normalised UTF-8 text (uint64, little-endian)",
         "split_hash": "blake2b-128 keyed by seed: val if first 64 bits / 2^64 < val_fraction, "
                       "else group = last 64 bits mod num_groups",
@@ -413,17 +493,16 @@ def _build(tmp: Path, files, stats: Stats, *, inputs, num_groups, vocab_size, va
                      "min_text_ratio": min_text_ratio, "max_doc_bytes": max_doc_bytes,
                      "unicode": "NFC", "whitespace": "runs collapsed to one space, lines "
                      "stripped, empty lines removed (paragraphs separated by one newline)"},
-        "sources": summarize_sources(inputs, stats.sources),
+        "sources": stats.sources.summary(),
     }
     with open(tmp / "manifest.json", "w") as f:
         json.dump(manifest, f, indent=1)
         f.write("\n")
         f.flush()
         os.fsync(f.fileno())
-    log.info("timing: pass1 %.2fs tokenizer %.2fs pass2 %.2fs", t1 - t0, t2 - t1, t3 - t2)
     if os.environ.get("DATA_PREP_TIMING"):
-        print(json.dumps({"pass1_s": t1 - t0, "tokenizer_s": t2 - t1, "pass2_s": t3 - t2,
-                          "tokens": sum(ntok), "docs": kept}), file=sys.stderr, flush=True)
+        print(json.dumps({**timing, "tokens": n_tok, "docs": sum(n_docs)}), file=sys.stderr,
+              flush=True)
     return manifest
 
 
@@ -476,7 +555,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min_chars", type=int, default=DEFAULT_MIN_CHARS)
     p.add_argument("--min_text_ratio", type=float, default=DEFAULT_MIN_TEXT_RATIO)
     p.add_argument("--max_doc_bytes", type=int, default=DEFAULT_MAX_DOC_BYTES)
-    p.add_argument("--tokenizer_sample_mb", type=float, default=64)
+    p.add_argument("--tokenizer_sample_mb", type=float, default=32,
+                   help="train the tokenizer on a hash-selected sample of at most this many "
+                        "MiB of training documents (bounds its memory, ~30x the sample)")
     p.add_argument("--quiet", action="store_true")
     return p
 

@@ -55,8 +55,8 @@ class Stats:
             log.warning("further skipped files are only counted (manifest 'dropped')")
 
 
-def file_kind(path: Path) -> str | None:
-    name = path.name.lower()
+def file_kind(path) -> str | None:
+    name = os.path.basename(str(path)).lower()
     if name.endswith(".gz"):
         name = name[:-3]
     if name.endswith(".wet"):
@@ -72,9 +72,9 @@ def file_kind(path: Path) -> str | None:
     return None
 
 
-def discover(paths, stats: Stats) -> list[Path]:
+def discover(paths, stats: Stats) -> list[str]:
     """Expand input paths into a sorted list of supported files (directories recursively)."""
-    out: list[Path] = []
+    out: list[str] = []
     for p in map(Path, paths):
         if p.is_dir():
             files = []
@@ -82,9 +82,12 @@ def discover(paths, stats: Stats) -> list[Path]:
             def onerror(err, _p=p):
                 stats.drop_file("unreadable_path", getattr(err, "filename", _p), str(err))
 
+            seen_dirs = set()
             for root, dirs, names in os.walk(p, onerror=onerror, followlinks=True):
-                dirs.sort()
-                files.extend(Path(root) / n for n in names)
+                seen_dirs.add(os.path.realpath(root))  # symlink loops are walked once
+                dirs[:] = [d for d in sorted(dirs)
+                           if os.path.realpath(os.path.join(root, d)) not in seen_dirs]
+                files.extend(os.path.join(root, n) for n in names)
             for f in sorted(files):
                 if file_kind(f) is None:
                     stats.drop_file("unsupported_file", f, "unknown extension")
@@ -95,7 +98,7 @@ def discover(paths, stats: Stats) -> list[Path]:
                 stats.drop_file("unsupported_file", p,
                                 "use .txt/.jsonl/.warc.wet[.gz]/.parquet/.json names")
             else:
-                out.append(p)
+                out.append(str(p))
         else:
             stats.drop_file("missing_path", p, "no such file or directory")
     return out
@@ -287,7 +290,7 @@ def _read_wet(f, stats: Stats, max_doc: int) -> Iterator[str]:
             yield text
 
 
-def _read_datasets(path: Path, kind: str, stats: Stats, fieldname: str) -> Iterator[str]:
+def _read_datasets(path: str, kind: str, stats: Stats, fieldname: str) -> Iterator[str]:
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     import datasets
 
@@ -306,12 +309,12 @@ def _read_datasets(path: Path, kind: str, stats: Stats, fieldname: str) -> Itera
 
 
 def read_documents(paths, stats: Stats, text_mode: str = "blank_line", jsonl_field: str = "text",
-                   max_doc_bytes: int = DEFAULT_MAX_DOC_BYTES, files: list[Path] | None = None
+                   max_doc_bytes: int = DEFAULT_MAX_DOC_BYTES, files: list[str] | None = None
                    ) -> Iterator[str]:
     """Yield raw (decoded, un-normalised) documents from all inputs, in a stable order.
 
-    Adds one entry per file to ``stats.sources`` ({path, format, bytes, sha256, documents,
-    error?}); counts every skipped file/record in ``stats.dropped``.
+    Appends one entry per file, once it is read, to ``stats.sources`` ({path, format, bytes,
+    sha256, documents, error?}; prepare.py aggregates them per input); counts every skipped file/record in ``stats.dropped``.
     """
     if text_mode not in TEXT_MODES:
         raise ValueError(f"text_mode must be one of {TEXT_MODES}, got {text_mode!r}")
@@ -320,7 +323,6 @@ def read_documents(paths, stats: Stats, text_mode: str = "blank_line", jsonl_fie
     for path in files:
         kind = file_kind(path)
         src = {"path": str(path), "format": kind}
-        stats.sources.append(src)
         docs_before = stats.documents_in
         yielded = 0
         error = None
@@ -337,7 +339,7 @@ def read_documents(paths, stats: Stats, text_mode: str = "blank_line", jsonl_fie
                     gen = _read_datasets(path, kind, stats, jsonl_field)
                 else:
                     f = io.BufferedReader(raw, 1 << 16)
-                    if path.name.lower().endswith(".gz"):
+                    if path.lower().endswith(".gz"):
                         # Python's gzip (not warcio's lenient one) so truncation is detected
                         gz = _ErrorRecorder(gzip.GzipFile(fileobj=f, mode="rb"))
                         f = io.BufferedReader(gz, 1 << 16)
@@ -360,7 +362,7 @@ def read_documents(paths, stats: Stats, text_mode: str = "blank_line", jsonl_fie
             except (EOFError, gzip.BadGzipFile, zlib.error) as e:
                 error = ("truncated_gzip", f"{type(e).__name__}: {e}")
             except Exception as e:  # noqa: BLE001 - any other read failure skips the file
-                reason = "truncated_gzip" if path.name.lower().endswith(".gz") and \
+                reason = "truncated_gzip" if path.lower().endswith(".gz") and \
                     "gzip" in f"{type(e).__name__} {e}".lower() else "read_error"
                 error = (reason, f"{type(e).__name__}: {e}")
             try:
@@ -377,6 +379,7 @@ def read_documents(paths, stats: Stats, text_mode: str = "blank_line", jsonl_fie
         elif stats.documents_in == docs_before:
             stats.drop_file("empty_file", path, "no documents")
             src["error"] = "empty_file"
+        stats.sources.append(src)
 
 
 class _Binary(Exception):

@@ -79,7 +79,7 @@ def _files(d) -> dict:
 
 @pytest.fixture(scope="session")
 def corpus(bbc, tmp_path_factory):
-    """300 real articles, one file each (every 5th article of the corpus)."""
+    """300 real articles, one file each (every 7th distinct article of the corpus)."""
     return _copy_articles(bbc["unique"][::7][:300], tmp_path_factory.mktemp("corpus") / "bbc")
 
 
@@ -394,15 +394,15 @@ def test_crash_leaves_no_output_and_keeps_previous(corpus, tok, prepared, tmp_pa
     import data_prep.prepare as P
 
     calls = {"n": 0}
-    real = P.encode_chunk
+    real = P.ShardWriter.add_chunk
 
-    def crashing(chunk):
+    def crashing(self, *args):
         calls["n"] += 1
         if calls["n"] == 2:
             raise OSError("disk full (simulated)")
-        return real(chunk)
+        return real(self, *args)
 
-    monkeypatch.setattr(P, "encode_chunk", crashing)
+    monkeypatch.setattr(P.ShardWriter, "add_chunk", crashing)
     out = tmp_path / "out"
     with pytest.raises(OSError, match="simulated"):
         _run([corpus], out, text_mode="file", tokenizer=tok)

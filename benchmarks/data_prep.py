@@ -1,0 +1,198 @@
+"""Benchmark of data_prep/prepare.py on the embedded BBC News corpus.
+
+    python benchmarks/data_prep.py [--copies 8] [--repeats 2] [--out benchmarks/results/data_prep.json]
+
+Measures, in one run on one machine:
+  * SentencePiece's own encode speed (tokens/s, one thread, batches of 256 documents) on
+    exactly the cleaned documents prepare.py tokenizes;
+  * end-to-end tokens/s of ``prepare.py --tokenizer ...`` (a subprocess: start-up, reading,
+    cleaning, hashing, de-duplication, encoding, writing, manifest) with 1 and 2 workers, and
+    its ratio to SentencePiece's speed x workers (target >= 0.7);
+  * peak RSS (ru_maxrss of the prepare.py process tree, via RUSAGE_CHILDREN of a wrapper
+    process) at two corpus sizes: the sample (x1) and 4 edited copies of it (x4), with a
+    reused tokenizer and with tokenizer training.
+The x-copies are the real articles with " (copy k)" appended to the headline so that exact
+de-duplication keeps them. Timings are best-of-``--repeats`` wall clock.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from data_prep.parallel import chunked  # noqa: E402
+from data_prep.clean import clean_document  # noqa: E402
+from data_prep.readers import Stats, read_documents  # noqa: E402
+from data_prep.sample import sample_corpus_dir  # noqa: E402
+
+PREPARE = ROOT / "data_prep" / "prepare.py"
+_WRAP = ("import json, resource, subprocess, sys, time\n"
+         "t = time.perf_counter(); r = subprocess.run(sys.argv[1:])\n"
+         "dt = time.perf_counter() - t\n"
+         "print(json.dumps({'rc': r.returncode, 'wall_s': dt, 'maxrss_kb': "
+         "resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}))\n")
+
+
+def run_prepare(args: list[str]) -> dict:
+    """Run prepare.py in a fresh wrapper process; return wall time and peak RSS."""
+    cmd = [sys.executable, "-c", _WRAP, sys.executable, str(PREPARE), *map(str, args), "--quiet"]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    if r["rc"] != 0:
+        raise RuntimeError(f"prepare.py failed: {out.stderr}")
+    return r
+
+
+def articles():
+    for p in sorted(sample_corpus_dir().rglob("*.txt")):
+        try:
+            text = p.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            continue
+        yield p, [line for line in text.splitlines() if line.strip()]
+
+
+def write_copies(dest: Path, copies: int, per_file: bool) -> Path:
+    """copies x the corpus; per_file: one .txt per article (text_mode file), else one big
+    .txt per copy (documents separated by blank lines)."""
+    dest.mkdir(parents=True)
+    arts = list(articles())
+    for k in range(copies):
+        big = None if per_file else open(dest / f"copy{k}.txt", "w", encoding="utf-8")
+        for p, lines in arts:
+            doc = "\n".join([lines[0] + (f" (copy {k})" if k else "")] + lines[1:])
+            if per_file:
+                (dest / f"{p.parent.name}_{p.stem}_{k}.txt").write_text(doc, encoding="utf-8")
+            else:
+                big.write(doc + "\n\n")
+        if big:
+            big.close()
+    return dest
+
+
+def sp_speed(tokenizer: Path, corpus: Path, repeats: int) -> dict:
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=str(tokenizer))
+    seen, texts = set(), []
+    for raw in read_documents([corpus], Stats()):
+        r = clean_document(raw)
+        if not isinstance(r, str) and r not in seen:
+            seen.add(r)
+            texts.append(r.decode("utf-8"))
+    batches = list(chunked(texts))
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        n = sum(len(ids) + 1 for b in batches for ids in sp.encode(b, num_threads=1))
+        best = min(best, time.perf_counter() - t)
+    return {"tokens": n, "docs": len(texts), "seconds": best, "tokens_per_s": n / best,
+            "mb": sum(len(t.encode()) for t in texts) / 2**20}
+
+
+def machine() -> dict:
+    cpu = ""
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"platform": platform.platform(), "python": platform.python_version(),
+            "cpu": cpu, "cpu_count": os.cpu_count(), "loadavg_start": os.getloadavg()}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--copies", type=int, default=8, help="corpus copies for the throughput runs")
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--vocab_size", type=int, default=8000)
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "data_prep.json"))
+    args = ap.parse_args()
+    info = machine()
+    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True,
+                            text=True).stdout.strip()
+    res = {"command": "python benchmarks/data_prep.py " + " ".join(sys.argv[1:]),
+           "git_commit": commit, "machine": info}
+    with tempfile.TemporaryDirectory(prefix="dp-bench-") as td:
+        td = Path(td)
+        x1 = sample_corpus_dir()
+        x4 = write_copies(td / "x4", 4, per_file=True)
+        big = write_copies(td / "big", args.copies, per_file=False)
+
+        # tokenizer training on the sample (also the x1 "with training" RSS point)
+        r = run_prepare(["--input", x1, "--output", td / "tok", "--num_groups", 6,
+                         "--val_fraction", 0.05, "--text_mode", "file",
+                         "--vocab_size", args.vocab_size])
+        tok = td / "tok" / "tokenizer.model"
+        res["train_x1"] = r
+        print(f"prepare --sample (with tokenizer training): {r['wall_s']:.1f} s, "
+              f"peak RSS {r['maxrss_kb'] / 1024:.0f} MiB", flush=True)
+
+        ref = sp_speed(tok, big, args.repeats)
+        res["sentencepiece"] = ref
+        print(f"SentencePiece encode (1 thread): {ref['tokens_per_s'] / 1e6:.2f} M tok/s "
+              f"on {ref['mb']:.0f} MiB", flush=True)
+
+        res["throughput"] = []
+        for w in (1, 2):
+            best = None
+            for i in range(args.repeats):
+                out = td / f"big_w{w}_{i}"
+                r = run_prepare(["--input", big, "--output", out, "--num_groups", 2,
+                                 "--tokenizer", tok, "--workers", w])
+                m = json.loads((out / "manifest.json").read_text())
+                r["tokens"] = sum(s["num_tokens"] for s in m["splits"].values())
+                if best is None or r["wall_s"] < best["wall_s"]:
+                    best = r
+            best["workers"] = w
+            best["tokens_per_s"] = best["tokens"] / best["wall_s"]
+            best["ratio_per_worker"] = best["tokens_per_s"] / (w * ref["tokens_per_s"])
+            res["throughput"].append(best)
+            print(f"prepare.py --workers {w}: {best['tokens_per_s'] / 1e6:.2f} M tok/s end-to-end,"
+                  f" ratio per worker {best['ratio_per_worker']:.2f}", flush=True)
+
+        res["memory"] = []
+        for name, corpus in (("x1", x1), ("x4", x4)):
+            for mode in ("reuse", "train"):
+                extra = ["--tokenizer", tok] if mode == "reuse" else ["--vocab_size", args.vocab_size]
+                out = td / f"mem_{name}_{mode}"
+                r = run_prepare(["--input", corpus, "--output", out, "--num_groups", 2,
+                                 "--text_mode", "file", *extra])
+                m = json.loads((out / "manifest.json").read_text())
+                r.update(corpus=name, tokenizer=mode, docs=m["documents_kept"],
+                         tokens=sum(s["num_tokens"] for s in m["splits"].values()),
+                         mb=m["sources"][0]["bytes"] / 2**20)
+                res["memory"].append(r)
+                print(f"peak RSS {name} ({r['mb']:.0f} MiB, {mode} tokenizer): "
+                      f"{r['maxrss_kb'] / 1024:.0f} MiB", flush=True)
+    info["loadavg_end"] = os.getloadavg()
+
+    print("\n| measurement | value |\n|---|---|")
+    print(f"| SentencePiece encode, 1 thread | {ref['tokens_per_s'] / 1e6:.2f} M tok/s |")
+    for t in res["throughput"]:
+        print(f"| prepare.py end-to-end, {t['workers']} worker(s) | {t['tokens_per_s'] / 1e6:.2f}"
+              f" M tok/s (ratio per worker {t['ratio_per_worker']:.2f}) |")
+    for r in res["memory"]:
+        print(f"| peak RSS, {r['corpus']} = {r['mb']:.0f} MiB / {r['docs']} docs, "
+              f"{r['tokenizer']} tokenizer | {r['maxrss_kb'] / 1024:.0f} MiB |")
+    print(f"\nmachine: {info['cpu']} x{info['cpu_count']}, load average "
+          f"{info['loadavg_start'][0]:.1f} -> {info['loadavg_end'][0]:.1f}")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(res, indent=1) + "\n")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
