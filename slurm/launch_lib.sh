@@ -43,7 +43,10 @@ launch_trainer() {
     nnodes=${#hosts[@]}
     per_node="$(ranks_per_node)"
     # Always set here: a MASTER_ADDR/MASTER_PORT inherited from the submitter's shell is wrong.
-    export MASTER_ADDR="${hosts[0]}"
+    # The first node's NodeAddr (what SLURM itself uses to reach it; normally its hostname).
+    local addr
+    addr="$(scontrol show node "${hosts[0]}" 2>/dev/null | grep -o 'NodeAddr=[^ ]*' | head -n1 | cut -d= -f2)"
+    export MASTER_ADDR="${addr:-${hosts[0]}}"
     # A port of its own per array task / job, so that two groups (or two jobs) sharing a node
     # never collide; below Linux's ephemeral range (32768+).
     # (Each array task has a job id of its own.)

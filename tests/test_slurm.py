@@ -26,7 +26,10 @@ pytestmark = pytest.mark.slurm
 
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER = ROOT / "slurm" / "local_cluster.sh"
-STATE_DIR = Path(os.environ.get("SLURM_LOCAL_DIR", "/tmp/slurm-local"))
+# The tests' own cluster (state dir and ports apart from a developer's /tmp/slurm-local on 6817),
+# with two slurmd "nodes" so that a --nodes=2 job runs; always stopped at the end.
+STATE_DIR = Path(os.environ.get("SLURM_TEST_DIR", "/tmp/slurm-pytest"))
+PORT = os.environ.get("SLURM_TEST_PORT", "6917")
 
 # Tiny, CPU-only settings: one CPU rank per group, no GPUs.
 CPU_OPTS = ["--gpus-per-node=0", "--ntasks-per-node=1", "--cpus-per-task=1", "--time=15:00"]
@@ -41,6 +44,8 @@ def _env(**extra) -> dict:
     env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
     env["SLURM_CONF"] = str(STATE_DIR / "slurm.conf")
     env["SLURM_LOCAL_DIR"] = str(STATE_DIR)
+    env["SLURM_LOCAL_PORT"] = PORT
+    env["SLURM_LOCAL_NODES"] = "2"
     for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "SLURM_JOB_ID"):
         env.pop(k, None)
     env.update(extra)
@@ -109,23 +114,20 @@ def _scalars(tb_dir: Path) -> dict[str, list[tuple[int, float]]]:
 # ---------------------------------------------------------------- fixtures
 @pytest.fixture(scope="session")
 def slurm_cluster():
-    """Start the local cluster with slurm/local_cluster.sh; stop it afterwards (if we started it)."""
+    """Start the tests' local cluster with slurm/local_cluster.sh; always stop it afterwards."""
     env = _env()
-    already = subprocess.run(["timeout", "30", "bash", str(CLUSTER), "status"], env=env,
-                             capture_output=True, text=True).returncode == 0
     p = subprocess.run(["timeout", "1200", "bash", str(CLUSTER), "start"], env=env, capture_output=True, text=True)
-    if p.returncode == 3:
-        reason = "SLURM cannot be installed/started here: " + (p.stderr.strip().splitlines() or ["?"])[-1]
-        print(f"\nSKIP test_slurm: {reason}", file=sys.stderr)
-        pytest.skip(reason)
     try:
+        if p.returncode == 3:
+            reason = "SLURM cannot be installed/started here: " + (p.stderr.strip().splitlines() or ["?"])[-1]
+            print(f"\nSKIP test_slurm: {reason}", file=sys.stderr)
+            pytest.skip(reason)
         assert p.returncode == 0, f"local_cluster.sh start failed ({p.returncode}):\n{p.stdout}\n{p.stderr}\n{_daemon_logs()}"
         yield env
     finally:
-        if not already:
-            s = subprocess.run(["timeout", "120", "bash", str(CLUSTER), "stop"], env=env, capture_output=True, text=True)
-            if s.returncode != 0:
-                print(f"local_cluster.sh stop failed: {s.stdout}{s.stderr}", file=sys.stderr)
+        s = subprocess.run(["timeout", "120", "bash", str(CLUSTER), "stop"], env=env, capture_output=True, text=True)
+        if s.returncode != 0:
+            print(f"local_cluster.sh stop failed: {s.stdout}{s.stderr}", file=sys.stderr)
 
 
 @pytest.fixture(scope="module")
@@ -150,8 +152,8 @@ def prepared(slurm_cluster, work):
 def test_local_cluster_status(slurm_cluster):
     p = _run(["bash", CLUSTER, "status"])
     assert "idle" in p.stdout or "mix" in p.stdout, p.stdout
-    p = _run(["sinfo", "-h", "-o", "%P %a"])
-    assert "*" in p.stdout and "up" in p.stdout, p.stdout  # a default partition exists and is up
+    p = _run(["sinfo", "-h", "-o", "%P %a %D"])
+    assert p.stdout.split() == ["debug*", "up", "2"], p.stdout  # default partition, up, 2 nodes
 
 
 def test_prepare_data_sbatch(prepared, work):
@@ -264,17 +266,18 @@ def test_requeue_resumes_from_checkpoint(prepared, work):
     assert summ["steps"] == steps, summ
 
 
-def test_baseline_sbatch(prepared, work):
-    """The same trainer without codistillation: one group, all training shards."""
+def test_baseline_sbatch_two_nodes(prepared, work):
+    """The same trainer without codistillation, one group over 2 nodes (srun, env:// rendezvous)."""
     logs = work / "logs_base"
     logs.mkdir()
     run = work / "run_base"
-    jobid, p = _sbatch("slurm/baseline.sbatch", *CPU_OPTS, f"--output={logs}/%x_%j.out",
+    jobid, p = _sbatch("slurm/baseline.sbatch", "--nodes=2", *CPU_OPTS, f"--output={logs}/%x_%j.out",
                        export=dict(TINY, DATA_DIR=prepared, RUN_DIR=run, STEPS=10, EVAL_EVERY=10, SAVE_EVERY=10),
                        wait=True, timeout=300)
     assert p.returncode == 0, f"baseline.sbatch -> {p.returncode}{_diag(logs)}"
     text = (logs / f"baseline_{jobid}.out").read_text()
     assert "--num_groups 1" in text and "codistillation off" in text, text
+    assert "ranks: 2 x 1" in text and "| world 2 |" in text, text  # one rank on each of the 2 nodes
     summ = json.loads((run / "summary.json").read_text())
     assert summ["num_groups"] == 1 and summ["groups"]["group_0"]["steps"] == 10, summ
     assert not (run / "group_0" / "exports" / "LATEST").exists()  # nothing exported without peers
