@@ -37,9 +37,9 @@ from data_prep.sample import sample_corpus_dir  # noqa: E402
 PREPARE = ROOT / "data_prep" / "prepare.py"
 _WRAP = ("import json, resource, subprocess, sys, time\n"
          "t = time.perf_counter(); r = subprocess.run(sys.argv[1:])\n"
-         "dt = time.perf_counter() - t\n"
-         "print(json.dumps({'rc': r.returncode, 'wall_s': dt, 'maxrss_kb': "
-         "resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}))\n")
+         "dt = time.perf_counter() - t; u = resource.getrusage(resource.RUSAGE_CHILDREN)\n"
+         "print(json.dumps({'rc': r.returncode, 'wall_s': dt, 'cpu_s': u.ru_utime + u.ru_stime,"
+         " 'maxrss_kb': u.ru_maxrss}))\n")
 
 
 def run_prepare(args: list[str]) -> dict:
@@ -90,12 +90,14 @@ def sp_speed(tokenizer: Path, corpus: Path, repeats: int) -> dict:
             seen.add(r)
             texts.append(r.decode("utf-8"))
     batches = list(chunked(texts))
-    best = float("inf")
+    best = best_cpu = float("inf")
     for _ in range(repeats):
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         n = sum(len(ids) + 1 for b in batches for ids in sp.encode(b, num_threads=1))
         best = min(best, time.perf_counter() - t)
-    return {"tokens": n, "docs": len(texts), "seconds": best, "tokens_per_s": n / best,
+        best_cpu = min(best_cpu, time.process_time() - c)
+    return {"tokens": n, "docs": len(texts), "seconds": best, "cpu_s": best_cpu,
+            "tokens_per_s": n / best, "tokens_per_cpu_s": n / best_cpu,
             "mb": sum(len(t.encode()) for t in texts) / 2**20}
 
 
@@ -158,9 +160,13 @@ def main() -> int:
             best["workers"] = w
             best["tokens_per_s"] = best["tokens"] / best["wall_s"]
             best["ratio_per_worker"] = best["tokens_per_s"] / (w * ref["tokens_per_s"])
+            best["tokens_per_cpu_s"] = best["tokens"] / best["cpu_s"]
+            best["cpu_ratio"] = best["tokens_per_cpu_s"] / ref["tokens_per_cpu_s"]
             res["throughput"].append(best)
             print(f"prepare.py --workers {w}: {best['tokens_per_s'] / 1e6:.2f} M tok/s end-to-end,"
-                  f" ratio per worker {best['ratio_per_worker']:.2f}", flush=True)
+                  f" ratio per worker {best['ratio_per_worker']:.2f}; per CPU-second "
+                  f"{best['tokens_per_cpu_s'] / 1e6:.2f} M tok (ratio {best['cpu_ratio']:.2f})",
+                  flush=True)
 
         res["memory"] = []
         for name, corpus in (("x1", x1), ("x4", x4)):
@@ -179,10 +185,15 @@ def main() -> int:
     info["loadavg_end"] = os.getloadavg()
 
     print("\n| measurement | value |\n|---|---|")
-    print(f"| SentencePiece encode, 1 thread | {ref['tokens_per_s'] / 1e6:.2f} M tok/s |")
+    print(f"| SentencePiece encode, 1 thread, {ref['mb']:.0f} MiB | {ref['tokens_per_s'] / 1e6:.2f}"
+          f" M tok/s ({ref['tokens_per_cpu_s'] / 1e6:.2f} M tok per CPU-s) |")
     for t in res["throughput"]:
         print(f"| prepare.py end-to-end, {t['workers']} worker(s) | {t['tokens_per_s'] / 1e6:.2f}"
-              f" M tok/s (ratio per worker {t['ratio_per_worker']:.2f}) |")
+              f" M tok/s, ratio per worker {t['ratio_per_worker']:.2f}; "
+              f"{t['tokens_per_cpu_s'] / 1e6:.2f} M tok per CPU-s, ratio {t['cpu_ratio']:.2f} |")
+    w1, w2 = res["throughput"]
+    res["speedup_2_workers"] = w2["tokens_per_s"] / w1["tokens_per_s"]
+    print(f"| speed-up 1 -> 2 workers (wall) | {res['speedup_2_workers']:.2f}x |")
     for r in res["memory"]:
         print(f"| peak RSS, {r['corpus']} = {r['mb']:.0f} MiB / {r['docs']} docs, "
               f"{r['tokenizer']} tokenizer | {r['maxrss_kb'] / 1024:.0f} MiB |")

@@ -35,11 +35,10 @@ def _tokenizer(path: str):
 
 def _encode(sp, texts: list[str], eos: int, dtype: str):
     ids = sp.encode(texts, num_threads=1)
-    lengths = np.fromiter((len(x) + 1 for x in ids), dtype=np.int64, count=len(ids))
-    eos_list = [eos]
-    flat = np.fromiter(chain.from_iterable(chain(x, eos_list) for x in ids), dtype=dtype,
-                       count=int(lengths.sum()))
-    return flat, lengths
+    lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+    body = np.fromiter(chain.from_iterable(ids), dtype=dtype, count=int(lengths.sum()))
+    flat = np.insert(body, np.cumsum(lengths), np.asarray(eos, dtype=dtype))  # EOS after each
+    return flat, lengths + 1
 
 
 def clean_chunk(task) -> list:

@@ -31,6 +31,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import struct
 import time
 import uuid
@@ -564,6 +565,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    # SIGTERM (e.g. SLURM) -> SystemExit, so the temporary directory is removed on the way out
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         if args.sample:
@@ -575,7 +578,8 @@ def main(argv=None) -> int:
                 raise DataPrepError(str(e)) from None
             output = args.output or "data/sample"
             num_groups = SAMPLE_DEFAULTS["num_groups"] if args.num_groups is None else args.num_groups
-            val_fraction = args.val_fraction or SAMPLE_DEFAULTS["val_fraction"]
+            val_fraction = (SAMPLE_DEFAULTS["val_fraction"] if args.val_fraction is None
+                            else args.val_fraction)
             text_mode = args.text_mode or SAMPLE_DEFAULTS["text_mode"]
         else:
             missing = [f for f, v in (("--input", args.input), ("--output", args.output),

@@ -21,6 +21,7 @@ import io
 import json
 import logging
 import os
+import re
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -170,6 +171,48 @@ def _decode(stats: Stats, data: bytes) -> str | None:
         return None
 
 
+_DOC_SEP = re.compile(rb"\n[ \t\r\f\v]*\n")  # a blank (or whitespace-only) line
+_LINE_SEP = re.compile(rb"\n")
+_BLOCK = 1 << 20
+
+
+def _read_split(f, stats: Stats, sep, max_doc: int) -> Iterator[str]:
+    """Split a byte stream into documents at ``sep`` matches, reading 1 MiB blocks (the
+    splitting runs in C); documents over ``max_doc`` bytes are skipped as too_long without
+    being held in memory."""
+    carry = b""
+    skipping = False
+    first = True
+    while True:
+        block = f.read(_BLOCK)
+        if first:
+            first = False
+            if block.startswith(b"\xef\xbb\xbf"):
+                block = block[3:]
+        if not block:
+            break
+        parts = sep.split(carry + block) if carry else sep.split(block)
+        carry = parts.pop()
+        for part in parts:
+            if skipping:
+                skipping = False
+                stats.drop_doc("too_long")
+            elif len(part) > max_doc:
+                stats.drop_doc("too_long")
+            elif part.strip():
+                text = _decode(stats, part)
+                if text is not None:
+                    yield text
+        if len(carry) > max_doc:
+            skipping, carry = True, b""
+    if skipping:
+        stats.drop_doc("too_long")
+    elif carry.strip():
+        text = _decode(stats, carry)
+        if text is not None:
+            yield text
+
+
 def _read_txt(f, stats: Stats, text_mode: str, max_doc: int) -> Iterator[str]:
     if text_mode == "file":
         data = f.read(max_doc + 1)
@@ -183,63 +226,7 @@ def _read_txt(f, stats: Stats, text_mode: str, max_doc: int) -> Iterator[str]:
             if text is not None:
                 yield text
         return
-    buf: list[bytes] = []
-    size = 0
-    too_long = False
-    first = True
-
-    def flush():
-        nonlocal buf, size, too_long
-        data = b"".join(buf)
-        buf, size, long_, too_long = [], 0, too_long, False
-        if long_:
-            stats.drop_doc("too_long")
-            return None
-        return _decode(stats, data)
-
-    if text_mode == "line":
-        skipping = False
-        for line, complete in _lines(f, max_doc + 1):
-            if first:
-                first = False
-                if line.startswith(b"\xef\xbb\xbf"):
-                    line = line[3:]
-            if skipping:
-                skipping = not complete
-                continue
-            if not complete and len(line) > max_doc:
-                stats.drop_doc("too_long")
-                skipping = True
-                continue
-            if line.strip():
-                t = _decode(stats, line)
-                if t is not None:
-                    yield t
-        return
-    for line, complete in _lines(f, max_doc + 1):
-        if first:
-            first = False
-            if line.startswith(b"\xef\xbb\xbf"):
-                line = line[3:]
-        blank = not line.strip()
-        # blank_line mode
-        if blank:
-            if buf or too_long:
-                t = flush()
-                if t is not None:
-                    yield t
-            continue
-        if too_long:
-            continue
-        size += len(line)
-        if size > max_doc:
-            too_long, buf = True, []
-        else:
-            buf.append(line)
-    if buf or too_long:
-        t = flush()
-        if t is not None:
-            yield t
+    yield from _read_split(f, stats, _LINE_SEP if text_mode == "line" else _DOC_SEP, max_doc)
 
 
 def _read_jsonl(f, stats: Stats, fieldname: str, max_doc: int) -> Iterator[str]:

@@ -182,6 +182,13 @@ def test_deterministic_across_runs_and_workers(prepared, corpus, tmp_path):
     out = tmp_path / "again"
     _run([corpus], out, text_mode="file", workers=2, seed=7)
     assert _files(out) == _files(prepared)  # byte-identical tokenizer, shards and manifest
+    # the single-pass path (reused tokenizer) too, 1 vs 2 workers
+    fused = [tmp_path / "f1", tmp_path / "f2"]
+    for w, d in zip((1, 2), fused):
+        _run([corpus], d, text_mode="file", workers=w, seed=7, tokenizer=prepared / "tokenizer.model")
+    assert _files(fused[0]) == _files(fused[1])
+    for name in ("val.bin", "group_0.bin", "group_1.idx.npy", "val.hashes.npy"):
+        assert _files(fused[0])[name] == _files(prepared)[name]  # same shards either way
 
 
 def test_splits_stable_when_adding_documents(prepared, corpus, bbc, tok, tmp_path):
@@ -420,7 +427,8 @@ def test_crash_leaves_no_output_and_keeps_previous(corpus, tok, prepared, tmp_pa
     assert _manifest(out)["num_groups"] == 3 and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
-def test_killed_process_leaves_no_output(corpus, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_killed_process_leaves_no_output(corpus, tmp_path, sig):
     out = tmp_path / "out"
     proc = subprocess.Popen([sys.executable, str(PREPARE), "--input", str(corpus), "--output",
                              str(out), "--num_groups", "2", "--text_mode", "file",
@@ -431,12 +439,15 @@ def test_killed_process_leaves_no_output(corpus, tmp_path):
         while time.time() < deadline and not list(tmp_path.glob("out.tmp-*/documents.spool")):
             time.sleep(0.02)
         assert proc.poll() is None, "finished before it could be killed"
-        proc.send_signal(signal.SIGKILL)
+        proc.send_signal(sig)
+        rc = proc.wait(timeout=60)
     finally:
         proc.kill()
         proc.wait()
     assert not out.exists()
     assert not is_prepared(out)
+    if sig == signal.SIGTERM:  # cleaned up on the way out
+        assert rc == 143 and list(tmp_path.iterdir()) == []
 
 
 # ---------------------------------------------------------------- embedded sample
