@@ -24,7 +24,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from codistill.exchange import Export, ExportError, read_export, read_latest
+from codistill.exchange import Export, ExportError, export_name, read_export, read_latest
 from model import ModelConfig, build_model
 
 
@@ -107,6 +107,8 @@ class TeacherLoader:
                     target = self._target(peer)
                     if target is None or target <= self._seen.get(peer, -1):
                         continue
+                if self.mode == "sync" and not (exports_dir(self.run_dir, peer) / f"{export_name(target)}.json").exists():
+                    continue  # not exported yet: wait for it (the trainer's wait() has the timeout)
                 t0 = time.perf_counter()
                 try:
                     exp = read_export(exports_dir(self.run_dir, peer), target,

@@ -33,7 +33,7 @@ from codistill.teacher import TeacherLoader, TeacherPool, exports_dir  # noqa: E
 from codistill.topology import TopologyError, build_mpus, plan  # noqa: E402
 from codistill import runlog  # noqa: E402
 from data_prep.dataset import DataError, GroupStream, TokenData, eval_batches  # noqa: E402
-from model import PRESETS, build_model, count_params, preset_config  # noqa: E402
+from model import PRESETS, ModelConfig, build_model, count_params, preset_config  # noqa: E402
 
 EXIT_REQUEUE = 75  # EX_TEMPFAIL: stopped by SIGTERM/SIGUSR1 after saving a checkpoint; resume me
 DEFAULT_DATA = ROOT / "data" / "sample"
@@ -57,6 +57,8 @@ def parse_args(argv=None):
     p.add_argument("--eval_every", type=int, default=50)
     p.add_argument("--eval_batches", type=int, default=20)
     p.add_argument("--save_every", type=int, default=100)
+    p.add_argument("--stop_after_steps", type=int, default=None,
+                   help="checkpoint and exit after this step, keeping the --max_steps schedule (time-sliced jobs)")
     p.add_argument("--keep_checkpoints", type=int, default=2)
     p.add_argument("--log_every", type=int, default=10)
     p.add_argument("--seed", type=int, default=1234)
@@ -101,7 +103,7 @@ def parse_args(argv=None):
     return args
 
 
-def init_distributed():
+def init_distributed(device: torch.device) -> None:
     """env:// rendezvous; defaults make plain `python recipes/train_lm.py` a 1-rank world."""
     import deepspeed
     for k, v in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
@@ -111,15 +113,26 @@ def init_distributed():
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             os.environ["MASTER_PORT"] = str(s.getsockname()[1])
-    deepspeed.init_distributed(verbose=False)
-    local_rank = int(os.environ["LOCAL_RANK"])
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank)
-        return torch.device("cuda", local_rank)
-    if "OMP_NUM_THREADS" not in os.environ:  # share the cores among this node's ranks
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    elif "OMP_NUM_THREADS" not in os.environ:  # share the cores among this node's ranks
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"]))
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_world)))
-    return torch.device("cpu")
+    deepspeed.init_distributed(verbose=False)
+
+
+def load_data(args, rank: int, barrier) -> TokenData:
+    """The data-prep output; the embedded corpus is prepared on first use of the default path."""
+    data_dir = Path(args.data)
+    if not (data_dir / "manifest.json").exists() and data_dir.resolve() == DEFAULT_DATA.resolve():
+        if rank == 0:
+            from data_prep.prepare import prepare_sample
+            print(f"preparing the embedded corpus into {data_dir} (first run only)", flush=True)
+            prepare_sample(data_dir)
+        barrier()
+    data = TokenData(data_dir)
+    data.check_tokenizer()
+    return data
 
 
 class StopFlag:
@@ -229,33 +242,34 @@ class Group:
 
 def main(argv=None):
     args = parse_args(argv)
-    device = init_distributed()
-    import deepspeed.comm as dist
-    rank, world = dist.get_rank(), dist.get_world_size()
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else torch.device("cpu")
     log = runlog.Console(rank)
 
     # ---- everything that can be wrong is checked before any compute ---------------------
-    try:
-        ds_base = load_ds_config(args.ds_config)
-        topo = plan(world, rank, args.num_groups, args.group_id)
-        data_dir = Path(args.data)
-        if not data_dir.exists() and data_dir.resolve() == DEFAULT_DATA.resolve():
-            if rank == 0:
-                from data_prep.prepare import prepare_sample
-                log(f"preparing the embedded corpus into {data_dir} (first run only)")
-                prepare_sample(data_dir)
-            dist.barrier()
-        data = TokenData(data_dir)
-        data.check_tokenizer()
+    def checked(fn, *a, **kw):
+        try:
+            return fn(*a, **kw)
+        except (ConfigError, TopologyError, DataError, ValueError) as e:
+            log.error(str(e))
+            sys.exit(2)
+
+    ds_base = checked(load_ds_config, args.ds_config)
+    topo = checked(plan, world, rank, args.num_groups, args.group_id)
+    ds_cfgs = {g: checked(resolve_ds_config, ds_base, topo.dp_size(g), args.lr, device, f"--ds_config {args.ds_config}")
+               for g in topo.hosted}
+    if Path(args.data).exists() or Path(args.data).resolve() != DEFAULT_DATA.resolve():  # fail fast
+        early = checked(TokenData, args.data)
+        checked(early.check_tokenizer)
         for g in topo.hosted:
-            data.group_shards(g, args.num_groups)
-        model_cfg = preset_config(args.model, args.model_size, data.vocab_size, max_seq_len=max(1024, args.seq_len),
-                                  dropout=args.dropout)
-        ds_cfgs = {g: resolve_ds_config(ds_base, topo.dp_size(g), args.lr, device, f"--ds_config {args.ds_config}")
-                   for g in topo.hosted}
-    except (ConfigError, TopologyError, DataError, ValueError) as e:
-        log.error(str(e))
-        sys.exit(2)
+            checked(early.group_shards, g, args.num_groups)
+    init_distributed(device)
+    import deepspeed.comm as dist
+    data = checked(load_data, args, rank, dist.barrier)
+    for g in topo.hosted:
+        checked(data.group_shards, g, args.num_groups)
+    model_cfg = checked(preset_config, args.model, args.model_size, data.vocab_size, max(1024, args.seq_len),
+                        dropout=args.dropout)
 
     sync = args.teacher_sync == "on" or (args.teacher_sync == "auto" and topo.all_groups_here)
     if sync and topo.separate_launch:
@@ -266,6 +280,16 @@ def main(argv=None):
         keep_exports = max(keep_exports, args.save_every // args.export_every + 2)
     distilling = args.num_groups > 1 and args.distill_weight > 0
     run_dir = Path(args.run_dir)
+    old_cfg = run_dir / "config.json"
+    if args.resume == "auto" and old_cfg.is_file():
+        try:
+            prev = json.loads(old_cfg.read_text())["model"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            prev = None
+        if prev is not None and checked(ModelConfig.from_dict, prev).config_hash() != model_cfg.config_hash():
+            log.error(f"{old_cfg} was written for another model ({prev}) than this run's ({model_cfg.to_dict()}), "
+                      f"e.g. another --model/--model_size or tokenizer vocabulary; use a new --run_dir or --resume never")
+            sys.exit(2)
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         runlog.write_json(run_dir / "config.json", {
@@ -325,73 +349,77 @@ def main(argv=None):
 
     # ---- training ----------------------------------------------------------------------
     stop = StopFlag()
-    t_start, step = time.time(), start
-    saved_at = start
-    for step in range(start + 1, args.max_steps + 1):
-        reload_ms = 0.0
-        b = step - 1  # boundary b: teachers become the peers' exports of step b - K, then prefetch b
-        if loader and sync and b > 0 and b % args.export_every == 0:
-            if b >= 2 * args.export_every:
+    t_start, step, saved_at, exit_code = time.time(), start, start, 0
+    try:
+        for step in range(start + 1, args.max_steps + 1):
+            reload_ms = 0.0
+            b = step - 1  # boundary b: teachers become the peers' exports of step b - K, then prefetch b
+            if loader and sync and b > 0 and b % args.export_every == 0:
+                if b >= 2 * args.export_every:
+                    for p in peers:
+                        exp = loader.wait(p, b - args.export_every, args.teacher_timeout)
+                        if exp is not None:
+                            reload_ms += pool.load(p, exp)
                 for p in peers:
-                    exp = loader.wait(p, b - args.export_every, args.teacher_timeout)
-                    if exp is not None:
+                    loader.want(p, b)
+            elif loader and not sync:
+                for p in peers:
+                    exp = loader.take(p)
+                    if exp is not None and exp.step > pool.steps.get(p, -1):
                         reload_ms += pool.load(p, exp)
-            for p in peers:
-                loader.want(p, b)
-        elif loader and not sync:
-            for p in peers:
-                exp = loader.take(p)
-                if exp is not None and exp.step > pool.steps.get(p, -1):
-                    reload_ms += pool.load(p, exp)
-        for g in groups:
-            st = g.train_step(step, pool, device)
-            if not math.isfinite(st["loss"]):
-                log.error(f"group {g.id}: loss is {st['loss']} at step {step}; stopping (lower --lr?)")
-                sys.exit(3)
-            runlog.log_train(g, step, st, pool, reload_ms, log, args, t_start, start)
-        if step % args.export_every == 0 and distilling:
+            for g in groups:
+                st = g.train_step(step, pool, device)
+                if not math.isfinite(st["loss"]):
+                    log.error(f"group {g.id}: loss is {st['loss']} at step {step}; stopping (lower --lr?)")
+                    sys.exit(3)
+                runlog.log_train(g, step, st, pool, reload_ms, log, args, t_start, start)
+            if step % args.export_every == 0 and distilling:
+                for g in groups:
+                    sd = g.full_state_dict()
+                    if g.leader:
+                        write_export(exports_dir(run_dir, g.id), step, sd, {
+                            "group": g.id, "tokens_seen": g.tokens_seen, "model_config": model_cfg.to_dict(),
+                            "model_config_hash": cfg_hash, "tokenizer_sha256": tok_hash}, keep=keep_exports)
+            if step % args.eval_every == 0 or step == args.max_steps:
+                for g in groups:
+                    loss, ppl = g.evaluate(dist, device)
+                    runlog.log_eval(g, step, loss, ppl, log)
+            stopping = stop.any_rank(dist)
+            sliced = step == args.stop_after_steps
+            if step % args.save_every == 0 or step == args.max_steps or stopping or sliced:
+                save_checkpoint(groups, step, pool, args)
+                saved_at = step
+            if stopping:
+                log(f"stop requested (SIGTERM/SIGUSR1): checkpoint saved at step {step}; exiting with "
+                    f"{EXIT_REQUEUE} so the job can be requeued and resumed with --resume auto")
+                exit_code = EXIT_REQUEUE
+                break
+            if sliced and step < args.max_steps:
+                log(f"--stop_after_steps {step}: checkpoint saved; continue with --resume auto")
+                break
+        else:  # ---- the end: the loop ran to --max_steps ----------------------------------
+            if start >= args.max_steps:
+                log(f"nothing to do: the checkpoint is already at step {start} >= --max_steps {args.max_steps}")
+                for g in groups:
+                    g.evaluate(dist, device)
+            elif saved_at != step:
+                save_checkpoint(groups, step, pool, args)
+            wall = time.time() - t_start
             for g in groups:
                 sd = g.full_state_dict()
                 if g.leader:
-                    write_export(exports_dir(run_dir, g.id), step, sd, {
-                        "group": g.id, "tokens_seen": g.tokens_seen, "model_config": model_cfg.to_dict(),
-                        "model_config_hash": cfg_hash, "tokenizer_sha256": tok_hash}, keep=keep_exports)
-        if step % args.eval_every == 0 or step == args.max_steps:
-            for g in groups:
-                loss, ppl = g.evaluate(dist, device)
-                runlog.log_eval(g, step, loss, ppl, log)
-        stopping = stop.any_rank(dist)
-        if step % args.save_every == 0 or step == args.max_steps or stopping:
-            save_checkpoint(groups, step, pool, args)
-            saved_at = step
-        if stopping:
-            log(f"stop requested (SIGTERM/SIGUSR1): checkpoint saved at step {step}; exiting with "
-                f"{EXIT_REQUEUE} so the job can be requeued and resumed with --resume auto")
-            if loader:
-                loader.close()
-            sys.exit(EXIT_REQUEUE)
-
-    # ---- the end -----------------------------------------------------------------------
-    if start >= args.max_steps:
-        log(f"nothing to do: the checkpoint is already at step {start} >= --max_steps {args.max_steps}")
+                    runlog.save_final(g, sd, model_cfg, step, wall, pool, peers)
+            dist.barrier()
+            if rank == 0:
+                runlog.print_table(runlog.merge_summaries(run_dir, args.num_groups), run_dir, log)
+    finally:
+        if loader:
+            loader.close()
         for g in groups:
-            g.evaluate(dist, device)
-    elif saved_at != step:
-        save_checkpoint(groups, step, pool, args)
-    if loader:
-        loader.close()
-    wall = time.time() - t_start
-    for g in groups:
-        sd = g.full_state_dict()
-        if g.leader:
-            runlog.save_final(g, sd, model_cfg, step, wall, pool, peers)
-    dist.barrier()
-    if rank == 0:
-        summary = runlog.merge_summaries(run_dir, args.num_groups)
-        runlog.print_table(summary, run_dir, log)
-    for g in groups:
-        if g.writer:
-            g.writer.close()
+            if g.writer:
+                g.writer.close()
+    if exit_code:
+        sys.exit(exit_code)
 
 
 def save_checkpoint(groups, step, pool, args):

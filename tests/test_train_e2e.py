@@ -1,0 +1,242 @@
+"""End-to-end runs of recipes/train_lm.py under the real DeepSpeed launcher (CPU, gloo).
+
+DeepSpeed start-up costs seconds per launch, so runs are session fixtures shared by the
+assertions that read them (TensorBoard events through TensorBoard's own reader, exports,
+checkpoints, summary.json).
+"""
+import json
+import math
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import PY, ROOT, env_for_runs, launch, read_scalars, run_python, scalar_tags
+
+pytestmark = pytest.mark.slow
+
+STEPS, K, BURN = 40, 10, 15
+
+
+def common(data, run_dir, **kw):
+    args = {"--ds_config": "ds_configs/zero2.json", "--data": data, "--run_dir": run_dir, "--max_steps": STEPS,
+            "--export_every": K, "--burn_in_steps": BURN, "--eval_every": 20, "--save_every": 20,
+            "--eval_batches": 4, "--seq_len": 32, "--log_every": 5}
+    args.update({f"--{k}": v for k, v in kw.items()})
+    return [x for kv in args.items() for x in kv]
+
+
+def losses(run_dir, group, tag="train/loss"):
+    return read_scalars(Path(run_dir) / f"group_{group}" / "tb", tag)
+
+
+@pytest.fixture(scope="session")
+def main_run(sample_data, tmp_path_factory):
+    """The main command's code path: one process hosting 2 groups (sync teachers)."""
+    run_dir = tmp_path_factory.mktemp("main") / "run"
+    proc = launch(common(sample_data, run_dir))
+    return run_dir, proc.stdout
+
+
+def test_main_command_codistills(main_run):
+    run_dir, out = main_run
+    for g in (0, 1):
+        gdir = run_dir / f"group_{g}"
+        exports = sorted(p.name for p in (gdir / "exports").glob("step_*.safetensors"))
+        assert exports and (gdir / "exports" / "LATEST").read_text() == "step_000040"
+        distill, ce = losses(run_dir, g, "train/distill"), losses(run_dir, g, "train/ce")
+        assert len(ce) == STEPS
+        assert all(distill[s] == 0 for s in range(1, BURN + 1))
+        teacher = losses(run_dir, g, f"teacher/step/group_{1 - g}")
+        assert sorted(set(teacher.values())) == [10, 20]  # advances at every boundary, K stale
+        assert all(distill[s] > 0 for s in teacher)            # on whenever a teacher is loaded
+        assert min(teacher) == 2 * K + 1 and all(s - teacher[s] >= K for s in teacher)
+        assert set(losses(run_dir, g, "teacher/staleness").values()) <= set(range(K, 2 * K + 1))
+        tags = scalar_tags(gdir / "tb")
+        for tag in ("train/loss", "train/ce", "train/distill", "train/ppl", "val/loss", "val/ppl", "lr",
+                    "grad_norm", "perf/tokens_per_s", "perf/step_time", "teacher/step", "teacher/staleness",
+                    "teacher/agreement", "teacher/reload_ms"):
+            assert tag in tags, tag
+        loss = losses(run_dir, g)
+        assert sum(loss[s] for s in range(1, 6)) / 5 > sum(ce[s] for s in range(36, 41)) / 5 + 0.5
+        final = load_file(gdir / "final" / "model.safetensors")
+        assert "head.weight" in final and json.loads((gdir / "final" / "config.json").read_text())["arch"] == "lstm"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert set(summary["groups"]) == {"group_0", "group_1"}
+    for g in (0, 1):
+        s = summary["groups"][f"group_{g}"]
+        assert s["steps"] == STEPS and s["teacher_steps"] == {str(1 - g): 20}
+        assert s["val_ppl"] == pytest.approx(losses(run_dir, g, "val/ppl")[STEPS], rel=1e-5)
+        assert s["tokens_seen"] == STEPS * 16 * 32
+    assert "teacher step in use" in out and "tensorboard --logdir" in out
+
+
+def test_codistillation_resume_is_exact(main_run, sample_data, tmp_path):
+    """N steps straight == N/2, stop, resume N/2: same per-step losses and final weights."""
+    straight, _ = main_run
+    run_dir = tmp_path / "sliced"
+    launch(common(sample_data, run_dir, stop_after_steps=STEPS // 2))
+    assert (run_dir / "group_0" / "checkpoints" / "latest").read_text().strip() == f"global_step{STEPS // 2}"
+    out = launch(common(sample_data, run_dir)).stdout
+    assert f"resumed from step {STEPS // 2}" in out
+    for g in (0, 1):
+        a, b = losses(straight, g), losses(run_dir, g)
+        assert sorted(a) == sorted(b) == list(range(1, STEPS + 1))
+        assert max(abs(a[s] - b[s]) for s in a) < 1e-5
+        wa = load_file(straight / f"group_{g}" / "final" / "model.safetensors")
+        wb = load_file(run_dir / f"group_{g}" / "final" / "model.safetensors")
+        assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
+
+
+def test_world_split_two_ranks_matches_one_process(main_run, sample_data, tmp_path):
+    """2 ranks, 2 groups: the same groups, the same deterministic teachers, the same losses."""
+    run_dir = tmp_path / "split"
+    out = launch(common(sample_data, run_dir), num_ranks=2).stdout
+    assert "this rank: [0], 1 rank(s) each" in out
+    for g in (0, 1):
+        a, b = losses(main_run[0], g), losses(run_dir, g)
+        assert max(abs(a[s] - b[s]) for s in a) < 2e-3
+        assert losses(run_dir, g, f"teacher/step/group_{1 - g}")[STEPS] == 20
+
+
+def test_one_group_of_two_ranks_and_groups_never_share_gradients(sample_data, tmp_path):
+    """4 ranks as 2 groups of 2 (ZeRO-2 inside each group): group 0's weights equal those of
+    group 0 trained alone on 2 ranks, so nothing from group 1 (its data, its gradients) got in."""
+    both, alone = tmp_path / "both", tmp_path / "alone"
+    kw = dict(distill_weight=0, max_steps=12, eval_every=12, save_every=12)
+    out = launch(common(sample_data, both, **kw), num_ranks=4).stdout
+    assert "groups 2 (this rank: [0], 2 rank(s) each)" in out
+    launch(common(sample_data, alone, group_id=0, **kw), num_ranks=2)
+    w_both = load_file(both / "group_0" / "final" / "model.safetensors")
+    w_alone = load_file(alone / "group_0" / "final" / "model.safetensors")
+    assert all(torch.allclose(w_both[k], w_alone[k], atol=1e-6) for k in w_both)
+    w_other = load_file(both / "group_1" / "final" / "model.safetensors")
+    assert not torch.allclose(w_both["head.weight"], w_other["head.weight"])
+    loss = losses(alone, 0)
+    assert loss[12] < loss[1] - 0.2
+    summary = json.loads((alone / "summary.json").read_text())
+    assert summary["groups"]["group_0"]["tokens_seen"] == 12 * 2 * 16 * 32  # 2 ranks x micro 16
+
+
+def test_separate_launches_per_group_share_a_run_dir(sample_data, tmp_path):
+    run_dir = tmp_path / "array"
+    procs = [launch(common(sample_data, run_dir, group_id=g, poll_interval=0.2, max_steps=50), background=True)
+             for g in (0, 1)]
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    assert "latest teachers" in outs[0]
+    for g in (0, 1):
+        teacher = losses(run_dir, g, f"teacher/step/group_{1 - g}")
+        assert teacher and max(teacher.values()) >= 20, (g, teacher)
+        assert max(losses(run_dir, g, "train/distill").values()) > 0
+    assert set(json.loads((run_dir / "summary.json").read_text())["groups"]) <= {"group_0", "group_1"}
+
+
+def test_three_groups_average_two_teachers(sample_data, tmp_path):
+    run_dir = tmp_path / "three"
+    launch(common(sample_data, run_dir, num_groups=3, max_steps=32))
+    for g in range(3):
+        assert losses(run_dir, g, "teacher/num_peers")[32] == 2
+        peers = [p for p in range(3) if p != g]
+        assert all(losses(run_dir, g, f"teacher/step/group_{p}")[32] == 20 for p in peers)
+
+
+def test_zero3_two_ranks_exports_full_weights_and_trains_alone(sample_data, tmp_path):
+    """ZeRO-3 over 2 ranks: exports gather the sharded weights; the peer never exports, so the
+    group trains on CE alone and finishes."""
+    run_dir = tmp_path / "z3"
+    launch(common(sample_data, run_dir, ds_config="ds_configs/zero3.json", group_id=0, max_steps=10,
+                  eval_every=10, save_every=10, export_every=5), num_ranks=2)
+    from codistill.exchange import read_export
+    from model import build_model, preset_config
+    exp = read_export(run_dir / "group_0" / "exports", 10)
+    ref = build_model(preset_config("lstm", "tiny", 2000)).state_dict()
+    assert {k: tuple(v.shape) for k, v in exp.state_dict.items()} == {k: tuple(v.shape) for k, v in ref.items()}
+    assert max(losses(run_dir, 0, "train/distill").values()) == 0
+    assert (run_dir / "group_0" / "final" / "model.safetensors").is_file()
+
+
+def test_zero1_trains(sample_data, tmp_path):
+    run_dir = tmp_path / "z1"
+    launch(common(sample_data, run_dir, ds_config="ds_configs/zero1.json", num_groups=1, max_steps=8,
+                  eval_every=8, save_every=8))
+    loss = losses(run_dir, 0)
+    assert len(loss) == 8 and loss[8] < loss[1]
+
+
+def test_baseline_resume_is_exact_and_reads_all_shards(sample_data, tmp_path):
+    straight, sliced = tmp_path / "straight", tmp_path / "sliced"
+    kw = dict(num_groups=1, max_steps=16, eval_every=8, save_every=8, model="transformer")
+    launch(common(sample_data, straight, **kw))
+    launch(common(sample_data, sliced, stop_after_steps=8, **kw))
+    launch(common(sample_data, sliced, **kw))
+    a, b = losses(straight, 0), losses(sliced, 0)
+    assert max(abs(a[s] - b[s]) for s in a) < 1e-5
+    assert not (straight / "group_0" / "exports").exists()  # 1 group: the plain baseline, no exchange
+    hf = straight / "group_0" / "final" / "hf"
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(hf)
+    assert model.config.vocab_size == 2000
+
+
+def test_sigterm_checkpoints_exits_75_and_resumes_exactly(main_run, sample_data, tmp_path):
+    run_dir = tmp_path / "preempted"
+    args = common(sample_data, run_dir, save_every=1000)
+    proc = subprocess.Popen([PY, str(ROOT / "recipes" / "train_lm.py"), *map(str, args)], cwd=ROOT,
+                            env=env_for_runs(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if "step 5/" in line:
+            proc.send_signal(signal.SIGTERM)
+            break
+    rest = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 75, "".join(seen) + rest
+    assert "checkpoint saved" in rest
+    tag = (run_dir / "group_0" / "checkpoints" / "latest").read_text().strip()
+    stopped_at = int(tag.removeprefix("global_step"))
+    assert 5 <= stopped_at < STEPS
+    launch(common(sample_data, run_dir, save_every=1000))
+    for g in (0, 1):
+        a, b = losses(main_run[0], g), losses(run_dir, g)
+        assert max(abs(a[s] - b[s]) for s in a) < 1e-5
+
+
+@pytest.mark.parametrize("extra,msg", [
+    (["--ds_config", "requirements.txt"], "not valid JSON"),
+    (["--data", "/nonexistent/data"], "does not exist"),
+    (["--group_id", "7"], "outside 0..1"),
+    (["--num_groups", "4"], "cannot be divided"),
+    (["--ds_config", "BAD_BATCH"], "does not equal"),
+    (["--data", "BAD_TOKENIZER"], "not a SentencePiece model"),
+])
+def test_clear_errors_before_compute(sample_data, tmp_path, extra, msg):
+    extra = list(extra)
+    if "BAD_BATCH" in extra:
+        bad = tmp_path / "bad.json"
+        bad.write_text(json.dumps({"train_micro_batch_size_per_gpu": 4, "train_batch_size": 6}))
+        extra[extra.index("BAD_BATCH")] = str(bad)
+    if "BAD_TOKENIZER" in extra:
+        import shutil
+        bad = tmp_path / "data"
+        shutil.copytree(sample_data, bad)
+        (bad / "tokenizer.model").write_bytes(b"not a model")
+        extra[extra.index("BAD_TOKENIZER")] = str(bad)
+    args = common(sample_data, tmp_path / "run") + extra
+    t0 = time.time()
+    proc = run_python(["recipes/train_lm.py", *args], timeout=120)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert msg in proc.stderr
+    assert not (tmp_path / "run").exists()  # nothing written
+
+
+def test_resume_with_another_model_is_refused(main_run, tmp_path):
+    run_dir, _ = main_run
+    cfg = json.loads((run_dir / "config.json").read_text())
+    proc = run_python(["recipes/train_lm.py", *common(cfg["args"]["data"], run_dir, model_size="small")])
+    assert proc.returncode == 2 and "another model" in proc.stderr
