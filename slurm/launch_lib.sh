@@ -100,7 +100,7 @@ launch_trainer() {
             kill -USR1 "$pid" 2>/dev/null || true          # srun forwards SIGUSR1 to every task
         else
             local p
-            for p in $(ps -o pid= -g "$pid" 2>/dev/null); do  # the ranks in the launcher's group
+            for p in $(ps -o pid= -s "$pid" 2>/dev/null); do  # the ranks in the launcher's session
                 [[ "$p" != "$pid" ]] && grep -qa 'recipes/train_lm.py' "/proc/$p/cmdline" 2>/dev/null \
                     && ! grep -qa 'deepspeed.launcher\|bin/deepspeed' "/proc/$p/cmdline" 2>/dev/null \
                     && kill -USR1 "$p" 2>/dev/null

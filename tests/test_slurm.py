@@ -4,8 +4,10 @@ slurm/local_cluster.sh installs (if missing) and starts munged + slurmctld + slu
 submit slurm/prepare_data.sbatch, slurm/codistill.sbatch (a 2-task job array: two codistilling
 groups) and slurm/baseline.sbatch with tiny settings passed only through --export and sbatch
 options, and check what the jobs left behind. A requeue test signals a running array task
-(SIGUSR1, as --signal=USR1@120 would before the time limit) and checks that it checkpointed,
-requeued itself and finished from its checkpoint.
+(SIGUSR1 to the job steps, as --signal=USR1@120 does before the time limit) and checks that it
+checkpointed, requeued itself as <array>_<task> and finished from its checkpoint; another does
+the same through the batch shell with LAUNCHER=deepspeed. The cluster is the tests' own
+(/tmp/slurm-pytest, port 6917, 2 slurmd nodes) and is always stopped at the end.
 
 Skipped (with the reason) only when SLURM is not installed and cannot be installed here
 (not root, no apt-get, apt-get failing): local_cluster.sh exits 3 in exactly those cases.
@@ -222,11 +224,11 @@ def test_requeue_resumes_from_checkpoint(prepared, work):
     logs = work / "logs_rq"
     logs.mkdir()
     run = work / "run_rq"
-    steps = 80
+    steps = 50
     # Re-run a single group of a 2-group run (--array=1): the requeue must name <array>_<task>.
     jobid, p = _sbatch("slurm/codistill.sbatch", "--array=1", *CPU_OPTS, f"--output={logs}/%x_%A_%a.out",
                        export=dict(TINY, DATA_DIR=prepared, RUN_DIR=run, NUM_GROUPS=2, STEPS=steps, EXPORT_EVERY=10,
-                                   BURN_IN=10, EVAL_EVERY=40, SAVE_EVERY=1000),
+                                   BURN_IN=10, EVAL_EVERY=25, SAVE_EVERY=1000),
                        wait=False)
     assert jobid and p.returncode == 0, p.stderr
     task = f"{jobid}_1"
@@ -281,3 +283,42 @@ def test_baseline_sbatch_two_nodes(prepared, work):
     summ = json.loads((run / "summary.json").read_text())
     assert summ["num_groups"] == 1 and summ["groups"]["group_0"]["steps"] == 10, summ
     assert not (run / "group_0" / "exports" / "LATEST").exists()  # nothing exported without peers
+
+
+def test_deepspeed_launcher_batch_signal_requeue(prepared, work):
+    """LAUNCHER=deepspeed (hostfile launcher from the batch shell), non-array job: a SIGUSR1 to
+    the batch shell (as --signal=B:USR1@N would send) is forwarded to the rank, which
+    checkpoints; the job requeues itself by its plain job id and resumes."""
+    logs = work / "logs_ds"
+    logs.mkdir()
+    run = work / "run_ds"
+    steps = 25
+    jobid, p = _sbatch("slurm/baseline.sbatch", *CPU_OPTS, f"--output={logs}/%x_%j.out",
+                       export=dict(TINY, LAUNCHER="deepspeed", DATA_DIR=prepared, RUN_DIR=run, STEPS=steps,
+                                   EVAL_EVERY=25, SAVE_EVERY=1000),
+                       wait=False)
+    assert jobid and p.returncode == 0, p.stderr
+    log = logs / f"baseline_{jobid}.out"
+    diag = lambda: _diag(logs)  # noqa: E731
+
+    def progressed():
+        m = re.findall(r"\[group 0\] step (\d+)/", log.read_text()) if log.is_file() else []
+        return m and int(m[-1]) >= 5
+
+    try:
+        _wait_for(progressed, 240, "the job to reach step 5", diag)
+        _run(["scancel", "--batch", "--signal=USR1", jobid])
+
+        def finished():
+            r = _job_fields(jobid)
+            return r and r[0]["JobState"] in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL") and r[0]
+        rec = _wait_for(finished, 300, "the requeued job to finish", diag)
+    finally:
+        _run(["scancel", jobid], check=False)
+    text = log.read_text()
+    assert rec["JobState"] == "COMPLETED" and int(rec["Restarts"]) >= 1, (rec["JobState"], rec["Restarts"], diag())
+    assert "launcher: deepspeed" in text and "batch shell got SIGUSR1" in text, diag()
+    m = re.search(r"checkpoint saved at step (\d+)", text)
+    assert m and f"requeueing {jobid} " in text, diag()
+    assert f"resumed from step {m.group(1)}" in text, diag()
+    assert json.loads((run / "summary.json").read_text())["groups"]["group_0"]["steps"] == steps
