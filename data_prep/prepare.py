@@ -513,6 +513,8 @@ def prepare_sample(output_dir, num_groups: int = 6, vocab_size: int = 8000, seed
 
     Safe to call from several processes at once: each builds in its own temp dir; the first
     rename wins and the others discard their copy and return the finished directory.
+    An already prepared directory is returned as it is (whatever its num_groups/vocab):
+    callers that need other settings should check its manifest.json.
     """
     out = Path(output_dir)
     if is_prepared(out):
