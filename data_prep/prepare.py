@@ -238,7 +238,7 @@ def _train_tokenizer(spool: Path, tmp: Path, train_bytes: int, sample_bytes: int
                 n += 1
                 nbytes += len(data)
     _say(quiet, f"training SentencePiece (unigram, vocab {vocab_size}) on {n} documents, "
-                f"{nbytes / 2**20:.1f} MiB ...")
+                f"{nbytes / 2**20:.2f} MiB ...")
     model = io.BytesIO()
 
     def sentences():  # an iterator, not input=PATH: the path would be stored in the model

@@ -393,6 +393,8 @@ def test_clear_errors(corpus, tok, texts, tmp_path):
     r = _cli("--input", corpus, "--output", tmp_path / "o2", "--num_groups", 2,
              "--tokenizer", not_sp)
     assert r.returncode == 2 and "not a SentencePiece model" in r.stderr
+    r = _cli("--sample", "--input", corpus, "--output", tmp_path / "o3")
+    assert r.returncode == 2 and "exclusive" in r.stderr
 
 
 # ---------------------------------------------------------------- atomic output
