@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from data_prep.clean import normalize
+from data_prep.clean import normalize, text_ratio
 from data_prep.prepare import DataPrepError, is_prepared, prepare, prepare_sample
 from data_prep.sample import sample_corpus_dir
 from data_prep.verify import VerifyError, verify
@@ -300,6 +300,9 @@ def test_cleaning_counts(texts, tok, tmp_path):
 def test_normalize():
     assert normalize(" A\u00a0\u00a0b \t c\r\n\r\n\n  d  e \x07f\n") == "A b c\nd e f"
     assert normalize("Cafe\u0301") == "Caf\u00e9"
+    for t in ("Profits rose 76% to $1.13bn (\u00a3600m).", "\u00e9t\u00e9 \u2014 caf\u00e9 \u00a7\u00a7 123 ###"):
+        assert text_ratio(t) == text_ratio(t, t.encode("utf-8"))
+    assert abs(text_ratio("#### 1234 ||||") - 2 / 14) < 1e-9 and text_ratio("plain words, only.") == 1.0
 
 
 # ---------------------------------------------------------------- bad inputs
