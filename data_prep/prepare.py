@@ -29,6 +29,7 @@ import hashlib
 import io
 import json
 import logging
+import operator
 import os
 import shutil
 import signal
@@ -136,7 +137,11 @@ def prepare(inputs, output, num_groups: int, vocab_size: int = 8000, val_fractio
     """
     if isinstance(inputs, (str, os.PathLike)):
         inputs = [inputs]
-    if not isinstance(num_groups, int) or num_groups < 1:
+    try:
+        num_groups = operator.index(num_groups)
+    except TypeError:
+        raise DataPrepError(f"--num_groups must be an integer >= 1 (got {num_groups!r})") from None
+    if num_groups < 1:
         raise DataPrepError(f"--num_groups must be >= 1 (got {num_groups!r})")
     if not (0 < val_fraction <= 0.5):
         raise DataPrepError(f"--val_fraction must be in (0, 0.5] (got {val_fraction!r}); "
