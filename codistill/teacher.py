@@ -140,19 +140,25 @@ class TeacherPool:
 
     def __init__(self, model_config: ModelConfig, device: torch.device, dtype: torch.dtype = torch.float32):
         self.model_config, self.device, self.dtype = model_config, device, dtype
-        self.modules: dict[int, torch.nn.Module] = {}
+        self.modules: dict[int, torch.nn.Module] = {}  # peers with weights loaded
         self.steps: dict[int, int] = {}
+        self._spare: dict[int, torch.nn.Module] = {}
+
+    def reserve(self, peers: list[int]) -> None:
+        """Build the peers' modules up front, so that a swap is only a copy of weights."""
+        for peer in peers:
+            if peer not in self._spare:
+                module = build_model(self.model_config).to(device=self.device, dtype=self.dtype)
+                self._spare[peer] = module.eval().requires_grad_(False)
 
     def load(self, peer: int, export: Export) -> float:
         """Swap ``export`` into the peer's module; returns the milliseconds it took."""
         t0 = time.perf_counter()
-        module = self.modules.get(peer)
-        if module is None:
-            module = build_model(self.model_config).to(device=self.device, dtype=self.dtype)
-            module.eval().requires_grad_(False)
-            self.modules[peer] = module
+        self.reserve([peer])
+        module = self._spare[peer]
         with torch.no_grad():
             module.load_state_dict(export.state_dict, strict=True)
+        self.modules[peer] = module
         self.steps[peer] = export.step
         return (time.perf_counter() - t0) * 1e3
 

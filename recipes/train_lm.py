@@ -307,6 +307,7 @@ def main(argv=None):
     peers = sorted({p for g in topo.hosted for p in topo.peers(g)}) if distilling else []
     teacher_dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
     pool = TeacherPool(model_cfg, device, teacher_dtype)
+    pool.reserve(peers)
     cfg_hash, tok_hash = model_cfg.config_hash(), data.tokenizer_sha256
     loader = TeacherLoader(run_dir, peers, cfg_hash, tok_hash, "sync" if sync else "latest",
                            args.poll_interval, log) if peers else None

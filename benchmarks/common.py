@@ -1,0 +1,82 @@
+"""Shared by the benchmark scripts: run the real trainer, read its TensorBoard scalars, record results."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from codistill.runlog import git_sha, write_json  # noqa: E402
+
+PY = sys.executable
+DEEPSPEED = str(Path(PY).with_name("deepspeed"))
+
+
+def bench_data(vocab_size: int = 8000) -> Path:
+    """The embedded corpus prepared once for the benchmarks (6 shards: 1, 2 or 3 groups)."""
+    from data_prep.prepare import prepare_sample
+    return prepare_sample(ROOT / "data" / f"bench_sample_v{vocab_size}", num_groups=6, vocab_size=vocab_size, quiet=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def train(run_dir: Path, args: list, num_ranks: int = 1) -> float:
+    """Run recipes/train_lm.py under the deepspeed launcher; returns wall seconds."""
+    cmd = [DEEPSPEED, "--num_gpus", str(num_ranks), "--master_port", str(free_port()),
+           str(ROOT / "recipes" / "train_lm.py"), "--run_dir", str(run_dir), "--resume", "never", *map(str, args)]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    t0 = time.time()
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    if proc.returncode:
+        sys.exit(f"{' '.join(cmd)} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+    return time.time() - t0
+
+
+def scalars(tb_dir: Path, tag: str) -> dict[int, float]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    out: dict[int, float] = {}
+    for f in sorted(Path(tb_dir).glob("events.out.tfevents.*")):
+        ea = EventAccumulator(str(f), size_guidance={"scalars": 0})
+        ea.Reload()
+        if tag in ea.Tags()["scalars"]:
+            out.update({e.step: e.value for e in ea.Scalars(tag)})
+    return out
+
+
+def median(xs) -> float:
+    return statistics.median(xs) if xs else float("nan")
+
+
+def machine() -> dict:
+    return {"platform": platform.platform(), "python": platform.python_version(), "cpu_count": os.cpu_count(),
+            "loadavg": os.getloadavg()}
+
+
+def save_results(name: str, results: dict) -> Path:
+    path = ROOT / "benchmarks" / "results" / f"{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    results = {"command": "python " + " ".join([f"benchmarks/{Path(sys.argv[0]).name}", *sys.argv[1:]]),
+               "git_commit": git_sha(ROOT), "machine": machine(), "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+               **results}
+    write_json(path, results)
+    return path
+
+
+def table(rows: list[list], header: list[str]) -> str:
+    cols = [header] + [[f"{c:.3g}" if isinstance(c, float) else str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cols) for i in range(len(header))]
+    lines = [" | ".join(c.rjust(w) for c, w in zip(r, widths)) for r in cols]
+    lines.insert(1, "-+-".join("-" * w for w in widths))
+    return "\n".join(lines)
