@@ -74,3 +74,18 @@ def test_data_errors_are_clear(tmp_path, sample_data):
         TokenData(tmp_path / "empty")
     with pytest.raises(DataError, match="seq_len"):
         GroupStream(TokenData(sample_data), 0, 6, seq_len=10 ** 7, seed=0)
+
+
+def test_recipe_config_files_parse_and_command_line_wins():
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))
+    import train_lm
+    root = Path(train_lm.__file__).resolve().parent / "configs"
+    files = sorted(root.glob("*.json"))
+    assert files
+    for f in files:
+        args = train_lm.parse_args(["--config", str(f)])
+        assert args.model in ("lstm", "transformer")
+    args = train_lm.parse_args(["--config", str(root / "lstm_paper.json"), "--max_steps", "7"])
+    assert args.model_size == "paper" and args.max_steps == 7
