@@ -41,7 +41,7 @@ class _CodistillLoss(torch.autograd.Function):
             if teacher_probs is not None:
                 q = teacher_probs[i:i + chunk].float()
                 logp_t = logp if temperature == 1.0 else F.log_softmax(s / temperature, dim=-1)
-                distill -= (q * logp_t).sum() * temperature ** 2
+                distill -= torch.dot(q.reshape(-1), logp_t.reshape(-1)) * temperature ** 2
                 agree += (s.argmax(-1) == q.argmax(-1)).sum()
         ctx.save_for_backward(logits, targets)
         # Stored on ctx, not saved_tensors: teacher outputs come from inference_mode, and
@@ -66,16 +66,20 @@ class _CodistillLoss(torch.autograd.Function):
         grad = torch.empty_like(logits)
         for i in range(0, n, chunk):
             s = logits[i:i + chunk].float()
-            p = F.softmax(s, dim=-1)
-            g = p.clone()                                          # d CE / d s = p - target
+            g = F.softmax(s, dim=-1)                               # d CE / d s = p - target
+            distilling = q_all is not None and alpha
+            if distilling:                                         # d psi / d s = T * (p_T - q)
+                a = alpha * temperature
+                if temperature == 1.0:
+                    g.mul_(1 + a)
+                else:
+                    g.add_(F.softmax(s / temperature, dim=-1), alpha=a)
+                g.sub_(q_all[i:i + chunk].float(), alpha=a)
             if label_smoothing:
                 g.sub_(label_smoothing / v)
             g.scatter_add_(1, targets[i:i + chunk, None],
                            g.new_full((g.shape[0], 1), -(1 - label_smoothing)))
-            if q_all is not None and alpha:                        # d psi / d s = T * (p_T - q)
-                p_t = p if temperature == 1.0 else F.softmax(s / temperature, dim=-1)
-                g.add_(p_t - q_all[i:i + chunk].float(), alpha=alpha * temperature)
-            grad[i:i + chunk] = (g * scale).to(grad.dtype)
+            grad[i:i + chunk] = g.mul_(scale)
         return grad, None, None, None, None, None, None
 
 

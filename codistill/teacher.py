@@ -143,6 +143,7 @@ class TeacherPool:
         self.modules: dict[int, torch.nn.Module] = {}  # peers with weights loaded
         self.steps: dict[int, int] = {}
         self._spare: dict[int, torch.nn.Module] = {}
+        self._buffers: dict[str, torch.Tensor] = {}
 
     def reserve(self, peers: list[int]) -> None:
         """Build the peers' modules up front, so that a swap is only a copy of weights."""
@@ -170,9 +171,27 @@ class TeacherPool:
 
     @torch.inference_mode()
     def probs(self, peers: list[int], input_ids: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-        """Mean over ``peers`` of their predicted distributions on the student's batch (fp32)."""
-        total = None
+        """Mean over ``peers`` of their predicted distributions on the student's batch (fp32).
+
+        The result lives in a buffer reused by the next call (the trainer consumes it, through
+        the student's backward, before asking again): allocating B*T*V floats afresh every
+        step costs more than the softmax itself on CPU.
+        """
+        out = None
         for p in peers:
-            prob = F.softmax(self.modules[p](input_ids).float() / temperature, dim=-1)
-            total = prob if total is None else total.add_(prob)
-        return total.div_(len(peers))
+            logits = self.modules[p](input_ids)
+            if temperature != 1.0:
+                logits = logits / temperature
+            shape = (*logits.shape[:-1], logits.shape[-1])
+            if out is None:
+                out = self._buffer("probs", shape, logits.device)
+                torch.softmax(logits, dim=-1, dtype=torch.float32, out=out)
+            else:
+                out.add_(torch.softmax(logits, dim=-1, dtype=torch.float32, out=self._buffer("tmp", shape, logits.device)))
+        return out if len(peers) == 1 else out.div_(len(peers))
+
+    def _buffer(self, name: str, shape: tuple, device: torch.device) -> torch.Tensor:
+        buf = self._buffers.get(name)
+        if buf is None or buf.shape != shape or buf.device != device:
+            buf = self._buffers[name] = torch.empty(shape, dtype=torch.float32, device=device)
+        return buf
