@@ -1,0 +1,335 @@
+#!/usr/bin/env python
+"""Evaluate the groups of a codistillation run: perplexity, ensemble, prediction churn.
+
+    python recipes/evaluate.py --run_dir runs/A
+    python recipes/evaluate.py --run_dir runs/A --compare runs/B --json results.json
+    python recipes/evaluate.py --run_dir runs/A --weights latest_export --max_tokens 100000
+
+For every group of run A (and of run B with --compare): validation loss (nats/token), token
+perplexity and word perplexity; the perplexity of the ensemble of all groups of a run (the
+average of their predicted probabilities); and prediction churn (codistill/metrics.py: mean
+|p_a(y) - p_b(y)| of the true next token, top-1 disagreement rate, symmetric KL = the mean of
+KL(a||b) and KL(b||a)) between the groups of A pairwise, between group i of A and group i of
+B, and between the ensemble of A and the ensemble of B.
+
+The split is cut into consecutive non-overlapping windows of seq_len+1 tokens that share
+their boundary token (window k: tokens k*T .. k*T+T), so every token of the split but the
+first is predicted exactly once, each window from a fresh state (as in training's eval).
+--max_tokens keeps the first floor(max_tokens/T) windows. Deterministic.
+
+Word perplexity = exp(total NLL / words), words = whitespace-separated words (str.split) of
+the evaluated target tokens decoded with the data's SentencePiece model, document by document
+(the span is cut at EOS tokens; EOS tokens are not words). The JSON also gives
+word_ppl_with_eos, which counts each EOS as one more word (the Penn Treebank convention when
+documents are sentences).
+
+Weights are read through safetensors only: group_i/final/model.safetensors (+ config.json),
+or an export (group_i/exports/step_N.safetensors + .json) through the same reader the
+teachers use (codistill/exchange.py: header check, sha256, tokenizer hash).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import time
+from itertools import combinations
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from safetensors.torch import load as load_safetensors  # noqa: E402
+
+from codistill.exchange import ExportError, check_safetensors_header, read_export, read_latest  # noqa: E402
+from codistill.metrics import Totals, count_words_in_tokens, ensemble_log_probs, log_probs, ppl  # noqa: E402
+from codistill.runlog import git_sha, write_json  # noqa: E402
+from data_prep.dataset import DataError, TokenData  # noqa: E402
+from model import ModelConfig, build_model  # noqa: E402
+
+
+class EvalError(Exception):
+    """A user-facing problem: printed as 'error: ...' with exit status 2."""
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run_dir", required=True, help="run directory of recipes/train_lm.py (run A)")
+    p.add_argument("--compare", help="a second run directory (run B): churn of group i of A vs group i of B")
+    p.add_argument("--data", help="data_prep output dir (default: run A's config.json args.data)")
+    p.add_argument("--split", default="val")
+    p.add_argument("--json", help="write all numbers to this JSON file (atomically)")
+    p.add_argument("--weights", default="final", help="final | latest_export | step_N (an export step)")
+    p.add_argument("--max_tokens", type=int, default=None, help="evaluate only the first N tokens of the split")
+    p.add_argument("--batch_size", type=int, default=16)
+    p.add_argument("--seq_len", type=int, default=None, help="window length (default: run A's --seq_len)")
+    p.add_argument("--device", default=None, help="cpu | cuda (default: cuda if available)")
+    return p.parse_args(argv)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading runs and weights
+
+def run_config(run_dir: Path) -> dict:
+    path = run_dir / "config.json"
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise EvalError(f"{path} is not valid JSON ({e})") from None
+
+
+def find_groups(run_dir: Path) -> list[Path]:
+    if not run_dir.is_dir():
+        raise EvalError(f"run directory {run_dir} does not exist")
+    groups = [p for p in run_dir.iterdir() if p.is_dir() and re.fullmatch(r"group_\d+", p.name)]
+    if not groups:
+        raise EvalError(f"{run_dir} has no group_i directories: is it a run directory of recipes/train_lm.py?")
+    return sorted(groups, key=lambda p: int(p.name.split("_")[1]))
+
+
+def load_weights(gdir: Path, weights: str, data: TokenData) -> tuple[ModelConfig, dict, dict]:
+    """(model config, state dict, info) of one group, through safetensors only."""
+    if weights == "final":
+        wpath, cpath = gdir / "final" / "model.safetensors", gdir / "final" / "config.json"
+        if not wpath.is_file() or not cpath.is_file():
+            raise EvalError(f"{gdir}/final/ has no model.safetensors + config.json (the run has not finished?); "
+                            f"use --weights latest_export or step_N to evaluate an export")
+        blob = wpath.read_bytes()
+        try:
+            check_safetensors_header(blob, str(wpath))
+            sd = load_safetensors(blob)
+            cfg_dict = json.loads(cpath.read_text())
+        except (ExportError, json.JSONDecodeError) as e:
+            raise EvalError(str(e)) from None
+        except Exception as e:  # safetensors' own error type
+            raise EvalError(f"{wpath}: cannot parse safetensors ({e})") from None
+        info = {"weights": str(wpath)}
+    else:
+        exports = gdir / "exports"
+        try:
+            if weights == "latest_export":
+                step = read_latest(exports)
+            elif re.fullmatch(r"step_\d+", weights):
+                step = int(weights.split("_")[1])
+            else:
+                raise EvalError(f"--weights must be final, latest_export or step_N, got {weights!r}")
+            exp = read_export(exports, step, expect_tokenizer=data.tokenizer_sha256)
+        except ExportError as e:
+            raise EvalError(str(e)) from None
+        sd, cfg_dict = exp.state_dict, exp.meta.get("model_config")
+        if not isinstance(cfg_dict, dict):
+            raise EvalError(f"{exports}/step_{step:06d}.json has no model_config")
+        info = {"weights": str(exports / f"step_{step:06d}.safetensors"), "step": step,
+                "tokens_seen": exp.meta.get("tokens_seen")}
+    try:
+        cfg = ModelConfig.from_dict(cfg_dict)
+    except (TypeError, ValueError) as e:
+        raise EvalError(f"{gdir}: invalid model config ({e})") from None
+    if cfg.vocab_size != data.vocab_size:
+        raise EvalError(f"{gdir} was trained with vocab_size {cfg.vocab_size} but the tokenizer of {data.dir} has "
+                        f"{data.vocab_size} pieces: evaluate it on the data it was trained on (--data)")
+    return cfg, sd, info
+
+
+def build(cfg: ModelConfig, sd: dict, device, where: Path) -> torch.nn.Module:
+    m = build_model(cfg)
+    try:
+        m.load_state_dict(sd, strict=True)
+    except RuntimeError as e:
+        raise EvalError(f"{where}: weights do not fit the saved model config ({str(e).splitlines()[0]})") from None
+    return m.to(device).eval()
+
+
+def check_run_tokenizer(run_dir: Path, data: TokenData) -> None:
+    """Refuse to evaluate a run on data tokenized differently from what it was trained on
+    (only checkable when the run's training data directory is still there)."""
+    trained_on = run_config(run_dir).get("args", {}).get("data")
+    if not trained_on:
+        return
+    try:
+        tdata = TokenData(trained_on)
+    except DataError:
+        return
+    if tdata.dir.resolve() != data.dir.resolve() and tdata.tokenizer_sha256 != data.tokenizer_sha256:
+        raise EvalError(f"{run_dir} was trained on {trained_on}, whose tokenizer differs from {data.dir}'s: "
+                        "its predictions are over other token ids")
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation
+
+def windows(tokens: np.ndarray, seq_len: int, max_tokens: int | None) -> int:
+    n = (len(tokens) - 1) // seq_len
+    if max_tokens is not None:
+        n = min(n, max_tokens // seq_len)
+    if n < 1:
+        raise EvalError(f"the split has {len(tokens)} tokens (or --max_tokens {max_tokens}): fewer than one "
+                        f"window of --seq_len {seq_len} + 1")
+    return n
+
+
+def evaluate(runs: dict[str, list[tuple[str, torch.nn.Module]]], tokens: np.ndarray, seq_len: int, n_windows: int,
+             batch_size: int, device) -> dict:
+    """One pass over the windows; every model's log-probs of a batch are computed once and
+    reused for its own NLL, the ensembles and all churn pairs."""
+    names = [n for members in runs.values() for n, _ in members]
+    models = {n: m for members in runs.values() for n, m in members}
+    single = {n: Totals() for n in names}
+    ens = {r: Totals() for r, members in runs.items() if len(members) > 1}
+    pairs = []
+    for r, members in runs.items():
+        pairs += [(a, b) for (a, _), (b, _) in combinations(members, 2)]
+    run_names = list(runs)
+    if len(run_names) == 2:
+        ra, rb = (runs[r] for r in run_names)
+        pairs += [(a, b) for (a, _), (b, _) in zip(ra, rb)]
+        ens_pair = (run_names[0], run_names[1]) if len(ra) > 1 or len(rb) > 1 else None
+    else:
+        ens_pair = None
+    churn = {p: Totals() for p in pairs}
+    ens_churn = Totals()
+    with torch.no_grad():
+        for start in range(0, n_windows, batch_size):
+            idx = range(start, min(n_windows, start + batch_size))
+            batch = torch.from_numpy(np.stack([tokens[k * seq_len:k * seq_len + seq_len + 1] for k in idx])
+                                     .astype(np.int64)).to(device)
+            x, y = batch[:, :-1], batch[:, 1:]
+            lp = {n: log_probs(models[n](x)) for n in names}
+            for n in names:
+                single[n].add_nll(lp[n], y)
+            ens_lp = {r: ensemble_log_probs([lp[n] for n, _ in runs[r]]) for r in runs}
+            for r in ens:
+                ens[r].add_nll(ens_lp[r], y)
+            for (a, b), t in churn.items():
+                t.add_churn(lp[a], lp[b], y)
+            if ens_pair:
+                ens_churn.add_churn(ens_lp[ens_pair[0]], ens_lp[ens_pair[1]], y)
+            del lp, ens_lp
+    return {"single": single, "ensemble": ens, "churn": churn, "ensemble_churn": ens_churn if ens_pair else None,
+            "ensemble_pair": ens_pair}
+
+
+def run_label(run_dir: Path, other: Path | None) -> str:
+    name = run_dir.resolve().name
+    if other is not None and other.resolve().name == name:  # runs/seed1/run vs runs/seed2/run
+        name = f"{run_dir.resolve().parent.name}/{name}"
+    return name
+
+
+def fmt_table(rows: list[list], header: list[str]) -> str:
+    cols = [header] + [[f"{c:.4g}" if isinstance(c, float) else str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cols) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in cols]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def main(argv=None) -> dict:
+    if argv is not None:
+        argv = [str(a) for a in argv]
+    args = parse_args(argv)
+    t0 = time.time()
+    run_a = Path(args.run_dir)
+    run_b = Path(args.compare) if args.compare else None
+    groups = {run_a: find_groups(run_a)}
+    if run_b is not None:
+        groups[run_b] = find_groups(run_b)
+    cfg_a = run_config(run_a)
+    data_dir = args.data or cfg_a.get("args", {}).get("data")
+    if not data_dir:
+        raise EvalError(f"{run_a}/config.json does not name the training data: pass --data DIR")
+    try:
+        data = TokenData(data_dir)
+        tokens = data.tokens(args.split)
+    except DataError as e:
+        raise EvalError(str(e)) from None
+    seq_len = args.seq_len or cfg_a.get("args", {}).get("seq_len")
+    if not seq_len or seq_len < 1:
+        raise EvalError("the window length is unknown: pass --seq_len")
+    if args.batch_size < 1:
+        raise EvalError("--batch_size must be >= 1")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+    labels = {run_a: run_label(run_a, run_b)}
+    if run_b is not None:
+        labels[run_b] = run_label(run_b, run_a)
+        if labels[run_b] == labels[run_a]:
+            labels[run_b] += "(B)"
+    runs, infos, vocab = {}, {}, {}
+    for rdir, gdirs in groups.items():
+        check_run_tokenizer(rdir, data)
+        members = []
+        for gdir in gdirs:
+            cfg, sd, info = load_weights(gdir, args.weights, data)
+            name = f"{labels[rdir]}/{gdir.name}"
+            vocab[name] = cfg.vocab_size
+            members.append((name, build(cfg, sd, device, gdir)))
+            infos[name] = dict(info, model=cfg.to_dict())
+        runs[labels[rdir]] = members
+    if len(set(vocab.values())) > 1:
+        raise EvalError(f"the models have different vocabularies ({vocab}): churn is only defined between models "
+                        "over the same tokens")
+
+    n_windows = windows(tokens, seq_len, args.max_tokens)
+    n_tok = n_windows * seq_len
+    import sentencepiece as spm
+    sp = spm.SentencePieceProcessor()
+    sp.Load(str(data.tokenizer_path))
+    words, eos = count_words_in_tokens(np.asarray(tokens[1:n_tok + 1]), data.eos_id, sp.DecodeIds)
+
+    res = evaluate(runs, tokens, seq_len, n_windows, args.batch_size, device)
+    out = {
+        "command": " ".join(["python", "recipes/evaluate.py", *(sys.argv[1:] if argv is None else argv)]),
+        "git_commit": git_sha(ROOT), "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "run_dir": str(run_a), "compare": str(run_b) if run_b else None,
+        "runs": {labels[r]: str(r) for r in groups},
+        "data": str(data.dir), "split": args.split, "weights": args.weights, "seq_len": seq_len,
+        "windows": n_windows, "tokens": n_tok, "words": words, "eos": eos, "device": str(device),
+        "word_count": "whitespace words (str.split) of the evaluated target tokens decoded per document "
+                      "with the data's SentencePiece model; EOS not counted (word_ppl_with_eos counts it)",
+        "sym_kl": "(KL(a||b) + KL(b||a)) / 2, nats per token",
+        "groups": {}, "ensembles": {}, "churn": [],
+    }
+    for name, t in res["single"].items():
+        m = t.model_metrics(words)
+        m["word_ppl_with_eos"] = ppl(t.nll, words + eos) if words + eos else None
+        out["groups"][name] = dict(m, **infos[name])
+    for r, t in res["ensemble"].items():
+        m = t.model_metrics(words)
+        m["word_ppl_with_eos"] = ppl(t.nll, words + eos) if words + eos else None
+        out["ensembles"][r] = dict(m, members=[n for n, _ in runs[r]])
+    for (a, b), t in res["churn"].items():
+        out["churn"].append(dict(a=a, b=b, **t.churn_metrics()))
+    if res["ensemble_churn"] is not None:
+        ra, rb = res["ensemble_pair"]
+        out["churn"].append(dict(a=f"{ra}/ensemble", b=f"{rb}/ensemble", **res["ensemble_churn"].churn_metrics()))
+    out["eval_seconds"] = round(time.time() - t0, 3)
+
+    print(f"{args.split} split of {data.dir}: {n_tok} tokens ({n_windows} windows of {seq_len}), {words} words; "
+          f"weights: {args.weights}; device {device}")
+    rows = [[n, g["loss"], g["ppl"], g.get("word_ppl", float("nan"))] for n, g in out["groups"].items()]
+    rows += [[f"{r}/ensemble({len(e['members'])})", e["loss"], e["ppl"], e.get("word_ppl", float("nan"))]
+             for r, e in out["ensembles"].items()]
+    print(fmt_table(rows, ["model", "loss", "ppl", "word ppl"]))
+    if out["churn"]:
+        print("\nprediction churn (mean |p_a(y)-p_b(y)|, top-1 disagreement, symmetric KL (mean of both directions))")
+        print(fmt_table([[f"{c['a']} vs {c['b']}", c["mean_abs_p_diff"], c["top1_disagreement"], c["sym_kl"]]
+                         for c in out["churn"]], ["pair", "|dp(y)|", "top1 disagree", "sym KL"]))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        write_json(Path(args.json), out)
+        print(f"\nwrote {args.json}")
+    return out
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except EvalError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
