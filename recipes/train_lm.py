@@ -196,6 +196,7 @@ class Group:
         alpha = distill_alpha(step, a.distill_weight, a.burn_in_steps, a.distill_ramp_steps)
         peers = pool.active(self.id, step, a.max_teacher_staleness) if alpha > 0 else []
         sums = {"loss": 0.0, "ce": 0.0, "distill": 0.0, "agreement": 0.0}
+        grad_norm = None
         t0 = time.perf_counter()
         self.engine.train()
         for micro in range(self.accum):
@@ -205,15 +206,19 @@ class Group:
             logits = self.engine(x)
             loss, st = codistill_loss(logits, y, q, alpha, a.temperature, a.label_smoothing, a.loss_chunk_tokens)
             self.engine.backward(loss)
+            if self.zero_stage == 0 and micro == self.accum - 1:  # DeepSpeed keeps no norm without ZeRO
+                grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self.engine.module.parameters()
+                                                           if p.grad is not None]).item()
             self.engine.step()
             sums["loss"] += loss.item() / self.accum
             sums["ce"] += st.ce / self.accum
             sums["distill"] += st.distill / self.accum if q is not None else 0.0
             sums["agreement"] += st.agreement / self.accum if q is not None else 0.0
         self.tokens_seen += self.step_tokens
-        gn = self.engine.get_global_grad_norm()
+        if self.zero_stage:
+            grad_norm = self.engine.get_global_grad_norm()
         sums.update(alpha=alpha, peers=peers, step_time=time.perf_counter() - t0,
-                    grad_norm=float(gn) if gn is not None else float("nan"), lr=self.engine.get_lr()[0])
+                    grad_norm=float(grad_norm) if grad_norm is not None else float("nan"), lr=self.engine.get_lr()[0])
         return sums
 
     @torch.no_grad()
@@ -299,9 +304,12 @@ def main(argv=None):
     mpus = build_mpus(topo)
     groups = [Group(g, args, topo, mpus[g], data, model_cfg, ds_cfgs[g], device, log) for g in topo.hosted]
     g0 = groups[0]
+    asked = ds_base.get("zero_optimization", {}).get("stage", 0)
+    zero = f"ZeRO-{g0.zero_stage}" + (f" (ds_config: ZeRO-{asked}; one rank per group has nothing to partition)"
+                                      if asked != g0.zero_stage else "")
     log(f"model {args.model}/{args.model_size}: {g0.num_params / 1e6:.2f}M params | world {world} | "
         f"groups {args.num_groups} (this rank: {topo.hosted}, {g0.dp_size} rank(s) each) | "
-        f"batch {g0.global_batch}x{args.seq_len} tokens/group | ZeRO-{g0.zero_stage} | "
+        f"batch {g0.global_batch}x{args.seq_len} tokens/group | {zero} | "
         f"codistillation {'on' if distilling else 'off'}" + (f" ({'sync' if sync else 'latest'} teachers)" if distilling else ""))
 
     peers = sorted({p for g in topo.hosted for p in topo.peers(g)}) if distilling else []
