@@ -10,6 +10,9 @@ Writers: temp file in the same directory -> fsync -> os.replace, weights first, 
 metadata, then LATEST, then fsync of the directory. A reader that follows LATEST therefore
 only ever sees complete files; the sha256 in the metadata catches a file replaced or
 truncated behind the reader's back.
+A writer that fails (disk full) removes its half-written export and raises OSError; LATEST
+still names the previous export. Temp files of a writer killed mid-write are ignored by
+readers and removed by clean_temp_files when the writer starts again.
 Readers: refuse anything that is not a well-formed safetensors file (a pickle renamed
 .safetensors is rejected by its header before any byte of it is interpreted), a LATEST that
 names anything but a plain export name in the same directory, and metadata that does not
@@ -28,6 +31,8 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load, save
+
+from codistill import faults
 
 EXPORT_NAME = re.compile(r"^step_(\d{6,})$")
 MAX_HEADER = 100 * 1024 * 1024
@@ -77,12 +82,40 @@ def write_export(exports_dir: Path, step: int, state_dict: dict[str, torch.Tenso
     blob = save(tensors, metadata={"format": "pt", "step": str(step)})
     meta = dict(meta, step=step, weights=f"{name}.safetensors", weights_bytes=len(blob),
                 weights_sha256=hashlib.sha256(blob).hexdigest(), time=time.time())
-    atomic_write_bytes(exports_dir / f"{name}.safetensors", blob)
-    atomic_write_bytes(exports_dir / f"{name}.json", json.dumps(meta, indent=1, sort_keys=True).encode())
-    atomic_write_bytes(exports_dir / "LATEST", name.encode())
-    fsync_dir(exports_dir)
+    try:
+        atomic_write_bytes(exports_dir / f"{name}.safetensors", blob)
+        faults.oserror("export_oserror", step)  # test-only hook: a disk full at the worst moment
+        atomic_write_bytes(exports_dir / f"{name}.json", json.dumps(meta, indent=1, sort_keys=True).encode())
+        atomic_write_bytes(exports_dir / "LATEST", name.encode())
+        fsync_dir(exports_dir)
+    except OSError:
+        # LATEST still names the previous export (it is written last); drop the half-written one
+        if read_latest(exports_dir, missing_ok=True) != step:
+            for suffix in (".json", ".safetensors"):
+                try:
+                    (exports_dir / f"{name}{suffix}").unlink()
+                except OSError:
+                    pass
+        raise
     prune_exports(exports_dir, keep)
     return exports_dir / f"{name}.safetensors"
+
+
+def clean_temp_files(exports_dir: Path) -> list[str]:
+    """Remove temp files (``.NAME.tmp-PID``) left by a writer that was killed mid-write.
+
+    Readers never look at them (they follow LATEST and list ``step_*.json``); the writer calls
+    this when it starts, since only one process writes a group's exports.
+    """
+    removed = []
+    for p in Path(exports_dir).glob(".*.tmp-*"):
+        if p.name.rsplit("-", 1)[-1] != str(os.getpid()):
+            try:
+                p.unlink()
+                removed.append(p.name)
+            except OSError:
+                pass
+    return removed
 
 
 def list_exports(exports_dir: Path) -> list[int]:

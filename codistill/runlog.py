@@ -65,13 +65,17 @@ def log_train(g, step: int, st: dict, pool, reload_ms: float, log, args, t_start
         w.scalar("perf/tokens_per_s", tok_s, step)
         w.scalar("perf/step_time", st["step_time"], step)
         w.scalar("perf/tokens_seen", g.tokens_seen, step)
+        w.scalar("train/skipped_steps", st.get("skipped_steps", 0), step)
         if st["peers"]:
             w.scalar("teacher/agreement", st["agreement"], step)
             for p in st["peers"]:
                 w.scalar(f"teacher/step/group_{p}", pool.steps[p], step)
-                w.scalar(f"teacher/staleness/group_{p}", step - pool.steps[p], step)
             w.scalar("teacher/step", min(pool.steps[p] for p in st["peers"]), step)
             w.scalar("teacher/staleness", max(step - pool.steps[p] for p in st["peers"]), step)
+        loaded = [p for p in pool.steps if p != g.id]
+        if loaded and st["alpha"] > 0:  # also for teachers dropped by --max_teacher_staleness
+            for p in loaded:
+                w.scalar(f"teacher/staleness/group_{p}", step - pool.steps[p], step)
             w.scalar("teacher/num_peers", len(st["peers"]), step)
         if reload_ms:
             w.scalar("teacher/reload_ms", reload_ms, step)
@@ -157,9 +161,5 @@ def print_table(summary: dict, run_dir: Path, log) -> None:
 
 def prune_checkpoints(ckpt_dir: Path, keep: int) -> None:
     """Keep the newest ``keep`` global_stepN tags; never the one 'latest' names."""
-    latest = (ckpt_dir / "latest").read_text().strip() if (ckpt_dir / "latest").is_file() else None
-    tags = sorted((p for p in ckpt_dir.glob("global_step*") if p.is_dir() and p.name[11:].isdigit()),
-                  key=lambda p: int(p.name[11:]))
-    for p in tags[:-keep] if keep > 0 else []:
-        if p.name != latest:
-            shutil.rmtree(p, ignore_errors=True)
+    from codistill.checkpoint import prune  # marker first, then the files (see codistill/checkpoint.py)
+    prune(Path(ckpt_dir), keep)

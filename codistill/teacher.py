@@ -10,7 +10,10 @@ Two ways to choose which export a student uses:
   has had K steps to prefetch. Teachers are then a deterministic function of the step
   (staleness between K and 2K steps), so runs are reproducible and resume is exact.
 - "latest" (groups in separate launches, e.g. SLURM array tasks): the loader follows each
-  peer's LATEST and the trainer swaps in whatever newer export is ready, never waiting.
+  peer's LATEST and the trainer swaps in whatever new export is ready, never waiting. "New"
+  means another file than the last one tried, not only a higher step: a peer that restarts
+  from an older checkpoint (or joins late, or rewrites a refused export) is picked up at its
+  next export without restarting anyone else.
 A missing, dead, corrupt or hostile peer never stops training: the last good teacher stays
 (or plain CE is used), and the problem is logged once per peer and kind.
 """
@@ -32,6 +35,13 @@ def exports_dir(run_dir: Path, group: int) -> Path:
     return Path(run_dir) / f"group_{group}" / "exports"
 
 
+def _mtime_ns(path: Path) -> int | None:
+    try:
+        return path.stat().st_mtime_ns
+    except OSError:
+        return None
+
+
 class TeacherLoader:
     def __init__(self, run_dir: Path, peers: list[int], config_hash: str, tokenizer_sha256: str,
                  mode: str = "latest", poll_interval: float = 1.0, log: Callable[[str], None] = print):
@@ -44,6 +54,7 @@ class TeacherLoader:
         self._want: dict[int, int] = {}           # sync mode: peer -> step to prefetch
         self._ready: dict[int, Export] = {}       # peer -> loaded, not yet taken
         self._seen: dict[int, int] = {}           # peer -> newest step loaded (or refused)
+        self._seen_sig: dict[int, tuple] = {}     # latest mode: peer -> (step, metadata mtime) last tried
         self._warned: set[tuple[int, str]] = set()
         self.read_ms: list[float] = []
         self._stop = threading.Event()
@@ -100,12 +111,19 @@ class TeacherLoader:
             return None
 
     def _run(self) -> None:
-        failures: dict[tuple[int, int], int] = {}
+        failures: dict[tuple, int] = {}
         while not self._stop.is_set():
             for peer in self.peers:
                 with self._lock:
                     target = self._target(peer)
-                    if target is None or target <= self._seen.get(peer, -1):
+                    if target is None:
+                        continue
+                    if self.mode == "sync" and target <= self._seen.get(peer, -1):
+                        continue
+                sig = None
+                if self.mode == "latest":  # any new export counts, even an older step (a peer restarted)
+                    sig = (target, _mtime_ns(exports_dir(self.run_dir, peer) / f"{export_name(target)}.json"))
+                    if sig == self._seen_sig.get(peer):
                         continue
                 if self.mode == "sync" and not (exports_dir(self.run_dir, peer) / f"{export_name(target)}.json").exists():
                     continue  # not exported yet: wait for it (the trainer's wait() has the timeout)
@@ -114,13 +132,14 @@ class TeacherLoader:
                     exp = read_export(exports_dir(self.run_dir, peer), target,
                                       self.config_hash, self.tokenizer_sha256)
                 except ExportError as e:
-                    n = failures[(peer, target)] = failures.get((peer, target), 0) + 1
+                    n = failures[(peer, target, sig)] = failures.get((peer, target, sig), 0) + 1
                     if n < 3:  # a file being replaced can fail once; retry before refusing
                         continue
                     self.warn_once(peer, f"bad-{target}", f"peer group {peer}: refusing export step "
                                    f"{target}: {e}; keeping the last good teacher")
                     with self._lock:
                         self._seen[peer] = target
+                        self._seen_sig[peer] = sig
                         self._lock.notify_all()
                     continue
                 except Exception as e:  # never let the loader thread die
@@ -130,6 +149,7 @@ class TeacherLoader:
                 with self._lock:
                     self._ready[peer] = exp
                     self._seen[peer] = target
+                    self._seen_sig[peer] = sig
                     self._lock.notify_all()
             with self._lock:
                 self._lock.wait(self.poll_interval)
@@ -144,6 +164,7 @@ class TeacherPool:
         self.steps: dict[int, int] = {}
         self._spare: dict[int, torch.nn.Module] = {}
         self._buffers: dict[str, torch.Tensor] = {}
+        self._warned: set[tuple] = set()
 
     def reserve(self, peers: list[int]) -> None:
         """Build the peers' modules up front, so that a swap is only a copy of weights."""
@@ -163,11 +184,35 @@ class TeacherPool:
         self.steps[peer] = export.step
         return (time.perf_counter() - t0) * 1e3
 
-    def active(self, student: int, step: int, max_staleness: int | None) -> list[int]:
-        peers = [p for p in sorted(self.modules) if p != student]
-        if max_staleness is not None:
-            peers = [p for p in peers if step - self.steps[p] <= max_staleness]
-        return peers
+    def active(self, student: int, step: int, max_staleness: int | None, warn_after: int | None = None,
+               log: Callable[[str], None] | None = None) -> list[int]:
+        """The peers whose teachers ``student`` uses at ``step``.
+
+        A peer whose newest good export is older than ``max_staleness`` steps is dropped (the
+        loss averages the others, or is plain CE); without a cap it stays in use however old
+        it gets. Either way it is logged once per export: older than ``warn_after`` steps
+        (the peer died or stalls) and dropped.
+        """
+        out = []
+        for p in sorted(self.modules):
+            if p == student:
+                continue
+            age = step - self.steps[p]
+            if warn_after is not None and age > warn_after:
+                self._warn(log, ("stale", p, self.steps[p]), f"peer group {p} has published nothing newer than "
+                           f"step {self.steps[p]} for {age} steps (dead or stalled?); still using that export")
+            if max_staleness is not None and age > max_staleness:
+                self._warn(log, ("dropped", p, self.steps[p]), f"peer group {p}'s teacher (step {self.steps[p]}) "
+                           f"is {age} steps old > --max_teacher_staleness {max_staleness}: dropped until it "
+                           "exports again")
+                continue
+            out.append(p)
+        return out
+
+    def _warn(self, log, key, msg) -> None:
+        if log is not None and key not in self._warned:
+            self._warned.add(key)
+            log(f"WARNING: {msg}")
 
     @torch.inference_mode()
     def probs(self, peers: list[int], input_ids: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:

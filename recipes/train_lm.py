@@ -27,15 +27,18 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from codistill.ds_config import ConfigError, load_ds_config, resolve_ds_config  # noqa: E402
-from codistill.exchange import ExportError, atomic_write_bytes, read_export, write_export  # noqa: E402
+from codistill.exchange import ExportError, clean_temp_files, read_export, write_export  # noqa: E402
 from codistill.loss import codistill_loss, distill_alpha  # noqa: E402
+from codistill.skip import skip_step  # noqa: E402
 from codistill.teacher import TeacherLoader, TeacherPool, exports_dir  # noqa: E402
 from codistill.topology import TopologyError, build_mpus, plan  # noqa: E402
-from codistill import runlog  # noqa: E402
+from codistill import checkpoint, faults, flags, runlog  # noqa: E402
 from data_prep.dataset import DataError, GroupStream, TokenData, eval_batches  # noqa: E402
 from model import PRESETS, ModelConfig, build_model, count_params, preset_config  # noqa: E402
 
 EXIT_REQUEUE = 75  # EX_TEMPFAIL: stopped by SIGTERM/SIGUSR1 after saving a checkpoint; resume me
+EXIT_DIVERGED = 3  # --max_bad_steps consecutive non-finite losses (or non-finite weights)
+EXIT_WRITE_ERROR = 4  # an export or checkpoint could not be written and --on_write_error stop
 DEFAULT_DATA = ROOT / "data" / "sample"
 
 
@@ -81,6 +84,12 @@ def parse_args(argv=None):
                    help="drop a teacher whose export is more than this many steps old")
     p.add_argument("--poll_interval", type=float, default=1.0)
     p.add_argument("--loss_chunk_tokens", type=int, default=4096)
+    # faults
+    p.add_argument("--max_bad_steps", type=int, default=5,
+                   help="a step with a NaN/Inf loss is skipped (no update) and counted; stop after this many in a row")
+    p.add_argument("--on_write_error", default="warn", choices=["warn", "stop"],
+                   help="an export or checkpoint write fails (disk full): warn and keep training on the previous "
+                        "one, or stop (exit 4); either way LATEST/latest keep naming the previous complete one")
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the deepspeed launcher
     pre, _ = p.parse_known_args(argv)
     if pre.config:
@@ -100,6 +109,16 @@ def parse_args(argv=None):
         p.error(f"--resume {args.resume}: not 'auto', 'never' or an existing run directory")
     if args.model_size not in PRESETS[args.model]:
         p.error(f"--model_size for --model {args.model} must be one of {sorted(PRESETS[args.model])}")
+    errors, warnings = flags.check(args)
+    if errors:
+        p.error("\n  ".join(errors))
+    for w in warnings:
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(f"warning: {w}", file=sys.stderr, flush=True)
+    try:
+        faults.parse(os.environ.get(faults.ENV))
+    except ValueError as e:
+        p.error(str(e))
     return args
 
 
@@ -146,12 +165,12 @@ class StopFlag:
     def _handler(self, signum, frame):
         self.requested = True
 
-    def any_rank(self, dist) -> bool:
-        if dist.get_world_size() == 1:
-            return self.requested
-        t = torch.tensor([float(self.requested)])
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return bool(t.item())
+    def any_rank(self, dist, *flags: bool) -> list[bool]:
+        """[stop requested, *flags], each true if it is true on any rank (one all-reduce)."""
+        t = torch.tensor([float(self.requested), *map(float, flags)])
+        if dist.get_world_size() > 1:
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return [bool(v) for v in t.tolist()]
 
 
 class Group:
@@ -182,6 +201,10 @@ class Group:
         self.step_tokens = self.global_batch * args.seq_len
         self.writer = runlog.TBWriter(self.dir / "tb") if self.leader else None
         self.last_val = (float("nan"), float("nan"))
+        self.skipped_steps = self.bad_in_a_row = 0  # steps skipped for a non-finite loss
+        if self.leader:
+            for name in clean_temp_files(self.dir / "exports"):
+                log(f"[group {gid}] removed {name}, a temp file of an export interrupted in an earlier run")
 
     def lr_factor(self, step: int) -> float:
         a = self.args
@@ -190,11 +213,11 @@ class Group:
         progress = min(1.0, (step - a.warmup_steps) / max(1, a.max_steps - a.warmup_steps))
         return a.min_lr_ratio + (1 - a.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
-    def train_step(self, step, pool, device):
+    def train_step(self, step, pool, device, log=print):
         """One optimizer step (all micro-batches); returns averaged statistics."""
         a = self.args
         alpha = distill_alpha(step, a.distill_weight, a.burn_in_steps, a.distill_ramp_steps)
-        peers = pool.active(self.id, step, a.max_teacher_staleness) if alpha > 0 else []
+        peers = pool.active(self.id, step, a.max_teacher_staleness, 2 * a.export_every, log) if alpha > 0 else []
         sums = {"loss": 0.0, "ce": 0.0, "distill": 0.0, "agreement": 0.0}
         grad_norm = None
         t0 = time.perf_counter()
@@ -205,6 +228,12 @@ class Group:
             q = pool.probs(peers, x, a.temperature) if peers else None
             logits = self.engine(x)
             loss, st = codistill_loss(logits, y, q, alpha, a.temperature, a.label_smoothing, a.loss_chunk_tokens)
+            if faults.active("nan_loss", step):
+                loss = loss * float("nan")
+            if not self.loss_is_finite(loss):  # before backward: nothing of this step reaches the weights
+                skip_step(self.engine, micro)
+                sums.update(loss=float(loss.item()), ce=float("nan"), distill=float("nan"), skipped=True)
+                break
             self.engine.backward(loss)
             if self.zero_stage == 0 and micro == self.accum - 1:  # DeepSpeed keeps no norm without ZeRO
                 grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self.engine.module.parameters()
@@ -215,11 +244,25 @@ class Group:
             sums["distill"] += st.distill / self.accum if q is not None else 0.0
             sums["agreement"] += st.agreement / self.accum if q is not None else 0.0
         self.tokens_seen += self.step_tokens
-        if self.zero_stage:
+        if sums.get("skipped"):
+            self.skipped_steps += 1
+            self.bad_in_a_row += 1
+        else:
+            self.bad_in_a_row = 0
+        if self.zero_stage and not sums.get("skipped"):
             grad_norm = self.engine.get_global_grad_norm()
-        sums.update(alpha=alpha, peers=peers, step_time=time.perf_counter() - t0,
+        sums.update(alpha=alpha, peers=peers, step_time=time.perf_counter() - t0, skipped_steps=self.skipped_steps,
                     grad_norm=float(grad_norm) if grad_norm is not None else float("nan"), lr=self.engine.get_lr()[0])
         return sums
+
+    def loss_is_finite(self, loss) -> bool:
+        """Every rank of the group must agree, or some would step and others not."""
+        bad = torch.tensor([0.0 if torch.isfinite(loss.detach()).item() else 1.0])
+        if self.dp_size > 1:
+            import deepspeed.comm as dist
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX,
+                            group=self.engine.mpu.get_data_parallel_group() if self.engine.mpu else None)
+        return bad.item() == 0
 
     @torch.no_grad()
     def evaluate(self, dist, device):
@@ -327,14 +370,14 @@ def main(argv=None):
         starts = set()
         for g in groups:
             ckpt = src / f"group_{g.id}" / "checkpoints"
-            state = {}
-            if (ckpt / "latest").is_file():
-                path, state = g.engine.load_checkpoint(str(ckpt))
-                if path is None:
-                    log.error(f"could not load the checkpoint named by {ckpt / 'latest'}")
-                    sys.exit(2)
+            tag, state = checkpoint.load(g.engine, ckpt, log) if ckpt.is_dir() else (None, {})
+            if tag is None and checkpoint.list_tags(ckpt):
+                log.error(f"no checkpoint in {ckpt} can be loaded (see the warnings above); "
+                          "use --resume never to start over, or another --run_dir")
+                sys.exit(2)
             starts.add(state.get("step", 0))
             g.tokens_seen = state.get("tokens_seen", 0)
+            g.skipped_steps = state.get("skipped_steps", 0)
             if state.get("torch_rng") is not None:
                 torch.set_rng_state(state["torch_rng"])
             for peer, tstep in (state.get("teacher_steps") or {}).items():
@@ -374,30 +417,58 @@ def main(argv=None):
             elif loader and not sync:
                 for p in peers:
                     exp = loader.take(p)
-                    if exp is not None and exp.step > pool.steps.get(p, -1):
+                    if exp is not None:
                         reload_ms += pool.load(p, exp)
             for g in groups:
-                st = g.train_step(step, pool, device)
-                if not math.isfinite(st["loss"]):
-                    log.error(f"group {g.id}: loss is {st['loss']} at step {step}; stopping (lower --lr?)")
-                    sys.exit(3)
+                st = g.train_step(step, pool, device, log)
+                if st.get("skipped"):
+                    log(f"WARNING: [group {g.id}] step {step}: loss is {st['loss']}; step skipped, no update "
+                        f"({g.bad_in_a_row} in a row, {g.skipped_steps} in all; --max_bad_steps {args.max_bad_steps})",
+                        force=g.leader)
                 runlog.log_train(g, step, st, pool, reload_ms, log, args, t_start, start)
+            stopping, diverged = stop.any_rank(dist, any(g.bad_in_a_row >= args.max_bad_steps for g in groups))
+            if diverged:
+                latest = {g.id: checkpoint.read_latest(g.dir / "checkpoints") for g in groups}
+                log.error(f"{args.max_bad_steps} steps in a row (up to step {step}) had a NaN/Inf loss "
+                          f"(--max_bad_steps {args.max_bad_steps}); stopping without saving. The last good "
+                          f"checkpoints ({latest}) are intact: lower --lr and continue with --resume auto")
+                exit_code = EXIT_DIVERGED
+                break
             if step % args.export_every == 0 and distilling:
+                failed = False
                 for g in groups:
                     sd = g.full_state_dict()
                     if g.leader:
-                        write_export(exports_dir(run_dir, g.id), step, sd, {
-                            "group": g.id, "tokens_seen": g.tokens_seen, "model_config": model_cfg.to_dict(),
-                            "model_config_hash": cfg_hash, "tokenizer_sha256": tok_hash}, keep=keep_exports)
+                        try:
+                            write_export(exports_dir(run_dir, g.id), step, sd, {
+                                "group": g.id, "tokens_seen": g.tokens_seen, "model_config": model_cfg.to_dict(),
+                                "model_config_hash": cfg_hash, "tokenizer_sha256": tok_hash}, keep=keep_exports)
+                        except OSError as e:
+                            failed = True
+                            log(f"WARNING: [group {g.id}] export of step {step} failed ({e}); peers keep its "
+                                f"previous export (LATEST unchanged)", force=True)
+                        except ExportError as e:  # non-finite weights: never published
+                            log.error(f"[group {g.id}] {e}; stopping (lower --lr?)")
+                            sys.exit(EXIT_DIVERGED)
+                if args.on_write_error == "stop" and stop.any_rank(dist, failed)[1]:
+                    log.error(f"an export failed at step {step} and --on_write_error stop: exiting; the run "
+                              "resumes from its last checkpoint with --resume auto")
+                    exit_code = EXIT_WRITE_ERROR
+                    break
             if step % args.eval_every == 0 or step == args.max_steps:
                 for g in groups:
                     loss, ppl = g.evaluate(dist, device)
                     runlog.log_eval(g, step, loss, ppl, log)
-            stopping = stop.any_rank(dist)
             sliced = step == args.stop_after_steps
             if step % args.save_every == 0 or step == args.max_steps or stopping or sliced:
-                save_checkpoint(groups, step, pool, args)
-                saved_at = step
+                if not save_checkpoint(groups, step, pool, args, log):
+                    if args.on_write_error == "stop" or stopping or sliced:
+                        log.error(f"the checkpoint of step {step} could not be written; exiting. 'latest' still "
+                                  "names the previous complete checkpoint")
+                        exit_code = EXIT_WRITE_ERROR
+                        break
+                else:
+                    saved_at = step
             if stopping:
                 log(f"stop requested (SIGTERM/SIGUSR1): checkpoint saved at step {step}; exiting with "
                     f"{EXIT_REQUEUE} so the job can be requeued and resumed with --resume auto")
@@ -412,7 +483,7 @@ def main(argv=None):
                 for g in groups:
                     g.evaluate(dist, device)
             elif saved_at != step:
-                save_checkpoint(groups, step, pool, args)
+                save_checkpoint(groups, step, pool, args, log)
             wall = time.time() - t_start
             for g in groups:
                 sd = g.full_state_dict()
@@ -431,14 +502,21 @@ def main(argv=None):
         sys.exit(exit_code)
 
 
-def save_checkpoint(groups, step, pool, args):
+def save_checkpoint(groups, step, pool, args, log) -> bool:
+    """Checkpoint every hosted group (codistill/checkpoint.py: 'latest' moves only when complete)."""
+    ok = True
     for g in groups:
         ckpt = g.dir / "checkpoints"
-        g.engine.save_checkpoint(str(ckpt), tag=f"global_step{step}", client_state={
-            "step": step, "tokens_seen": g.tokens_seen, "torch_rng": torch.get_rng_state(),
-            "teacher_steps": dict(pool.steps), "samples": step * g.global_batch})
-        if g.leader:
-            runlog.prune_checkpoints(ckpt, args.keep_checkpoints)
+        try:
+            checkpoint.save(g.engine, ckpt, step, {
+                "step": step, "tokens_seen": g.tokens_seen, "torch_rng": torch.get_rng_state(),
+                "teacher_steps": dict(pool.steps), "samples": step * g.global_batch,
+                "skipped_steps": g.skipped_steps}, g.leader, args.keep_checkpoints)
+        except OSError as e:
+            ok = False
+            log(f"WARNING: [group {g.id}] checkpoint of step {step} failed ({e}); 'latest' still names "
+                f"{checkpoint.read_latest(ckpt)}", force=g.leader)
+    return ok
 
 
 if __name__ == "__main__":

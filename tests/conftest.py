@@ -76,3 +76,24 @@ def scalar_tags(tb_dir: Path) -> set[str]:
         ea.Reload()
         tags |= set(ea.Tags()["scalars"])
     return tags
+
+
+# ---- the main command's run, shared by test_train_e2e.py and test_reliability.py ----------
+E2E_STEPS, E2E_K, E2E_BURN = 40, 10, 15
+
+
+def e2e_args(data, run_dir, **kw) -> list[str]:
+    """Flags of the tiny e2e runs (tiny LSTM, seq 32); ``kw`` overrides or adds flags."""
+    args = {"--ds_config": "ds_configs/zero2.json", "--data": data, "--run_dir": run_dir, "--max_steps": E2E_STEPS,
+            "--export_every": E2E_K, "--burn_in_steps": E2E_BURN, "--eval_every": 20, "--save_every": 20,
+            "--eval_batches": 4, "--seq_len": 32, "--log_every": 5}
+    args.update({f"--{k}": v for k, v in kw.items()})
+    return [str(x) for kv in args.items() for x in kv]
+
+
+@pytest.fixture(scope="session")
+def main_run(sample_data, tmp_path_factory):
+    """The main command's code path: one process hosting 2 groups (sync teachers)."""
+    run_dir = tmp_path_factory.mktemp("main") / "run"
+    proc = launch(e2e_args(sample_data, run_dir))
+    return run_dir, proc.stdout

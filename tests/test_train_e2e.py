@@ -17,30 +17,14 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import PY, ROOT, env_for_runs, launch, read_scalars, run_python, scalar_tags
+from conftest import E2E_BURN as BURN, E2E_K as K, E2E_STEPS as STEPS, e2e_args as common  # noqa: F401
+# main_run (the main command's run, a session fixture) lives in conftest.py: test_reliability.py shares it
 
 pytestmark = pytest.mark.slow
-
-STEPS, K, BURN = 40, 10, 15
-
-
-def common(data, run_dir, **kw):
-    args = {"--ds_config": "ds_configs/zero2.json", "--data": data, "--run_dir": run_dir, "--max_steps": STEPS,
-            "--export_every": K, "--burn_in_steps": BURN, "--eval_every": 20, "--save_every": 20,
-            "--eval_batches": 4, "--seq_len": 32, "--log_every": 5}
-    args.update({f"--{k}": v for k, v in kw.items()})
-    return [x for kv in args.items() for x in kv]
 
 
 def losses(run_dir, group, tag="train/loss"):
     return read_scalars(Path(run_dir) / f"group_{group}" / "tb", tag)
-
-
-@pytest.fixture(scope="session")
-def main_run(sample_data, tmp_path_factory):
-    """The main command's code path: one process hosting 2 groups (sync teachers)."""
-    run_dir = tmp_path_factory.mktemp("main") / "run"
-    proc = launch(common(sample_data, run_dir))
-    return run_dir, proc.stdout
 
 
 def test_main_command_codistills(main_run):

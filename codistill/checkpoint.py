@@ -1,0 +1,172 @@
+"""Resume checkpoints that survive kill -9 and full disks.
+
+DeepSpeed's ``save_checkpoint`` writes a tag directory (``global_stepN/``) file by file with
+plain ``torch.save`` and then the ``latest`` file with a plain ``open(.., 'w')`` - not atomic,
+not fsynced, and only on global rank 0 (so a group led by another rank gets no ``latest``).
+A process killed inside it leaves a partial tag directory; a crash while ``latest`` is being
+written leaves it empty. So here:
+
+- DeepSpeed saves with ``save_latest=False``; after it returns (all ranks' files written, its
+  closing barrier passed) the group leader fsyncs the tag's files, writes
+  ``global_stepN/codistill_complete.json`` (the completion marker) and only then moves
+  ``latest`` to the tag (temp file + fsync + os.replace).
+- Resume picks the newest tag that has the marker (normally the one ``latest`` names); when
+  ``latest`` names anything else (a partial tag, a missing one, garbage) it warns and falls
+  back. A tag that DeepSpeed cannot load is skipped the same way. Checkpoints written before
+  the marker existed (no tag has one) are loaded through ``latest`` as before.
+- Pruning removes a tag's marker before its files, so a kill during pruning never leaves a
+  marked, half-deleted tag. Unmarked tags (interrupted saves) are removed at the next save.
+- A write error (disk full) during a save leaves ``latest`` on the previous complete tag; the
+  partial tag is removed and the error is raised to the caller, which warns or stops
+  (``--on_write_error``).
+
+Resume uses DeepSpeed's own loader (``engine.load_checkpoint``, a full ``torch.load``) on the
+run's own checkpoint directory only; nothing a peer group wrote is ever unpickled (peers'
+exports are safetensors, read by codistill/exchange.py).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import Callable
+
+from codistill import faults
+from codistill.exchange import atomic_write_bytes, fsync_dir
+
+COMPLETE = "codistill_complete.json"
+TAG = re.compile(r"^global_step(\d+)$")
+
+
+def tag_name(step: int) -> str:
+    return f"global_step{step}"
+
+
+def list_tags(ckpt_dir: Path) -> list[tuple[int, Path]]:
+    """(step, dir) of every global_stepN directory, oldest first (complete or not)."""
+    out = []
+    for p in Path(ckpt_dir).glob("global_step*"):
+        m = TAG.match(p.name)
+        if m and p.is_dir():
+            out.append((int(m.group(1)), p))
+    return sorted(out)
+
+
+def is_complete(tag_dir: Path) -> bool:
+    return (Path(tag_dir) / COMPLETE).is_file()
+
+
+def read_latest(ckpt_dir: Path) -> str | None:
+    try:
+        raw = (Path(ckpt_dir) / "latest").read_text(errors="replace").strip()
+    except (FileNotFoundError, IsADirectoryError):
+        return None
+    return raw
+
+
+def _fsync_tree(tag_dir: Path) -> None:
+    for root, _, files in os.walk(tag_dir):
+        for name in files:
+            try:
+                fd = os.open(os.path.join(root, name), os.O_RDONLY)
+            except OSError:
+                continue
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_dir(Path(root))
+
+
+def save(engine, ckpt_dir: Path, step: int, client_state: dict, leader: bool, keep: int) -> None:
+    """Save ``engine`` as tag global_step{step}; ``latest`` moves only once it is complete.
+
+    Raises OSError (after cleaning up the partial tag) when the checkpoint cannot be written.
+    """
+    ckpt_dir = Path(ckpt_dir)
+    tag = tag_name(step)
+    tag_dir = ckpt_dir / tag
+    if leader and tag_dir.exists() and read_latest(ckpt_dir) != tag:
+        _remove_tag(tag_dir)  # leftovers of an interrupted save of this step: never overwrite in place
+    try:
+        with faults.checkpoint_write_error(engine, step):
+            engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
+        faults.sigkill("sigkill_in_save", step)
+        if leader:
+            _fsync_tree(tag_dir)
+            files = {str(p.relative_to(tag_dir)): p.stat().st_size for p in sorted(tag_dir.rglob("*")) if p.is_file()}
+            atomic_write_bytes(tag_dir / COMPLETE, json.dumps(
+                {"tag": tag, "step": step, "time": time.time(), "files": files}, indent=1).encode())
+            atomic_write_bytes(ckpt_dir / "latest", tag.encode())
+            fsync_dir(ckpt_dir)
+    except OSError:
+        if leader and read_latest(ckpt_dir) != tag:
+            _remove_tag(tag_dir)
+        raise
+    if leader:
+        prune(ckpt_dir, keep)
+
+
+def _remove_tag(tag_dir: Path) -> None:
+    try:
+        (Path(tag_dir) / COMPLETE).unlink()
+    except (FileNotFoundError, NotADirectoryError):
+        pass
+    shutil.rmtree(tag_dir, ignore_errors=True)
+
+
+def prune(ckpt_dir: Path, keep: int) -> None:
+    """Keep the newest ``keep`` complete tags; never the one ``latest`` names; drop partial tags."""
+    latest = read_latest(ckpt_dir)
+    tags = list_tags(ckpt_dir)
+    complete = [p for _, p in tags if is_complete(p)]
+    if not complete:  # checkpoints from before the marker: prune by count only
+        complete = [p for _, p in tags]
+    else:
+        for _, p in tags:
+            if not is_complete(p) and p.name != latest:
+                _remove_tag(p)
+    for p in complete[:-keep] if keep > 0 else []:
+        if p.name != latest:
+            _remove_tag(p)
+
+
+def candidates(ckpt_dir: Path, log: Callable[[str], None] = print) -> list[str]:
+    """Tags to try for resume, best first; warns when ``latest`` is not the newest complete tag."""
+    ckpt_dir = Path(ckpt_dir)
+    tags = list_tags(ckpt_dir)
+    latest = read_latest(ckpt_dir)
+    complete = [p.name for _, p in reversed(tags) if is_complete(p)]
+    if not complete:  # legacy checkpoints (no markers): trust 'latest' as DeepSpeed would
+        return [latest] if latest and TAG.match(latest) and (ckpt_dir / latest).is_dir() else []
+    if latest != complete[0]:
+        if latest is None:
+            why = "is missing"
+        elif not TAG.match(latest):
+            why = f"names {latest[:60]!r}, not a checkpoint tag"
+        elif not (ckpt_dir / latest).is_dir():
+            why = f"names {latest}, which does not exist"
+        elif not is_complete(ckpt_dir / latest):
+            why = f"names {latest}, which is incomplete (its save was interrupted: no {COMPLETE})"
+        else:
+            why = f"names {latest}, older than the complete {complete[0]} (interrupted before 'latest' moved)"
+        log(f"WARNING: {ckpt_dir / 'latest'} {why}; resuming from {complete[0]}, the newest complete checkpoint")
+    return complete
+
+
+def load(engine, ckpt_dir: Path, log: Callable[[str], None] = print) -> tuple[str | None, dict]:
+    """Load the newest loadable complete checkpoint into ``engine``: (tag or None, client_state)."""
+    for i, tag in enumerate(candidates(ckpt_dir, log)):
+        try:
+            path, state = engine.load_checkpoint(str(ckpt_dir), tag=tag)
+        except Exception as e:  # a corrupt file: DeepSpeed raises whatever torch.load raised
+            path, state, err = None, None, f"{type(e).__name__}: {e}"
+        else:
+            err = "DeepSpeed could not load it"
+        if path is not None:
+            return tag, state or {}
+        log(f"WARNING: checkpoint {Path(ckpt_dir) / tag} cannot be loaded ({str(err)[:300]}); trying an older one")
+    return None, {}

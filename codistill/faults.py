@@ -1,0 +1,81 @@
+"""Test-only fault injection: ``CODISTILL_FAULT_INJECT`` makes a real run fail on purpose.
+
+Never set this in a real run. The tests (tests/test_reliability.py) and benchmarks use it to
+prove that a fault costs at most the work since the last checkpoint. Syntax: ``;``-separated
+``kind@steps`` items, steps a comma list with optional ranges::
+
+    CODISTILL_FAULT_INJECT="nan_loss@12,13;export_oserror@20;ckpt_oserror@30"
+    CODISTILL_FAULT_INJECT="nan_loss@25-40;sigkill_in_save@20"
+
+Kinds (where they fire):
+    nan_loss         the training loss of every hosted group becomes NaN at these steps
+    export_oserror   write_export raises OSError(ENOSPC) after the weights file, before the
+                     metadata and LATEST (the worst moment: a half-written export)
+    ckpt_oserror     the DeepSpeed checkpoint write raises OSError(ENOSPC) on its first file
+    sigkill_in_save  SIGKILL to this process after DeepSpeed wrote a checkpoint's files but
+                     before it was marked complete and 'latest' was moved to it
+"""
+from __future__ import annotations
+
+import errno
+import os
+import signal
+
+ENV = "CODISTILL_FAULT_INJECT"
+KINDS = {"nan_loss", "export_oserror", "ckpt_oserror", "sigkill_in_save"}
+
+
+def parse(spec: str | None) -> dict[str, set[int]]:
+    out: dict[str, set[int]] = {}
+    for item in (spec or "").split(";"):
+        item = item.strip()
+        if not item:
+            continue
+        kind, _, steps = item.partition("@")
+        if kind not in KINDS or not steps:
+            raise ValueError(f"{ENV}: bad item {item!r}; expected KIND@STEPS with KIND in {sorted(KINDS)}")
+        for part in steps.split(","):
+            lo, _, hi = part.partition("-")
+            out.setdefault(kind, set()).update(range(int(lo), int(hi or lo) + 1))
+    return out
+
+
+def _plan() -> dict[str, set[int]]:
+    return parse(os.environ.get(ENV))
+
+
+def active(kind: str, step: int) -> bool:
+    return step in _plan().get(kind, ())
+
+
+def oserror(kind: str, step: int) -> None:
+    """Raise the injected write error if ``kind`` is planned at ``step``."""
+    if active(kind, step):
+        raise OSError(errno.ENOSPC, f"No space left on device (injected by {ENV}={kind}@{step})")
+
+
+def sigkill(kind: str, step: int) -> None:
+    if active(kind, step):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+class checkpoint_write_error:
+    """Context manager: under ``ckpt_oserror@step`` the engine's checkpoint writer fails."""
+
+    def __init__(self, engine, step: int):
+        self.engine, self.step, self.saved = engine, step, None
+
+    def __enter__(self):
+        if active("ckpt_oserror", self.step):
+            ce = self.engine.checkpoint_engine
+            self.saved = ce.save
+
+            def failing_save(state_dict, path, *a, **kw):
+                oserror("ckpt_oserror", self.step)
+            ce.save = failing_save
+        return self
+
+    def __exit__(self, *exc):
+        if self.saved is not None:
+            self.engine.checkpoint_engine.save = self.saved
+        return False

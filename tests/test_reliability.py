@@ -1,0 +1,382 @@
+"""Faults injected into real runs (issue 7) and the pieces that handle them, in-process.
+
+Real runs are tiny (LSTM tiny, seq 32, <= 50 steps) and started with plain `python
+recipes/train_lm.py` (a 1-rank world, the SIGTERM test's way) to save the launcher's start-up;
+the uninterrupted reference is the shared `main_run` fixture (conftest.py). Faults come from
+the test-only hook CODISTILL_FAULT_INJECT (codistill/faults.py) or from files planted in a
+peer's exports directory.
+"""
+import json
+import os
+import pickle
+import re
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from codistill import checkpoint, faults
+from codistill.exchange import (ExportError, clean_temp_files, list_exports, read_export, read_latest,
+                                write_export)
+from codistill.teacher import TeacherLoader, TeacherPool, exports_dir
+from conftest import E2E_STEPS, PY, ROOT, e2e_args, env_for_runs, read_scalars, run_python
+from model import build_model, preset_config
+
+CFG = preset_config("lstm", "tiny", vocab_size=64)
+TOK = "tok-sha"
+
+
+def _meta(cfg=CFG, tok=TOK, group=1):
+    return {"group": group, "tokens_seen": 0, "model_config": cfg.to_dict(),
+            "model_config_hash": cfg.config_hash(), "tokenizer_sha256": tok}
+
+
+def _export(d, step, cfg=CFG, tok=TOK, seed=0, keep=3):
+    torch.manual_seed(seed)
+    write_export(d, step, build_model(cfg).state_dict(), _meta(cfg, tok), keep=keep)
+
+
+def tb(run_dir, group, tag):
+    return read_scalars(Path(run_dir) / f"group_{group}" / "tb", tag)
+
+
+# ---- in-process: the pieces -----------------------------------------------------------------
+
+def test_fault_spec_parses_and_rejects_unknown_kinds():
+    assert faults.parse("nan_loss@12,13,20-22;ckpt_oserror@5") == {"nan_loss": {12, 13, 20, 21, 22},
+                                                                   "ckpt_oserror": {5}}
+    assert faults.parse(None) == {} and faults.parse("") == {}
+    with pytest.raises(ValueError, match="bad item"):
+        faults.parse("rm_rf@3")
+
+
+def test_export_write_error_keeps_the_previous_export_valid_and_named_by_latest(tmp_path, monkeypatch):
+    d = tmp_path / "exports"
+    _export(d, 10)
+    monkeypatch.setenv(faults.ENV, "export_oserror@20")  # fails after the weights file, before metadata/LATEST
+    with pytest.raises(OSError, match="No space left"):
+        _export(d, 20, seed=1)
+    assert read_latest(d) == 10 and list_exports(d) == [10]
+    assert sorted(p.name for p in d.iterdir()) == ["LATEST", "step_000010.json", "step_000010.safetensors"]
+    read_export(d, 10, CFG.config_hash(), TOK)
+    monkeypatch.setenv(faults.ENV, "")
+    _export(d, 20, seed=1)  # the next write works again
+    assert read_latest(d) == 20
+
+
+def test_export_temp_files_of_a_killed_writer_are_ignored_then_cleaned(tmp_path):
+    d = tmp_path / "exports"
+    _export(d, 10)
+    leftovers = [d / ".step_000020.safetensors.tmp-999999", d / ".LATEST.tmp-999999"]
+    leftovers[0].write_bytes(b"half a safetensors file")
+    leftovers[1].write_text("step_000020")
+    assert list_exports(d) == [10] and read_latest(d) == 10  # readers never look at temp files
+    assert sorted(clean_temp_files(d)) == sorted(p.name for p in leftovers)
+    assert not any(p.exists() for p in leftovers) and read_latest(d) == 10
+
+
+def _tag(ckpt, step, complete=True):
+    t = ckpt / f"global_step{step}"
+    t.mkdir(parents=True)
+    (t / "mp_rank_00_model_states.pt").write_bytes(b"x")
+    if complete:
+        (t / checkpoint.COMPLETE).write_text("{}")
+    return t
+
+
+def test_resume_candidates_skip_an_incomplete_or_bogus_latest(tmp_path):
+    ckpt, msgs = tmp_path / "checkpoints", []
+    _tag(ckpt, 10)
+    _tag(ckpt, 20, complete=False)  # a save killed before it finished
+    (ckpt / "latest").write_text("global_step10")
+    assert checkpoint.candidates(ckpt, msgs.append) == ["global_step10"] and not msgs
+    (ckpt / "latest").write_text("global_step20")  # as DeepSpeed's own writer could leave it
+    assert checkpoint.candidates(ckpt, msgs.append) == ["global_step10"]
+    assert "incomplete" in msgs[-1] and "resuming from global_step10" in msgs[-1]
+    for bogus, why in (("../../etc", "not a checkpoint tag"), ("", "not a checkpoint tag"),
+                       ("global_step30", "does not exist")):
+        (ckpt / "latest").write_text(bogus)
+        assert checkpoint.candidates(ckpt, msgs.append) == ["global_step10"] and why in msgs[-1]
+    _tag(ckpt, 30)  # complete, killed before 'latest' moved to it
+    (ckpt / "latest").write_text("global_step10")
+    assert checkpoint.candidates(ckpt, msgs.append) == ["global_step30", "global_step10"]
+    # checkpoints from before the completion marker: trust 'latest' as before
+    legacy = tmp_path / "legacy"
+    _tag(legacy, 5, complete=False)
+    (legacy / "latest").write_text("global_step5")
+    assert checkpoint.candidates(legacy) == ["global_step5"]
+
+
+def test_prune_drops_partial_tags_and_never_the_latest(tmp_path):
+    ckpt = tmp_path / "checkpoints"
+    for s in (10, 20, 30):
+        _tag(ckpt, s)
+    _tag(ckpt, 40, complete=False)
+    (ckpt / "latest").write_text("global_step30")
+    checkpoint.prune(ckpt, keep=2)
+    assert [p.name for _, p in checkpoint.list_tags(ckpt)] == ["global_step20", "global_step30"]
+
+
+def test_write_error_during_checkpoint_save_keeps_latest(tmp_path, monkeypatch):
+    """checkpoint.save with a fake engine whose writer fails: partial tag removed, latest unchanged."""
+    ckpt = tmp_path / "checkpoints"
+
+    class CE:
+        def save(self, sd, path):
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            Path(path).write_bytes(b"data")
+
+    class Engine:
+        checkpoint_engine = CE()
+
+        def save_checkpoint(self, d, tag, client_state, save_latest):
+            assert save_latest is False  # 'latest' is ours to move
+            self.checkpoint_engine.save({}, os.path.join(d, tag, "model.pt"))
+
+    checkpoint.save(Engine(), ckpt, 10, {}, leader=True, keep=2)
+    assert checkpoint.read_latest(ckpt) == "global_step10" and checkpoint.is_complete(ckpt / "global_step10")
+    monkeypatch.setenv(faults.ENV, "ckpt_oserror@20")
+    with pytest.raises(OSError, match="No space left"):
+        checkpoint.save(Engine(), ckpt, 20, {}, leader=True, keep=2)
+    assert checkpoint.read_latest(ckpt) == "global_step10" and not (ckpt / "global_step20").exists()
+    assert isinstance(Engine.checkpoint_engine.save, type(CE().save))  # the hook is undone
+
+
+def test_teacher_pool_keeps_a_dead_peer_then_drops_it_past_max_staleness(tmp_path):
+    d = exports_dir(tmp_path, 1)
+    _export(d, 10)
+    pool, msgs = TeacherPool(CFG, torch.device("cpu")), []
+    pool.load(1, read_export(d, 10))
+    for step in range(11, 60):
+        active = pool.active(0, step, None, warn_after=20, log=msgs.append)
+        assert active == [1]  # no cap: the last good teacher stays, however old
+    assert len([m for m in msgs if "published nothing newer" in m]) == 1  # warned once
+    assert pool.active(0, 30, 20, log=msgs.append) == [1]
+    assert pool.active(0, 31, 20, log=msgs.append) == [] and pool.active(0, 32, 20, log=msgs.append) == []
+    assert len([m for m in msgs if "dropped" in m]) == 1
+
+
+def test_loader_picks_up_a_peer_that_restarted_from_an_older_step(tmp_path):
+    d = exports_dir(tmp_path, 1)
+    _export(d, 30)
+    loader = TeacherLoader(tmp_path, [1], CFG.config_hash(), TOK, mode="latest", poll_interval=0.02,
+                           log=lambda m: None)
+
+    def take(deadline=10):
+        t = time.time() + deadline
+        while time.time() < t:
+            exp = loader.take(1)
+            if exp is not None:
+                return exp
+            time.sleep(0.02)
+
+    try:
+        assert take().step == 30
+        time.sleep(0.05)
+        _export(d, 20, seed=3)  # the peer restarted from its step-10 checkpoint and exported step 20
+        exp = take()
+        assert exp is not None and exp.step == 20
+    finally:
+        loader.close()
+
+
+def test_nothing_of_ours_unpickles_without_weights_only():
+    """Item 7: every torch.load in our code is weights_only=True; no pickle.load at all. Resume goes
+    through DeepSpeed's loader (engine.load_checkpoint) on the run's own checkpoints only."""
+    bad = []
+    for sub in ("codistill", "recipes", "model", "data_prep", "benchmarks"):
+        for f in (ROOT / sub).rglob("*.py"):
+            for i, line in enumerate(f.read_text().splitlines(), 1):
+                if re.search(r"\b(pickle|cPickle|dill)\.loads?\(", line) or (
+                        "torch.load(" in line and "weights_only=True" not in line):
+                    bad.append(f"{f.relative_to(ROOT)}:{i}: {line.strip()}")
+    assert not bad, bad
+
+
+# ---- bad configuration: refused before compute (no DeepSpeed launch) -----------------------
+
+@pytest.mark.parametrize("extra,msg", [
+    (["--export_every", "50"], "--export_every 50 > --max_steps 40"),
+    (["--keep_exports", "0"], "--keep_exports must be >= 1"),
+    (["--keep_checkpoints", "0"], "--keep_checkpoints must be >= 1"),
+    (["--distill_weight", "-1"], "--distill_weight must be >= 0"),
+    (["--temperature", "0"], "--temperature must be > 0"),
+    (["--label_smoothing", "1.0"], "--label_smoothing must be in [0, 1)"),
+    (["--teacher_sync", "on", "--group_id", "0"], "--teacher_sync on needs every group"),
+    (["--num_groups", "1", "--group_id", "1"], "--group_id 1 is outside 0..0"),
+    (["--max_teacher_staleness", "5"], "--max_teacher_staleness 5 < 2 x --export_every"),
+    (["--stop_after_steps", "41"], "--stop_after_steps must be in 1..--max_steps"),
+    (["--max_bad_steps", "0"], "--max_bad_steps must be >= 1"),
+    (["--lr", "-0.1"], "--lr must be > 0"),
+    (["--burn_in_steps", "-1"], "--burn_in_steps must be >= 0"),
+    (["--dropout", "1.5"], "--dropout must be in [0, 1)"),
+])
+def test_bad_flag_combinations_exit_2_naming_the_flag(sample_data, tmp_path, extra, msg):
+    proc = run_python(["recipes/train_lm.py", *e2e_args(sample_data, tmp_path / "run"), *extra], timeout=120)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert msg in proc.stderr, proc.stderr
+    assert not (tmp_path / "run").exists()  # nothing written
+
+
+def test_burn_in_past_max_steps_only_warns(sample_data, tmp_path):
+    """A warning, not an error; checked with --stop_after_steps so that it stops almost at once."""
+    proc = run_python(["recipes/train_lm.py", *e2e_args(sample_data, tmp_path / "run", burn_in_steps=40,
+                                                        max_steps=4, export_every=2, save_every=4, eval_every=4)])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "warning: --burn_in_steps 40 >= --max_steps 4" in proc.stderr
+
+
+# ---- real runs ------------------------------------------------------------------------------
+
+def _popen(args, env_extra=None):
+    env = env_for_runs()
+    env.update(env_extra or {})
+    return subprocess.Popen([PY, str(ROOT / "recipes" / "train_lm.py"), *map(str, args)], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+@pytest.mark.slow
+def test_kill9_inside_a_checkpoint_save_then_resume_is_exact(main_run, sample_data, tmp_path):
+    """SIGKILL after DeepSpeed wrote step 20's files but before the save completed; 'latest' then
+    planted on the partial tag (as DeepSpeed's own non-atomic writer could leave it) and an
+    export temp file left behind. --resume auto falls back to step 10 with a warning, removes the
+    temp file, and the losses and final weights equal the uninterrupted main_run's."""
+    run_dir = tmp_path / "killed"
+    args = e2e_args(sample_data, run_dir, save_every=10)
+    proc = _popen(args, {faults.ENV: "sigkill_in_save@20"})
+    out = proc.communicate(timeout=300)[0]
+    assert proc.returncode == -signal.SIGKILL, out
+    for g in (0, 1):
+        ckpt = run_dir / f"group_{g}" / "checkpoints"
+        assert checkpoint.read_latest(ckpt) == "global_step10"  # never moved to the partial tag
+        if g == 0:  # killed inside group 0's save; group 1's had not started
+            assert (ckpt / "global_step20").is_dir() and not checkpoint.is_complete(ckpt / "global_step20")
+        (ckpt / "latest").write_text("global_step20")
+    temp = run_dir / "group_0" / "exports" / ".step_000030.safetensors.tmp-424242"
+    temp.write_bytes(b"partial")
+    proc = run_python(["recipes/train_lm.py", *args], timeout=300)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out
+    assert "names global_step20, which is incomplete" in out and "resumed from step 10" in out
+    assert "names global_step20, which does not exist" in out
+    assert not temp.exists()
+    for g in (0, 1):
+        a, b = tb(main_run[0], g, "train/loss"), tb(run_dir, g, "train/loss")
+        assert sorted(b) == list(range(1, E2E_STEPS + 1))
+        assert max(abs(a[s] - b[s]) for s in a) < 1e-5
+        wa = load_file(main_run[0] / f"group_{g}" / "final" / "model.safetensors")
+        wb = load_file(run_dir / f"group_{g}" / "final" / "model.safetensors")
+        assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
+        tags = checkpoint.list_tags(run_dir / f"group_{g}" / "checkpoints")
+        assert tags and all(checkpoint.is_complete(p) for _, p in tags)
+
+
+@pytest.mark.slow
+def test_nan_steps_skipped_write_errors_survived_then_stop_after_max_bad_steps(main_run, sample_data, tmp_path):
+    """NaN loss at 12,13 (skipped, counted, training goes on), a failed export and a failed
+    checkpoint at step 20 (warned; LATEST/latest keep the previous ones), then NaN from 21 on:
+    the run stops at 23 (--max_bad_steps 3) with exit 3, its last good checkpoint intact."""
+    run_dir = tmp_path / "nan"
+    proc = _popen(e2e_args(sample_data, run_dir, save_every=5, max_bad_steps=3),
+                  {faults.ENV: "nan_loss@12,13,21-40;export_oserror@20;ckpt_oserror@20"})
+    out = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 3, out
+    assert "--max_bad_steps 3" in out and "steps in a row" in out
+    assert "step 12: loss is nan; step skipped" in out and "export of step 20 failed" in out
+    assert "checkpoint of step 20 failed" in out and "'latest' still names global_step15" in out
+    for g in (0, 1):
+        gdir = run_dir / f"group_{g}"
+        skipped = tb(run_dir, g, "train/skipped_steps")
+        assert skipped[11] == 0 and skipped[12] == 1 and skipped[13] == 2 and skipped[20] == 2 and skipped[23] == 5
+        loss, ref = tb(run_dir, g, "train/loss"), tb(main_run[0], g, "train/loss")
+        assert all(abs(loss[s] - ref[s]) < 1e-5 for s in range(1, 12))
+        assert 12 not in loss and 13 not in loss and all(s in loss for s in range(14, 21))
+        lr, ref_lr = tb(run_dir, g, "lr"), tb(main_run[0], g, "lr")
+        assert all(abs(lr[s] - ref_lr[s]) < 1e-9 for s in range(1, 24))  # skips do not shift the schedule
+        ckpt = gdir / "checkpoints"
+        assert checkpoint.read_latest(ckpt) == "global_step15" and not (ckpt / "global_step20").exists()
+        assert checkpoint.is_complete(ckpt / "global_step15")
+        # our own checkpoint (not a peer's): DeepSpeed's counters stayed consistent with the skips
+        states = torch.load(ckpt / "global_step15" / "mp_rank_00_model_states.pt", weights_only=False)
+        assert states["global_steps"] == 15 and states["skipped_steps"] == 2
+        assert states["lr_scheduler"]["last_epoch"] == 15
+        exp = gdir / "exports"
+        assert read_latest(exp) == 10 and list_exports(exp) == [10]
+        w = read_export(exp, 10).state_dict
+        assert all(torch.isfinite(v).all() for v in w.values())
+
+
+@pytest.mark.slow
+def test_dead_late_restarted_and_hostile_peers_in_latest_mode(sample_data, tmp_path):
+    """Group 0 of 6 trains alone (--group_id 0, latest teachers); the test plays its peers:
+    1: exported once, then dead (kept with a warning, staleness grows, dropped past
+       --max_teacher_staleness), later restarts and exports again (picked up, no restart of group 0);
+    2: a pickle payload named .safetensors, then joins late with a valid export;
+    3: LATEST escaping the exports dir; 4: truncated safetensors;
+    5: bad JSON, then LATEST naming a missing file, then another architecture.
+    The run finishes; every bad file is refused with a warning; the payload never runs."""
+    from data_prep.dataset import TokenData
+    run_dir = tmp_path / "peers"
+    cfg = preset_config("lstm", "tiny", 2000, 1024)
+    tok = TokenData(sample_data).tokenizer_sha256
+    ed = {p: exports_dir(run_dir, p) for p in range(1, 6)}
+    marker = tmp_path / "PWNED"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    _export(ed[1], 2, cfg, tok, seed=1)
+    (ed[1] / ".step_000020.safetensors.tmp-4242").write_bytes(b"partial")  # not group 0's to clean
+    _export(ed[2], 1, cfg, tok)
+    (ed[2] / "step_000001.safetensors").write_bytes(pickle.dumps(Payload()))
+    ed[3].mkdir(parents=True)
+    (ed[3] / "LATEST").write_text("../../group_1/exports/step_000002")
+    _export(ed[4], 1, cfg, tok)
+    blob = (ed[4] / "step_000001.safetensors").read_bytes()
+    (ed[4] / "step_000001.safetensors").write_bytes(blob[: len(blob) // 2])
+    _export(ed[5], 1, cfg, tok)
+    (ed[5] / "step_000001.json").write_text("{not json")
+
+    steps, cap = 50, 20
+    proc = _popen(e2e_args(sample_data, run_dir, group_id=0, num_groups=6, max_steps=steps, burn_in_steps=0,
+                           max_teacher_staleness=cap, poll_interval=0.05, log_every=1, save_every=1000,
+                           eval_every=1000, teacher_timeout=1))
+    lines, done = [], set()
+    for line in proc.stdout:
+        lines.append(line)
+        m = re.search(r"\[group 0\] step (\d+)/", line)
+        n = int(m.group(1)) if m else 0
+        if n >= 8 and "join" not in done:
+            done.add("join")
+            _export(ed[2], 8, cfg, tok, seed=2)            # peer 2 joins late
+            (ed[5] / "LATEST").write_text("step_000099")  # peer 5: LATEST names a missing file
+        if n >= 16 and "arch" not in done:
+            done.add("arch")
+            _export(ed[5], 16, preset_config("lstm", "small", 2000, 1024), tok)
+        if n >= 36 and "restart" not in done:
+            done.add("restart")
+            _export(ed[1], 36, cfg, tok, seed=3)           # peer 1 restarts from its checkpoint
+    out = "".join(lines) + proc.communicate(timeout=120)[0]
+    assert proc.returncode == 0, out
+    assert not marker.exists()
+    for needle in ("refusing export step 1: " + str(ed[2] / "step_000001.safetensors"), "not an export name",
+                   "sha256 does not match", "not valid JSON", "step_000099 in", "model config differs",
+                   "peer group 1 has published nothing newer than step 2",
+                   "peer group 1's teacher (step 2) is 21 steps old > --max_teacher_staleness 20"):
+        assert out.count(needle) == 1, (needle, out[-5000:])
+    assert "pickle" in out
+    t1, t2 = tb(run_dir, 0, "teacher/step/group_1"), tb(run_dir, 0, "teacher/step/group_2")
+    stale1 = tb(run_dir, 0, "teacher/staleness/group_1")
+    peers, distill = tb(run_dir, 0, "teacher/num_peers"), tb(run_dir, 0, "train/distill")
+    assert set(t1.values()) == {2, 36} and set(t2.values()) == {8}
+    assert max(stale1.values()) > cap and stale1[cap + 3] == cap + 1           # keeps growing while dropped
+    assert max(peers.values()) == 2 and peers[steps] == 1 and distill[steps] > 0
+    gap = [s for s in peers if peers[s] == 0]                                   # both dropped: CE alone
+    assert gap and all(distill[s] == 0 for s in gap) and min(gap) >= cap + 3
+    assert all(distill[s] > 0 for s in peers if peers[s] > 0)
+    assert json.loads((run_dir / "group_0" / "summary.json").read_text())["teacher_steps"] == {"1": 36, "2": 8}
