@@ -10,9 +10,10 @@ written leaves it empty. So here:
   closing barrier passed) the group leader fsyncs the tag's files, writes
   ``global_stepN/codistill_complete.json`` (the completion marker) and only then moves
   ``latest`` to the tag (temp file + fsync + os.replace).
-- Resume picks the newest tag that has the marker (normally the one ``latest`` names); when
-  ``latest`` names anything else (a partial tag, a missing one, garbage) it warns and falls
-  back. A tag that DeepSpeed cannot load is skipped the same way. Checkpoints written before
+- Resume picks the newest tag that has the marker (normally the one ``latest`` names) and
+  whose files still have the sizes the marker lists; when ``latest`` names anything else (a
+  partial tag, a missing one, garbage, a truncated one) it warns and falls back. A tag that
+  DeepSpeed cannot load is skipped the same way. Checkpoints written before
   the marker existed (no tag has one) are loaded through ``latest`` as before.
 - Pruning removes a tag's marker before its files, so a kill during pruning never leaves a
   marked, half-deleted tag. Unmarked tags (interrupted saves) are removed at the next save.
@@ -57,6 +58,22 @@ def list_tags(ckpt_dir: Path) -> list[tuple[int, Path]]:
 
 def is_complete(tag_dir: Path) -> bool:
     return (Path(tag_dir) / COMPLETE).is_file()
+
+
+def damage(tag_dir: Path) -> str | None:
+    """Why a complete tag cannot be trusted (a file listed in its marker is missing or has
+    another size: deleted or truncated since), or None. Cheap: sizes only, nothing is read."""
+    try:
+        files = json.loads((Path(tag_dir) / COMPLETE).read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"unreadable {COMPLETE} ({e})"
+    for name, size in files.items():
+        f = Path(tag_dir) / name
+        if not f.is_file():
+            return f"{name} is missing"
+        if f.stat().st_size != size:
+            return f"{name} has {f.stat().st_size} bytes, {size} when saved"
+    return None
 
 
 def read_latest(ckpt_dir: Path) -> str | None:
@@ -139,9 +156,18 @@ def candidates(ckpt_dir: Path, log: Callable[[str], None] = print) -> list[str]:
     ckpt_dir = Path(ckpt_dir)
     tags = list_tags(ckpt_dir)
     latest = read_latest(ckpt_dir)
-    complete = [p.name for _, p in reversed(tags) if is_complete(p)]
-    if not complete:  # legacy checkpoints (no markers): trust 'latest' as DeepSpeed would
+    if not any(is_complete(p) for _, p in tags):  # legacy checkpoints (no markers): trust 'latest'
         return [latest] if latest and TAG.match(latest) and (ckpt_dir / latest).is_dir() else []
+    complete = []
+    for _, p in reversed(tags):
+        if is_complete(p):
+            why = damage(p)
+            if why is None:
+                complete.append(p.name)
+            else:
+                log(f"WARNING: checkpoint {p} is damaged ({why}); skipping it")
+    if not complete:
+        return []
     if latest != complete[0]:
         if latest is None:
             why = "is missing"
@@ -151,6 +177,8 @@ def candidates(ckpt_dir: Path, log: Callable[[str], None] = print) -> list[str]:
             why = f"names {latest}, which does not exist"
         elif not is_complete(ckpt_dir / latest):
             why = f"names {latest}, which is incomplete (its save was interrupted: no {COMPLETE})"
+        elif damage(ckpt_dir / latest):
+            why = f"names {latest}, which is damaged"
         else:
             why = f"names {latest}, older than the complete {complete[0]} (interrupted before 'latest' moved)"
         log(f"WARNING: {ckpt_dir / 'latest'} {why}; resuming from {complete[0]}, the newest complete checkpoint")

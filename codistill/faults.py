@@ -6,6 +6,7 @@ prove that a fault costs at most the work since the last checkpoint. Syntax: ``;
 
     CODISTILL_FAULT_INJECT="nan_loss@12,13;export_oserror@20;ckpt_oserror@30"
     CODISTILL_FAULT_INJECT="nan_loss@25-40;sigkill_in_save@20"
+    CODISTILL_FAULT_INJECT="sigkill:1@13"          # only global rank 1 (KIND:RANK@STEPS)
 
 Kinds (where they fire):
     nan_loss         the training loss of every hosted group becomes NaN at these steps
@@ -14,6 +15,8 @@ Kinds (where they fire):
     ckpt_oserror     the DeepSpeed checkpoint write raises OSError(ENOSPC) on its first file
     sigkill_in_save  SIGKILL to this process after DeepSpeed wrote a checkpoint's files but
                      before it was marked complete and 'latest' was moved to it
+    sigkill          SIGKILL to this process in the middle of the step (after the forward
+                     pass of the first micro-batch, before its backward)
 """
 from __future__ import annotations
 
@@ -22,21 +25,30 @@ import os
 import signal
 
 ENV = "CODISTILL_FAULT_INJECT"
-KINDS = {"nan_loss", "export_oserror", "ckpt_oserror", "sigkill_in_save"}
+KINDS = {"nan_loss", "export_oserror", "ckpt_oserror", "sigkill_in_save", "sigkill"}
 
 
-def parse(spec: str | None) -> dict[str, set[int]]:
+def parse(spec: str | None, rank: int | None = None) -> dict[str, set[int]]:
+    """kind -> steps planned for global rank ``rank`` (default: $RANK)."""
+    rank = int(os.environ.get("RANK", 0)) if rank is None else rank
     out: dict[str, set[int]] = {}
     for item in (spec or "").split(";"):
         item = item.strip()
         if not item:
             continue
         kind, _, steps = item.partition("@")
-        if kind not in KINDS or not steps:
-            raise ValueError(f"{ENV}: bad item {item!r}; expected KIND@STEPS with KIND in {sorted(KINDS)}")
-        for part in steps.split(","):
-            lo, _, hi = part.partition("-")
-            out.setdefault(kind, set()).update(range(int(lo), int(hi or lo) + 1))
+        kind, _, only_rank = kind.partition(":")
+        if kind not in KINDS or not steps or (only_rank and not only_rank.isdigit()):
+            raise ValueError(f"{ENV}: bad item {item!r}; expected KIND[:RANK]@STEPS with KIND in {sorted(KINDS)}")
+        try:
+            planned = set()
+            for part in steps.split(","):
+                lo, _, hi = part.partition("-")
+                planned.update(range(int(lo), int(hi or lo) + 1))
+        except ValueError:
+            raise ValueError(f"{ENV}: bad steps in {item!r}; expected e.g. 12,13 or 20-30") from None
+        if not only_rank or int(only_rank) == rank:
+            out.setdefault(kind, set()).update(planned)
     return out
 
 

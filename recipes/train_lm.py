@@ -227,6 +227,7 @@ class Group:
             x, y = batch[:, :-1], batch[:, 1:]
             q = pool.probs(peers, x, a.temperature) if peers else None
             logits = self.engine(x)
+            faults.sigkill("sigkill", step)  # test-only hook: a crash in the middle of a step
             loss, st = codistill_loss(logits, y, q, alpha, a.temperature, a.label_smoothing, a.loss_chunk_tokens)
             if faults.active("nan_loss", step):
                 loss = loss * float("nan")

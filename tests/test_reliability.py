@@ -23,7 +23,7 @@ from codistill import checkpoint, faults
 from codistill.exchange import (ExportError, clean_temp_files, list_exports, read_export, read_latest,
                                 write_export)
 from codistill.teacher import TeacherLoader, TeacherPool, exports_dir
-from conftest import E2E_STEPS, PY, ROOT, e2e_args, env_for_runs, read_scalars, run_python
+from conftest import E2E_STEPS, PY, ROOT, e2e_args, env_for_runs, launch, read_scalars, run_python
 from model import build_model, preset_config
 
 CFG = preset_config("lstm", "tiny", vocab_size=64)
@@ -50,8 +50,11 @@ def test_fault_spec_parses_and_rejects_unknown_kinds():
     assert faults.parse("nan_loss@12,13,20-22;ckpt_oserror@5") == {"nan_loss": {12, 13, 20, 21, 22},
                                                                    "ckpt_oserror": {5}}
     assert faults.parse(None) == {} and faults.parse("") == {}
-    with pytest.raises(ValueError, match="bad item"):
-        faults.parse("rm_rf@3")
+    assert faults.parse("sigkill:1@13;nan_loss@2", rank=0) == {"nan_loss": {2}}
+    assert faults.parse("sigkill:1@13;nan_loss@2", rank=1) == {"sigkill": {13}, "nan_loss": {2}}
+    for bad in ("rm_rf@3", "nan_loss", "sigkill:x@3", "nan_loss@a-b"):
+        with pytest.raises(ValueError, match="bad"):
+            faults.parse(bad)
 
 
 def test_export_write_error_keeps_the_previous_export_valid_and_named_by_latest(tmp_path, monkeypatch):
@@ -84,7 +87,7 @@ def _tag(ckpt, step, complete=True):
     t.mkdir(parents=True)
     (t / "mp_rank_00_model_states.pt").write_bytes(b"x")
     if complete:
-        (t / checkpoint.COMPLETE).write_text("{}")
+        (t / checkpoint.COMPLETE).write_text(json.dumps({"files": {"mp_rank_00_model_states.pt": 1}}))
     return t
 
 
@@ -109,6 +112,39 @@ def test_resume_candidates_skip_an_incomplete_or_bogus_latest(tmp_path):
     _tag(legacy, 5, complete=False)
     (legacy / "latest").write_text("global_step5")
     assert checkpoint.candidates(legacy) == ["global_step5"]
+
+
+def test_resume_skips_a_truncated_or_unloadable_checkpoint(tmp_path):
+    """A marked tag whose file was truncated later is skipped by size; one that DeepSpeed's
+    loader rejects is skipped after the attempt; the next older complete tag is loaded."""
+    ckpt, msgs = tmp_path / "checkpoints", []
+
+    class CE:
+        def save(self, sd, path):
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            Path(path).write_bytes(b"weights of " + Path(path).parent.name.encode())
+
+    class Engine:
+        checkpoint_engine = CE()
+        tried = []
+
+        def save_checkpoint(self, d, tag, client_state, save_latest):
+            self.checkpoint_engine.save({}, os.path.join(d, tag, "model.pt"))
+
+        def load_checkpoint(self, d, tag):
+            self.tried.append(tag)
+            if tag == "global_step20":
+                raise RuntimeError("PytorchStreamReader failed reading zip archive")
+            return os.path.join(d, tag), {"step": int(tag[11:])}
+
+    eng = Engine()
+    for s in (10, 20, 30):
+        checkpoint.save(eng, ckpt, s, {}, leader=True, keep=5)
+    (ckpt / "global_step30" / "model.pt").write_bytes(b"trunc")
+    tag, state = checkpoint.load(eng, ckpt, msgs.append)
+    assert (tag, state) == ("global_step10", {"step": 10}) and eng.tried == ["global_step20", "global_step10"]
+    assert any("global_step30 is damaged (model.pt has 5 bytes" in m for m in msgs)
+    assert any("global_step20 cannot be loaded (RuntimeError" in m for m in msgs)
 
 
 def test_prune_drops_partial_tags_and_never_the_latest(tmp_path):
@@ -222,6 +258,7 @@ def test_bad_flag_combinations_exit_2_naming_the_flag(sample_data, tmp_path, ext
     assert not (tmp_path / "run").exists()  # nothing written
 
 
+@pytest.mark.slow
 def test_burn_in_past_max_steps_only_warns(sample_data, tmp_path):
     """A warning, not an error; checked with --stop_after_steps so that it stops almost at once."""
     proc = run_python(["recipes/train_lm.py", *e2e_args(sample_data, tmp_path / "run", burn_in_steps=40,
@@ -380,3 +417,59 @@ def test_dead_late_restarted_and_hostile_peers_in_latest_mode(sample_data, tmp_p
     assert gap and all(distill[s] == 0 for s in gap) and min(gap) >= cap + 3
     assert all(distill[s] > 0 for s in peers if peers[s] > 0)
     assert json.loads((run_dir / "group_0" / "summary.json").read_text())["teacher_steps"] == {"1": 36, "2": 8}
+
+
+@pytest.mark.slow
+def test_export_write_error_with_stop_exits_4_then_resume_is_exact(main_run, sample_data, tmp_path):
+    """--on_write_error stop: a full disk at step 20's export stops the run (exit 4) before its
+    checkpoint; LATEST and 'latest' still name step 10's complete files; --resume auto then ends
+    exactly where the uninterrupted main_run ended."""
+    run_dir = tmp_path / "full"
+    args = e2e_args(sample_data, run_dir, save_every=10)
+    proc = _popen([*args, "--on_write_error", "stop"], {faults.ENV: "export_oserror@20"})
+    out = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 4, out
+    assert "export of step 20 failed" in out and "--on_write_error stop" in out
+    for g in (0, 1):
+        gdir = run_dir / f"group_{g}"
+        assert checkpoint.read_latest(gdir / "checkpoints") == "global_step10"
+        assert read_latest(gdir / "exports") == 10 and list_exports(gdir / "exports") == [10]
+        assert not [p for p in (gdir / "exports").iterdir() if p.name.startswith(".")]
+    proc = run_python(["recipes/train_lm.py", *args], timeout=300)
+    assert proc.returncode == 0 and "resumed from step 10" in proc.stdout, proc.stdout + proc.stderr
+    for g in (0, 1):
+        a, b = tb(main_run[0], g, "train/loss"), tb(run_dir, g, "train/loss")
+        assert max(abs(a[s] - b[s]) for s in a) < 1e-5
+
+
+def _scalars_per_events_file(tb_dir, tag):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    out = []
+    for f in sorted(Path(tb_dir).glob("events.out.tfevents.*"), key=lambda p: p.stat().st_mtime):
+        ea = EventAccumulator(str(f), size_guidance={"scalars": 0})
+        ea.Reload()
+        out.append({e.step: e.value for e in ea.Scalars(tag)} if tag in ea.Tags()["scalars"] else {})
+    return out
+
+
+@pytest.mark.slow
+def test_kill9_of_one_rank_mid_step_then_resume_continues_exactly(sample_data, tmp_path, monkeypatch):
+    """One group of 2 ranks (real ZeRO-2 partitioning): rank 1 is SIGKILLed in the middle of step
+    13, the launcher takes the job down; --resume auto continues from the newest complete
+    checkpoint (step 10), and steps 11-12, computed by both runs, give the same losses."""
+    run_dir = tmp_path / "rank_killed"
+    args = e2e_args(sample_data, run_dir, num_groups=1, max_steps=16, save_every=5, eval_every=16)
+    monkeypatch.setenv(faults.ENV, "sigkill:1@13")
+    proc = launch(args, num_ranks=2, check=False)
+    assert proc.returncode != 0, proc.stdout[-3000:]
+    ckpt = run_dir / "group_0" / "checkpoints"
+    assert checkpoint.read_latest(ckpt) == "global_step10" and checkpoint.is_complete(ckpt / "global_step10")
+    assert not (run_dir / "summary.json").exists()
+    monkeypatch.delenv(faults.ENV)
+    out = launch(args, num_ranks=2).stdout
+    assert "resumed from step 10" in out
+    first, second = _scalars_per_events_file(run_dir / "group_0" / "tb", "train/loss")
+    assert max(first) <= 12 and sorted(second) == list(range(11, 17))
+    both = sorted(set(first) & set(second))  # the killed run's last few events may be lost unflushed
+    assert both and both[0] == 11 and all(abs(first[s] - second[s]) < 1e-5 for s in both)
+    assert json.loads((run_dir / "summary.json").read_text())["groups"]["group_0"]["steps"] == 16
