@@ -65,7 +65,8 @@ def parse_args(argv=None):
     p.add_argument("--keep_checkpoints", type=int, default=2)
     p.add_argument("--log_every", type=int, default=10)
     p.add_argument("--seed", type=int, default=1234)
-    p.add_argument("--resume", default="auto", help="auto | never | PATH of an earlier run directory")
+    p.add_argument("--resume", default="auto", help="auto | never | PATH of an earlier run directory (DeepSpeed "
+                   "checkpoints are pickles: only resume from run directories you trust)")
     p.add_argument("--num_groups", type=int, default=2)
     p.add_argument("--group_id", type=int, default=None, help="train only this group (one launch per group)")
     # codistillation
@@ -403,6 +404,7 @@ def main(argv=None):
     # ---- training ----------------------------------------------------------------------
     stop = StopFlag()
     t_start, step, saved_at, exit_code = time.time(), start, start, 0
+    failed_exports: set[tuple[int, int]] = set()  # (group, step) exports that could not be written
     try:
         for step in range(start + 1, args.max_steps + 1):
             reload_ms = 0.0
@@ -410,6 +412,8 @@ def main(argv=None):
             if loader and sync and b > 0 and b % args.export_every == 0:
                 if b >= 2 * args.export_every:
                     for p in peers:
+                        if (p, b - args.export_every) in failed_exports:
+                            continue  # that export failed (warned): keep the previous teacher, do not wait
                         exp = loader.wait(p, b - args.export_every, args.teacher_timeout)
                         if exp is not None:
                             reload_ms += pool.load(p, exp)
@@ -436,7 +440,7 @@ def main(argv=None):
                 exit_code = EXIT_DIVERGED
                 break
             if step % args.export_every == 0 and distilling:
-                failed = False
+                failed = [False] * args.num_groups
                 for g in groups:
                     sd = g.full_state_dict()
                     if g.leader:
@@ -445,13 +449,16 @@ def main(argv=None):
                                 "group": g.id, "tokens_seen": g.tokens_seen, "model_config": model_cfg.to_dict(),
                                 "model_config_hash": cfg_hash, "tokenizer_sha256": tok_hash}, keep=keep_exports)
                         except OSError as e:
-                            failed = True
+                            failed[g.id] = True
                             log(f"WARNING: [group {g.id}] export of step {step} failed ({e}); peers keep its "
                                 f"previous export (LATEST unchanged)", force=True)
                         except ExportError as e:  # non-finite weights: never published
                             log.error(f"[group {g.id}] {e}; stopping (lower --lr?)")
                             sys.exit(EXIT_DIVERGED)
-                if args.on_write_error == "stop" and stop.any_rank(dist, failed)[1]:
+                if sync or args.on_write_error == "stop":  # every rank must know (sync peers skip it)
+                    failed = stop.any_rank(dist, *failed)[1:]
+                failed_exports |= {(gid, step) for gid, f in enumerate(failed) if f}
+                if args.on_write_error == "stop" and any(failed):
                     log.error(f"an export failed at step {step} and --on_write_error stop: exiting; the run "
                               "resumes from its last checkpoint with --resume auto")
                     exit_code = EXIT_WRITE_ERROR

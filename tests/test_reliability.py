@@ -315,36 +315,42 @@ def test_kill9_inside_a_checkpoint_save_then_resume_is_exact(main_run, sample_da
 @pytest.mark.slow
 def test_nan_steps_skipped_write_errors_survived_then_stop_after_max_bad_steps(main_run, sample_data, tmp_path):
     """NaN loss at 12,13 (skipped, counted, training goes on), a failed export and a failed
-    checkpoint at step 20 (warned; LATEST/latest keep the previous ones), then NaN from 21 on:
-    the run stops at 23 (--max_bad_steps 3) with exit 3, its last good checkpoint intact."""
+    checkpoint at step 20 (warned; LATEST/latest keep the previous ones; at boundary 30 the peers
+    keep their step-10 teacher instead of waiting for the missing export), then NaN from 31 on:
+    the run stops at 33 (--max_bad_steps 3) with exit 3, its last good checkpoint intact."""
     run_dir = tmp_path / "nan"
-    proc = _popen(e2e_args(sample_data, run_dir, save_every=5, max_bad_steps=3),
-                  {faults.ENV: "nan_loss@12,13,21-40;export_oserror@20;ckpt_oserror@20"})
+    t0 = time.time()
+    proc = _popen(e2e_args(sample_data, run_dir, save_every=5, max_bad_steps=3, teacher_timeout=120),
+                  {faults.ENV: "nan_loss@12,13,31-40;export_oserror@20;ckpt_oserror@20"})
     out = proc.communicate(timeout=300)[0]
     assert proc.returncode == 3, out
+    assert time.time() - t0 < 100 and "did not arrive" not in out
     assert "--max_bad_steps 3" in out and "steps in a row" in out
     assert "step 12: loss is nan; step skipped" in out and "export of step 20 failed" in out
     assert "checkpoint of step 20 failed" in out and "'latest' still names global_step15" in out
+    assert "step 33: loss is nan" in out and "step 34" not in out
     for g in (0, 1):
         gdir = run_dir / f"group_{g}"
         skipped = tb(run_dir, g, "train/skipped_steps")
-        assert skipped[11] == 0 and skipped[12] == 1 and skipped[13] == 2 and skipped[20] == 2 and skipped[23] == 5
+        assert skipped[11] == 0 and skipped[12] == 1 and skipped[13] == 2 and skipped[30] == 2 and skipped[33] == 5
         loss, ref = tb(run_dir, g, "train/loss"), tb(main_run[0], g, "train/loss")
         assert all(abs(loss[s] - ref[s]) < 1e-5 for s in range(1, 12))
         assert 12 not in loss and 13 not in loss and all(s in loss for s in range(14, 21))
         lr, ref_lr = tb(run_dir, g, "lr"), tb(main_run[0], g, "lr")
-        assert all(abs(lr[s] - ref_lr[s]) < 1e-9 for s in range(1, 24))  # skips do not shift the schedule
+        assert all(abs(lr[s] - ref_lr[s]) < 1e-9 for s in range(1, 34))  # skips do not shift the schedule
+        teacher = tb(run_dir, g, f"teacher/step/group_{1 - g}")
+        assert teacher[30] == 10 and teacher[33] == 10  # peer's export 20 failed: kept 10, no wait
         ckpt = gdir / "checkpoints"
-        assert checkpoint.read_latest(ckpt) == "global_step15" and not (ckpt / "global_step20").exists()
-        assert checkpoint.is_complete(ckpt / "global_step15")
+        assert checkpoint.read_latest(ckpt) == "global_step30" and not (ckpt / "global_step20").exists()
+        assert checkpoint.is_complete(ckpt / "global_step30")
         # our own checkpoint (not a peer's): DeepSpeed's counters stayed consistent with the skips
-        states = torch.load(ckpt / "global_step15" / "mp_rank_00_model_states.pt", weights_only=False)
-        assert states["global_steps"] == 15 and states["skipped_steps"] == 2
-        assert states["lr_scheduler"]["last_epoch"] == 15
+        states = torch.load(ckpt / "global_step30" / "mp_rank_00_model_states.pt", weights_only=False)
+        assert states["global_steps"] == 30 and states["skipped_steps"] == 2
+        assert states["lr_scheduler"]["last_epoch"] == 30
         exp = gdir / "exports"
-        assert read_latest(exp) == 10 and list_exports(exp) == [10]
-        w = read_export(exp, 10).state_dict
-        assert all(torch.isfinite(v).all() for v in w.values())
+        assert read_latest(exp) == 30 and list_exports(exp) == [10, 30]
+        for step in (10, 30):
+            assert all(torch.isfinite(v).all() for v in read_export(exp, step).state_dict.values())
 
 
 @pytest.mark.slow
@@ -473,3 +479,66 @@ def test_kill9_of_one_rank_mid_step_then_resume_continues_exactly(sample_data, t
     both = sorted(set(first) & set(second))  # the killed run's last few events may be lost unflushed
     assert both and both[0] == 11 and all(abs(first[s] - second[s]) < 1e-5 for s in both)
     assert json.loads((run_dir / "summary.json").read_text())["groups"]["group_0"]["steps"] == 16
+
+
+SKIP_CHECK = r'''
+import copy, os, sys
+import torch, deepspeed
+argv = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]  # the launcher adds --local_rank=N
+sys.path.insert(0, argv[1])
+from codistill.skip import skip_step
+for k, v in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", argv[2])):
+    os.environ.setdefault(k, v)
+deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+world = int(os.environ["WORLD_SIZE"])
+cfg = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 2, "train_batch_size": 8 * world,
+       "optimizer": {"type": "AdamW", "params": {"lr": 0.01, "torch_adam": True}}, "steps_per_print": 10**9,
+       "zero_optimization": {"stage": int(argv[0])}}
+torch.manual_seed(0)
+base = torch.nn.Linear(8, 1)
+data = [torch.randn(4, 8) for _ in range(6)]
+
+def engine():
+    m = copy.deepcopy(base)
+    e, *_ = deepspeed.initialize(model=m, model_parameters=m.parameters(), config=cfg,
+                                 lr_scheduler=lambda o: torch.optim.lr_scheduler.LambdaLR(o, lambda s: 1.0))
+    return e
+
+def full_step(e, xs):
+    for x in xs:
+        e.backward(e(x).pow(2).mean())
+        e.step()
+
+ref, skp = engine(), engine()
+full_step(ref, data[0:2]); full_step(ref, data[4:6])
+full_step(skp, data[0:2])
+skp.backward(skp(data[2]).pow(2).mean()); skp.step()  # micro 0 of the bad step reached DeepSpeed's buffers
+skip_step(skp, 1)                                       # micro 1's loss was NaN: drop the whole step
+full_step(skp, data[4:6])
+with deepspeed.zero.GatheredParameters(list(ref.module.parameters())), \
+        deepspeed.zero.GatheredParameters(list(skp.module.parameters())):
+    same = all(a.numel() and torch.allclose(a, b) for a, b in zip(ref.module.parameters(), skp.module.parameters()))
+with open(os.path.join(argv[3], f"result_{os.environ['RANK']}"), "w") as f:
+    f.write(f"{same} {skp.global_steps} {skp.micro_steps} {skp.skipped_steps} {ref.global_steps} {ref.micro_steps}")
+'''
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage,ranks", [(0, 1), (2, 2)])
+def test_skipping_a_step_after_accumulated_micro_batches_leaves_no_trace(tmp_path, stage, ranks):
+    """Gradient accumulation 2, the second micro-batch's loss is non-finite: after skip_step the
+    weights equal those of a run that never saw the bad step (the first micro-batch's gradients
+    are dropped, also from ZeRO-2's partitioned buffers), and DeepSpeed's counters count it."""
+    from conftest import DEEPSPEED, free_port
+    script = tmp_path / "skip_check.py"
+    script.write_text(SKIP_CHECK)
+    port = str(free_port())
+    if ranks == 1:
+        cmd = [PY, str(script)]
+    else:
+        cmd = [DEEPSPEED, "--num_gpus", str(ranks), "--master_port", port, str(script)]
+    cmd += [str(stage), str(ROOT), port, str(tmp_path)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env_for_runs(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = [(tmp_path / f"result_{r}").read_text().split() for r in range(ranks)]
+    assert all(r == ["True", "3", "6", "1", "2", "4"] for r in results), results
