@@ -102,19 +102,27 @@ def write_export(exports_dir: Path, step: int, state_dict: dict[str, torch.Tenso
 
 
 def clean_temp_files(exports_dir: Path) -> list[str]:
-    """Remove temp files (``.NAME.tmp-PID``) left by a writer that was killed mid-write.
+    """Remove what a writer killed mid-write left: temp files (``.NAME.tmp-PID``) and the half
+    of an export whose other half is missing (weights without metadata or the reverse).
 
-    Readers never look at them (they follow LATEST and list ``step_*.json``); the writer calls
-    this when it starts, since only one process writes a group's exports.
+    Readers never use them (they follow LATEST, list ``step_*.json`` and need both files); the
+    writer calls this when it starts, since only one process writes a group's exports.
     """
+    exports_dir = Path(exports_dir)
+    latest = read_latest(exports_dir, missing_ok=True) if (exports_dir / "LATEST").is_file() else None
+    doomed = [p for p in exports_dir.glob(".*.tmp-*") if p.name.rsplit("-", 1)[-1] != str(os.getpid())]
+    for p in [*exports_dir.glob("step_*.safetensors"), *exports_dir.glob("step_*.json")]:
+        m = EXPORT_NAME.match(p.stem)
+        other = p.with_suffix(".json" if p.suffix == ".safetensors" else ".safetensors")
+        if m and int(m.group(1)) != latest and not other.exists():
+            doomed.append(p)
     removed = []
-    for p in Path(exports_dir).glob(".*.tmp-*"):
-        if p.name.rsplit("-", 1)[-1] != str(os.getpid()):
-            try:
-                p.unlink()
-                removed.append(p.name)
-            except OSError:
-                pass
+    for p in doomed:
+        try:
+            p.unlink()
+            removed.append(p.name)
+        except OSError:
+            pass
     return removed
 
 

@@ -56,6 +56,10 @@ def check(a) -> tuple[list[str], list[str]]:
         elif a.burn_in_steps >= a.max_steps:
             warnings.append(f"--burn_in_steps {a.burn_in_steps} >= --max_steps {a.max_steps}: the distillation "
                             f"term never switches on, this run is the baseline")
+        elif (a.teacher_sync == "on" or (a.teacher_sync == "auto" and a.group_id is None)) \
+                and 2 * a.export_every >= a.max_steps:
+            warnings.append(f"2 x --export_every ({2 * a.export_every}) >= --max_steps {a.max_steps}: sync teachers "
+                            f"(at step s the peers' exports of step s-K) never switch on; lower --export_every")
     if a.warmup_steps >= a.max_steps:
         warnings.append(f"--warmup_steps {a.warmup_steps} >= --max_steps {a.max_steps}: the LR never leaves warmup")
     return errors, warnings

@@ -29,6 +29,10 @@ class Console:
         if self.rank == 0:
             print(f"error: {msg}", file=sys.stderr, flush=True)
 
+    def warning(self, msg: str) -> None:
+        if self.rank == 0:
+            print(f"warning: {msg}", file=sys.stderr, flush=True)
+
 
 class TBWriter:
     """torch's SummaryWriter, created lazily so that ranks that log nothing write no files."""

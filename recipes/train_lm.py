@@ -110,17 +110,22 @@ def parse_args(argv=None):
         p.error(f"--resume {args.resume}: not 'auto', 'never' or an existing run directory")
     if args.model_size not in PRESETS[args.model]:
         p.error(f"--model_size for --model {args.model} must be one of {sorted(PRESETS[args.model])}")
+    return args
+
+
+def check_flags(args, log) -> None:
+    """Flag combinations that cannot work: exit 2 naming the flag and the fix (codistill/flags.py)."""
     errors, warnings = flags.check(args)
-    if errors:
-        p.error("\n  ".join(errors))
-    for w in warnings:
-        if int(os.environ.get("RANK", 0)) == 0:
-            print(f"warning: {w}", file=sys.stderr, flush=True)
     try:
         faults.parse(os.environ.get(faults.ENV))
     except ValueError as e:
-        p.error(str(e))
-    return args
+        errors.append(str(e))
+    for w in warnings:
+        log.warning(w)
+    if errors:
+        for e in errors:
+            log.error(e)
+        sys.exit(2)
 
 
 def init_distributed(device: torch.device) -> None:
@@ -297,6 +302,8 @@ def main(argv=None):
     log = runlog.Console(rank)
 
     # ---- everything that can be wrong is checked before any compute ---------------------
+    check_flags(args, log)
+
     def checked(fn, *a, **kw):
         try:
             return fn(*a, **kw)

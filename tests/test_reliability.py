@@ -74,9 +74,10 @@ def test_export_write_error_keeps_the_previous_export_valid_and_named_by_latest(
 def test_export_temp_files_of_a_killed_writer_are_ignored_then_cleaned(tmp_path):
     d = tmp_path / "exports"
     _export(d, 10)
-    leftovers = [d / ".step_000020.safetensors.tmp-999999", d / ".LATEST.tmp-999999"]
+    leftovers = [d / ".step_000020.safetensors.tmp-999999", d / ".LATEST.tmp-999999", d / "step_000030.safetensors"]
     leftovers[0].write_bytes(b"half a safetensors file")
     leftovers[1].write_text("step_000020")
+    leftovers[2].write_bytes((d / "step_000010.safetensors").read_bytes())  # killed before its metadata
     assert list_exports(d) == [10] and read_latest(d) == 10  # readers never look at temp files
     assert sorted(clean_temp_files(d)) == sorted(p.name for p in leftovers)
     assert not any(p.exists() for p in leftovers) and read_latest(d) == 10
@@ -254,8 +255,25 @@ def test_nothing_of_ours_unpickles_without_weights_only():
 def test_bad_flag_combinations_exit_2_naming_the_flag(sample_data, tmp_path, extra, msg):
     proc = run_python(["recipes/train_lm.py", *e2e_args(sample_data, tmp_path / "run"), *extra], timeout=120)
     assert proc.returncode == 2, proc.stdout + proc.stderr
-    assert msg in proc.stderr, proc.stderr
+    assert f"error: {msg}" in proc.stderr, proc.stderr
     assert not (tmp_path / "run").exists()  # nothing written
+
+
+def test_flag_warnings_for_runs_that_would_never_distill():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("train_lm_flags", ROOT / "recipes" / "train_lm.py")
+    train_lm = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train_lm)
+    from codistill import flags
+
+    def warnings(*argv):
+        return flags.check(train_lm.parse_args(["--max_steps", "100", "--export_every", "10", *argv]))[1]
+
+    assert warnings() == []
+    assert "sync teachers" in warnings("--export_every", "50")[0]
+    assert warnings("--export_every", "50", "--group_id", "0") == []  # latest mode: a teacher from step K on
+    assert "--burn_in_steps 100 >= --max_steps 100" in warnings("--burn_in_steps", "100")[0]
+    assert warnings("--burn_in_steps", "100", "--distill_weight", "0") == []  # the baseline anyway
 
 
 @pytest.mark.slow
