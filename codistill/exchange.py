@@ -192,28 +192,39 @@ def read_export(exports_dir: Path, step: int, expect_config_hash: str | None = N
     """Read and validate one export into CPU memory. Raises ExportError on any problem."""
     exports_dir = Path(exports_dir)
     name = export_name(step)
-    meta_path, weights_path = exports_dir / f"{name}.json", exports_dir / f"{name}.safetensors"
+    return read_weights(exports_dir / f"{name}.json", exports_dir / f"{name}.safetensors", step,
+                        expect_config_hash, expect_tokenizer, missing=f"export {name} in {exports_dir} is missing")
+
+
+def read_weights(meta_path: Path, weights_path: Path, step: int | None, expect_config_hash: str | None = None,
+                 expect_tokenizer: str | None = None, missing: str = "missing") -> Export:
+    """Validate a (metadata JSON, safetensors) pair - an export, or a group's final/ - and load it.
+
+    ``step`` None accepts whatever step the metadata names.
+    """
     try:
-        meta = json.loads(meta_path.read_text())
-        blob = weights_path.read_bytes()
+        meta = json.loads(Path(meta_path).read_text())
+        blob = Path(weights_path).read_bytes()
     except FileNotFoundError as e:
-        raise ExportError(f"export {name} in {exports_dir} is missing ({e.filename})") from None
+        raise ExportError(f"{missing} ({e.filename})") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ExportError(f"{meta_path}: metadata is not valid JSON ({e})") from None
-    if not isinstance(meta, dict) or meta.get("step") != step:
-        raise ExportError(f"{meta_path}: metadata does not describe step {step}")
+    if not isinstance(meta, dict) or not isinstance(meta.get("step"), int) or \
+            (step is not None and meta.get("step") != step):
+        raise ExportError(f"{meta_path}: metadata does not describe step {step if step is not None else '<int>'}")
+    step = meta["step"]
     check_safetensors_header(blob, str(weights_path))
     if meta.get("weights_sha256") != hashlib.sha256(blob).hexdigest():
         raise ExportError(f"{weights_path}: sha256 does not match its metadata "
                           "(truncated, or replaced while being read)")
     if expect_config_hash is not None and meta.get("model_config_hash") != expect_config_hash:
         raise ExportError(
-            f"{weights_path}: the peer's model config differs from this student's "
-            f"(peer {meta.get('model_config_hash')} = {meta.get('model_config')}, "
-            f"student {expect_config_hash}); all groups must train the same architecture")
+            f"{weights_path}: the teacher's model config differs from this student's "
+            f"(teacher {meta.get('model_config_hash')} = {meta.get('model_config')}, "
+            f"student {expect_config_hash}); teacher and student must have the same architecture")
     if expect_tokenizer is not None and meta.get("tokenizer_sha256") != expect_tokenizer:
-        raise ExportError(f"{weights_path}: the peer used another tokenizer "
-                          f"(peer {meta.get('tokenizer_sha256')}, student {expect_tokenizer})")
+        raise ExportError(f"{weights_path}: the teacher used another tokenizer "
+                          f"(teacher {meta.get('tokenizer_sha256')}, student {expect_tokenizer})")
     try:
         state_dict = load(blob)
     except Exception as e:  # safetensors raises its own error type

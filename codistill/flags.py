@@ -6,6 +6,8 @@ modules, also before deepspeed.init_distributed.
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 
 def check(a) -> tuple[list[str], list[str]]:
     errors, warnings = [], []
@@ -60,6 +62,11 @@ def check(a) -> tuple[list[str], list[str]]:
                 and 2 * a.export_every >= a.max_steps:
             warnings.append(f"2 x --export_every ({2 * a.export_every}) >= --max_steps {a.max_steps}: sync teachers "
                             f"(at step s the peers' exports of step s-K) never switch on; lower --export_every")
+    if a.teacher is not None:
+        need(Path(a.teacher).exists(), f"--teacher {a.teacher}: no such file or directory; name a group directory "
+             f"of a finished run (e.g. runs/teacher/group_0) or one of its exports")
+        need(a.distill_weight > 0, f"--teacher {a.teacher} with --distill_weight 0: the teacher would never be used; "
+             f"leave --teacher out for the baseline, or set --distill_weight > 0")
     if a.warmup_steps >= a.max_steps:
         warnings.append(f"--warmup_steps {a.warmup_steps} >= --max_steps {a.max_steps}: the LR never leaves warmup")
     return errors, warnings

@@ -10,7 +10,9 @@ import sys
 import time
 from pathlib import Path
 
-from safetensors.torch import save_file
+import hashlib
+
+from safetensors.torch import save
 
 from codistill.exchange import atomic_write_bytes
 
@@ -70,23 +72,25 @@ def log_train(g, step: int, st: dict, pool, reload_ms: float, log, args, t_start
         w.scalar("perf/step_time", st["step_time"], step)
         w.scalar("perf/tokens_seen", g.tokens_seen, step)
         w.scalar("train/skipped_steps", st.get("skipped_steps", 0), step)
+        peers = [p for p in st["peers"] if p not in pool.fixed]  # a --teacher PATH is not stale
         if st["peers"]:
             w.scalar("teacher/agreement", st["agreement"], step)
-            for p in st["peers"]:
+        if peers:
+            for p in peers:
                 w.scalar(f"teacher/step/group_{p}", pool.steps[p], step)
-            w.scalar("teacher/step", min(pool.steps[p] for p in st["peers"]), step)
-            w.scalar("teacher/staleness", max(step - pool.steps[p] for p in st["peers"]), step)
-        loaded = [p for p in pool.steps if p != g.id]
+            w.scalar("teacher/step", min(pool.steps[p] for p in peers), step)
+            w.scalar("teacher/staleness", max(step - pool.steps[p] for p in peers), step)
+        loaded = [p for p in pool.steps if p != g.id and p not in pool.fixed]
         if loaded and st["alpha"] > 0:  # also for teachers dropped by --max_teacher_staleness
             for p in loaded:
                 w.scalar(f"teacher/staleness/group_{p}", step - pool.steps[p], step)
-            w.scalar("teacher/num_peers", len(st["peers"]), step)
+            w.scalar("teacher/num_peers", len(peers), step)
         if reload_ms:
             w.scalar("teacher/reload_ms", reload_ms, step)
     if g.leader and (step % args.log_every == 0 or step == args.max_steps):
         elapsed = time.time() - t_start
         eta = elapsed / max(1, step - start_step) * (args.max_steps - step)
-        teacher = ",".join(f"g{p}@{pool.steps[p]}" for p in st["peers"]) or "-"
+        teacher = ",".join("fixed" if p in pool.fixed else f"g{p}@{pool.steps[p]}" for p in st["peers"]) or "-"
         log(f"[group {g.id}] step {step}/{args.max_steps} | loss {st['loss']:.4f} ce {st['ce']:.4f} "
             f"distill {st['distill']:.4f} | ppl {math.exp(min(st['ce'], 50)):.1f} | teachers {teacher} | "
             f"{tok_s / 1e3:.1f}k tok/s | eta {fmt_time(eta)}", force=True)
@@ -114,15 +118,21 @@ def git_sha(root: Path) -> str | None:
         return None
 
 
-def save_final(g, state_dict, model_cfg, step: int, wall: float, pool, peers) -> None:
-    """group_i/final/: model.safetensors + config.json (+ hf/ for Transformers) and summary.json."""
+def save_final(g, state_dict, model_cfg, step: int, wall: float, pool, peers, tokenizer_sha256: str) -> None:
+    """group_i/final/: model.safetensors + config.json + meta.json (the metadata of an export, so
+    that ``--teacher`` can use it) (+ hf/ for Transformers) and summary.json."""
     final = g.dir / "final"
     tmp = g.dir / ".final.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state_dict.items()}
-    save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt", "step": str(step)})
+    blob = save(tensors, metadata={"format": "pt", "step": str(step)})
+    (tmp / "model.safetensors").write_bytes(blob)
     (tmp / "config.json").write_text(json.dumps(model_cfg.to_dict(), indent=2, sort_keys=True) + "\n")
+    (tmp / "meta.json").write_text(json.dumps({
+        "step": step, "group": g.id, "tokens_seen": g.tokens_seen, "model_config": model_cfg.to_dict(),
+        "model_config_hash": model_cfg.config_hash(), "tokenizer_sha256": tokenizer_sha256,
+        "weights_sha256": hashlib.sha256(blob).hexdigest()}, indent=2, sort_keys=True) + "\n")
     if model_cfg.arch == "transformer":
         from model import build_model
         m = build_model(model_cfg)

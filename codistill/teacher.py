@@ -27,12 +27,45 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from codistill.exchange import Export, ExportError, export_name, read_export, read_latest
+from codistill.exchange import EXPORT_NAME, Export, ExportError, export_name, read_export, read_latest, read_weights
 from model import ModelConfig, build_model
 
 
 def exports_dir(run_dir: Path, group: int) -> Path:
     return Path(run_dir) / f"group_{group}" / "exports"
+
+
+FIXED_TEACHER = -1  # the pool slot of --teacher PATH (peers are groups 0..G-1)
+
+
+def read_fixed_teacher(path: Path, config_hash: str | None = None, tokenizer_sha256: str | None = None) -> Export:
+    """The weights named by ``--teacher PATH`` (offline two-phase distillation), validated like a
+    peer's export: safetensors only, same model config and tokenizer as the student.
+
+    PATH may be a group directory of a finished run (its final/, else its newest export), a
+    final/ or exports/ directory, or one export file (step_N.safetensors or step_N.json).
+    """
+    path = Path(path)
+    if path.is_file():
+        m = EXPORT_NAME.match(path.stem)
+        if not m or path.suffix not in (".safetensors", ".json"):
+            raise ExportError(f"--teacher {path}: a file must be an export (step_N.safetensors or step_N.json)")
+        return read_export(path.parent, int(m.group(1)), config_hash, tokenizer_sha256)
+    if not path.is_dir():
+        raise ExportError(f"--teacher {path}: no such file or directory")
+    if (path / "final").is_dir() or (path / "exports").is_dir():  # a group directory
+        path = path / "final" if (path / "final" / "meta.json").is_file() else path / "exports"
+    if (path / "meta.json").is_file() or (path / "model.safetensors").is_file():  # a final/ directory
+        if not (path / "meta.json").is_file():
+            raise ExportError(f"--teacher {path}: has no meta.json (written by this repository's trainer since "
+                              "offline distillation was added); point --teacher at one of the run's exports instead")
+        return read_weights(path / "meta.json", path / "model.safetensors", None, config_hash, tokenizer_sha256,
+                            missing=f"--teacher {path}: incomplete final/ directory")
+    if (path / "LATEST").is_file():
+        return read_export(path, read_latest(path), config_hash, tokenizer_sha256)
+    groups = sorted(p.name for p in path.glob("group_*") if p.is_dir())
+    hint = f"; name one group, e.g. --teacher {path / groups[0]}" if groups else ""
+    raise ExportError(f"--teacher {path}: not a group directory, final/ or exports/ directory, or export file{hint}")
 
 
 def _mtime_ns(path: Path) -> int | None:
@@ -165,6 +198,7 @@ class TeacherPool:
         self._spare: dict[int, torch.nn.Module] = {}
         self._buffers: dict[str, torch.Tensor] = {}
         self._warned: set[tuple] = set()
+        self.fixed: set[int] = set()
 
     def reserve(self, peers: list[int]) -> None:
         """Build the peers' modules up front, so that a swap is only a copy of weights."""
@@ -173,9 +207,12 @@ class TeacherPool:
                 module = build_model(self.model_config).to(device=self.device, dtype=self.dtype)
                 self._spare[peer] = module.eval().requires_grad_(False)
 
-    def load(self, peer: int, export: Export) -> float:
-        """Swap ``export`` into the peer's module; returns the milliseconds it took."""
+    def load(self, peer: int, export: Export, fixed: bool = False) -> float:
+        """Swap ``export`` into the peer's module; returns the milliseconds it took. A ``fixed``
+        teacher (``--teacher PATH``) is never stale: it is not a peer that stopped publishing."""
         t0 = time.perf_counter()
+        if fixed:
+            self.fixed.add(peer)
         self.reserve([peer])
         module = self._spare[peer]
         with torch.no_grad():
@@ -196,6 +233,9 @@ class TeacherPool:
         out = []
         for p in sorted(self.modules):
             if p == student:
+                continue
+            if p in self.fixed:
+                out.append(p)
                 continue
             age = step - self.steps[p]
             if warn_after is not None and age > warn_after:

@@ -30,7 +30,7 @@ from codistill.ds_config import ConfigError, load_ds_config, resolve_ds_config  
 from codistill.exchange import ExportError, clean_temp_files, read_export, write_export  # noqa: E402
 from codistill.loss import codistill_loss, distill_alpha  # noqa: E402
 from codistill.skip import skip_step  # noqa: E402
-from codistill.teacher import TeacherLoader, TeacherPool, exports_dir  # noqa: E402
+from codistill.teacher import FIXED_TEACHER, TeacherLoader, TeacherPool, exports_dir, read_fixed_teacher  # noqa: E402
 from codistill.topology import TopologyError, build_mpus, plan  # noqa: E402
 from codistill import checkpoint, faults, flags, runlog  # noqa: E402
 from data_prep.dataset import DataError, GroupStream, TokenData, eval_batches  # noqa: E402
@@ -83,6 +83,10 @@ def parse_args(argv=None):
     p.add_argument("--teacher_timeout", type=float, default=600.0)
     p.add_argument("--max_teacher_staleness", type=int, default=None,
                    help="drop a teacher whose export is more than this many steps old")
+    p.add_argument("--teacher", default=None, metavar="PATH",
+                   help="offline (two-phase) distillation: a fixed, finished teacher - a group directory of an "
+                        "earlier run (its final/ weights), or an export - used from --burn_in_steps on, averaged "
+                        "with the peers' teachers if any (--num_groups 1: the only teacher)")
     p.add_argument("--poll_interval", type=float, default=1.0)
     p.add_argument("--loss_chunk_tokens", type=int, default=4096)
     # faults
@@ -307,7 +311,7 @@ def main(argv=None):
     def checked(fn, *a, **kw):
         try:
             return fn(*a, **kw)
-        except (ConfigError, TopologyError, DataError, ValueError) as e:
+        except (ConfigError, TopologyError, DataError, ExportError, ValueError) as e:
             log.error(str(e))
             sys.exit(2)
 
@@ -327,6 +331,9 @@ def main(argv=None):
         checked(data.group_shards, g, args.num_groups)
     model_cfg = checked(preset_config, args.model, args.model_size, data.vocab_size, max(1024, args.seq_len),
                         dropout=args.dropout)
+    fixed = None  # --teacher PATH: read and validated before anything is written
+    if args.teacher is not None and args.distill_weight > 0:
+        fixed = checked(read_fixed_teacher, args.teacher, model_cfg.config_hash(), data.tokenizer_sha256)
 
     sync = args.teacher_sync == "on" or (args.teacher_sync == "auto" and topo.all_groups_here)
     if sync and topo.separate_launch:
@@ -335,7 +342,7 @@ def main(argv=None):
     keep_exports = args.keep_exports
     if sync:  # the export a checkpoint's teacher came from must survive until the next checkpoint
         keep_exports = max(keep_exports, args.save_every // args.export_every + 2)
-    distilling = args.num_groups > 1 and args.distill_weight > 0
+    exporting = args.num_groups > 1 and args.distill_weight > 0  # codistillation: peers teach each other
     run_dir = Path(args.run_dir)
     old_cfg = run_dir / "config.json"
     if args.resume == "auto" and old_cfg.is_file():
@@ -362,13 +369,18 @@ def main(argv=None):
     log(f"model {args.model}/{args.model_size}: {g0.num_params / 1e6:.2f}M params | world {world} | "
         f"groups {args.num_groups} (this rank: {topo.hosted}, {g0.dp_size} rank(s) each) | "
         f"batch {g0.global_batch}x{args.seq_len} tokens/group | {zero} | "
-        f"codistillation {'on' if distilling else 'off'}" + (f" ({'sync' if sync else 'latest'} teachers)" if distilling else ""))
+        f"codistillation {'on' if exporting else 'off'}" + (f" ({'sync' if sync else 'latest'} teachers)" if exporting else "")
+        + (" | fixed teacher (offline distillation)" if fixed is not None else ""))
 
-    peers = sorted({p for g in topo.hosted for p in topo.peers(g)}) if distilling else []
+    peers = sorted({p for g in topo.hosted for p in topo.peers(g)}) if exporting else []
     teacher_dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
     pool = TeacherPool(model_cfg, device, teacher_dtype)
     pool.reserve(peers)
     cfg_hash, tok_hash = model_cfg.config_hash(), data.tokenizer_sha256
+    if fixed is not None:
+        pool.load(FIXED_TEACHER, fixed, fixed=True)
+        log(f"fixed teacher (--teacher): {args.teacher}, step {fixed.step}, "
+            f"{fixed.meta.get('tokens_seen', '?')} tokens seen")
     loader = TeacherLoader(run_dir, peers, cfg_hash, tok_hash, "sync" if sync else "latest",
                            args.poll_interval, log) if peers else None
 
@@ -446,7 +458,7 @@ def main(argv=None):
                           f"checkpoints ({latest}) are intact: lower --lr and continue with --resume auto")
                 exit_code = EXIT_DIVERGED
                 break
-            if step % args.export_every == 0 and distilling:
+            if step % args.export_every == 0 and exporting:
                 failed = [False] * args.num_groups
                 for g in groups:
                     sd = g.full_state_dict()
@@ -503,7 +515,7 @@ def main(argv=None):
             for g in groups:
                 sd = g.full_state_dict()
                 if g.leader:
-                    runlog.save_final(g, sd, model_cfg, step, wall, pool, peers)
+                    runlog.save_final(g, sd, model_cfg, step, wall, pool, peers, tok_hash)
             dist.barrier()
             if rank == 0:
                 runlog.print_table(runlog.merge_summaries(run_dir, args.num_groups), run_dir, log)

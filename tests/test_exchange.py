@@ -184,3 +184,45 @@ def test_loader_sync_mode_waits_for_the_wanted_step_and_times_out(tmp_path):
         assert any("did not arrive" in m for m in msgs)
     finally:
         loader.close()
+
+
+def test_fixed_teacher_paths_resolve_to_validated_weights(tmp_path):
+    """--teacher PATH: a group directory (final/ first, else its newest export), an exports/ or
+    final/ directory, or one export file; anything else is refused with the fix named."""
+    import hashlib
+    from safetensors.torch import save
+    from codistill.teacher import read_fixed_teacher
+    _export(tmp_path, 0, 10, seed=1)
+    sd20 = _export(tmp_path, 0, 20, seed=2)
+    gdir = tmp_path / "group_0"
+    h, tok = CFG.config_hash(), TOK
+    assert read_fixed_teacher(gdir, h, tok).step == 20                      # no final/: newest export
+    assert read_fixed_teacher(gdir / "exports", h, tok).step == 20
+    for f in ("step_000010.safetensors", "step_000010.json"):
+        assert read_fixed_teacher(gdir / "exports" / f, h, tok).step == 10
+    # a finished run's final/ (what save_final writes) wins over the exports
+    torch.manual_seed(3)
+    final_sd = build_model(CFG).state_dict()
+    blob = save(final_sd)
+    (gdir / "final").mkdir()
+    (gdir / "final" / "model.safetensors").write_bytes(blob)
+    (gdir / "final" / "meta.json").write_text(json.dumps(
+        dict(_meta(0), step=40, weights_sha256=hashlib.sha256(blob).hexdigest())))
+    for p in (gdir, gdir / "final"):
+        exp = read_fixed_teacher(p, h, tok)
+        assert exp.step == 40 and all(torch.equal(exp.state_dict[k], v) for k, v in final_sd.items())
+    assert not all(torch.equal(sd20[k], v) for k, v in final_sd.items())
+    with pytest.raises(ExportError, match="another tokenizer"):
+        read_fixed_teacher(gdir, h, "other-tokenizer")
+    with pytest.raises(ExportError, match="model config differs"):
+        read_fixed_teacher(gdir, preset_config("lstm", "small", vocab_size=64).config_hash(), tok)
+    with pytest.raises(ExportError, match=r"name one group, e.g. --teacher .*group_0"):
+        read_fixed_teacher(tmp_path, h, tok)
+    with pytest.raises(ExportError, match="must be an export"):
+        read_fixed_teacher(gdir / "final" / "meta.json", h, tok)
+    with pytest.raises(ExportError, match="no such file"):
+        read_fixed_teacher(tmp_path / "nope", h, tok)
+    # a pickle where the final weights should be: refused, never unpickled
+    (gdir / "final" / "model.safetensors").write_bytes(pickle.dumps({"w": 1}))
+    with pytest.raises(ExportError, match="pickle"):
+        read_fixed_teacher(gdir, h, tok)

@@ -217,3 +217,24 @@ def test_resume_with_another_model_is_refused(main_run, tmp_path):
     cfg = json.loads((run_dir / "config.json").read_text())
     proc = run_python(["recipes/train_lm.py", *common(cfg["args"]["data"], run_dir, model_size="small")])
     assert proc.returncode == 2 and "another model" in proc.stderr
+
+
+def test_offline_distillation_from_a_fixed_teacher(main_run, sample_data, tmp_path):
+    """The paper's two-phase baseline: one group, no peers, main_run's finished group 0 as the
+    only teacher (--teacher); CE alone during burn-in, then CE + distill against it; no exports."""
+    teacher_dir = main_run[0] / "group_0"
+    run_dir = tmp_path / "offline"
+    proc = launch(common(sample_data, run_dir, num_groups=1, max_steps=20, burn_in_steps=5, save_every=100,
+                         eval_every=10, teacher=teacher_dir))
+    assert "fixed teacher (--teacher)" in proc.stdout and "step 40" in proc.stdout, proc.stdout
+    loss, ce, distill = (losses(run_dir, 0, t) for t in ("train/loss", "train/ce", "train/distill"))
+    assert len(ce) == 20 and all(distill[s] == 0 for s in range(1, 6)) and all(distill[s] > 0 for s in range(6, 21))
+    assert all(loss[s] == pytest.approx(ce[s] + distill[s], rel=1e-5) for s in range(6, 21))  # alpha = 1
+    tags = scalar_tags(run_dir / "group_0" / "tb")
+    assert "teacher/agreement" in tags and not any(t.startswith("teacher/staleness") for t in tags)
+    assert not (run_dir / "group_0" / "exports").exists()
+    # a teacher of another architecture: refused before anything is written, naming both
+    proc = run_python(["recipes/train_lm.py", *common(sample_data, tmp_path / "bad", num_groups=1, model_size="small",
+                                                      teacher=teacher_dir)], timeout=120)
+    assert proc.returncode == 2 and "model config differs" in proc.stderr, proc.stderr
+    assert not (tmp_path / "bad").exists()
