@@ -23,10 +23,9 @@ from __future__ import annotations
 import argparse
 import json
 import subprocess
-import tempfile
 from pathlib import Path
 
-from common import PY, ROOT, bench_data, save_results, table, train
+from common import PY, ROOT, add_run_args, bench_data, runs_root, save_results, table, train
 
 PRESETS = {
     "tiny": dict(model="lstm", model_size="tiny", seq_len=32, steps=20, export_every=5, burn_in=5,
@@ -56,10 +55,8 @@ def pair(res: dict, a: str, b: str) -> dict:
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="cpu", choices=sorted(PRESETS))
-    ap.add_argument("--steps", type=int)
-    ap.add_argument("--data", help="data-prep output (default: the embedded corpus, 6 shards)")
     ap.add_argument("--seeds", default="1,2", help="the two retrain seeds")
-    ap.add_argument("--keep_runs", help="keep the run directories here (default: a temp dir)")
+    add_run_args(ap)
     a = ap.parse_args()
     p = dict(PRESETS[a.preset])
     if a.steps:
@@ -68,7 +65,7 @@ def main():
     if len(seeds) != 2 or seeds[0] == seeds[1]:
         raise SystemExit("--seeds needs two different seeds, e.g. 1,2")
     data = Path(a.data) if a.data else bench_data(2000 if a.preset == "tiny" else 8000)
-    root = Path(a.keep_runs) if a.keep_runs else Path(tempfile.mkdtemp(prefix="churn_"))
+    root = runs_root(a, "churn_")
     walls = {}
     for kind, distill in (("base", 0), ("codist", 1)):
         for s in seeds:
@@ -97,8 +94,32 @@ def main():
     out = save_results(f"churn_{a.preset}", {
         "preset": p, "data": str(data), "seeds": seeds, "train_wall_s": walls, "tokens_evaluated": base["tokens"],
         "results": {k: {"val_ppl_seed1": v, **c} for k, (c, v) in rows.items()},
-        "evaluate": {"baseline": base, "codistill": cd}})
+        "evaluate": {"baseline": base, "codistill": cd}}, a.results_dir)
     print(f"wrote {out}")
+    suffix = "" if a.preset == "cpu" else f"_{a.preset}"
+    print(f"wrote {bar_chart(rows, Path(a.results_dir) / f'churn{suffix}.png', a.preset)}")
+
+
+def bar_chart(rows: dict, png: Path, preset: str) -> Path:
+    """One panel per churn metric, one bar per kind of model."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    metrics = [("mean_abs_p_diff", "mean |p_a(y) - p_b(y)|"), ("top1_disagreement", "top-1 disagreement"),
+               ("sym_kl", "symmetric KL")]
+    fig, axes = plt.subplots(1, 3, figsize=(11, 3.4))
+    for ax, (key, label) in zip(axes, metrics):
+        names = list(rows)
+        ax.bar(range(len(names)), [rows[n][0][key] for n in names], color=["#888", "#4a7", "#37c"][:len(names)])
+        ax.set_xticks(range(len(names)), [n.replace(" (", "\n(") for n in names], fontsize=8)
+        ax.set_title(label, fontsize=10)
+    fig.suptitle(f"prediction churn between two retrains (different seeds), {preset} preset", fontsize=11)
+    fig.tight_layout()
+    tmp = png.with_name(png.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(png)
+    return png
 
 
 if __name__ == "__main__":

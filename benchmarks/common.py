@@ -64,8 +64,35 @@ def machine() -> dict:
             "loadavg": os.getloadavg()}
 
 
-def save_results(name: str, results: dict) -> Path:
-    path = ROOT / "benchmarks" / "results" / f"{name}.json"
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def add_run_args(ap) -> None:
+    """Flags every claim benchmark shares."""
+    ap.add_argument("--steps", type=int, help="override the preset's number of steps")
+    ap.add_argument("--data", help="data-prep output (default: the embedded corpus, 6 shards)")
+    ap.add_argument("--keep_runs", help="keep the run directories here (default: a temp dir)")
+    ap.add_argument("--results_dir", default=str(RESULTS), help="where the JSON and PNG go (default: %(default)s)")
+
+
+def runs_root(a, prefix: str) -> Path:
+    import tempfile
+    root = Path(a.keep_runs) if a.keep_runs else Path(tempfile.mkdtemp(prefix=prefix))
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def plot(run_dirs: list[Path], png: Path, metric: str = "val/ppl", title: str | None = None) -> Path:
+    """recipes/plot_runs.py over the runs (TensorBoard's own reader, matplotlib)."""
+    cmd = [PY, str(ROOT / "recipes" / "plot_runs.py"), *map(str, run_dirs), "--metric", metric, "-o", str(png)]
+    if title:
+        cmd += ["--title", title]
+    subprocess.run(cmd, check=True, capture_output=True)
+    return png
+
+
+def save_results(name: str, results: dict, out_dir: Path | str = RESULTS) -> Path:
+    path = Path(out_dir) / f"{name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     results = {"command": "python " + " ".join([f"benchmarks/{Path(sys.argv[0]).name}", *sys.argv[1:]]),
                "git_commit": git_sha(ROOT), "machine": machine(), "time": time.strftime("%Y-%m-%dT%H:%M:%S"),

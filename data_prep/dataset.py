@@ -85,8 +85,12 @@ class TokenData:
 class GroupStream:
     """Deterministic training batches for one group."""
 
-    def __init__(self, data: TokenData, group: int, num_groups: int, seq_len: int, seed: int):
-        parts = [data.tokens(s) for s in data.group_shards(group, num_groups)]
+    def __init__(self, data: TokenData, group: int, num_groups: int, seq_len: int, seed: int, shared: bool = False):
+        """``shared``: every group reads ALL shards (in its own order) instead of its own - the
+        same-data arm of the paper's disjoint-vs-same-data comparison."""
+        data.group_shards(group, num_groups)  # validates group / num_groups either way
+        shards = data.group_shards(0, 1) if shared else data.group_shards(group, num_groups)
+        parts = [data.tokens(s) for s in shards]
         self.tokens = parts[0] if len(parts) == 1 else np.concatenate(parts)
         self.seq_len, self.seed, self.group = seq_len, seed, group
         self.num_windows = (len(self.tokens) - 1) // seq_len

@@ -69,6 +69,9 @@ def parse_args(argv=None):
                    "checkpoints are pickles: only resume from run directories you trust)")
     p.add_argument("--num_groups", type=int, default=2)
     p.add_argument("--group_id", type=int, default=None, help="train only this group (one launch per group)")
+    p.add_argument("--data_split", default="disjoint", choices=["disjoint", "shared"],
+                   help="disjoint: group i reads only its own shards (the method); shared: every group reads all "
+                        "shards in its own order (the same-data comparison of the paper's claim 3)")
     # codistillation
     p.add_argument("--export_every", type=int, default=25)
     p.add_argument("--keep_exports", type=int, default=3)
@@ -195,7 +198,7 @@ class Group:
         self.micro = ds_cfg["train_micro_batch_size_per_gpu"]
         self.accum = ds_cfg.get("gradient_accumulation_steps", 1)
         self.global_batch = ds_cfg["train_batch_size"]
-        self.stream = GroupStream(data, gid, topo.num_groups, args.seq_len, args.seed)
+        self.stream = GroupStream(data, gid, topo.num_groups, args.seq_len, args.seed, args.data_split == "shared")
         self.val = eval_batches(data, args.seq_len, self.micro, args.eval_batches, self.dp_rank, self.dp_size)
         torch.manual_seed(args.seed + 7919 * gid)  # independent initialisation per group
         model = build_model(model_cfg)
@@ -369,7 +372,8 @@ def main(argv=None):
     log(f"model {args.model}/{args.model_size}: {g0.num_params / 1e6:.2f}M params | world {world} | "
         f"groups {args.num_groups} (this rank: {topo.hosted}, {g0.dp_size} rank(s) each) | "
         f"batch {g0.global_batch}x{args.seq_len} tokens/group | {zero} | "
-        f"codistillation {'on' if exporting else 'off'}" + (f" ({'sync' if sync else 'latest'} teachers)" if exporting else "")
+        + ("every group reads all the data (--data_split shared) | " if args.data_split == "shared" and args.num_groups > 1 else "")
+        + f"codistillation {'on' if exporting else 'off'}" + (f" ({'sync' if sync else 'latest'} teachers)" if exporting else "")
         + (" | fixed teacher (offline distillation)" if fixed is not None else ""))
 
     peers = sorted({p for g in topo.hosted for p in topo.peers(g)}) if exporting else []

@@ -58,6 +58,15 @@ def test_groups_read_disjoint_shards_and_baseline_reads_all(sample_data):
         data.group_shards(0, 4)
 
 
+def test_shared_data_split_gives_every_group_all_data_in_its_own_order(sample_data):
+    data = TokenData(sample_data)
+    g0, g1 = (GroupStream(data, g, 2, 32, 0, shared=True) for g in (0, 1))
+    assert np.array_equal(g0.tokens, GroupStream(data, 0, 1, 32, 0).tokens) and np.array_equal(g0.tokens, g1.tokens)
+    assert not np.array_equal(g0.batch(0, 0, 1, 0, 1, 8), g1.batch(0, 0, 1, 0, 1, 8))  # own order per group
+    with pytest.raises(DataError, match="--num_groups 4"):
+        GroupStream(data, 0, 4, 32, 0, shared=True)
+
+
 def test_eval_batches_fixed_and_split_over_ranks(sample_data):
     data = TokenData(sample_data)
     one = eval_batches(data, 32, 4, 3, 0, 1)

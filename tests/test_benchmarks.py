@@ -1,0 +1,65 @@
+"""The claim benchmarks' tiny presets as smoke tests: they run the real trainer and evaluator end
+to end and write their JSON and PNG; nothing here is timed (benchmarks/ measures, tests check)."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+pytestmark = pytest.mark.slow
+
+
+def bench(script, sample_data, tmp_path, *extra):
+    out = tmp_path / "results"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--preset", "tiny", "--data",
+                           str(sample_data), "--results_dir", str(out), "--keep_runs", str(tmp_path / "runs"), *extra],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    name = script.removesuffix(".py")
+    res = json.loads((out / f"{name}_tiny.json").read_text())
+    png = out / f"{name}_tiny.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    assert res["command"].startswith(f"python benchmarks/{script} --preset tiny") and res["git_commit"]
+    return res, proc.stdout, tmp_path / "runs"
+
+
+def test_convergence_tiny_runs_every_arm(sample_data, tmp_path):
+    res, out, runs = bench("convergence.py", sample_data, tmp_path)
+    r = res["results"]
+    assert set(r) == {"a_baseline_B/group_0", "b_baseline_2B/group_0", "c_codistill_2xB/group_0",
+                      "c_codistill_2xB/group_1", "d_codistill_same/group_0", "d_codistill_same/group_1",
+                      "e_offline_distill/group_0", "f_label_smoothing/group_0"}
+    assert res["target_ppl"] == r["a_baseline_B/group_0"]["final_val_ppl"]
+    assert r["a_baseline_B/group_0"]["steps_to_target"] == 16  # its own final value, reached at the end
+    assert r["b_baseline_2B/group_0"]["micro_batch"] == 2 * r["a_baseline_B/group_0"]["micro_batch"]
+    # each arm really ran as named: read back from what the trainer wrote
+    cfg = {n: json.loads((runs / n / "config.json").read_text())["args"] for n in res["runs"]}
+    assert cfg["d_codistill_same"]["data_split"] == "shared" and cfg["c_codistill_2xB"]["data_split"] == "disjoint"
+    assert cfg["e_offline_distill"]["teacher"].endswith("a_baseline_B/group_0")
+    assert cfg["f_label_smoothing"]["label_smoothing"] == 0.1
+    assert (runs / "c_codistill_2xB" / "group_1" / "exports" / "LATEST").is_file()
+    assert all(v["final_val_ppl"] > 1 for v in r.values())
+    assert "steps to ppl" in out
+
+
+def test_staleness_tiny_teacher_age_follows_the_export_interval(sample_data, tmp_path):
+    res, out, _ = bench("staleness.py", sample_data, tmp_path)
+    r = res["results"]
+    assert set(r) == {"baseline", "export_every_2", "export_every_4"}
+    assert r["baseline"]["teacher_staleness_mean"] is None
+    for k in (2, 4):  # sync teachers are K..2K steps old
+        assert k <= r[f"export_every_{k}"]["teacher_staleness_mean"] <= 2 * k
+        assert r[f"export_every_{k}"]["teacher_staleness_max"] == 2 * k
+        assert r[f"export_every_{k}"]["median_step_s"] > 0
+    assert r["baseline"]["median_step_vs_baseline"] == 1
+
+
+def test_churn_tiny_compares_retrains(sample_data, tmp_path):
+    res, out, _ = bench("churn.py", sample_data, tmp_path)
+    r = res["results"]
+    assert set(r) == {"baseline (1 model)", "2-model ensemble", "codistillation (1 model)"}
+    for v in r.values():  # two different seeds never predict identically
+        assert v["mean_abs_p_diff"] > 0 and 0 < v["top1_disagreement"] < 1 and v["sym_kl"] > 0
+    assert r["baseline (1 model)"]["a"] == "base_seed1/group_0" and r["baseline (1 model)"]["b"] == "base_seed2/group_0"
