@@ -38,6 +38,10 @@ DOC_REASONS = (
     "too_short",
     "non_text",
     "duplicate",
+    # web-text filters (filters.py)
+    "too_short_after_line_filters",
+    "language",
+    "near_duplicate",
 )
 FILE_REASONS = (
     "missing_path",

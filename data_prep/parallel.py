@@ -54,6 +54,31 @@ def clean_chunk(task) -> list:
     return out
 
 
+def filter_clean_chunk(task):
+    """(cfg, filter configs, [(file id, filter config index, raw doc)]) -> (results, line counts).
+
+    Per doc a drop reason (str; "language:<code>" for a language drop) or
+    (file id, filter config index, utf8 bytes, doc hash, split, band keys or None). With the line filters on, the
+    caller may still remove repeated lines and must then re-hash (see prepare.py)."""
+    from data_prep.filters import apply_doc_filters
+
+    (min_chars, min_ratio, seed, g, vf), fcs, items = task
+    out, line_counts = [], {}
+    for fid, k, raw in items:
+        r = clean_document(raw, min_chars, min_ratio)
+        if not isinstance(r, str) and fcs[k].any:
+            f = apply_doc_filters(r.decode("utf-8"), fcs[k], line_counts)
+            if isinstance(f, str):
+                r = f
+            else:
+                text, _lang, keys = f
+                data = text.encode("utf-8")
+                out.append((fid, k, data, doc_hash(data), split_of(data, seed, g, vf), keys))
+                continue
+        out.append(r if isinstance(r, str) else (fid, k, r, doc_hash(r), split_of(r, seed, g, vf), None))
+    return out, line_counts
+
+
 def clean_encode_chunk(task):
     """Fused pass (tokenizer known up front): clean + hash + encode.
 

@@ -39,10 +39,17 @@ import uuid
 
 import numpy as np
 
-from data_prep.clean import DEFAULT_MIN_CHARS, DEFAULT_MIN_TEXT_RATIO
-from data_prep.parallel import (chunked, clean_chunk, clean_encode_chunk, encode_chunk,
+from data_prep.clean import DEFAULT_MIN_CHARS, DEFAULT_MIN_TEXT_RATIO, doc_hash, split_of
+from data_prep.filters import (DEFAULT_LANGUAGES, DEFAULT_MAX_LINE_REPEATS,
+                               DEFAULT_MIN_LINE_WORDS, DEFAULT_NEAR_DUP_MEMORY_MB,
+                               DEFAULT_NEAR_DUP_THRESHOLD, DEFAULT_NUM_PERM, DEFAULT_SHINGLE,
+                               FILTER_MODES, LANGID_MAX_CHARS, LINE_REASONS, FilterConfig,
+                               NearDupIndex, RepeatedLines, langid_version, lsh_params,
+                               resolve_mode)
+from data_prep.parallel import (chunked, clean_encode_chunk, encode_chunk, filter_clean_chunk,
                                 ordered_map, worker_pool)
-from data_prep.readers import DEFAULT_MAX_DOC_BYTES, TEXT_MODES, Stats, discover, read_documents
+from data_prep.readers import (DEFAULT_MAX_DOC_BYTES, TEXT_MODES, Stats, discover, file_kind,
+                               is_url, read_documents)
 from data_prep.sample import SAMPLE_DEFAULTS, SampleCorpusMissing, sample_corpus_dir
 
 log = logging.getLogger("data_prep")
@@ -129,7 +136,12 @@ def prepare(inputs, output, num_groups: int, vocab_size: int = 8000, val_fractio
             text_mode: str = "blank_line", jsonl_field: str = "text",
             min_chars: int = DEFAULT_MIN_CHARS, min_text_ratio: float = DEFAULT_MIN_TEXT_RATIO,
             max_doc_bytes: int = DEFAULT_MAX_DOC_BYTES, tokenizer_sample_mb: float = 32,
-            quiet: bool = False) -> Path:
+            quiet: bool = False, lang_filter: str = "auto", languages=DEFAULT_LANGUAGES,
+            near_dup: str = "auto", near_dup_threshold: float = DEFAULT_NEAR_DUP_THRESHOLD,
+            near_dup_memory_mb: float = DEFAULT_NEAR_DUP_MEMORY_MB, line_filters: str = "auto",
+            min_line_words: int = DEFAULT_MIN_LINE_WORDS,
+            max_line_repeats: int = DEFAULT_MAX_LINE_REPEATS, shard_index: int | None = None,
+            num_shards: int | None = None, tokenizer_only: bool = False) -> Path:
     """Prepare ``inputs`` into the dataset directory ``output``; returns its path.
 
     Raises DataPrepError (a ValueError) with an actionable message on bad arguments or when
@@ -153,17 +165,48 @@ def prepare(inputs, output, num_groups: int, vocab_size: int = 8000, val_fractio
         raise DataPrepError(f"--text_mode must be one of {', '.join(TEXT_MODES)}")
     if workers < 1:
         raise DataPrepError(f"--workers must be >= 1 (got {workers})")
+    shard = None
+    if (shard_index is None) != (num_shards is None):
+        raise DataPrepError("--shard_index and --num_shards go together (e.g. --shard_index "
+                            "$SLURM_ARRAY_TASK_ID --num_shards 8)")
+    if num_shards is not None:
+        if not (isinstance(num_shards, int) and num_shards >= 1):
+            raise DataPrepError(f"--num_shards must be an integer >= 1 (got {num_shards!r})")
+        if not (isinstance(shard_index, int) and 0 <= shard_index < num_shards):
+            raise DataPrepError(f"--shard_index must be in [0, {num_shards - 1}] for "
+                                f"--num_shards {num_shards} (got {shard_index!r})")
+        if tokenizer is None:
+            raise DataPrepError("--num_shards needs a shared --tokenizer (every shard must use "
+                                "the same one): train it first with  prepare.py --input "
+                                "<some files> --output TOKDIR --tokenizer_only  and pass "
+                                "--tokenizer TOKDIR/tokenizer.model")
+        if tokenizer_only:
+            raise DataPrepError("--tokenizer_only cannot be combined with --num_shards")
+    if tokenizer_only and tokenizer is not None:
+        raise DataPrepError("--tokenizer_only trains a tokenizer; drop --tokenizer")
+    filt = FilterSetup(lang_filter, languages, near_dup, near_dup_threshold, near_dup_memory_mb,
+                       line_filters, min_line_words, max_line_repeats, min_chars)
     output = Path(output)
     _check_output(output, overwrite)
     tok_proto = load_tokenizer_proto(tokenizer) if tokenizer is not None else None
 
-    stats = Stats(sources=SourceSummary(inputs))
+    stats = Stats(sources=SourceSummary(inputs, keep_files=num_shards is not None))
     files = discover(inputs, stats)
     if not files:
         raise DataPrepError(
             "no input file found in --input " + " ".join(map(str, inputs)) +
             f" ({_fmt_dropped(stats.dropped)}); give existing files or directories with "
-            ".txt, .jsonl, .warc.wet[.gz], .parquet or .json files (optionally .gz)")
+            ".txt, .jsonl, .warc.wet[.gz], .parquet or .json files (optionally .gz), "
+            "or http(s) URLs of such files")
+    if num_shards is not None:
+        # contiguous slices of the sorted file list: shard i's documents all come before
+        # shard i+1's, so --merge can replay the global, order-dependent de-duplication
+        lo, hi = len(files) * shard_index // num_shards, len(files) * (shard_index + 1) // num_shards
+        shard = {"index": shard_index, "num_shards": num_shards, "first_file": lo,
+                 "kinds": {1 if file_kind(f) == "wet" else 0 for f in files}}
+        files = files[lo:hi]
+        if shard_index:  # path-level drops of discover() are counted by shard 0 only
+            stats.dropped.clear()
 
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = output.parent / f"{output.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -174,11 +217,28 @@ def prepare(inputs, output, num_groups: int, vocab_size: int = 8000, val_fractio
                           seed=seed, text_mode=text_mode, jsonl_field=jsonl_field,
                           min_chars=min_chars, min_text_ratio=min_text_ratio,
                           max_doc_bytes=max_doc_bytes,
-                          sample_bytes=int(tokenizer_sample_mb * (1 << 20)), quiet=quiet)
+                          sample_bytes=int(tokenizer_sample_mb * (1 << 20)), quiet=quiet,
+                          filt=filt, shard=shard, tokenizer_only=tokenizer_only)
         _publish(tmp, output, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    if tokenizer_only:
+        _say(quiet, f"tokenizer written to {output / 'tokenizer.model'} (from "
+                    f"{manifest['documents_kept']} documents; dropped: "
+                    f"{_fmt_dropped(manifest['dropped'])})")
+        return output
+    if shard is not None:
+        _say(quiet, f"shard {shard_index}/{num_shards} written to {output}: "
+                    f"{sum(s['num_docs'] for s in manifest['splits'].values())} documents of "
+                    f"{manifest['documents_in']} read; merge all shards with  prepare.py "
+                    "--merge SHARD_DIR ... --output DIR")
+        return output
+    _summary(quiet, output, manifest, num_groups)
+    return output
+
+
+def _summary(quiet, output, manifest, num_groups) -> None:
     sp = manifest["splits"]
     _say(quiet, f"prepared {output}: kept {manifest['documents_kept']} of "
                 f"{manifest['documents_in']} documents, "
@@ -187,7 +247,6 @@ def prepare(inputs, output, num_groups: int, vocab_size: int = 8000, val_fractio
                 f"{min(sp[f'group_{g}']['num_docs'] for g in range(num_groups))}-"
                 f"{max(sp[f'group_{g}']['num_docs'] for g in range(num_groups))} docs each), "
                 f"vocab {manifest['vocab_size']}; dropped: {_fmt_dropped(manifest['dropped'])}")
-    return output
 
 
 def _publish(tmp: Path, output: Path, overwrite: bool) -> None:
@@ -330,19 +389,26 @@ def _raw_to_npy(raw: Path, dest: Path, dtype, n: int, prefix=None) -> None:
     raw.unlink()
 
 
+def _norm_input(i) -> str:
+    return str(i) if is_url(str(i)) else str(Path(i))
+
+
 class SourceSummary:
     """Aggregates per-file source entries into one manifest entry per --input argument
     (files, bytes, documents, skipped files, and a sha256 over the (relative path, file
     sha256) pairs in read order), so memory and manifest size do not grow with file count."""
 
-    def __init__(self, inputs):
+    def __init__(self, inputs, keep_files: bool = False):
         self.entries = []
-        for inp in (str(Path(i)) for i in inputs):  # normalised like discover()'s paths
+        self.files = [] if keep_files else None  # per-file entries (sharded runs, for --merge)
+        for inp in (_norm_input(i) for i in inputs):  # normalised like discover()'s paths
             self.entries.append((inp, inp.rstrip(os.sep) + os.sep, hashlib.sha256(),
                                  {"path": inp, "files": 0, "bytes": 0, "documents": 0,
                                   "files_skipped": 0}))
 
     def append(self, src: dict) -> None:
+        if self.files is not None:
+            self.files.append(src)
         path = src["path"]
         for inp, prefix, h, agg in self.entries:
             if path == inp or path.startswith(prefix):
@@ -358,13 +424,17 @@ class SourceSummary:
         return [{**agg, "sha256": h.hexdigest()} for _, _, h, agg in self.entries]
 
 
-def _check_kept(n_docs, names, stats, files, num_groups, val_fraction) -> None:
-    kept = sum(n_docs)
+def _check_kept(n_docs, names, stats, files, num_groups, val_fraction,
+                tokenizer_only=False) -> None:
+    kept = sum(n_docs[1:]) if tokenizer_only else sum(n_docs)
     if kept == 0:
         raise DataPrepError(
             f"nothing usable remains: {stats.documents_in} documents read from {len(files)} "
             f"files, dropped: {_fmt_dropped(stats.dropped)}. Check --input/--text_mode/"
-            "--jsonl_field, or relax --min_chars/--min_text_ratio")
+            "--jsonl_field, or relax --min_chars/--min_text_ratio (and the web-text filters: "
+            "--languages, --lang_filter/--near_dup/--line_filters off)")
+    if tokenizer_only:
+        return
     empty = [names[i] for i in range(len(names)) if n_docs[i] == 0]
     if empty:
         raise DataPrepError(
@@ -373,49 +443,112 @@ def _check_kept(n_docs, names, stats, files, num_groups, val_fraction) -> None:
             "--num_groups or a larger --val_fraction")
 
 
+_ORDER_HEAD = struct.Struct("<HB")  # per kept document, in order: split, has band keys
+
+
+def _tagged_docs(files, stats, file_ids, **kw):
+    """(file id, filter config index (1 for WET, 0 otherwise), raw document) in input order."""
+    for fid, path in zip(file_ids, files):
+        k = 1 if file_kind(path) == "wet" else 0
+        for doc in read_documents(None, stats, files=[path], **kw):
+            yield fid, k, doc
+
+
 def _build(tmp: Path, files, stats: Stats, *, inputs, num_groups, vocab_size, val_fraction,
            tok_proto, workers, seed, text_mode, jsonl_field, min_chars, min_text_ratio,
-           max_doc_bytes, sample_bytes, quiet) -> dict:
+           max_doc_bytes, sample_bytes, quiet, filt: "FilterSetup", shard=None,
+           tokenizer_only=False) -> dict:
     names = split_names(num_groups)
     cfg = (min_chars, min_text_ratio, seed, num_groups, val_fraction)
-    docs = read_documents(None, stats, text_mode=text_mode, jsonl_field=jsonl_field,
-                          max_doc_bytes=max_doc_bytes, files=files)
+    fcs = filt.configs
+    kinds = {1 if file_kind(f) == "wet" else 0 for f in files}
+    filtering = any(fcs[k].any for k in kinds)
+    file_ids = list(range(shard["first_file"], shard["first_file"] + len(files))) if shard \
+        else list(range(len(files)))
     seen: set[int] = set()  # the one structure that grows with the corpus (see clean.py)
     timing = {}
     t0 = time.time()
     trained = tok_proto is None
+    spooled = trained or filtering or shard is not None
+    line_counts: collections.Counter = collections.Counter()
+    lang_drops: collections.Counter = collections.Counter()
+    repeated = RepeatedLines(filt.max_line_repeats) if any(fcs[k].line_filters for k in kinds) \
+        else None
+    index = None
+    if shard is None and any(fcs[k].near_dup for k in kinds):
+        index = NearDupIndex(filt.near_dup_memory_mb, filt.bands)
+    order = None
     with worker_pool(workers) as pool:
-        if trained:
-            # pass 1: read, clean, de-duplicate, assign splits -> spool file
+        if spooled:
+            # pass 1: read, clean, filter, de-duplicate, assign splits -> spool file
             spool_path = tmp / "documents.spool"
             n_docs = [0] * len(names)
             train_bytes = 0
-            tasks = ((cfg, c) for c in chunked(docs))
+            docs = _tagged_docs(files, stats, file_ids, text_mode=text_mode,
+                                jsonl_field=jsonl_field, max_doc_bytes=max_doc_bytes)
+            tasks = ((cfg, fcs, c) for c in chunked(docs, size_of=lambda x: len(x[2])))
+            if shard is not None:
+                order = open(tmp / "order.bin", "wb", buffering=1 << 20)
+                no_keys = bytes(8 * filt.bands)
             with open(spool_path, "wb", buffering=1 << 20) as spool, \
                     _progress(quiet, desc="clean", unit="doc") as bar:
-                for results in ordered_map(clean_chunk, tasks, pool):
+                for results, lc in ordered_map(filter_clean_chunk, tasks, pool):
+                    line_counts.update(lc)
                     for r in results:
                         if isinstance(r, str):
+                            if r.startswith("language:"):
+                                lang_drops[r[9:]] += 1
+                                r = "language"
                             stats.dropped[r] += 1
                             continue
-                        data, h, s = r
+                        fid, k, data, h, s, keys = r
+                        if repeated is not None and fcs[k].line_filters:
+                            data2, removed = repeated(fid, data)
+                            if removed:
+                                line_counts["repeated_line"] += removed
+                                if len(data2.decode("utf-8")) < min_chars:
+                                    stats.dropped["too_short_after_line_filters"] += 1
+                                    continue
+                                data = data2
+                                h, s = doc_hash(data), split_of(data, seed, num_groups, val_fraction)
                         if h in seen:
                             stats.dropped["duplicate"] += 1
                             continue
                         seen.add(h)
+                        if keys is not None and index is not None and index.check_and_add(keys):
+                            stats.dropped["near_duplicate"] += 1
+                            continue
+                        if order is not None:
+                            order.write(_ORDER_HEAD.pack(s, keys is not None))
+                            order.write(no_keys if keys is None else keys.astype("<u8").tobytes())
                         spool.write(_REC.pack(s, h, len(data)))
                         spool.write(data)
                         n_docs[s] += 1
                         if s:
                             train_bytes += len(data)
                     bar.update(len(results))
+            if order is not None:
+                order.close()
             seen.clear()
-            _check_kept(n_docs, names, stats, files, num_groups, val_fraction)
+            if shard is None:
+                _check_kept(n_docs, names, stats, files, num_groups, val_fraction,
+                            tokenizer_only=tokenizer_only)
             timing["clean_s"] = time.time() - t0
-            tok_proto = _train_tokenizer(spool_path, tmp, train_bytes, sample_bytes, vocab_size,
-                                         quiet)
+            if trained:
+                tok_proto = _train_tokenizer(spool_path, tmp, train_bytes, sample_bytes,
+                                             vocab_size, quiet)
             timing["tokenizer_s"] = time.time() - t0 - timing["clean_s"]
         (tmp / "tokenizer.model").write_bytes(tok_proto)
+        if tokenizer_only:
+            spool_path.unlink()
+            manifest = {"format_version": FORMAT_VERSION, "tokenizer_only": True,
+                        "tokenizer": "tokenizer.model",
+                        "tokenizer_sha256": hashlib.sha256(tok_proto).hexdigest(),
+                        "documents_in": stats.documents_in, "documents_kept": sum(n_docs),
+                        "dropped": dict(sorted(stats.dropped.items())),
+                        "sources": stats.sources.summary()}
+            _write_json(tmp / "manifest.json", manifest)
+            return manifest
         import sentencepiece as spm
 
         sp = spm.SentencePieceProcessor(model_proto=tok_proto)
@@ -430,8 +563,8 @@ def _build(tmp: Path, files, stats: Stats, *, inputs, num_groups, vocab_size, va
         n_tok = 0
         try:
             with _progress(quiet, desc="tokenize", unit="doc",
-                           total=sum(n_docs) if trained else None) as bar:
-                if trained:  # pass 2: spool -> encode -> shards
+                           total=sum(n_docs) if spooled else None) as bar:
+                if spooled:  # pass 2: spool -> encode -> shards
                     metas: collections.deque = collections.deque()
 
                     def tasks():
@@ -448,6 +581,9 @@ def _build(tmp: Path, files, stats: Stats, *, inputs, num_groups, vocab_size, va
                                             refresh=False)
                     spool_path.unlink()
                 else:  # fused single pass: read -> clean + encode in workers -> dedup -> shards
+                    docs = read_documents(None, stats, text_mode=text_mode,
+                                          jsonl_field=jsonl_field, max_doc_bytes=max_doc_bytes,
+                                          files=files)
                     tasks = ((cfg, tok_cfg, c) for c in chunked(docs))
                     for meta, flat, lengths in ordered_map(clean_encode_chunk, tasks, pool):
                         keep = []
@@ -471,13 +607,65 @@ def _build(tmp: Path, files, stats: Stats, *, inputs, num_groups, vocab_size, va
             raise
     splits = writer.close()
     n_docs = [splits[n]["num_docs"] for n in names]
-    _check_kept(n_docs, names, stats, files, num_groups, val_fraction)
+    if shard is None:
+        _check_kept(n_docs, names, stats, files, num_groups, val_fraction)
     timing["tokenize_s"] = time.time() - t1
     for n in names:
         with open(tmp / splits[n]["tokens"], "rb+") as f:
             os.fsync(f.fileno())
+    common = dict(tok_proto=tok_proto, trained=trained, vocab=vocab, dtype=dtype, eos_id=eos_id,
+                  num_groups=num_groups, seed=seed, val_fraction=val_fraction,
+                  cleaning={"text_mode": text_mode, "jsonl_field": jsonl_field,
+                            "min_chars": min_chars, "min_text_ratio": min_text_ratio,
+                            "max_doc_bytes": max_doc_bytes})
+    if shard is not None:
+        manifest = {"format_version": FORMAT_VERSION, "shard": True,
+                    "shard_index": shard["index"], "num_shards": shard["num_shards"],
+                    "inputs": [str(i) for i in inputs], "common": {**common, "tok_proto": None},
+                    "tokenizer_sha256": hashlib.sha256(tok_proto).hexdigest(),
+                    "filters": filt.describe(kinds_all=shard["kinds"]),
+                    "splits": splits, "dropped": dict(sorted(stats.dropped.items())),
+                    "documents_in": stats.documents_in,
+                    "line_counts": dict(line_counts), "lang_drops": dict(lang_drops),
+                    "source_files": stats.sources.files}
+        _write_json(tmp / SHARD_MANIFEST, manifest)
+    else:
+        filters = filt.describe(kinds_all=kinds)
+        _fill_filter_counts(filters, line_counts, lang_drops, index)
+        manifest = _make_manifest(**common, splits=splits, dropped=stats.dropped,
+                                  documents_in=stats.documents_in, filters=filters,
+                                  sources=stats.sources.summary())
+        _write_json(tmp / "manifest.json", manifest)
+    if os.environ.get("DATA_PREP_TIMING"):
+        print(json.dumps({**timing, "tokens": n_tok, "docs": sum(n_docs)}), file=sys.stderr,
+              flush=True)
+    return manifest
 
-    manifest = {
+
+SHARD_MANIFEST = "shard_manifest.json"
+
+
+def _write_json(path: Path, obj) -> None:
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=1)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fill_filter_counts(filters: dict, line_counts, lang_drops, index) -> None:
+    if "line_filters" in filters:
+        filters["line_filters"]["lines_dropped"] = {r: int(line_counts.get(r, 0))
+                                                    for r in LINE_REASONS}
+    if "language" in filters:
+        filters["language"]["dropped_by_language"] = dict(sorted(lang_drops.items()))
+    if "near_dup" in filters and index is not None:
+        filters["near_dup"]["index"] = index.stats()
+
+
+def _make_manifest(*, tok_proto, trained, vocab, dtype, eos_id, num_groups, seed, val_fraction,
+                   cleaning, splits, dropped, documents_in, filters, sources) -> dict:
+    return {
         "format_version": FORMAT_VERSION,
         "tokenizer": "tokenizer.model",
         "tokenizer_sha256": hashlib.sha256(tok_proto).hexdigest(),
@@ -489,27 +677,231 @@ def _build(tmp: Path, files, stats: Stats, *, inputs, num_groups, vocab_size, va
         "seed": seed,
         "val_fraction": val_fraction,
         "splits": splits,
-        "dropped": dict(sorted(stats.dropped.items())),
-        "documents_in": stats.documents_in,
-        "documents_kept": sum(n_docs),
+        "dropped": dict(sorted(dropped.items())),
+        "documents_in": documents_in,
+        "documents_kept": sum(s["num_docs"] for s in splits.values()),
         "doc_hash": "blake2b-64 of the normalised UTF-8 text (uint64, little-endian)",
         "split_hash": "blake2b-128 keyed by seed: val if first 64 bits / 2^64 < val_fraction, "
                       "else group = last 64 bits mod num_groups",
-        "cleaning": {"text_mode": text_mode, "jsonl_field": jsonl_field, "min_chars": min_chars,
-                     "min_text_ratio": min_text_ratio, "max_doc_bytes": max_doc_bytes,
-                     "unicode": "NFC", "whitespace": "runs collapsed to one space, lines "
-                     "stripped, empty lines removed (paragraphs separated by one newline)"},
-        "sources": stats.sources.summary(),
+        "cleaning": {**cleaning, "unicode": "NFC", "whitespace": "runs collapsed to one space, "
+                     "lines stripped, empty lines removed (paragraphs separated by one newline)"},
+        "filters": filters,
+        "sources": sources,
     }
-    with open(tmp / "manifest.json", "w") as f:
-        json.dump(manifest, f, indent=1)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    if os.environ.get("DATA_PREP_TIMING"):
-        print(json.dumps({**timing, "tokens": n_tok, "docs": sum(n_docs)}), file=sys.stderr,
-              flush=True)
-    return manifest
+
+
+class FilterSetup:
+    """The resolved filter options: one FilterConfig for non-WET input (index 0) and one for
+    Common Crawl WET input (index 1); 'auto' means on for WET only."""
+
+    def __init__(self, lang_filter="auto", languages=DEFAULT_LANGUAGES, near_dup="auto",
+                 near_dup_threshold=DEFAULT_NEAR_DUP_THRESHOLD,
+                 near_dup_memory_mb=DEFAULT_NEAR_DUP_MEMORY_MB, line_filters="auto",
+                 min_line_words=DEFAULT_MIN_LINE_WORDS, max_line_repeats=DEFAULT_MAX_LINE_REPEATS,
+                 min_chars=DEFAULT_MIN_CHARS):
+        for flag, v in (("--lang_filter", lang_filter), ("--near_dup", near_dup),
+                        ("--line_filters", line_filters)):
+            if v not in FILTER_MODES:
+                raise DataPrepError(f"{flag} must be one of {', '.join(FILTER_MODES)} (got {v!r})")
+        if isinstance(languages, str):
+            languages = languages.split(",")
+        languages = tuple(sorted({x.strip() for x in languages if x.strip()}))
+        if not languages:
+            raise DataPrepError("--languages: give at least one language code, e.g. en or en,de")
+        if not (0 < near_dup_threshold < 1):
+            raise DataPrepError(f"--near_dup_threshold must be in (0, 1) (got {near_dup_threshold!r})")
+        if near_dup_memory_mb <= 0:
+            raise DataPrepError(f"--near_dup_memory_mb must be > 0 (got {near_dup_memory_mb!r})")
+        if min_line_words < 0 or max_line_repeats < 1:
+            raise DataPrepError("--min_line_words must be >= 0 and --max_line_repeats >= 1")
+        self.modes = {"language": lang_filter, "near_dup": near_dup, "line_filters": line_filters}
+        self.languages = languages
+        self.near_dup_threshold = float(near_dup_threshold)
+        self.near_dup_memory_mb = float(near_dup_memory_mb)
+        self.min_line_words = int(min_line_words)
+        self.max_line_repeats = int(max_line_repeats)
+        self.configs = tuple(FilterConfig(
+            line_filters=resolve_mode(line_filters, wet), language=resolve_mode(lang_filter, wet),
+            near_dup=resolve_mode(near_dup, wet), languages=languages,
+            min_line_words=self.min_line_words, min_chars=min_chars,
+            near_dup_threshold=self.near_dup_threshold) for wet in (False, True))
+        self.bands, self.rows = (lsh_params(self.near_dup_threshold, DEFAULT_NUM_PERM)
+                                 if any(c.near_dup for c in self.configs) else (0, 0))
+        if languages and any(c.language for c in self.configs):
+            import py3langid  # noqa: F401 - fail early with a clear error if missing
+
+    def describe(self, kinds_all) -> dict:
+        """Manifest entry; ``kinds_all``: which input kinds occur (0 other, 1 WET)."""
+        def applies(name):
+            on = [("other", "wet")[k] for k in sorted(kinds_all) if getattr(self.configs[k], name)]
+            return on
+        out = {}
+        if applies("line_filters"):
+            out["line_filters"] = {"mode": self.modes["line_filters"],
+                                   "applies_to": applies("line_filters"),
+                                   "min_line_words": self.min_line_words,
+                                   "terminal_punctuation": True,
+                                   "max_line_repeats": self.max_line_repeats,
+                                   "repeat_scope": "per input file"}
+        if applies("language"):
+            out["language"] = {"mode": self.modes["language"], "applies_to": applies("language"),
+                               "languages": list(self.languages), "library": langid_version(),
+                               "chars_looked_at": LANGID_MAX_CHARS}
+        if applies("near_dup"):
+            out["near_dup"] = {"mode": self.modes["near_dup"], "applies_to": applies("near_dup"),
+                               "threshold": self.near_dup_threshold, "num_perm": DEFAULT_NUM_PERM,
+                               "bands": self.bands, "rows": self.rows,
+                               "shingles": f"word {DEFAULT_SHINGLE}-grams, lower-cased",
+                               "minhash": "datasketch MinHash, affine32, seed 1, BLAKE2b-32",
+                               "memory_mb": self.near_dup_memory_mb}
+        return out
+
+
+def _read_shard_manifest(d: Path) -> dict:
+    try:
+        m = json.loads((d / SHARD_MANIFEST).read_text())
+        if not m.get("shard"):
+            raise ValueError("not a shard manifest")
+        return m
+    except (OSError, ValueError) as e:
+        raise DataPrepError(f"--merge {d}: no readable {SHARD_MANIFEST} ({e}); pass the "
+                            "--output directories of  prepare.py --shard_index i --num_shards N  "
+                            "runs that finished") from None
+
+
+def merge(shard_dirs, output, overwrite: bool = False, quiet: bool = False) -> Path:
+    """Merge the outputs of ``prepare.py --shard_index i --num_shards N`` into one dataset.
+
+    No re-tokenization: token ranges are copied. Exact and near-duplicate removal across
+    shards is replayed here in the global input order (shards are contiguous slices of the
+    sorted input list), so the result is byte-identical to a single-process run."""
+    dirs = [Path(d) for d in shard_dirs]
+    if not dirs:
+        raise DataPrepError("--merge needs the shard directories, e.g. --merge out/shard_*")
+    ms = [_read_shard_manifest(d) for d in dirs]
+    n_shards = ms[0]["num_shards"]
+    got = sorted(m["shard_index"] for m in ms)
+    if got != list(range(n_shards)) or any(m["num_shards"] != n_shards for m in ms):
+        missing = sorted(set(range(n_shards)) - set(got))
+        raise DataPrepError(
+            f"--merge: expected shards 0..{n_shards - 1} of one run exactly once each, got "
+            f"indices {got}" + (f" (missing {missing})" if missing else "") +
+            "; pass every shard directory of the run (re-run the failed array tasks first)")
+    order = sorted(range(len(ms)), key=lambda i: ms[i]["shard_index"])
+    dirs, ms = [dirs[i] for i in order], [ms[i] for i in order]
+    for key in ("inputs", "common", "tokenizer_sha256", "filters"):
+        for d, m in zip(dirs[1:], ms[1:]):
+            if m[key] != ms[0][key]:
+                raise DataPrepError(f"--merge: {d} was prepared with a different {key} than "
+                                    f"{dirs[0]}; all shards must come from one run (same "
+                                    "--input list, options and --tokenizer)")
+    output = Path(output)
+    _check_output(output, overwrite)
+    common = dict(ms[0]["common"])
+    tok_proto = (dirs[0] / "tokenizer.model").read_bytes()
+    if hashlib.sha256(tok_proto).hexdigest() != ms[0]["tokenizer_sha256"]:
+        raise DataPrepError(f"--merge: {dirs[0] / 'tokenizer.model'} does not match its manifest")
+    common["tok_proto"] = tok_proto
+    names = split_names(common["num_groups"])
+    filters = json.loads(json.dumps(ms[0]["filters"]))
+    nd = filters.get("near_dup")
+    bands = nd["bands"] if nd else 0
+    index = NearDupIndex(nd["memory_mb"], bands) if nd else None
+    rec = struct.Struct(_ORDER_HEAD.format + f"{bands}Q")
+
+    # pass A: replay exact + near-duplicate removal over all shards in global order
+    seen: set[int] = set()
+    dropped: collections.Counter = collections.Counter()
+    keep = []
+    for d, m in zip(dirs, ms):
+        hashes = [np.load(d / m["splits"][n]["doc_hashes"]) for n in names]
+        flags = [np.zeros(len(h), bool) for h in hashes]
+        pos = [0] * len(names)
+        with open(d / "order.bin", "rb", buffering=1 << 20) as f:
+            while True:
+                head = f.read(rec.size)
+                if len(head) < rec.size:
+                    if head:
+                        raise DataPrepError(f"--merge: {d / 'order.bin'} is truncated; re-run "
+                                            f"shard {m['shard_index']}")
+                    break
+                vals = rec.unpack(head)
+                s, has = vals[0], vals[1]
+                i = pos[s]
+                pos[s] += 1
+                h = int(hashes[s][i])
+                if h in seen:
+                    dropped["duplicate"] += 1
+                    continue
+                seen.add(h)
+                if has and index is not None and \
+                        index.check_and_add(np.array(vals[2:], np.uint64)):
+                    dropped["near_duplicate"] += 1
+                    continue
+                flags[s][i] = True
+        if pos != [len(h) for h in hashes]:
+            raise DataPrepError(f"--merge: {d} is inconsistent (order.bin vs split files); "
+                                f"re-run shard {m['shard_index']}")
+        keep.append(flags)
+    seen.clear()
+
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output.parent / f"{output.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        (tmp / "tokenizer.model").write_bytes(tok_proto)
+        dtype = np.dtype(common["dtype"])
+        writer = ShardWriter(tmp, names, common["dtype"])
+        try:
+            # pass B: copy the kept documents' tokens, split by split, shard by shard
+            for si, n in enumerate(names):
+                for d, m, flags in zip(dirs, ms, keep):
+                    sp = m["splits"][n]
+                    kept = np.flatnonzero(flags[si])
+                    if not len(kept):
+                        continue
+                    toks = np.memmap(d / sp["tokens"], dtype=dtype, mode="r")
+                    offs = np.load(d / sp["doc_index"])
+                    hs = np.load(d / sp["doc_hashes"])
+                    for c in range(0, len(kept), 4096):
+                        ks = kept[c:c + 4096]
+                        flat = np.concatenate([toks[offs[k]:offs[k + 1]] for k in ks])
+                        writer.add_chunk([(si, int(hs[k])) for k in ks], flat,
+                                         offs[ks + 1] - offs[ks])
+                    del toks
+        except BaseException:
+            writer.abort()
+            raise
+        splits = writer.close()
+        for d, m in zip(dirs, ms):
+            dropped.update(m["dropped"])
+        documents_in = sum(m["documents_in"] for m in ms)
+        st = Stats(dropped=dropped, documents_in=documents_in)
+        _check_kept([splits[n]["num_docs"] for n in names], names, st,
+                    [f["path"] for m in ms for f in m["source_files"]], common["num_groups"],
+                    common["val_fraction"])
+        for n in names:
+            with open(tmp / splits[n]["tokens"], "rb+") as f:
+                os.fsync(f.fileno())
+        line_counts, lang_drops = collections.Counter(), collections.Counter()
+        sources = SourceSummary(ms[0]["inputs"])
+        for m in ms:
+            line_counts.update(m["line_counts"])
+            lang_drops.update(m["lang_drops"])
+            for src in m["source_files"]:
+                sources.append(src)
+        _fill_filter_counts(filters, line_counts, lang_drops, index)
+        manifest = _make_manifest(**common, splits=splits, dropped=dropped,
+                                  documents_in=documents_in, filters=filters,
+                                  sources=sources.summary())
+        _write_json(tmp / "manifest.json", manifest)
+        _publish(tmp, output, overwrite)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _say(quiet, f"merged {n_shards} shards")
+    _summary(quiet, output, manifest, common["num_groups"])
+    return output
 
 
 def prepare_sample(output_dir, num_groups: int = 6, vocab_size: int = 8000, seed: int = 1234,
@@ -567,6 +959,34 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train the tokenizer on a hash-selected sample of at most this many "
                         "MiB of training documents (bounds its memory, ~30x the sample)")
     p.add_argument("--quiet", action="store_true")
+    f = p.add_argument_group(
+        "web-text filters", "each 'auto' (the default) = on for Common Crawl WET input "
+        "(.warc.wet[.gz] files or URLs), off for other input; 'on'/'off' for every input")
+    f.add_argument("--lang_filter", choices=FILTER_MODES, default="auto",
+                   help="language ID (py3langid): keep --languages, count the rest")
+    f.add_argument("--languages", default=",".join(DEFAULT_LANGUAGES),
+                   help="comma-separated ISO 639-1 codes to keep (default %(default)s)")
+    f.add_argument("--near_dup", choices=FILTER_MODES, default="auto",
+                   help="near-duplicate removal (MinHash LSH over word 5-grams)")
+    f.add_argument("--near_dup_threshold", type=float, default=DEFAULT_NEAR_DUP_THRESHOLD,
+                   help="Jaccard similarity above which a later document is dropped")
+    f.add_argument("--near_dup_memory_mb", type=float, default=DEFAULT_NEAR_DUP_MEMORY_MB,
+                   help="fixed size of the LSH Bloom index (false matches ~1e-4 per document "
+                        "at 10 M documents with 256)")
+    f.add_argument("--line_filters", choices=FILTER_MODES, default="auto",
+                   help="drop short lines, lines without terminal punctuation and lines "
+                        "repeated in many documents of the same file")
+    f.add_argument("--min_line_words", type=int, default=DEFAULT_MIN_LINE_WORDS)
+    f.add_argument("--max_line_repeats", type=int, default=DEFAULT_MAX_LINE_REPEATS,
+                   help="a line seen in this many earlier documents of a file is removed")
+    c = p.add_argument_group("cluster", "N independent workers over disjoint slices of the "
+                             "input list, then one merge (see slurm/prepare_data_array.sh)")
+    c.add_argument("--shard_index", type=int, help="this worker's slice (0-based)")
+    c.add_argument("--num_shards", type=int, help="number of slices (needs --tokenizer)")
+    c.add_argument("--merge", nargs="+", metavar="SHARD_DIR",
+                   help="merge the shard outputs into --output (no re-tokenization)")
+    c.add_argument("--tokenizer_only", action="store_true",
+                   help="only train the tokenizer: writes DIR/tokenizer.model")
     return p
 
 
@@ -576,6 +996,12 @@ def main(argv=None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
+        if args.merge:
+            if args.input or args.sample or not args.output:
+                raise DataPrepError("--merge SHARD_DIR ... takes only --output DIR (and "
+                                    "--overwrite/--quiet); drop --input/--sample")
+            merge(args.merge, args.output, overwrite=args.overwrite, quiet=args.quiet)
+            return 0
         if args.sample:
             if args.input:
                 raise DataPrepError("--sample and --input are exclusive; drop one of them")
@@ -589,6 +1015,8 @@ def main(argv=None) -> int:
                             else args.val_fraction)
             text_mode = args.text_mode or SAMPLE_DEFAULTS["text_mode"]
         else:
+            if args.tokenizer_only and args.num_groups is None:
+                args.num_groups = 1
             missing = [f for f, v in (("--input", args.input), ("--output", args.output),
                                       ("--num_groups", args.num_groups)) if v is None]
             if missing:
@@ -602,7 +1030,13 @@ def main(argv=None) -> int:
                 seed=args.seed, overwrite=args.overwrite, text_mode=text_mode,
                 jsonl_field=args.jsonl_field, min_chars=args.min_chars,
                 min_text_ratio=args.min_text_ratio, max_doc_bytes=args.max_doc_bytes,
-                tokenizer_sample_mb=args.tokenizer_sample_mb, quiet=args.quiet)
+                tokenizer_sample_mb=args.tokenizer_sample_mb, quiet=args.quiet,
+                lang_filter=args.lang_filter, languages=args.languages, near_dup=args.near_dup,
+                near_dup_threshold=args.near_dup_threshold,
+                near_dup_memory_mb=args.near_dup_memory_mb, line_filters=args.line_filters,
+                min_line_words=args.min_line_words, max_line_repeats=args.max_line_repeats,
+                shard_index=args.shard_index, num_shards=args.num_shards,
+                tokenizer_only=args.tokenizer_only)
     except DataPrepError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

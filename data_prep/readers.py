@@ -56,8 +56,17 @@ class Stats:
             log.warning("further skipped files are only counted (manifest 'dropped')")
 
 
+def is_url(path) -> bool:
+    return str(path).lower().startswith(("http://", "https://"))
+
+
 def file_kind(path) -> str | None:
-    name = os.path.basename(str(path)).lower()
+    path = str(path)
+    if is_url(path):  # the name is the last component of the URL's path
+        path = path.split("?", 1)[0].split("#", 1)[0]
+    name = os.path.basename(path).lower()
+    if name.endswith(".part") or name == "fetch_manifest.json":  # fetch_common_crawl.py's
+        return None
     if name.endswith(".gz"):
         name = name[:-3]
     if name.endswith(".wet"):
@@ -76,7 +85,15 @@ def file_kind(path) -> str | None:
 def discover(paths, stats: Stats) -> list[str]:
     """Expand input paths into a sorted list of supported files (directories recursively)."""
     out: list[str] = []
-    for p in map(Path, paths):
+    for p in paths:
+        if is_url(p):  # streamed by read_documents, never stored (fetch_common_crawl.open_url)
+            if file_kind(p) is None:
+                stats.drop_file("unsupported_file", p, "URL must end in .warc.wet[.gz], .txt, "
+                                ".jsonl (optionally .gz)")
+            else:
+                out.append(str(p))
+            continue
+        p = Path(p)
         if p.is_dir():
             files = []
 
@@ -315,7 +332,14 @@ def read_documents(paths, stats: Stats, text_mode: str = "blank_line", jsonl_fie
         error = None
         raw = None
         try:
-            raw = _HashingReader(open(path, "rb", buffering=0))
+            if is_url(path):
+                if kind in ("parquet", "json"):
+                    raise OSError(f"{kind} cannot be streamed from a URL; download it first")
+                from data_prep.fetch_common_crawl import open_url
+
+                raw = _HashingReader(open_url(path))
+            else:
+                raw = _HashingReader(open(path, "rb", buffering=0))
         except OSError as e:
             error = ("unreadable_path", str(e))
         if raw is not None:
