@@ -31,6 +31,7 @@ from codistill.exchange import ExportError, clean_temp_files, read_export, write
 from codistill.loss import codistill_loss, distill_alpha  # noqa: E402
 from codistill.skip import skip_step  # noqa: E402
 from codistill.teacher import FIXED_TEACHER, TeacherLoader, TeacherPool, exports_dir, read_fixed_teacher  # noqa: E402
+from codistill.lock import GroupLock, LockError  # noqa: E402
 from codistill.topology import TopologyError, build_mpus, plan  # noqa: E402
 from codistill import checkpoint, faults, flags, runlog  # noqa: E402
 from data_prep.dataset import DataError, GroupStream, TokenData, eval_batches  # noqa: E402
@@ -177,6 +178,13 @@ class StopFlag:
 
     def _handler(self, signum, frame):
         self.requested = True
+
+    @staticmethod
+    def any_of(dist, flag: bool) -> bool:
+        t = torch.tensor([float(flag)])
+        if dist.get_world_size() > 1:
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
 
     def any_rank(self, dist, *flags: bool) -> list[bool]:
         """[stop requested, *flags], each true if it is true on any rank (one all-reduce)."""
@@ -357,6 +365,25 @@ def main(argv=None):
             log.error(f"{old_cfg} was written for another model ({prev}) than this run's ({model_cfg.to_dict()}), "
                       f"e.g. another --model/--model_size or tokenizer vocabulary; use a new --run_dir or --resume never")
             sys.exit(2)
+    # one writer per group: a second launch on the same run_dir and group refuses (codistill/lock.py)
+    locks, lock_errors = [], []
+    for g in topo.hosted:
+        if topo.is_group_leader(g):
+            lock = GroupLock(run_dir / f"group_{g}")
+            try:
+                if lock.acquire():
+                    locks.append(lock)
+                else:
+                    log(f"WARNING: {lock.path}: this filesystem cannot flock; nothing stops a second launch "
+                        f"from writing group {g} at the same time", force=True)
+            except LockError as e:
+                lock_errors.append(str(e))
+    if StopFlag.any_of(dist, bool(lock_errors)):
+        for e in lock_errors:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        for lock in locks:
+            lock.release()
+        sys.exit(2)
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         runlog.write_json(run_dir / "config.json", {
@@ -529,6 +556,8 @@ def main(argv=None):
         for g in groups:
             if g.writer:
                 g.writer.close()
+        for lock in locks:
+            lock.release()
     if exit_code:
         sys.exit(exit_code)
 

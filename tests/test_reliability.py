@@ -560,3 +560,52 @@ def test_skipping_a_step_after_accumulated_micro_batches_leaves_no_trace(tmp_pat
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     results = [(tmp_path / f"result_{r}").read_text().split() for r in range(ranks)]
     assert all(r == ["True", "3", "6", "1", "2", "4"] for r in results), results
+
+
+def test_group_lock_is_exclusive_names_its_holder_and_dies_with_it(tmp_path):
+    import socket
+    from codistill.lock import GroupLock, LockError
+    a = GroupLock(tmp_path / "group_0")
+    assert a.acquire()
+    with pytest.raises(LockError, match=rf"PID {os.getpid()} on host {re.escape(socket.gethostname())}"):
+        GroupLock(tmp_path / "group_0").acquire()
+    assert GroupLock(tmp_path / "group_1").acquire()  # another group: independent
+    a.release()
+    b = GroupLock(tmp_path / "group_0")
+    assert b.acquire()
+    b.release()
+    # a holder killed with SIGKILL leaves the file but not the lock
+    code = ("import sys, time; sys.path.insert(0, sys.argv[1]); from codistill.lock import GroupLock; "
+            "GroupLock(sys.argv[2]).acquire(); print('held', flush=True); time.sleep(60)")
+    proc = subprocess.Popen([PY, "-c", code, str(ROOT), str(tmp_path / "group_2")], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "held"
+    with pytest.raises(LockError, match=f"PID {proc.pid} "):
+        GroupLock(tmp_path / "group_2").acquire()
+    proc.kill()
+    proc.wait()
+    assert (tmp_path / "group_2" / "LOCK").exists() and GroupLock(tmp_path / "group_2").acquire()
+
+
+@pytest.mark.slow
+def test_second_launch_on_the_same_group_refuses_and_writes_nothing(sample_data, tmp_path):
+    """Case 11: the same --group_id and run_dir launched twice; the second exits 2 naming the
+    first's PID and host, the first is untouched and still stops cleanly (SIGTERM -> 75)."""
+    run_dir = tmp_path / "twice"
+    args = e2e_args(sample_data, run_dir, group_id=0, max_steps=2000, log_every=1, save_every=1000,
+                    eval_every=1000, export_every=1000)
+    first = _popen(args)
+    lines = []
+    for line in first.stdout:
+        lines.append(line)
+        if "[group 0] step 3/" in line:
+            break
+    cfg_mtime = (run_dir / "config.json").stat().st_mtime_ns
+    second = run_python(["recipes/train_lm.py", *args], timeout=120)
+    assert second.returncode == 2, second.stdout + second.stderr
+    assert f"already being trained by PID {first.pid} on host" in second.stderr, second.stderr
+    assert (run_dir / "config.json").stat().st_mtime_ns == cfg_mtime and first.poll() is None
+    first.send_signal(signal.SIGTERM)
+    out = "".join(lines) + first.communicate(timeout=120)[0]
+    assert first.returncode == 75, out
+    ckpt = run_dir / "group_0" / "checkpoints"
+    assert checkpoint.is_complete(ckpt / checkpoint.read_latest(ckpt))
