@@ -13,6 +13,13 @@ Measures, in one run on one machine:
     reused tokenizer and with tokenizer training.
 The x-copies are the real articles with " (copy k)" appended to the headline so that exact
 de-duplication keeps them. Timings are best-of-``--repeats`` wall clock.
+
+Web-text filters (issue 8), on a Common Crawl-format corpus: ``--filter_copies`` copies of the
+sample written as .warc.wet.gz files with warcio (one WET file per copy), prepared with a
+reused tokenizer: documents/s and MB/s (uncompressed text in) and peak RSS with every filter
+off, language ID only, near-dup only, line filters only, and all on (the WET default), with 1
+and 2 workers for "all on". The copies differ only by their headline, so near-dup drops
+copies 1.. (a worst case for the index: every document is checked).
 """
 from __future__ import annotations
 
@@ -79,6 +86,64 @@ def write_copies(dest: Path, copies: int, per_file: bool) -> Path:
     return dest
 
 
+def write_wet_copies(dest: Path, copies: int) -> tuple[Path, int]:
+    """copies x the corpus as WET files (one per copy); returns (dir, uncompressed text bytes)."""
+    import io
+
+    from warcio.warcwriter import WARCWriter
+
+    dest.mkdir(parents=True)
+    arts = list(articles())
+    nbytes = 0
+    for k in range(copies):
+        with open(dest / f"CC-MAIN-bench-{k:05d}.warc.wet.gz", "wb") as f:
+            w = WARCWriter(f, gzip=True)
+            w.write_record(w.create_warcinfo_record(f.name, {"format": "WET"}))
+            for i, (p, lines) in enumerate(arts):
+                doc = "\n".join([lines[0] + (f" (copy {k})" if k else "")] + lines[1:])
+                data = doc.encode("utf-8")
+                nbytes += len(data)
+                w.write_record(w.create_warc_record(
+                    f"http://news.bbc.co.uk/{k}/{i}.stm", "conversion", payload=io.BytesIO(data),
+                    length=len(data), warc_content_type="text/plain"))
+    return dest, nbytes
+
+
+FILTER_CONFIGS = {  # name -> prepare.py flags
+    "none": ["--lang_filter", "off", "--near_dup", "off", "--line_filters", "off"],
+    "language": ["--lang_filter", "on", "--near_dup", "off", "--line_filters", "off"],
+    "near_dup": ["--lang_filter", "off", "--near_dup", "on", "--line_filters", "off"],
+    "line_filters": ["--lang_filter", "off", "--near_dup", "off", "--line_filters", "on"],
+    "all": [],  # the defaults for WET input
+}
+
+
+def filter_runs(td: Path, tok: Path, copies: int, repeats: int, plan=None) -> list[dict]:
+    wet, nbytes = write_wet_copies(td / "wet", copies)
+    out = []
+    plan = plan or [(name, 1) for name in FILTER_CONFIGS] + [("all", 2)]
+    for name, w in plan:
+        runs = []
+        for i in range(repeats):
+            o = td / f"filt_{name}_{w}_{i}"
+            r = run_prepare(["--input", wet, "--output", o, "--num_groups", 2, "--tokenizer", tok,
+                             "--workers", w, *FILTER_CONFIGS[name]])
+            m = json.loads((o / "manifest.json").read_text())
+            r.update(docs_in=m["documents_in"], docs_kept=m["documents_kept"],
+                     dropped=m["dropped"], filters=m.get("filters", {}))
+            runs.append(r)
+        best = dict(min(runs, key=lambda r: r["wall_s"]))
+        best.update(filters_on=name, workers=w, all_wall_s=[r["wall_s"] for r in runs],
+                    text_mb=nbytes / 2**20, docs_per_s=best["docs_in"] / best["wall_s"],
+                    mb_per_s=nbytes / 2**20 / best["wall_s"])
+        best["copies"] = copies
+        out.append(best)
+        print(f"filters {name:12s} workers {w}: {best['docs_per_s']:,.0f} docs/s, "
+              f"{best['mb_per_s']:.1f} MiB/s, peak RSS {best['maxrss_kb'] / 1024:.0f} MiB, "
+              f"kept {best['docs_kept']}/{best['docs_in']}", flush=True)
+    return out
+
+
 def sp_speed(tokenizer: Path, corpus: Path, repeats: int) -> dict:
     import sentencepiece as spm
 
@@ -119,6 +184,8 @@ def main() -> int:
     ap.add_argument("--copies", type=int, default=8, help="corpus copies for the throughput runs")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--vocab_size", type=int, default=8000)
+    ap.add_argument("--filter_copies", type=int, default=4,
+                    help="corpus copies (WET files) for the web-text filter runs")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "data_prep.json"))
     args = ap.parse_args()
     info = machine()
@@ -187,6 +254,11 @@ def main() -> int:
                 res["memory"].append(r)
                 print(f"peak RSS {name} ({r['mb']:.0f} MiB, {mode} tokenizer): "
                       f"{r['maxrss_kb'] / 1024:.0f} MiB", flush=True)
+        res["filters"] = filter_runs(td, tok, args.filter_copies, args.repeats)
+        # peak RSS with every filter on at 1 copy vs --filter_copies copies
+        x1 = filter_runs(td / "x1", tok, 1, 1, plan=[("all", 1)])
+        res["filters_memory"] = [x1[0], next(r for r in res["filters"]
+                                             if r["filters_on"] == "all" and r["workers"] == 1)]
     info["loadavg_end"] = os.getloadavg()
 
     print("\n| measurement | value |\n|---|---|")
@@ -203,6 +275,15 @@ def main() -> int:
     for r in res["memory"]:
         print(f"| peak RSS, {r['corpus']} = {r['mb']:.0f} MiB / {r['docs']} docs, "
               f"{r['tokenizer']} tokenizer | {r['maxrss_kb'] / 1024:.0f} MiB |")
+    print("\n| WET input, filters on | workers | docs/s | MiB/s | peak RSS | kept / in |\n"
+          "|---|---|---|---|---|---|")
+    for r in res["filters"]:
+        print(f"| {r['filters_on']} | {r['workers']} | {r['docs_per_s']:,.0f} | "
+              f"{r['mb_per_s']:.1f} | {r['maxrss_kb'] / 1024:.0f} MiB | "
+              f"{r['docs_kept']:,} / {r['docs_in']:,} |")
+    for r in res["filters_memory"]:
+        print(f"| peak RSS, all filters, {r['copies']} WET copies ({r['text_mb']:.0f} MiB) | "
+              f"{r['maxrss_kb'] / 1024:.0f} MiB |")
     print(f"\nmachine: {info['cpu']} x{info['cpu_count']}, load average "
           f"{info['loadavg_start'][0]:.1f} -> {info['loadavg_end'][0]:.1f}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

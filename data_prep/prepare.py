@@ -6,14 +6,32 @@
         [--min_chars 200] [--min_text_ratio 0.8] [--tokenizer_sample_mb 32] [--quiet]
     python data_prep/prepare.py --sample [--output data/sample]     # embedded BBC News corpus
 
+Web-text filters (filters.py; 'auto' = on for Common Crawl WET input, which may be http(s)
+URLs streamed without storing): [--lang_filter auto|on|off] [--languages en]
+[--near_dup auto|on|off] [--near_dup_threshold 0.8] [--near_dup_memory_mb 256]
+[--line_filters auto|on|off] [--min_line_words 3] [--max_line_repeats 3]
+
+Cluster scale (a shared tokenizer, N independent slices of the sorted input list, a merge):
+    prepare.py --input ... --output TOK --tokenizer_only
+    prepare.py --input ... --output SHARDS/shard_i --tokenizer TOK/tokenizer.model \
+        --shard_index i --num_shards N [...same options for every shard...]
+    prepare.py --merge SHARDS/shard_* --output DIR
+The merged DIR is byte-identical to a one-process run with the same --tokenizer: every
+per-document step (cleaning, line filters, language ID, MinHash, tokenization) and the
+per-file repeated-line filter run in the shards; exact de-duplication runs in the shards
+(within a slice) and again in --merge across slices; near-duplicate removal runs only in
+--merge, over the band keys the shards stored, in the global input order.
+
 Pipeline (two streaming passes; memory does not grow with the corpus except for the
-de-duplication set, ~70 bytes per kept document):
-  1. read inputs (readers.py) -> clean + hash in workers (clean.py) -> drop duplicates in
-     input order -> append kept documents to a spool file in the temporary output dir;
+de-duplication set, ~70 bytes per kept document, and the fixed-size near-dup index):
+  1. read inputs (readers.py) -> clean + filter + hash in workers (clean.py, filters.py) ->
+     repeated lines, exact and near duplicates in input order -> append kept documents to a
+     spool file in the temporary output dir;
   2. train SentencePiece on a hash-selected sample of at most --tokenizer_sample_mb of
      training documents (or reuse --tokenizer);
   3. read the spool -> encode in workers (order preserved) -> per-split .bin/.idx.npy/
      .hashes.npy -> manifest.json -> atomic rename of the temporary dir to DIR.
+With --tokenizer and no filter active, 1 and 3 are fused into one pass.
 """
 from __future__ import annotations
 
@@ -239,6 +257,12 @@ def prepare(inputs, output, num_groups: int, vocab_size: int = 8000, val_fractio
 
 
 def _summary(quiet, output, manifest, num_groups) -> None:
+    nd = manifest.get("filters", {}).get("near_dup", {}).get("index")
+    if nd and nd["est_false_positive_per_doc"] > 1e-3:
+        print(f"warning: the near-duplicate index is {nd['bloom_fill']:.0%} full: about "
+              f"{nd['est_false_positive_per_doc']:.1e} of new documents are dropped as false "
+              "near-duplicates; raise --near_dup_memory_mb (~75 MiB per million documents)",
+              file=sys.stderr)
     sp = manifest["splits"]
     _say(quiet, f"prepared {output}: kept {manifest['documents_kept']} of "
                 f"{manifest['documents_in']} documents, "
@@ -478,6 +502,8 @@ def _build(tmp: Path, files, stats: Stats, *, inputs, num_groups, vocab_size, va
     if shard is None and any(fcs[k].near_dup for k in kinds):
         index = NearDupIndex(filt.near_dup_memory_mb, filt.bands)
     order = None
+    order_bands = filt.bands if shard is not None and \
+        any(fcs[k].near_dup for k in shard["kinds"]) else 0
     with worker_pool(workers) as pool:
         if spooled:
             # pass 1: read, clean, filter, de-duplicate, assign splits -> spool file
@@ -489,7 +515,7 @@ def _build(tmp: Path, files, stats: Stats, *, inputs, num_groups, vocab_size, va
             tasks = ((cfg, fcs, c) for c in chunked(docs, size_of=lambda x: len(x[2])))
             if shard is not None:
                 order = open(tmp / "order.bin", "wb", buffering=1 << 20)
-                no_keys = bytes(8 * filt.bands)
+                no_keys = bytes(8 * order_bands)
             with open(spool_path, "wb", buffering=1 << 20) as spool, \
                     _progress(quiet, desc="clean", unit="doc") as bar:
                 for results, lc in ordered_map(filter_clean_chunk, tasks, pool):
@@ -626,6 +652,8 @@ def _build(tmp: Path, files, stats: Stats, *, inputs, num_groups, vocab_size, va
                     "filters": filt.describe(kinds_all=shard["kinds"]),
                     "splits": splits, "dropped": dict(sorted(stats.dropped.items())),
                     "documents_in": stats.documents_in,
+                    "order_record": {"format": _ORDER_HEAD.format + f"{order_bands}Q",
+                                     "fields": "split, has band keys, band keys"},
                     "line_counts": dict(line_counts), "lang_drops": dict(lang_drops),
                     "source_files": stats.sources.files}
         _write_json(tmp / SHARD_MANIFEST, manifest)
@@ -807,7 +835,10 @@ def merge(shard_dirs, output, overwrite: bool = False, quiet: bool = False) -> P
     nd = filters.get("near_dup")
     bands = nd["bands"] if nd else 0
     index = NearDupIndex(nd["memory_mb"], bands) if nd else None
-    rec = struct.Struct(_ORDER_HEAD.format + f"{bands}Q")
+    rec = struct.Struct(ms[0]["order_record"]["format"])
+    if rec.size != _ORDER_HEAD.size + 8 * bands:
+        raise DataPrepError(f"--merge: {dirs[0]} has order records of {rec.size} bytes, "
+                            f"expected {_ORDER_HEAD.size + 8 * bands}; re-run the shards")
 
     # pass A: replay exact + near-duplicate removal over all shards in global order
     seen: set[int] = set()
@@ -971,8 +1002,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--near_dup_threshold", type=float, default=DEFAULT_NEAR_DUP_THRESHOLD,
                    help="Jaccard similarity above which a later document is dropped")
     f.add_argument("--near_dup_memory_mb", type=float, default=DEFAULT_NEAR_DUP_MEMORY_MB,
-                   help="fixed size of the LSH Bloom index (false matches ~1e-4 per document "
-                        "at 10 M documents with 256)")
+                   help="fixed size of the LSH Bloom index: ~75 MiB per million kept "
+                        "documents keeps false matches under 1e-4 (see filters.py)")
     f.add_argument("--line_filters", choices=FILTER_MODES, default="auto",
                    help="drop short lines, lines without terminal punctuation and lines "
                         "repeated in many documents of the same file")

@@ -500,3 +500,17 @@ def test_sharding_errors(web_corpus, tok, tmp_path):
     with pytest.raises(DataPrepError, match="shard_manifest.json"):
         merge([s0, tmp_path], tmp_path / "m")
     assert not (tmp_path / "m").exists()
+
+
+def test_sharded_merge_plain_text(articles, tok, tmp_path):
+    """Non-WET input (filters off by default): 2 shards + merge == one process, including
+    exact duplicates across shards (the same article in both halves of the file list)."""
+    d = tmp_path / "in"
+    d.mkdir()
+    for i, t in enumerate(articles[300:340] + articles[300:304]):
+        (d / f"{i:03d}.txt").write_text(t)
+    kw = dict(num_groups=2, val_fraction=0.1, tokenizer=tok, quiet=True, text_mode="file")
+    single = prepare([d], tmp_path / "single", **kw)
+    assert _manifest(single)["dropped"] == {"duplicate": 4}
+    shards = [prepare([d], tmp_path / f"s{i}", shard_index=i, num_shards=2, **kw) for i in (0, 1)]
+    assert _split_files(merge(shards, tmp_path / "merged", quiet=True)) == _split_files(single)

@@ -165,6 +165,30 @@ def test_prepare_data_sbatch(prepared, work):
     assert "embedded sample corpus" in log and "done:" in log, log
 
 
+def test_prepare_data_array_and_merge(prepared, work):
+    """slurm/prepare_data_array.sh: tokenizer job -> 2-task shard array -> merge job
+    (afterok). The tokenizer and every shard file are byte-identical to the single job's."""
+    logs = work / "logs_prep_array"
+    logs.mkdir()
+    data = work / "data_array"
+    env = _env(NUM_SHARDS="2", DATA_DIR=str(data), WAIT="1")
+    p = _run(["bash", "slurm/prepare_data_array.sh", "--cpus-per-task=1", "--time=10:00",
+              f"--output={logs}/%x_%j.out"], env=env, timeout=300, check=False)
+    assert p.returncode == 0, f"prepare_data_array.sh failed: {p.stdout}{p.stderr}{_diag(logs)}"
+    assert p.stdout.strip().isdigit(), p.stdout  # the merge job id, for afterok chaining
+    assert "shard array job" in p.stderr and "merge job" in p.stderr, p.stderr
+    shards = sorted((work / "data_array.shards").glob("shard_*"))
+    assert [d.name for d in shards] == ["shard_00000", "shard_00001"], _diag(logs)
+    single = {f.name: f.read_bytes() for f in prepared.iterdir() if f.name != "manifest.json"}
+    merged = {f.name: f.read_bytes() for f in data.iterdir() if f.name != "manifest.json"}
+    assert merged == single, _diag(logs)
+    ms, mm = (json.loads((d / "manifest.json").read_text()) for d in (prepared, data))
+    assert ms.pop("tokenizer_trained") and not mm.pop("tokenizer_trained")  # shared, not trained
+    assert mm == ms
+    merge_log = next(logs.glob("prep_merge_*.out")).read_text()
+    assert "merged 2 shards" in merge_log and "done:" in merge_log, merge_log
+
+
 def test_codistill_array(prepared, work):
     """A 2-task job array = two groups that codistill through the shared run directory."""
     logs = work / "logs_cd"
