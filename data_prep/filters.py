@@ -149,6 +149,13 @@ def language_of(text: str) -> str:
     return _identifier().classify(text[:LANGID_MAX_CHARS])[0]
 
 
+def known_languages() -> list[str]:
+    """Codes py3langid can output."""
+    from py3langid.langid import _get_identifier
+
+    return list(_get_identifier().labels)
+
+
 def langid_version() -> str:
     from importlib.metadata import version
 

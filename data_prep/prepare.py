@@ -62,6 +62,7 @@ from data_prep.filters import (DEFAULT_LANGUAGES, DEFAULT_MAX_LINE_REPEATS,
                                DEFAULT_MIN_LINE_WORDS, DEFAULT_NEAR_DUP_MEMORY_MB,
                                DEFAULT_NEAR_DUP_THRESHOLD, DEFAULT_NUM_PERM, DEFAULT_SHINGLE,
                                FILTER_MODES, LANGID_MAX_CHARS, LINE_REASONS, FilterConfig,
+                               known_languages,
                                NearDupIndex, RepeatedLines, langid_version, lsh_params,
                                resolve_mode)
 from data_prep.parallel import (chunked, clean_encode_chunk, encode_chunk, filter_clean_chunk,
@@ -501,6 +502,11 @@ def _build(tmp: Path, files, stats: Stats, *, inputs, num_groups, vocab_size, va
     index = None
     if shard is None and any(fcs[k].near_dup for k in kinds):
         index = NearDupIndex(filt.near_dup_memory_mb, filt.bands)
+    if any(fcs[k].language for k in kinds):
+        unknown = sorted(set(filt.languages) - set(known_languages()))
+        if unknown:
+            raise DataPrepError(f"--languages: {', '.join(unknown)} not known to py3langid "
+                                f"(ISO 639-1 codes such as: {', '.join(sorted(known_languages()))})")
     order = None
     order_bands = filt.bands if shard is not None and \
         any(fcs[k].near_dup for k in shard["kinds"]) else 0
@@ -753,10 +759,14 @@ class FilterSetup:
             near_dup=resolve_mode(near_dup, wet), languages=languages,
             min_line_words=self.min_line_words, min_chars=min_chars,
             near_dup_threshold=self.near_dup_threshold) for wet in (False, True))
-        self.bands, self.rows = (lsh_params(self.near_dup_threshold, DEFAULT_NUM_PERM)
-                                 if any(c.near_dup for c in self.configs) else (0, 0))
-        if languages and any(c.language for c in self.configs):
-            import py3langid  # noqa: F401 - fail early with a clear error if missing
+
+    @property
+    def bands(self) -> int:  # LSH parameters (imports datasketch + scipy: only when used)
+        return lsh_params(self.near_dup_threshold, DEFAULT_NUM_PERM)[0]
+
+    @property
+    def rows(self) -> int:
+        return lsh_params(self.near_dup_threshold, DEFAULT_NUM_PERM)[1]
 
     def describe(self, kinds_all) -> dict:
         """Manifest entry; ``kinds_all``: which input kinds occur (0 other, 1 WET)."""

@@ -361,6 +361,10 @@ def test_language_filter(articles, foreign_docs, tok, tmp_path):
     assert m2["documents_kept"] == 45 and m2["filters"]["language"]["dropped_by_language"] == \
         {lang: 5 for lang in FOREIGN if lang != "fr"}
 
+    with pytest.raises(DataPrepError, match="--languages: xx not known"):
+        prepare([tmp_path / "in"], tmp_path / "bad", num_groups=2, tokenizer=tok, quiet=True,
+                languages="en,xx")
+
     # plain text: off by default, on when asked
     (tmp_path / "txt").mkdir()
     (tmp_path / "txt" / "a.txt").write_text("\n\n".join(d.replace("\n\n", "\n") for d in mixed))
