@@ -142,6 +142,13 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.wfile.write(body)
             return
         start = 0
+        if fault == "stall":  # headers never come: the client's timeout must fire
+            import time
+            time.sleep(1.5)
+            self.close_connection = True
+            return
+        if fault == "norange":  # a server/proxy that ignores Range: 200 with the whole body
+            rng = None
         if rng:
             m = re.match(r"bytes=(\d+)-$", rng)
             start = int(m.group(1))
@@ -259,6 +266,14 @@ def test_download_resumes_part_file_across_runs(server, wet_files, tmp_path):
     assert dest.read_bytes() == data and r["resumed_from"] == 1000
     assert r["sha256"] == hashlib.sha256(data).hexdigest()
     assert server.log[-1] == ("GET", "/" + rel, "bytes=1000-")
+
+    # a stalled request times out and is retried; a server ignoring Range is handled by
+    # skipping the bytes already on disk
+    dest2 = tmp_path / "y.warc.wet.gz"
+    (tmp_path / "y.warc.wet.gz.part").write_bytes(data[:5000])
+    server.faults["/" + rel] = ["stall", "norange"]
+    r = download(server.url + "/" + rel, dest2, backoff=0.01, timeout=0.5)
+    assert dest2.read_bytes() == data and r["resumed_from"] == 5000
 
 
 def test_fetch_clear_errors(server, wet_files, tmp_path):
