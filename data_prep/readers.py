@@ -60,6 +60,11 @@ def is_url(path) -> bool:
     return str(path).lower().startswith(("http://", "https://"))
 
 
+def _is_fetch_bookkeeping(path) -> bool:
+    name = os.path.basename(str(path))
+    return name in ("fetch_manifest.json", "wet.paths.gz") or name.endswith(".part")
+
+
 def file_kind(path) -> str | None:
     path = str(path)
     if is_url(path):  # the name is the last component of the URL's path
@@ -107,6 +112,8 @@ def discover(paths, stats: Stats) -> list[str]:
                            if os.path.realpath(os.path.join(root, d)) not in seen_dirs]
                 files.extend(os.path.join(root, n) for n in names)
             for f in sorted(files):
+                if _is_fetch_bookkeeping(f):  # fetch_common_crawl.py's own files: not input
+                    continue
                 if file_kind(f) is None:
                     stats.drop_file("unsupported_file", f, "unknown extension")
                 else:

@@ -315,8 +315,10 @@ def test_stream_urls_into_prepare(server, wet_files, tok, tmp_path, monkeypatch)
     a = prepare(urls, tmp_path / "streamed", num_groups=2, val_fraction=0.1, tokenizer=tok,
                 quiet=True)
     local = fetch(CRAWL, 3, tmp_path / "cc", base_url=server.url, quiet=True)
-    b = prepare([tmp_path / "cc" / f["path"] for f in local["files"]], tmp_path / "local",
-                num_groups=2, val_fraction=0.1, tokenizer=tok, quiet=True)
+    assert len(local["files"]) == 3
+    # the whole fetch directory: its wet.paths.gz / fetch_manifest.json are not input
+    b = prepare([tmp_path / "cc"], tmp_path / "local", num_groups=2, val_fraction=0.1,
+                tokenizer=tok, quiet=True)
     fa, fb = _split_files(a), _split_files(b)
     ma, mb = (json.loads(f.pop("manifest.json")) for f in (fa, fb))
     assert fa == fb  # shards, indexes, hashes, tokenizer
