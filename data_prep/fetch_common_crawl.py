@@ -119,9 +119,15 @@ class ResumableStream(io.RawIOBase):
                 resp = urllib.request.urlopen(req, timeout=self.timeout)
             except urllib.error.HTTPError as e:
                 e.close()
-                if e.code == 416 and self.total is not None and self.pos >= self.total:
-                    self.resp = None
-                    return
+                if e.code == 416:  # nothing after self.pos: complete if the sizes agree
+                    m = re.match(r"bytes \*/(\d+)", e.headers.get("Content-Range") or "")
+                    total = int(m.group(1)) if m else self.total
+                    if total is not None and self.pos == total:
+                        self.total, self.resp = total, None
+                        return
+                    raise FetchError(f"{self.url}: cannot resume from byte {self.pos}: the "
+                                     f"server has {total if total is not None else '?'} bytes; "
+                                     "delete the .part file and re-run") from None
                 if e.code in _RETRY_STATUS or e.code >= 500:
                     self._fail(f"HTTP {e.code} {e.reason}")
                     continue

@@ -267,6 +267,12 @@ def test_download_resumes_part_file_across_runs(server, wet_files, tmp_path):
     assert r["sha256"] == hashlib.sha256(data).hexdigest()
     assert server.log[-1] == ("GET", "/" + rel, "bytes=1000-")
 
+    # a .part that is already complete (crash before the rename): 416, then renamed
+    dest3 = tmp_path / "z.warc.wet.gz"
+    (tmp_path / "z.warc.wet.gz.part").write_bytes(data)
+    r = download(server.url + "/" + rel, dest3, backoff=0.01)
+    assert dest3.read_bytes() == data and r["sha256"] == hashlib.sha256(data).hexdigest()
+
     # a stalled request times out and is retried; a server ignoring Range is handled by
     # skipping the bytes already on disk
     dest2 = tmp_path / "y.warc.wet.gz"
