@@ -56,8 +56,16 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="cpu", choices=sorted(PRESETS))
     ap.add_argument("--seeds", default="1,2", help="the two retrain seeds")
+    ap.add_argument("--plot_from", metavar="JSON", help="only redraw the bar chart of a results file of this script")
     add_run_args(ap)
     a = ap.parse_args()
+    if a.plot_from:
+        res = json.loads(Path(a.plot_from).read_text())
+        preset = res["preset"].get("name", Path(a.plot_from).stem.removeprefix("churn_"))
+        suffix = "" if preset == "cpu" else f"_{preset}"
+        rows = {k: (v, v["val_ppl_seed1"]) for k, v in res["results"].items()}
+        print(f"wrote {bar_chart(rows, Path(a.results_dir) / f'churn{suffix}.png', preset)}")
+        return
     p = dict(PRESETS[a.preset])
     if a.steps:
         p["steps"] = a.steps
@@ -109,8 +117,10 @@ def bar_chart(rows: dict, png: Path, preset: str) -> Path:
                ("sym_kl", "symmetric KL")]
     fig, axes = plt.subplots(1, 3, figsize=(11, 3.4))
     for ax, (key, label) in zip(axes, metrics):
-        names = list(rows)
-        ax.bar(range(len(names)), [rows[n][0][key] for n in names], color=["#888", "#4a7", "#37c"][:len(names)])
+        order = ["baseline (1 model)", "2-model ensemble", "codistillation (1 model)"]
+        names = sorted(rows, key=lambda n: order.index(n) if n in order else len(order))
+        colors = {"baseline (1 model)": "#888", "2-model ensemble": "#4a7", "codistillation (1 model)": "#37c"}
+        ax.bar(range(len(names)), [rows[n][0][key] for n in names], color=[colors.get(n, "#c73") for n in names])
         ax.set_xticks(range(len(names)), [n.replace(" (", "\n(") for n in names], fontsize=8)
         ax.set_title(label, fontsize=10)
     fig.suptitle(f"prediction churn between two retrains (different seeds), {preset} preset", fontsize=11)

@@ -1,0 +1,244 @@
+#!/usr/bin/env python
+"""Fault-injection report: each fault of the reliability issue injected into a real run (tiny
+LSTM, real DeepSpeed, CPU), then checked against an uninterrupted reference run.
+
+    python benchmarks/faults.py [--data DIR] [--keep_runs DIR]
+
+Prints a table - case, injected, what happened, survived, steps lost, data lost - and writes
+benchmarks/results/faults.json. "steps lost" is training work that had to be redone (or steps
+skipped on purpose); "data lost" is what the run directory lost: a checkpoint or export that is
+incomplete, unreadable, non-finite or named by latest/LATEST while broken, or per-step losses
+after a resume that differ from the uninterrupted run's ("none" when all of that holds).
+Faults come from the test-only CODISTILL_FAULT_INJECT hook (codistill/faults.py), real signals,
+and files written by hand into a peer's exports directory.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import pickle
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from common import PY, ROOT, add_run_args, bench_data, runs_root, save_results, scalars, table
+
+from codistill import checkpoint, faults  # noqa: E402
+from codistill.exchange import list_exports, read_export, read_latest, write_export  # noqa: E402
+from codistill.teacher import exports_dir  # noqa: E402
+
+STEPS = 30
+BASE = {"--ds_config": "ds_configs/zero2.json", "--max_steps": STEPS, "--export_every": 5, "--burn_in_steps": 5,
+        "--eval_every": 15, "--eval_batches": 2, "--save_every": 5, "--seq_len": 32, "--log_every": 1}
+
+
+def flags(data, run_dir, **kw) -> list[str]:
+    a = dict(BASE, **{"--data": data, "--run_dir": run_dir}, **{f"--{k}": v for k, v in kw.items()})
+    return [str(x) for kv in a.items() for x in kv]
+
+
+def env(extra=None) -> dict:
+    e = dict(os.environ, PYTHONUNBUFFERED="1", DS_ACCELERATOR="cpu")
+    e.update(extra or {})
+    return e
+
+
+def start(args, extra_env=None) -> subprocess.Popen:
+    return subprocess.Popen([PY, str(ROOT / "recipes" / "train_lm.py"), *args], cwd=ROOT, env=env(extra_env),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def run(args, extra_env=None, until=None, then=None) -> tuple[int, str]:
+    """Run the trainer; when a line matches ``until``, call ``then(proc)`` once."""
+    proc = start(args, extra_env)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if until and then and re.search(until, line):
+            then(proc)
+            then = None
+    proc.wait()
+    return proc.returncode, "".join(lines)
+
+
+def losses(run_dir: Path, group: int) -> dict[int, float]:
+    return scalars(run_dir / f"group_{group}" / "tb", "train/loss")
+
+
+def damage(run_dir: Path, groups, ref: Path | None = None, before: int | None = None) -> str:
+    """What the run directory lost, or 'none'."""
+    problems = []
+    for g in groups:
+        gdir = run_dir / f"group_{g}"
+        ckpt = gdir / "checkpoints"
+        if ckpt.is_dir():
+            latest = checkpoint.read_latest(ckpt)
+            if latest and not checkpoint.is_complete(ckpt / latest):
+                problems.append(f"group {g}: latest names incomplete {latest}")
+        exp = gdir / "exports"
+        if (exp / "LATEST").is_file():
+            for step in list_exports(exp):
+                try:
+                    e = read_export(exp, step)
+                    if not all(bool(v.float().isfinite().all()) for v in e.state_dict.values()):
+                        problems.append(f"group {g}: export {step} not finite")
+                except Exception as err:  # noqa: BLE001 - any failure is damage
+                    problems.append(f"group {g}: export {step} unreadable ({err})")
+        if ref is not None:
+            a, b = losses(ref, g), losses(run_dir, g)
+            diff = [s for s in a if (before is None or s < before) and s in b and abs(a[s] - b[s]) > 1e-5]
+            if diff:
+                problems.append(f"group {g}: losses differ from the uninterrupted run at steps {diff[:3]}...")
+    return "; ".join(problems) or "none"
+
+
+def resumed_from(out: str) -> int | None:
+    m = re.search(r"resumed from step (\d+)", out)
+    return int(m.group(1)) if m else None
+
+
+def export(d: Path, step: int, cfg, tok: str, seed: int = 0) -> None:
+    import torch
+    from model import build_model
+    torch.manual_seed(seed)
+    write_export(d, step, build_model(cfg).state_dict(), {
+        "group": 1, "tokens_seen": 0, "model_config": cfg.to_dict(), "model_config_hash": cfg.config_hash(),
+        "tokenizer_sha256": tok}, keep=10)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_run_args(ap)
+    a = ap.parse_args()
+    data = Path(a.data) if a.data else bench_data(2000)
+    root = runs_root(a, "faults_")
+    rows = []
+
+    def record(case, injected, happened, survived, steps_lost, data_lost):
+        rows.append({"case": case, "injected": injected, "what happened": happened, "survived": survived,
+                     "steps lost": steps_lost, "data lost": data_lost})
+        print(f"[{len(rows)}] {case}: survived={survived} steps_lost={steps_lost} data_lost={data_lost}", flush=True)
+
+    t0 = time.time()
+    ref = root / "reference"
+    code, out = run(flags(data, ref))
+    assert code == 0, out[-3000:]
+
+    # 1. kill -9 mid-step, then --resume auto
+    d = root / "kill9"
+    code1, _ = run(flags(data, d), {faults.ENV: "sigkill@13"})
+    code2, out = run(flags(data, d))
+    r = resumed_from(out)
+    record("kill -9 mid-step", "SIGKILL inside step 13 (after forward, before backward)",
+           f"exit {code1}; resume: exit {code2}, from step {r}", code1 == -9 and code2 == 0 and r == 10,
+           13 - 1 - (r or 0), damage(d, (0, 1), ref))
+
+    # 1b. kill -9 inside a checkpoint save
+    d = root / "kill9_save"
+    code1, _ = run(flags(data, d), {faults.ENV: "sigkill_in_save@20"})
+    code2, out = run(flags(data, d))
+    r = resumed_from(out)
+    record("kill -9 inside a checkpoint save", "SIGKILL after step 20's files, before the save completed",
+           f"exit {code1}; 'latest' stayed on step 15; resume: exit {code2}, from step {r}",
+           code1 == -9 and code2 == 0 and r == 15, 20 - (r or 0), damage(d, (0, 1), ref))
+
+    # 2. SIGTERM (preemption)
+    d = root / "sigterm"
+    code1, out1 = run(flags(data, d), until=r"\[group 1\] step 12/", then=lambda p: p.send_signal(signal.SIGTERM))
+    stopped = int(re.findall(r"checkpoint saved at step (\d+)", out1)[-1]) if "checkpoint saved at step" in out1 else None
+    code2, out = run(flags(data, d))
+    r = resumed_from(out)
+    record("SIGTERM (SLURM preemption)", "SIGTERM during step ~12", f"exit {code1} (75 = requeue me) after "
+           f"checkpointing step {stopped}; resume: exit {code2}, from step {r}",
+           code1 == 75 and code2 == 0 and r is not None and r == stopped, 0, damage(d, (0, 1), ref))
+
+    # 3/9. NaN losses: skipped and counted, then a stop after --max_bad_steps
+    d = root / "nan"
+    code, out = run(flags(data, d), {faults.ENV: "nan_loss@12,13"})
+    skipped = scalars(d / "group_0" / "tb", "train/skipped_steps").get(STEPS)
+    record("NaN loss, 2 steps", "loss = NaN at steps 12 and 13", f"exit {code}; {skipped:.0f} steps skipped "
+           "(no update), training went on", code == 0 and skipped == 2, "2 (skipped on purpose)",
+           damage(d, (0, 1), ref, before=12))
+    d = root / "nan_diverged"
+    code, out = run(flags(data, d, max_bad_steps=3), {faults.ENV: "nan_loss@17-30"})
+    latest = checkpoint.read_latest(d / "group_0" / "checkpoints")
+    record("NaN loss, diverged", "loss = NaN from step 17 on, --max_bad_steps 3",
+           f"exit {code} (3 = diverged) at step 19 with a clear error; 'latest' = {latest}",
+           code == 3 and latest == "global_step15", "run stopped; resumable from step 15", damage(d, (0, 1), ref, before=17))
+
+    # 8. disk full during an export and a checkpoint
+    d = root / "write_error"
+    code, out = run(flags(data, d), {faults.ENV: "export_oserror@20;ckpt_oserror@20"})
+    record("disk full (export + checkpoint)", "OSError ENOSPC writing step 20's export and checkpoint",
+           f"exit {code}; warned, LATEST/latest kept step 15's, training went on (--on_write_error warn)",
+           code == 0 and "export of step 20 failed" in out, 0, damage(d, (0, 1)))
+    d = root / "write_error_stop"
+    code1, _ = run(flags(data, d, on_write_error="stop"), {faults.ENV: "export_oserror@20"})
+    code2, out = run(flags(data, d))
+    r = resumed_from(out)
+    record("disk full, --on_write_error stop", "OSError ENOSPC writing step 20's export",
+           f"exit {code1} (4 = write error); resume: exit {code2}, from step {r}", code1 == 4 and code2 == 0 and r == 15,
+           20 - (r or 0), damage(d, (0, 1), ref))
+
+    # 3-6. dead, late, corrupt and hostile peers (group 0 alone, latest teachers)
+    from data_prep.dataset import TokenData
+    from model import preset_config
+    cfg, tok = preset_config("lstm", "tiny", TokenData(data).vocab_size, 1024), TokenData(data).tokenizer_sha256
+    d = root / "peers"
+    ed = {p: exports_dir(d, p) for p in (1, 2, 3, 4)}  # group 5 never exports at all
+    marker = root / "PAYLOAD_RAN"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    export(ed[1], 2, cfg, tok)                                   # 1: exports once, then dead
+    export(ed[2], 1, cfg, tok)
+    (ed[2] / "step_000001.safetensors").write_bytes(pickle.dumps(Payload()))  # 2: hostile pickle ...
+    ed[3].mkdir(parents=True)
+    (ed[3] / "LATEST").write_text("../../group_1/exports/step_000002")        # 3: path escape
+    export(ed[4], 1, cfg, tok)                                   # 4: truncated
+    blob = (ed[4] / "step_000001.safetensors").read_bytes()
+    (ed[4] / "step_000001.safetensors").write_bytes(blob[: len(blob) // 2])
+    code, out = run(flags(data, d, num_groups=6, group_id=0, burn_in_steps=0, max_teacher_staleness=25,
+                          poll_interval=0.05, save_every=1000), until=r"\[group 0\] step 8/",
+                    then=lambda p: export(ed[2], 8, cfg, tok, seed=2))  # ... then joins late, valid
+    peers = scalars(d / "group_0" / "tb", "teacher/num_peers")
+    refused = sum(s in out for s in ("pickle", "not an export name", "sha256 does not match"))
+    record("dead, late, corrupt and hostile peers", "peer 1 dead after step 2; peer 2 a pickle payload named "
+           ".safetensors then joins at step 8; peer 3 LATEST = ../../; peer 4 truncated; peer 5 silent; --max_teacher_staleness 25",
+           f"exit {code}; {refused} bad files refused with a warning; payload ran: {marker.exists()}; "
+           f"teachers in use at the end: {peers.get(STEPS, float('nan')):.0f} (dead peer dropped past the cap)",
+           code == 0 and not marker.exists() and refused == 3 and peers.get(STEPS) == 1, 0, damage(d, (0,)))
+
+    # 11. the same group launched twice
+    d = root / "twice"
+    args = flags(data, d, group_id=0, max_steps=3000, save_every=1000, eval_every=1000, export_every=1000)
+    first = start(args)
+    for line in first.stdout:
+        if "[group 0] step 3/" in line:
+            break
+    second = subprocess.run([PY, str(ROOT / "recipes" / "train_lm.py"), *args], cwd=ROOT, env=env(),
+                            capture_output=True, text=True)
+    first.send_signal(signal.SIGTERM)
+    first.communicate()
+    record("same group launched twice", "a second launch with the same --group_id and --run_dir",
+           f"second: exit {second.returncode}, 'already being trained by PID ...'; first: exit {first.returncode}",
+           second.returncode == 2 and "already being trained" in second.stderr and first.returncode == 75, 0,
+           damage(d, (0,)))
+
+    cols = ["case", "injected", "what happened", "survived", "steps lost", "data lost"]
+    print(table([[r[c] if c != "survived" else ("yes" if r[c] else "NO") for c in cols] for r in rows], cols))
+    out_path = save_results("faults", {"data": str(data), "steps": STEPS, "flags": BASE, "cases": rows,
+                                       "wall_s": round(time.time() - t0, 1)}, a.results_dir)
+    print(f"wrote {out_path}")
+    if not all(r["survived"] for r in rows):
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
