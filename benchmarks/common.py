@@ -33,9 +33,11 @@ def free_port() -> int:
 
 
 def train(run_dir: Path, args: list, num_ranks: int = 1) -> float:
-    """Run recipes/train_lm.py under the deepspeed launcher; returns wall seconds."""
-    cmd = [DEEPSPEED, "--num_gpus", str(num_ranks), "--master_port", str(free_port()),
-           str(ROOT / "recipes" / "train_lm.py"), "--run_dir", str(run_dir), "--resume", "never", *map(str, args)]
+    """Run recipes/train_lm.py (under the deepspeed launcher for several ranks; one rank is the
+    same 1-rank world without the launcher's two extra Python start-ups); returns wall seconds."""
+    script = [str(ROOT / "recipes" / "train_lm.py"), "--run_dir", str(run_dir), "--resume", "never", *map(str, args)]
+    cmd = [DEEPSPEED, "--num_gpus", str(num_ranks), "--master_port", str(free_port()), *script] if num_ranks > 1 \
+        else [PY, *script]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     t0 = time.time()
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
