@@ -179,19 +179,17 @@ class StopFlag:
     def _handler(self, signum, frame):
         self.requested = True
 
-    @staticmethod
-    def any_of(dist, flag: bool) -> bool:
-        t = torch.tensor([float(flag)])
-        if dist.get_world_size() > 1:
-            dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return bool(t.item())
-
     def any_rank(self, dist, *flags: bool) -> list[bool]:
         """[stop requested, *flags], each true if it is true on any rank (one all-reduce)."""
-        t = torch.tensor([float(self.requested), *map(float, flags)])
-        if dist.get_world_size() > 1:
-            dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return [bool(v) for v in t.tolist()]
+        return any_rank(dist, self.requested, *flags)
+
+
+def any_rank(dist, *flags: bool) -> list[bool]:
+    """Each flag, true if it is true on any rank (one all-reduce)."""
+    t = torch.tensor([float(f) for f in flags])
+    if dist.get_world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return [bool(v) for v in t.tolist()]
 
 
 class Group:
@@ -378,7 +376,7 @@ def main(argv=None):
                         f"from writing group {g} at the same time", force=True)
             except LockError as e:
                 lock_errors.append(str(e))
-    if StopFlag.any_of(dist, bool(lock_errors)):
+    if any_rank(dist, bool(lock_errors))[0]:
         for e in lock_errors:
             print(f"error: {e}", file=sys.stderr, flush=True)
         for lock in locks:
