@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from model.config import ModelConfig
+from model.head import project
 
 
 class LSTMLM(nn.Module):
@@ -27,4 +28,5 @@ class LSTMLM(nn.Module):
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         x = self.drop(self.embed(input_ids))
         x, _ = self.lstm(x)
-        return self.head(self.drop(self.norm(x)))
+        return project(self.head, self.drop(self.norm(x)))
+

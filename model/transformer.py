@@ -6,6 +6,7 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from model.config import ModelConfig
+from model.head import project
 
 
 def hf_config(cfg: ModelConfig) -> LlamaConfig:
@@ -27,4 +28,5 @@ class TransformerLM(nn.Module):
         self.hf = LlamaForCausalLM(hf_config(cfg))
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.hf(input_ids=input_ids, use_cache=False).logits
+        h = self.hf.model(input_ids=input_ids, use_cache=False).last_hidden_state
+        return project(self.hf.lm_head, h)

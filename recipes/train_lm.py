@@ -456,17 +456,20 @@ def main(argv=None):
     try:
         for step in range(start + 1, args.max_steps + 1):
             reload_ms = 0.0
-            b = step - 1  # boundary b: teachers become the peers' exports of step b - K, then prefetch b
-            if loader and sync and b > 0 and b % args.export_every == 0:
-                if b >= 2 * args.export_every:
+            b, K = step - 1, args.export_every  # boundary b: teachers become the peers' exports of step b - K
+            if loader and sync and b > 0:
+                if b % K == 0 and b >= 2 * K:
+                    t0 = time.perf_counter()
                     for p in peers:
-                        if (p, b - args.export_every) in failed_exports:
+                        if (p, b - K) in failed_exports:
                             continue  # that export failed (warned): keep the previous teacher, do not wait
-                        exp = loader.wait(p, b - args.export_every, args.teacher_timeout)
+                        exp = loader.wait(p, b - K, args.teacher_timeout)
                         if exp is not None:
-                            reload_ms += pool.load(p, exp)
-                for p in peers:
-                    loader.want(p, b)
+                            pool.load(p, exp)
+                    reload_ms = (time.perf_counter() - t0) * 1e3  # waiting for the loader included
+                if b % K == K // 2 and b - K // 2 >= K:  # prefetch the exports of b - K//2 half an interval before they are
+                    for p in peers:  # needed: the loader's read never lands on a swap step
+                        loader.want(p, b - K // 2)
             elif loader and not sync:
                 for p in peers:
                     exp = loader.take(p)

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from codistill.loss import codistill_loss, distill_alpha
+from codistill.loss import codistill_loss, distill_alpha, row_argmax
 from codistill.teacher import TeacherPool
 from codistill.exchange import Export
 from model import build_model, preset_config
@@ -32,9 +32,10 @@ def test_equals_hand_computed_small_example():
     assert st.agreement == pytest.approx(0.5)  # row 0 agrees (argmax 0), row 1 does not (0 vs 2)
 
 
-@pytest.mark.parametrize("alpha,temp,ls", [(1.0, 1.0, 0.0), (0.3, 2.0, 0.0), (1.0, 1.0, 0.1)])
-def test_matches_autograd_reference(alpha, temp, ls):
-    s, y, q = _inputs()
+@pytest.mark.parametrize("alpha,temp,ls", [(1.0, 1.0, 0.0), (0.3, 2.0, 0.0), (1.0, 1.0, 0.1), (2.0, 1.0, 0.1)])
+@pytest.mark.parametrize("v", [7, 300])
+def test_matches_autograd_reference(alpha, temp, ls, v):
+    s, y, q = _inputs(v=v)
     loss, _ = codistill_loss(s, y, q, alpha, temp, ls, chunk_tokens=4)
     loss.backward()
     g = s.grad.clone()
@@ -43,6 +44,24 @@ def test_matches_autograd_reference(alpha, temp, ls):
     ref.backward()
     assert loss.item() == pytest.approx(ref.item(), abs=1e-5)
     assert torch.allclose(g, s.grad, atol=1e-6)
+
+
+@pytest.mark.parametrize("v", [1, 63, 64, 128, 300, 8000])
+def test_row_argmax_is_argmax(v):
+    g = torch.Generator().manual_seed(v)
+    for x in (torch.randn(37, v, generator=g),                        # distinct values
+              torch.randint(0, 3, (37, v), generator=g).float(),      # many ties: the first index wins
+              torch.full((5, v), -1.0).index_fill_(1, torch.tensor([v - 1]), 2.0)):  # maximum in the tail
+        assert torch.equal(row_argmax(x), x.argmax(-1))
+    assert torch.equal(row_argmax(x.bfloat16()), x.bfloat16().argmax(-1))
+
+
+def test_agreement_counts_top1_matches():
+    s, y, q = _inputs(n=64, v=300)
+    _, st = codistill_loss(s, y, q, 1.0, chunk_tokens=10)
+    assert st.agreement == pytest.approx((s.argmax(-1) == q.argmax(-1)).float().mean().item())
+    _, st = codistill_loss(s, y, F.softmax(s.detach() * 3, -1), 1.0)
+    assert st.agreement == 1.0
 
 
 def test_alpha_zero_is_exactly_the_baseline():
