@@ -4,7 +4,8 @@
 
 Measures, in one run on one machine:
   * SentencePiece's own encode speed (tokens/s, one thread, batches of 256 documents) on
-    exactly the cleaned documents prepare.py tokenizes;
+    exactly the cleaned documents prepare.py tokenizes, returning ids as numpy arrays (its
+    fastest way, the reference; prepare.py uses it too) and as lists of Python ints;
   * end-to-end tokens/s of ``prepare.py --tokenizer ...`` (a subprocess: start-up, reading,
     cleaning, hashing, de-duplication, encoding, writing, manifest) with 1 and 2 workers, and
     its ratio to SentencePiece's speed x workers (target >= 0.7);
@@ -155,14 +156,18 @@ def sp_speed(tokenizer: Path, corpus: Path, repeats: int) -> dict:
             seen.add(r)
             texts.append(r.decode("utf-8"))
     batches = list(chunked(texts))
-    best = best_cpu = float("inf")
-    for _ in range(repeats):
-        t, c = time.perf_counter(), time.process_time()
-        n = sum(len(ids) + 1 for b in batches for ids in sp.encode(b, num_threads=1))
-        best = min(best, time.perf_counter() - t)
-        best_cpu = min(best_cpu, time.process_time() - c)
-    return {"tokens": n, "docs": len(texts), "seconds": best, "cpu_s": best_cpu,
-            "tokens_per_s": n / best, "tokens_per_cpu_s": n / best_cpu,
+    out = {}
+    for _ in range(repeats):  # SentencePiece's two ways of returning ids, interleaved
+        for name, out_type in (("numpy", "numpy"), ("int", int)):
+            t, c = time.perf_counter(), time.process_time()
+            n = sum(len(ids) + 1 for b in batches for ids in sp.encode(b, num_threads=1, out_type=out_type))
+            r = out.setdefault(name, {"seconds": float("inf"), "cpu_s": float("inf")})
+            r["seconds"] = min(r["seconds"], time.perf_counter() - t)
+            r["cpu_s"] = min(r["cpu_s"], time.process_time() - c)
+    best = out["numpy"]  # the faster one (no Python int per token): the reference
+    return {"tokens": n, "docs": len(texts), "seconds": best["seconds"], "cpu_s": best["cpu_s"],
+            "tokens_per_s": n / best["seconds"], "tokens_per_cpu_s": n / best["cpu_s"],
+            "int_lists": {**out["int"], "tokens_per_s": n / out["int"]["seconds"]},
             "mb": sum(len(t.encode()) for t in texts) / 2**20}
 
 
@@ -211,7 +216,8 @@ def main() -> int:
         ref = sp_speed(tok, big, args.repeats)
         res["sentencepiece"] = ref
         print(f"SentencePiece encode (1 thread): {ref['tokens_per_s'] / 1e6:.2f} M tok/s "
-              f"on {ref['mb']:.0f} MiB", flush=True)
+              f"on {ref['mb']:.0f} MiB ({ref['int_lists']['tokens_per_s'] / 1e6:.2f} M tok/s as int lists)",
+              flush=True)
 
         # 1 and 2 workers interleaved, so that load from other jobs hits both alike
         runs = {1: [], 2: []}
@@ -263,7 +269,8 @@ def main() -> int:
 
     print("\n| measurement | value |\n|---|---|")
     print(f"| SentencePiece encode, 1 thread, {ref['mb']:.0f} MiB | {ref['tokens_per_s'] / 1e6:.2f}"
-          f" M tok/s ({ref['tokens_per_cpu_s'] / 1e6:.2f} M tok per CPU-s) |")
+          f" M tok/s ({ref['tokens_per_cpu_s'] / 1e6:.2f} M tok per CPU-s); as int lists "
+          f"{ref['int_lists']['tokens_per_s'] / 1e6:.2f} M tok/s |")
     for t in res["throughput"]:
         print(f"| prepare.py end-to-end, {t['workers']} worker(s) | {t['tokens_per_s'] / 1e6:.2f}"
               f" M tok/s, ratio per worker {t['ratio_per_worker']:.2f}; "

@@ -13,7 +13,8 @@ from __future__ import annotations
 import collections
 import contextlib
 import multiprocessing as mp
-from itertools import chain
+import sys
+import threading
 from typing import Callable, Iterable, Iterator
 
 import numpy as np
@@ -33,11 +34,15 @@ def _tokenizer(path: str):
     return sp
 
 
-def _encode(sp, texts: list[str], eos: int, dtype: str):
-    ids = sp.encode(texts, num_threads=1)
+def _encode(sp, texts: list[bytes], eos: int, dtype: str):
+    """Token ids of ``texts`` (UTF-8) with EOS after each, flat, and the per-document lengths.
+
+    SentencePiece hands back one int32 buffer per document (no Python int per token)."""
+    if not texts:
+        return np.zeros(0, dtype=dtype), np.zeros(0, dtype=np.int64)
+    ids = sp.encode(texts, num_threads=1, out_type="numpy")
     lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
-    body = np.fromiter(chain.from_iterable(ids), dtype=dtype, count=int(lengths.sum()))
-    flat = np.insert(body, np.cumsum(lengths), np.asarray(eos, dtype=dtype))  # EOS after each
+    flat = np.insert(np.concatenate(ids).astype(dtype), np.cumsum(lengths), np.asarray(eos, dtype=dtype))
     return flat, lengths + 1
 
 
@@ -50,7 +55,7 @@ def clean_chunk(task) -> list:
     out = []
     for raw in docs:
         r = clean_document(raw, min_chars, min_ratio)
-        out.append(r if isinstance(r, str) else (r, doc_hash(r), split_of(r, seed, g, vf)))
+        out.append(r if isinstance(r, str) else (r, h := doc_hash(r), split_of(h, seed, g, vf)))
     return out
 
 
@@ -73,9 +78,9 @@ def filter_clean_chunk(task):
             else:
                 text, _lang, keys = f
                 data = text.encode("utf-8")
-                out.append((fid, k, data, doc_hash(data), split_of(data, seed, g, vf), keys))
+                out.append((fid, k, data, h := doc_hash(data), split_of(h, seed, g, vf), keys))
                 continue
-        out.append(r if isinstance(r, str) else (fid, k, r, doc_hash(r), split_of(r, seed, g, vf), None))
+        out.append(r if isinstance(r, str) else (fid, k, r, h := doc_hash(r), split_of(h, seed, g, vf), None))
     return out, line_counts
 
 
@@ -86,7 +91,7 @@ def clean_encode_chunk(task):
     with meta per doc a reason (str) or (doc hash, split); flat/lengths cover kept docs."""
     cfg, (model, eos, dtype), docs = task
     meta = clean_chunk((cfg, docs))
-    texts = [m[0].decode("utf-8") for m in meta if not isinstance(m, str)]
+    texts = [m[0] for m in meta if not isinstance(m, str)]
     flat, lengths = _encode(_tokenizer(model), texts, eos, dtype)
     return [m if isinstance(m, str) else m[1:] for m in meta], flat, lengths
 
@@ -94,16 +99,25 @@ def clean_encode_chunk(task):
 def encode_chunk(task):
     """((model_path, eos, dtype), [utf8 bytes]) -> (tokens with EOS after each doc, lengths)."""
     (model, eos, dtype), texts = task
-    return _encode(_tokenizer(model), [t.decode("utf-8") for t in texts], eos, dtype)
+    return _encode(_tokenizer(model), texts, eos, dtype)
+
+
+def pool_start_method() -> str:
+    """fork where it is safe - no other thread in this process and no torch (whose native
+    thread pools a child cannot inherit) - so that workers start at once with every module
+    already imported; spawn otherwise (e.g. when the trainer prepares the embedded corpus)."""
+    if "fork" in mp.get_all_start_methods() and threading.active_count() == 1 and "torch" not in sys.modules:
+        return "fork"
+    return "spawn"
 
 
 @contextlib.contextmanager
 def worker_pool(workers: int):
-    """A spawn pool (fork is unsafe once torch/threads are loaded), or None for in-process."""
+    """A pool of ``workers`` processes (see pool_start_method), or None for in-process."""
     if workers <= 1:
         yield None
         return
-    with mp.get_context("spawn").Pool(workers) as pool:
+    with mp.get_context(pool_start_method()).Pool(workers) as pool:
         yield pool
 
 

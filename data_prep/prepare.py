@@ -542,7 +542,8 @@ def _build(tmp: Path, files, stats: Stats, *, inputs, num_groups, vocab_size, va
                                     stats.dropped["too_short_after_line_filters"] += 1
                                     continue
                                 data = data2
-                                h, s = doc_hash(data), split_of(data, seed, num_groups, val_fraction)
+                                h = doc_hash(data)
+                                s = split_of(h, seed, num_groups, val_fraction)
                         if h in seen:
                             stats.dropped["duplicate"] += 1
                             continue

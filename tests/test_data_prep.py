@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from data_prep.clean import normalize, text_ratio
+from data_prep.clean import doc_hash, normalize, split_of, text_ratio
 from data_prep.prepare import DataPrepError, is_prepared, prepare, prepare_sample
 from data_prep.sample import sample_corpus_dir
 from data_prep.verify import VerifyError, verify
@@ -189,6 +189,21 @@ def test_deterministic_across_runs_and_workers(prepared, corpus, tmp_path):
     assert _files(fused[0]) == _files(fused[1])
     for name in ("val.bin", "group_0.bin", "group_1.idx.npy", "val.hashes.npy"):
         assert _files(fused[0])[name] == _files(prepared)[name]  # same shards either way
+    # the command line forks its workers (no torch, no threads there); same bytes again
+    r = _cli("--input", corpus, "--output", tmp_path / "cli", "--num_groups", 2, "--val_fraction", 0.2,
+             "--text_mode", "file", "--seed", 7, "--tokenizer", prepared / "tokenizer.model", "--workers", 2)
+    assert r.returncode == 0, r.stderr
+    assert _files(tmp_path / "cli") == _files(fused[0])
+
+
+def test_pool_start_method():
+    probe = "import sys; sys.path.insert(0, sys.argv[1]); {}from data_prep.parallel import pool_start_method as m; print(m())"
+    root = str(Path(__file__).resolve().parents[1])
+    for pre, want in (("", "fork"), ("import torch; ", "spawn"),
+                      ("import threading, time; threading.Thread(target=time.sleep, args=(5,), daemon=True).start(); ",
+                       "spawn")):
+        out = subprocess.run([sys.executable, "-c", probe.format(pre), root], capture_output=True, text=True)
+        assert out.stdout.strip() == want, (pre, out.stderr)
 
 
 def test_splits_stable_when_adding_documents(prepared, corpus, bbc, tok, tmp_path):
@@ -305,6 +320,41 @@ def test_normalize():
     assert abs(text_ratio("#### 1234 ||||") - 2 / 14) < 1e-9 and text_ratio("plain words, only.") == 1.0
 
 
+def _normalize_spec(text: str) -> str:
+    """The module docstring's definition, step by step (no fast paths)."""
+    import re
+    import unicodedata
+    text = unicodedata.normalize("NFC", text).replace("\r\n", "\n").replace("\r", "\n")
+    text = re.sub(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]", "", text)
+    lines = (" ".join(line.split()) for line in text.split("\n"))
+    return "\n".join(line for line in lines if line)
+
+
+def test_normalize_fast_paths_match_the_definition(bbc):
+    import random
+    rng = random.Random(0)
+    alphabet = ["a", "b", "Z", " ", " ", "  ", "\n", "\n\n", "\t", "\r", "\r\n", "\x07", "\x0b", "\x1c", "\x7f",
+                "\x85", "\x9f", "\u00a0", "\u2003", "\u2028", "\u3000", "\u00e9", "e\u0301", "\u2014", "\u00a3"]
+    samples = ["", " ", "\n", "plain text", "tidy\nlines here", " lead", "trail ", "a\n\nb", "a \nb", "a\n b"]
+    samples += ["".join(rng.choice(alphabet) for _ in range(rng.randint(1, 40))) for _ in range(3000)]
+    samples += [text for _, text in bbc["unique"][:300]]
+    for t in samples:
+        assert normalize(t) == _normalize_spec(t), repr(t)
+
+
+def test_split_of_is_stable_uniform_and_seeded():
+    hashes = [doc_hash(f"document {i}".encode()) for i in range(20000)]
+    splits = [split_of(h, 1234, 3, 0.1) for h in hashes]
+    assert splits == [split_of(h, 1234, 3, 0.1) for h in hashes]  # a function of (hash, seed) only
+    counts = np.bincount(splits, minlength=4)
+    assert abs(counts[0] / 20000 - 0.1) < 0.01  # val fraction
+    assert all(abs(c / counts[1:].sum() - 1 / 3) < 0.02 for c in counts[1:])  # groups uniform
+    other = [split_of(h, 99, 3, 0.1) for h in hashes]
+    assert 0.5 < np.mean(np.array(splits) != np.array(other)) < 0.8  # another seed, another split
+    # the val decision does not depend on the number of groups
+    assert [s == 0 for s in splits] == [split_of(h, 1234, 5, 0.1) == 0 for h in hashes]
+
+
 # ---------------------------------------------------------------- bad inputs
 
 def test_bad_inputs_skipped_and_counted(bbc, texts, tok, tmp_path, capsys):
@@ -348,7 +398,7 @@ def test_bad_inputs_skipped_and_counted(bbc, texts, tok, tmp_path, capsys):
 
 def test_too_long_document(texts, tok, tmp_path):
     (tmp_path / "in").mkdir()
-    docs = [_flat(t) for t in texts[:10]]
+    docs = [_flat(t) for t in texts[:20]]
     docs[0] = "\n".join(docs)  # one document much longer than all others
     (tmp_path / "in" / "a.txt").write_text("\n\n".join(docs))
     out = tmp_path / "out"
