@@ -13,8 +13,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import multiprocessing as mp
-import sys
-import threading
 from typing import Callable, Iterable, Iterator
 
 import numpy as np
@@ -102,22 +100,14 @@ def encode_chunk(task):
     return _encode(_tokenizer(model), texts, eos, dtype)
 
 
-def pool_start_method() -> str:
-    """fork where it is safe - no other thread in this process and no torch (whose native
-    thread pools a child cannot inherit) - so that workers start at once with every module
-    already imported; spawn otherwise (e.g. when the trainer prepares the embedded corpus)."""
-    if "fork" in mp.get_all_start_methods() and threading.active_count() == 1 and "torch" not in sys.modules:
-        return "fork"
-    return "spawn"
-
-
 @contextlib.contextmanager
 def worker_pool(workers: int):
-    """A pool of ``workers`` processes (see pool_start_method), or None for in-process."""
+    """A spawn pool (fork is unsafe once torch/threads - including BLAS's native ones - are
+    loaded; a forked worker hung in the web-text filter path), or None for in-process."""
     if workers <= 1:
         yield None
         return
-    with mp.get_context(pool_start_method()).Pool(workers) as pool:
+    with mp.get_context("spawn").Pool(workers) as pool:
         yield pool
 
 
