@@ -1,6 +1,7 @@
 """Benchmark of data_prep/prepare.py on the embedded BBC News corpus.
 
-    python benchmarks/data_prep.py [--copies 8] [--repeats 2] [--out benchmarks/results/data_prep.json]
+    python benchmarks/data_prep.py [--copies 8] [--scale_copies 32] [--repeats 2]
+        [--out benchmarks/results/data_prep.json]
 
 Measures, in one run on one machine:
   * SentencePiece's own encode speed (tokens/s, one thread, batches of 256 documents) on
@@ -9,6 +10,10 @@ Measures, in one run on one machine:
   * end-to-end tokens/s of ``prepare.py --tokenizer ...`` (a subprocess: start-up, reading,
     cleaning, hashing, de-duplication, encoding, writing, manifest) with 1 and 2 workers, and
     its ratio to SentencePiece's speed x workers (target >= 0.7);
+  * the 1 -> 2 worker speed-up on that corpus and on ``--scale_copies`` copies (4x larger),
+    end to end and for prepare.py's main loop alone (its ``tokenize_s``: without interpreter
+    start-up, imports and finishing, which are serial and fixed), next to the machine's own
+    ceiling: two independent SentencePiece processes at once versus one alone;
   * peak RSS (ru_maxrss of the prepare.py process tree, via RUSAGE_CHILDREN of a wrapper
     process) at two corpus sizes: the sample (x1) and 4 edited copies of it (x4), with a
     reused tokenizer and with tokenizer training.
@@ -28,6 +33,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -51,13 +57,54 @@ _WRAP = ("import json, resource, subprocess, sys, time\n"
 
 
 def run_prepare(args: list[str]) -> dict:
-    """Run prepare.py in a fresh wrapper process; return wall time and peak RSS."""
+    """Run prepare.py in a fresh wrapper process; return wall time, CPU time, peak RSS and
+    prepare.py's own phase timings (``timing``: its DATA_PREP_TIMING line; ``tokenize_s`` is
+    the read -> encode -> write loop, without interpreter start-up, imports and finishing)."""
     cmd = [sys.executable, "-c", _WRAP, sys.executable, str(PREPARE), *map(str, args), "--quiet"]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True,
+                         env={**os.environ, "DATA_PREP_TIMING": "1"})
     r = json.loads(out.stdout.strip().splitlines()[-1])
     if r["rc"] != 0:
         raise RuntimeError(f"prepare.py failed: {out.stderr}")
+    timing = [line for line in out.stderr.splitlines() if line.startswith('{"')]
+    r["timing"] = json.loads(timing[-1]) if timing else {}
     return r
+
+
+def one_vs_two(corpus: Path, tok: Path, td: Path, tag: str, repeats: int) -> dict:
+    """prepare.py --tokenizer on ``corpus`` with 1 and 2 workers, interleaved so that load
+    from other jobs hits both alike. Returns {1: [runs], 2: [runs]}."""
+    runs = {1: [], 2: []}
+    for i in range(repeats):
+        for w in (1, 2):
+            out = td / f"{tag}_w{w}_{i}"
+            r = run_prepare(["--input", corpus, "--output", out, "--num_groups", 2,
+                             "--tokenizer", tok, "--workers", w])
+            m = json.loads((out / "manifest.json").read_text())
+            r["tokens"] = sum(s["num_tokens"] for s in m["splits"].values())
+            r["mb"] = sum(s["bytes"] for s in m["sources"]) / 2**20
+            runs[w].append(r)
+            shutil.rmtree(out)
+    return runs
+
+
+def speedup(runs: dict) -> dict:
+    """1 -> 2 worker speed-up: best runs, median of interleaved pairs, and the same for the
+    main loop alone (``tokenize_s``; start-up and finishing are serial)."""
+    def med(xs):
+        xs = sorted(xs)
+        return xs[len(xs) // 2]
+
+    best = {w: min(runs[w], key=lambda r: r["wall_s"]) for w in (1, 2)}
+    loop = {w: min(r["timing"]["tokenize_s"] for r in runs[w]) for w in (1, 2)}
+    return {"wall_best": best[1]["wall_s"] / best[2]["wall_s"],
+            "wall_paired_median": med([a["wall_s"] / b["wall_s"] for a, b in zip(runs[1], runs[2])]),
+            "loop_best": loop[1] / loop[2],
+            "wall_s": {w: best[w]["wall_s"] for w in (1, 2)},
+            "loop_s": {w: loop[w] for w in (1, 2)},
+            "cpu_s": {w: best[w]["cpu_s"] for w in (1, 2)},
+            "serial_s": best[1]["wall_s"] - loop[1],
+            "mb": best[1]["mb"], "tokens": best[1]["tokens"]}
 
 
 def articles():
@@ -149,12 +196,7 @@ def sp_speed(tokenizer: Path, corpus: Path, repeats: int) -> dict:
     import sentencepiece as spm
 
     sp = spm.SentencePieceProcessor(model_file=str(tokenizer))
-    seen, texts = set(), []
-    for raw in read_documents([corpus], Stats()):
-        r = clean_document(raw)
-        if not isinstance(r, str) and r not in seen:
-            seen.add(r)
-            texts.append(r.decode("utf-8"))
+    texts = _clean_unique(corpus)
     batches = list(chunked(texts))
     out = {}
     for _ in range(repeats):  # SentencePiece's two ways of returning ids, interleaved
@@ -169,6 +211,48 @@ def sp_speed(tokenizer: Path, corpus: Path, repeats: int) -> dict:
             "tokens_per_s": n / best["seconds"], "tokens_per_cpu_s": n / best["cpu_s"],
             "int_lists": {**out["int"], "tokens_per_s": n / out["int"]["seconds"]},
             "mb": sum(len(t.encode()) for t in texts) / 2**20}
+
+
+_SP_ALONE = ("import pickle, sys, time\n"
+             "import sentencepiece as spm\n"
+             "sp = spm.SentencePieceProcessor(model_file=sys.argv[1])\n"
+             "batches = pickle.load(open(sys.argv[2], 'rb'))\n"
+             "t = time.perf_counter()\n"
+             "for b in batches: sp.encode(b, num_threads=1, out_type='numpy')\n"
+             "print(time.perf_counter() - t)\n")
+
+
+def sp_side_by_side(tokenizer: Path, corpus: Path, td: Path, repeats: int) -> dict:
+    """The machine's own ceiling for 1 -> 2 processes: SentencePiece encoding the same
+    documents in one process alone, and in two independent processes at once (no
+    coordination at all). Aggregate speed-up = 2 x alone / the slower of the pair."""
+    import pickle
+
+    texts = [t.encode() for t in _clean_unique(corpus)]
+    data = td / "sp_batches.pkl"
+    data.write_bytes(pickle.dumps(list(chunked(texts))))
+    cmd = [sys.executable, "-c", _SP_ALONE, str(tokenizer), str(data)]
+    alone, pair = [], []
+    env = {**os.environ, "OPENBLAS_NUM_THREADS": "1"}
+    for _ in range(repeats):  # interleaved
+        alone.append(float(subprocess.run(cmd, check=True, capture_output=True, text=True,
+                                          env=env).stdout))
+        ps = [subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env) for _ in range(2)]
+        pair.append(max(float(q.communicate()[0]) for q in ps))
+    data.unlink()
+    return {"alone_s": min(alone), "pair_s": min(pair), "all_alone_s": alone,
+            "all_pair_s": pair, "speedup": 2 * min(alone) / min(pair)}
+
+
+def _clean_unique(corpus: Path) -> list[str]:
+    """The documents prepare.py encodes: cleaned, exact duplicates removed, in order."""
+    seen, texts = set(), []
+    for raw in read_documents([corpus], Stats()):
+        r = clean_document(raw)
+        if not isinstance(r, str) and r not in seen:
+            seen.add(r)
+            texts.append(r.decode("utf-8"))
+    return texts
 
 
 def machine() -> dict:
@@ -187,6 +271,8 @@ def machine() -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--copies", type=int, default=8, help="corpus copies for the throughput runs")
+    ap.add_argument("--scale_copies", type=int, default=32,
+                    help="corpus copies for the second 1 -> 2 worker scaling point (0: skip)")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--vocab_size", type=int, default=8000)
     ap.add_argument("--filter_copies", type=int, default=4,
@@ -219,16 +305,7 @@ def main() -> int:
               f"on {ref['mb']:.0f} MiB ({ref['int_lists']['tokens_per_s'] / 1e6:.2f} M tok/s as int lists)",
               flush=True)
 
-        # 1 and 2 workers interleaved, so that load from other jobs hits both alike
-        runs = {1: [], 2: []}
-        for i in range(args.repeats):
-            for w in (1, 2):
-                out = td / f"big_w{w}_{i}"
-                r = run_prepare(["--input", big, "--output", out, "--num_groups", 2,
-                                 "--tokenizer", tok, "--workers", w])
-                m = json.loads((out / "manifest.json").read_text())
-                r["tokens"] = sum(s["num_tokens"] for s in m["splits"].values())
-                runs[w].append(r)
+        runs = one_vs_two(big, tok, td, "big", args.repeats)
         res["throughput"] = []
         for w in (1, 2):
             best = dict(min(runs[w], key=lambda r: r["wall_s"]))
@@ -243,8 +320,22 @@ def main() -> int:
                   f" ratio per worker {best['ratio_per_worker']:.2f}; per CPU-second "
                   f"{best['tokens_per_cpu_s'] / 1e6:.2f} M tok (ratio {best['cpu_ratio']:.2f})",
                   flush=True)
-        paired = sorted(a["wall_s"] / b["wall_s"] for a, b in zip(runs[1], runs[2]))
-        res["speedup_2_workers_paired_median"] = paired[len(paired) // 2]
+        res["speedup_2_workers_paired_median"] = speedup(runs)["wall_paired_median"]
+        # 1 -> 2 workers on the --copies corpus and on a 4x larger one (fixed start-up costs
+        # weigh less there), end to end and for the main loop alone
+        res["scaling"] = [{"copies": args.copies, **speedup(runs)}]
+        if args.scale_copies:
+            bigger = write_copies(td / "bigger", args.scale_copies, per_file=False)
+            res["scaling"].append({"copies": args.scale_copies,
+                                   **speedup(one_vs_two(bigger, tok, td, "bigger", args.repeats))})
+            shutil.rmtree(bigger)
+        for sc in res["scaling"]:
+            print(f"1 -> 2 workers, {sc['mb']:.0f} MiB: end-to-end {sc['wall_best']:.2f}x best, "
+                  f"{sc['wall_paired_median']:.2f}x paired median; main loop "
+                  f"{sc['loop_best']:.2f}x", flush=True)
+        res["sp_side_by_side"] = sp_side_by_side(tok, big, td, args.repeats)
+        print(f"the machine's ceiling: SentencePiece alone vs two independent copies at once: "
+              f"{res['sp_side_by_side']['speedup']:.2f}x aggregate", flush=True)
 
         res["memory"] = []
         for name, corpus in (("x1", x1), ("x4", x4)):
@@ -277,8 +368,12 @@ def main() -> int:
               f"{t['tokens_per_cpu_s'] / 1e6:.2f} M tok per CPU-s, ratio {t['cpu_ratio']:.2f} |")
     w1, w2 = res["throughput"]
     res["speedup_2_workers"] = w2["tokens_per_s"] / w1["tokens_per_s"]
-    print(f"| speed-up 1 -> 2 workers (wall, best runs; median of paired runs) | "
-          f"{res['speedup_2_workers']:.2f}x; {res['speedup_2_workers_paired_median']:.2f}x |")
+    for sc in res["scaling"]:
+        print(f"| speed-up 1 -> 2 workers, {sc['mb']:.0f} MiB: end-to-end (best runs; median of "
+              f"paired runs); main loop only | {sc['wall_best']:.2f}x; "
+              f"{sc['wall_paired_median']:.2f}x; {sc['loop_best']:.2f}x |")
+    print(f"| the machine's ceiling: 2 independent SentencePiece processes at once vs 1 alone "
+          f"(aggregate) | {res['sp_side_by_side']['speedup']:.2f}x |")
     for r in res["memory"]:
         print(f"| peak RSS, {r['corpus']} = {r['mb']:.0f} MiB / {r['docs']} docs, "
               f"{r['tokenizer']} tokenizer | {r['maxrss_kb'] / 1024:.0f} MiB |")

@@ -2,8 +2,9 @@
 
 ``multiprocessing.Pool.imap`` pulls its whole input iterator as fast as it can (its task
 feeder thread does not wait for results), so on a large corpus it would hold the corpus in
-memory. ``ordered_map`` keeps at most ``workers * inflight_per_worker`` chunks in flight
-and yields results in submission order, so the output is identical for any worker count.
+memory. ``ordered_map`` keeps a bounded number of chunks in flight and yields results in
+submission order, so the output is identical for any worker count. The main process runs
+chunks itself whenever the helpers are busy, so ``--workers N`` means N busy processes.
 
 One pool serves every pass: each task carries its small config, and the tokenizer is loaded
 once per worker from the file path in the config (cached by path).
@@ -13,6 +14,9 @@ from __future__ import annotations
 import collections
 import contextlib
 import multiprocessing as mp
+import os
+import signal
+import sys
 from typing import Callable, Iterable, Iterator
 
 import numpy as np
@@ -100,31 +104,115 @@ def encode_chunk(task):
     return _encode(_tokenizer(model), texts, eos, dtype)
 
 
+def start_method() -> str:
+    """``fork`` where it is safe - this process has exactly one thread, native ones included
+    (no BLAS/OpenMP pool, no Python thread) and no torch - so that helpers start at once with
+    every module imported (a spawned helper spends ~0.2 CPU-s importing numpy and
+    SentencePiece); ``spawn`` otherwise, e.g. when the trainer or a test calls prepare().
+
+    The command line sets OPENBLAS_NUM_THREADS=1 before numpy is imported, so it is one
+    thread here. (A fork from a process whose OpenBLAS pool was running once hung a helper in
+    the web-text filter path: that is the case this check excludes.)"""
+    if "fork" not in mp.get_all_start_methods() or "torch" in sys.modules:
+        return "spawn"
+    try:
+        threads = len(os.listdir("/proc/self/task"))
+    except OSError:  # not Linux: no cheap way to count native threads
+        return "spawn"
+    return "fork" if threads == 1 else "spawn"
+
+
+def _helper_init() -> None:
+    # a forked helper inherits the command line's SIGTERM handler; the pool's terminate()
+    # should simply end it
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 @contextlib.contextmanager
 def worker_pool(workers: int):
-    """A spawn pool (fork is unsafe once torch/threads - including BLAS's native ones - are
-    loaded; a forked worker hung in the web-text filter path), or None for in-process."""
+    """Helpers for ``workers`` processes in all: the main process (which also reads,
+    de-duplicates and writes) plus ``workers - 1`` helpers (see start_method), or None for
+    in-process."""
     if workers <= 1:
         yield None
         return
-    with mp.get_context("spawn").Pool(workers) as pool:
+    # one thread per process: BLAS thread pools (numpy's OpenBLAS starts one per core at
+    # import, ~0.1 CPU-s of spinning) only compete with the other processes here
+    saved = {k: os.environ.get(k) for k in _THREAD_VARS}
+    for k in _THREAD_VARS:
+        os.environ.setdefault(k, "1")
+    try:  # the helpers start with this environment
+        pool = mp.get_context(start_method()).Pool(workers - 1, initializer=_helper_init)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+    _widen_pipes(pool)
+    with pool:
         yield pool
 
 
+def _widen_pipes(pool) -> None:
+    """Let one task (a chunk of ~0.5-1 MiB) go through the pool's pipes in one write: with
+    the default 64 KiB pipe a chunk needs ~16 hand-offs between the pool's feeder thread and
+    the helper, each a wake-up on cores that are both busy encoding (the helpers then wait
+    ~3 ms per chunk). Linux only; best effort (pool internals, a per-user pipe size limit)."""
+    try:
+        import fcntl
+
+        with open("/proc/sys/fs/pipe-max-size") as f:
+            size = min(1 << 20, int(f.read()))
+        for q in (pool._inqueue, pool._outqueue):
+            for c in (q._reader, q._writer):
+                fcntl.fcntl(c.fileno(), fcntl.F_SETPIPE_SZ, size)
+    except (AttributeError, OSError, ValueError):
+        pass
+
+
+_THREAD_VARS = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+
+
 def ordered_map(fn: Callable, tasks: Iterable, pool, inflight: int = 4) -> Iterator:
-    """Like ``map(fn, tasks)``; over ``pool`` if given, in order, with bounded look-ahead."""
+    """Like ``map(fn, tasks)``, in order, with bounded look-ahead; over ``pool`` if given.
+
+    The main process works too: while every helper has ``inflight`` tasks queued and the
+    oldest result is not back yet, it runs the next task itself instead of waiting, so N
+    processes share the work (and it adapts: a main process busy with its own part of the job
+    - reading, writing, de-duplication - hands more to the helpers). At most
+    ``helpers * inflight`` tasks are queued in the pool and twice that many tasks are
+    pending or held as results."""
     if pool is None:
         for t in tasks:
             yield fn(t)
         return
-    pending: collections.deque = collections.deque()
+    pending: collections.deque = collections.deque()  # AsyncResult or (value,)
+    queued = 0
     limit = pool._processes * inflight
+
+    def head_ready() -> bool:
+        h = pending[0]
+        return isinstance(h, tuple) or h.ready()
+
+    def pop():
+        nonlocal queued
+        h = pending.popleft()
+        if isinstance(h, tuple):
+            return h[0]
+        queued -= 1
+        return h.get()
+
     for t in tasks:
-        pending.append(pool.apply_async(fn, (t,)))
-        if len(pending) >= limit:
-            yield pending.popleft().get()
+        while pending and head_ready():
+            yield pop()
+        if len(pending) >= 2 * limit:  # results held are at their bound: wait for the oldest
+            yield pop()
+        if queued < limit:
+            pending.append(pool.apply_async(fn, (t,)))
+            queued += 1
+        else:
+            pending.append((fn(t),))
     while pending:
-        yield pending.popleft().get()
+        yield pop()
 
 
 def chunked(it: Iterable, max_items: int = 256, max_bytes: int = 1 << 20,

@@ -35,11 +35,14 @@ With --tokenizer and no filter active, 1 and 3 are fused into one pass.
 """
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
 if __name__ == "__main__":  # run as a file: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    for _k in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(_k, "1")  # before numpy: no BLAS thread pool (see parallel.py)
 
 import argparse
 import collections

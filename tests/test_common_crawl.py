@@ -512,6 +512,13 @@ def test_sharded_prepare_and_merge_equal_single(web_corpus, tok, tmp_path, num_s
     merged = merge(reversed(shards), tmp_path / "merged", quiet=True)
     assert _split_files(merged) == _split_files(single)
     verify(merged)
+    if num_shards == 3:  # the command line with 3 processes (forked helpers): same bytes
+        r = subprocess.run([sys.executable, str(ROOT / "data_prep" / "prepare.py"), "--input",
+                            str(web_corpus), "--output", str(tmp_path / "cli"), "--num_groups", "3",
+                            "--val_fraction", "0.1", "--tokenizer", str(tok), "--workers", "3",
+                            "--quiet"], capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr
+        assert _split_files(tmp_path / "cli") == _split_files(single)
 
 
 def test_sharding_errors(web_corpus, tok, tmp_path):

@@ -196,6 +196,80 @@ def test_deterministic_across_runs_and_workers(prepared, corpus, tmp_path):
     assert _files(tmp_path / "cli") == _files(fused[0])
 
 
+def test_ordered_map_shares_work_with_the_main_process_in_order(prepared, bbc):
+    """--workers 2 = the main process + 1 spawned helper: both encode chunks, results come
+    back in task order and equal to the in-process ones, and look-ahead stays bounded."""
+    from data_prep.parallel import chunked, encode_chunk, ordered_map, worker_pool
+
+    texts = [t.encode() for _, t in bbc["unique"][:800]]
+    cfg = (str(prepared / "tokenizer.model"), _manifest(prepared)["eos_id"], "uint16")
+    tasks = [(cfg, c) for c in chunked(texts, max_items=8)]
+    want = [encode_chunk(t) for t in tasks]
+    sent = pulled = 0
+    got = []
+    with worker_pool(2) as pool:
+        assert pool._processes == 1
+        if sys.platform == "linux":  # one chunk fits the pool's pipes (one write, not ~16)
+            import fcntl
+
+            want_sz = min(1 << 20, int(Path("/proc/sys/fs/pipe-max-size").read_text()))
+            assert fcntl.fcntl(pool._inqueue._writer.fileno(), fcntl.F_GETPIPE_SZ) >= want_sz
+
+        class CountingPool:  # the real pool; counts what is handed to the helper
+            _processes = pool._processes
+
+            def apply_async(self, fn, args):
+                nonlocal sent
+                sent += 1
+                return pool.apply_async(fn, args)
+
+        def gen():
+            nonlocal pulled
+            for t in tasks:
+                pulled += 1
+                yield t
+
+        for r in ordered_map(encode_chunk, gen(), CountingPool(), inflight=4):
+            got.append(r)
+            assert pulled - len(got) <= 2 * 4 + 1  # bounded: never the whole input ahead
+    assert len(got) == len(tasks)
+    for (f, n), (wf, wn) in zip(got, want):
+        assert np.array_equal(f, wf) and np.array_equal(n, wn)
+    assert 4 <= sent < len(tasks)  # the helper got work, and so did the main process
+
+
+def test_helpers_fork_only_from_a_single_threaded_process():
+    import threading
+
+    from data_prep.parallel import start_method
+
+    stop = threading.Event()
+    t = threading.Thread(target=stop.wait)
+    t.start()
+    try:
+        assert start_method() == "spawn"  # another thread: never fork
+    finally:
+        stop.set()
+        t.join()
+    # the command line: OPENBLAS_NUM_THREADS=1 before numpy -> one thread -> fork
+    code = ("import os, sys, threading; sys.path.insert(0, {root!r}); "
+            "os.environ['OPENBLAS_NUM_THREADS'] = '1'; "
+            "import numpy, sentencepiece, data_prep.prepare, data_prep.filters; "
+            "from data_prep.parallel import start_method; a = start_method(); "
+            "{more}print(a, start_method())")
+    out = subprocess.run([sys.executable, "-c", code.format(root=str(ROOT), more="")],
+                         capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["fork", "fork"]
+    more = "e = threading.Event(); threading.Thread(target=e.wait, daemon=True).start(); "
+    out = subprocess.run([sys.executable, "-c", code.format(root=str(ROOT), more=more)],
+                         capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["fork", "spawn"]
+    more = "import torch; "
+    out = subprocess.run([sys.executable, "-c", code.format(root=str(ROOT), more=more)],
+                         capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["fork", "spawn"]
+
+
 def test_splits_stable_when_adding_documents(prepared, corpus, bbc, tok, tmp_path):
     more = _copy_articles(bbc["unique"][3::7][:80], tmp_path / "more")
     out = tmp_path / "bigger"
