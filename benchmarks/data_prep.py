@@ -7,13 +7,14 @@ Measures, in one run on one machine:
   * SentencePiece's own encode speed (tokens/s, one thread, batches of 256 documents) on
     exactly the cleaned documents prepare.py tokenizes, returning ids as numpy arrays (its
     fastest way, the reference; prepare.py uses it too) and as lists of Python ints;
-  * end-to-end tokens/s of ``prepare.py --tokenizer ...`` (a subprocess: start-up, reading,
-    cleaning, hashing, de-duplication, encoding, writing, manifest) with 1 and 2 workers, and
-    its ratio to SentencePiece's speed x workers (target >= 0.7);
-  * the 1 -> 2 worker speed-up on that corpus and on ``--scale_copies`` copies (4x larger),
-    end to end and for prepare.py's main loop alone (its ``tokenize_s``: without interpreter
-    start-up, imports and finishing, which are serial and fixed), next to the machine's own
-    ceiling: two independent SentencePiece processes at once versus one alone;
+  * on ``--copies`` and ``--scale_copies`` copies of the corpus, interleaved ``--repeats``
+    times: SentencePiece alone in its own process (the reference, timed next to each
+    prepare.py run), two such processes at once (the machine's own 1 -> 2 process ceiling),
+    and end-to-end tokens/s of ``prepare.py --tokenizer ...`` (a subprocess: start-up,
+    reading, cleaning, hashing, de-duplication, encoding, writing, manifest) with 1 and 2
+    workers: its ratio to SentencePiece's speed x workers (target >= 0.7), the 1 -> 2 worker
+    speed-up end to end and for prepare.py's main loop alone (its ``tokenize_s``: without
+    interpreter start-up, imports and finishing, which are serial and fixed);
   * peak RSS (ru_maxrss of the prepare.py process tree, via RUSAGE_CHILDREN of a wrapper
     process) at two corpus sizes: the sample (x1) and 4 edited copies of it (x4), with a
     reused tokenizer and with tokenizer training.
@@ -71,11 +72,28 @@ def run_prepare(args: list[str]) -> dict:
     return r
 
 
-def one_vs_two(corpus: Path, tok: Path, td: Path, tag: str, repeats: int) -> dict:
-    """prepare.py --tokenizer on ``corpus`` with 1 and 2 workers, interleaved so that load
-    from other jobs hits both alike. Returns {1: [runs], 2: [runs]}."""
+def _med(xs):
+    xs = sorted(xs)
+    return xs[len(xs) // 2]
+
+
+def throughput(corpus: Path, tok: Path, td: Path, tag: str, repeats: int) -> dict:
+    """Side by side on ``corpus``, interleaved ``repeats`` times so that load from other jobs
+    hits every configuration alike: SentencePiece alone (encode time of exactly the documents
+    prepare.py encodes, in its own process), two such processes at once (the machine's own
+    1 -> 2 ceiling), and prepare.py --tokenizer end to end with 1 and 2 workers.
+
+    Ratio per worker = SentencePiece's time / (workers x prepare.py's wall time), both on the
+    same tokens; reported best-vs-best and as the median of the per-repeat ratios."""
+    sp_cmd = sp_alone_cmd(tok, corpus, td / f"{tag}_sp.pkl")
+    env = {**os.environ, "OPENBLAS_NUM_THREADS": "1"}
     runs = {1: [], 2: []}
+    alone, pair = [], []
     for i in range(repeats):
+        alone.append(float(subprocess.run(sp_cmd, check=True, capture_output=True, text=True,
+                                          env=env).stdout))
+        ps = [subprocess.Popen(sp_cmd, stdout=subprocess.PIPE, text=True, env=env) for _ in range(2)]
+        pair.append(max(float(q.communicate()[0]) for q in ps))
         for w in (1, 2):
             out = td / f"{tag}_w{w}_{i}"
             r = run_prepare(["--input", corpus, "--output", out, "--num_groups", 2,
@@ -85,26 +103,31 @@ def one_vs_two(corpus: Path, tok: Path, td: Path, tag: str, repeats: int) -> dic
             r["mb"] = sum(s["bytes"] for s in m["sources"]) / 2**20
             runs[w].append(r)
             shutil.rmtree(out)
-    return runs
-
-
-def speedup(runs: dict) -> dict:
-    """1 -> 2 worker speed-up: best runs, median of interleaved pairs, and the same for the
-    main loop alone (``tokenize_s``; start-up and finishing are serial)."""
-    def med(xs):
-        xs = sorted(xs)
-        return xs[len(xs) // 2]
-
+    Path(sp_cmd[-1]).unlink()
     best = {w: min(runs[w], key=lambda r: r["wall_s"]) for w in (1, 2)}
     loop = {w: min(r["timing"]["tokenize_s"] for r in runs[w]) for w in (1, 2)}
-    return {"wall_best": best[1]["wall_s"] / best[2]["wall_s"],
-            "wall_paired_median": med([a["wall_s"] / b["wall_s"] for a, b in zip(runs[1], runs[2])]),
-            "loop_best": loop[1] / loop[2],
-            "wall_s": {w: best[w]["wall_s"] for w in (1, 2)},
-            "loop_s": {w: loop[w] for w in (1, 2)},
-            "cpu_s": {w: best[w]["cpu_s"] for w in (1, 2)},
-            "serial_s": best[1]["wall_s"] - loop[1],
-            "mb": best[1]["mb"], "tokens": best[1]["tokens"]}
+    tokens = best[1]["tokens"]
+    out = {"mb": best[1]["mb"], "tokens": tokens, "docs": best[1]["timing"].get("docs"),
+           "sentencepiece_alone_s": min(alone), "sentencepiece_alone_all_s": alone,
+           "sentencepiece_tokens_per_s": tokens / min(alone),
+           "sentencepiece_pair_all_s": pair,
+           "ceiling_2_processes": 2 * min(alone) / min(pair),
+           "speedup_2_workers": best[1]["wall_s"] / best[2]["wall_s"],
+           "speedup_2_workers_paired_median": _med([a["wall_s"] / b["wall_s"]
+                                                    for a, b in zip(runs[1], runs[2])]),
+           "speedup_2_workers_main_loop": loop[1] / loop[2], "workers": []}
+    for w in (1, 2):
+        r = best[w]
+        out["workers"].append({
+            "workers": w, "wall_s": r["wall_s"], "all_wall_s": [x["wall_s"] for x in runs[w]],
+            "cpu_s": r["cpu_s"], "maxrss_kb": r["maxrss_kb"], "main_loop_s": loop[w],
+            "serial_s": r["wall_s"] - r["timing"]["tokenize_s"],
+            "tokens_per_s": tokens / r["wall_s"],
+            "ratio_per_worker": min(alone) / (w * r["wall_s"]),
+            "ratio_per_worker_paired_median": _med([a / (w * x["wall_s"])
+                                                    for a, x in zip(alone, runs[w])]),
+            "cpu_ratio": min(alone) / r["cpu_s"]})
+    return out
 
 
 def articles():
@@ -222,26 +245,14 @@ _SP_ALONE = ("import pickle, sys, time\n"
              "print(time.perf_counter() - t)\n")
 
 
-def sp_side_by_side(tokenizer: Path, corpus: Path, td: Path, repeats: int) -> dict:
-    """The machine's own ceiling for 1 -> 2 processes: SentencePiece encoding the same
-    documents in one process alone, and in two independent processes at once (no
-    coordination at all). Aggregate speed-up = 2 x alone / the slower of the pair."""
+def sp_alone_cmd(tokenizer: Path, corpus: Path, data: Path) -> list[str]:
+    """A command that times SentencePiece (1 thread, numpy ids, batches of 256) on exactly
+    the documents prepare.py encodes from ``corpus`` (pickled to ``data``) and prints it."""
     import pickle
 
     texts = [t.encode() for t in _clean_unique(corpus)]
-    data = td / "sp_batches.pkl"
     data.write_bytes(pickle.dumps(list(chunked(texts))))
-    cmd = [sys.executable, "-c", _SP_ALONE, str(tokenizer), str(data)]
-    alone, pair = [], []
-    env = {**os.environ, "OPENBLAS_NUM_THREADS": "1"}
-    for _ in range(repeats):  # interleaved
-        alone.append(float(subprocess.run(cmd, check=True, capture_output=True, text=True,
-                                          env=env).stdout))
-        ps = [subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env) for _ in range(2)]
-        pair.append(max(float(q.communicate()[0]) for q in ps))
-    data.unlink()
-    return {"alone_s": min(alone), "pair_s": min(pair), "all_alone_s": alone,
-            "all_pair_s": pair, "speedup": 2 * min(alone) / min(pair)}
+    return [sys.executable, "-c", _SP_ALONE, str(tokenizer), str(data)]
 
 
 def _clean_unique(corpus: Path) -> list[str]:
@@ -305,37 +316,23 @@ def main() -> int:
               f"on {ref['mb']:.0f} MiB ({ref['int_lists']['tokens_per_s'] / 1e6:.2f} M tok/s as int lists)",
               flush=True)
 
-        runs = one_vs_two(big, tok, td, "big", args.repeats)
-        res["throughput"] = []
-        for w in (1, 2):
-            best = dict(min(runs[w], key=lambda r: r["wall_s"]))
-            best["workers"] = w
-            best["all_wall_s"] = [r["wall_s"] for r in runs[w]]
-            best["tokens_per_s"] = best["tokens"] / best["wall_s"]
-            best["ratio_per_worker"] = best["tokens_per_s"] / (w * ref["tokens_per_s"])
-            best["tokens_per_cpu_s"] = best["tokens"] / best["cpu_s"]
-            best["cpu_ratio"] = best["tokens_per_cpu_s"] / ref["tokens_per_cpu_s"]
-            res["throughput"].append(best)
-            print(f"prepare.py --workers {w}: {best['tokens_per_s'] / 1e6:.2f} M tok/s end-to-end,"
-                  f" ratio per worker {best['ratio_per_worker']:.2f}; per CPU-second "
-                  f"{best['tokens_per_cpu_s'] / 1e6:.2f} M tok (ratio {best['cpu_ratio']:.2f})",
-                  flush=True)
-        res["speedup_2_workers_paired_median"] = speedup(runs)["wall_paired_median"]
-        # 1 -> 2 workers on the --copies corpus and on a 4x larger one (fixed start-up costs
-        # weigh less there), end to end and for the main loop alone
-        res["scaling"] = [{"copies": args.copies, **speedup(runs)}]
+        # prepare.py vs SentencePiece, 1 and 2 workers, on the --copies corpus and on a larger
+        # one (the fixed start-up weighs less there)
+        res["throughput"] = [{"copies": args.copies,
+                              **throughput(big, tok, td, "big", args.repeats)}]
         if args.scale_copies:
             bigger = write_copies(td / "bigger", args.scale_copies, per_file=False)
-            res["scaling"].append({"copies": args.scale_copies,
-                                   **speedup(one_vs_two(bigger, tok, td, "bigger", args.repeats))})
+            res["throughput"].append({"copies": args.scale_copies,
+                                      **throughput(bigger, tok, td, "bigger", args.repeats)})
             shutil.rmtree(bigger)
-        for sc in res["scaling"]:
-            print(f"1 -> 2 workers, {sc['mb']:.0f} MiB: end-to-end {sc['wall_best']:.2f}x best, "
-                  f"{sc['wall_paired_median']:.2f}x paired median; main loop "
-                  f"{sc['loop_best']:.2f}x", flush=True)
-        res["sp_side_by_side"] = sp_side_by_side(tok, big, td, args.repeats)
-        print(f"the machine's ceiling: SentencePiece alone vs two independent copies at once: "
-              f"{res['sp_side_by_side']['speedup']:.2f}x aggregate", flush=True)
+        for t in res["throughput"]:
+            w1, w2 = t["workers"]
+            print(f"{t['mb']:.0f} MiB: SentencePiece alone {t['sentencepiece_tokens_per_s'] / 1e6:.2f}"
+                  f" M tok/s; prepare.py 1 worker {w1['tokens_per_s'] / 1e6:.2f} M tok/s (ratio "
+                  f"{w1['ratio_per_worker']:.2f}), 2 workers {w2['tokens_per_s'] / 1e6:.2f} M tok/s"
+                  f" (ratio per worker {w2['ratio_per_worker']:.2f}); 1 -> 2: "
+                  f"{t['speedup_2_workers']:.2f}x (machine ceiling {t['ceiling_2_processes']:.2f}x)",
+                  flush=True)
 
         res["memory"] = []
         for name, corpus in (("x1", x1), ("x4", x4)):
@@ -363,17 +360,20 @@ def main() -> int:
           f" M tok/s ({ref['tokens_per_cpu_s'] / 1e6:.2f} M tok per CPU-s); as int lists "
           f"{ref['int_lists']['tokens_per_s'] / 1e6:.2f} M tok/s |")
     for t in res["throughput"]:
-        print(f"| prepare.py end-to-end, {t['workers']} worker(s) | {t['tokens_per_s'] / 1e6:.2f}"
-              f" M tok/s, ratio per worker {t['ratio_per_worker']:.2f}; "
-              f"{t['tokens_per_cpu_s'] / 1e6:.2f} M tok per CPU-s, ratio {t['cpu_ratio']:.2f} |")
-    w1, w2 = res["throughput"]
-    res["speedup_2_workers"] = w2["tokens_per_s"] / w1["tokens_per_s"]
-    for sc in res["scaling"]:
-        print(f"| speed-up 1 -> 2 workers, {sc['mb']:.0f} MiB: end-to-end (best runs; median of "
-              f"paired runs); main loop only | {sc['wall_best']:.2f}x; "
-              f"{sc['wall_paired_median']:.2f}x; {sc['loop_best']:.2f}x |")
-    print(f"| the machine's ceiling: 2 independent SentencePiece processes at once vs 1 alone "
-          f"(aggregate) | {res['sp_side_by_side']['speedup']:.2f}x |")
+        w1, w2 = t["workers"]
+        c = f"{t['mb']:.0f} MiB"
+        print(f"| {c}: SentencePiece alone, 1 thread (interleaved with the runs below) | "
+              f"{t['sentencepiece_tokens_per_s'] / 1e6:.2f} M tok/s |")
+        for w in (w1, w2):
+            print(f"| {c}: prepare.py end-to-end, {w['workers']} worker(s) | "
+                  f"{w['tokens_per_s'] / 1e6:.2f} M tok/s, ratio per worker "
+                  f"{w['ratio_per_worker']:.2f} (paired median {w['ratio_per_worker_paired_median']:.2f})"
+                  f"; per CPU-s {w['cpu_ratio']:.2f} |")
+        print(f"| {c}: speed-up 1 -> 2 workers: end-to-end best; paired median; main loop | "
+              f"{t['speedup_2_workers']:.2f}x; {t['speedup_2_workers_paired_median']:.2f}x; "
+              f"{t['speedup_2_workers_main_loop']:.2f}x |")
+        print(f"| {c}: the machine's ceiling, 2 independent SentencePiece processes vs 1 | "
+              f"{t['ceiling_2_processes']:.2f}x |")
     for r in res["memory"]:
         print(f"| peak RSS, {r['corpus']} = {r['mb']:.0f} MiB / {r['docs']} docs, "
               f"{r['tokenizer']} tokenizer | {r['maxrss_kb'] / 1024:.0f} MiB |")

@@ -133,6 +133,27 @@ def split_of(h: int, seed: int, num_groups: int, val_fraction: float) -> int:
     return 1 + _mix64(u) % num_groups
 
 
+def splits_of(hashes, seed: int, num_groups: int, val_fraction: float):
+    """``split_of`` for an array of hashes at once (numpy uint64 arithmetic wraps mod 2**64
+    like the masked Python ints; the uint64 -> float64 conversion rounds like int -> float):
+    the same split for every hash."""
+    import numpy as np
+
+    h = np.asarray(hashes, dtype=np.uint64)
+    u = _mix64_np(h ^ np.uint64(_mix64(int(seed) & _M64)))
+    out = 1 + (_mix64_np(u) % np.uint64(num_groups)).astype(np.int64)
+    out[u.astype(np.float64) / 2.0**64 < val_fraction] = 0
+    return out
+
+
+def _mix64_np(x):
+    import numpy as np
+
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
 _M64 = (1 << 64) - 1
 
 

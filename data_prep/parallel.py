@@ -21,7 +21,7 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
-from data_prep.clean import clean_document, doc_hash, split_of
+from data_prep.clean import clean_document, doc_hash, split_of, splits_of
 
 _SP: dict = {}
 
@@ -46,19 +46,6 @@ def _encode(sp, texts: list[bytes], eos: int, dtype: str):
     lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
     flat = np.insert(np.concatenate(ids).astype(dtype), np.cumsum(lengths), np.asarray(eos, dtype=dtype))
     return flat, lengths + 1
-
-
-def clean_chunk(task) -> list:
-    """(cfg, raw docs) -> per doc a drop reason (str) or (utf8 bytes, doc hash, split).
-
-    cfg = (min_chars, min_text_ratio, seed, num_groups, val_fraction). Duplicates are
-    decided by the caller, in input order."""
-    (min_chars, min_ratio, seed, g, vf), docs = task
-    out = []
-    for raw in docs:
-        r = clean_document(raw, min_chars, min_ratio)
-        out.append(r if isinstance(r, str) else (r, h := doc_hash(r), split_of(h, seed, g, vf)))
-    return out
 
 
 def filter_clean_chunk(task):
@@ -87,15 +74,24 @@ def filter_clean_chunk(task):
 
 
 def clean_encode_chunk(task):
-    """Fused pass (tokenizer known up front): clean + hash + encode.
+    """Fused pass (tokenizer known up front): clean + hash + split + encode.
 
-    task = (clean cfg, (model_path, eos, dtype), raw docs). Returns (meta, flat, lengths)
-    with meta per doc a reason (str) or (doc hash, split); flat/lengths cover kept docs."""
-    cfg, (model, eos, dtype), docs = task
-    meta = clean_chunk((cfg, docs))
-    texts = [m[0] for m in meta if not isinstance(m, str)]
+    task = (clean cfg, (model_path, eos, dtype), raw docs); clean cfg = (min_chars,
+    min_text_ratio, seed, num_groups, val_fraction). Returns (drop reasons of the dropped
+    docs, then for the kept ones in order: hashes (uint64), splits, flat tokens, lengths).
+    Duplicates are decided by the caller, in input order."""
+    (min_chars, min_ratio, seed, g, vf), (model, eos, dtype), docs = task
+    drops, texts, hashes = [], [], []
+    for raw in docs:
+        r = clean_document(raw, min_chars, min_ratio)
+        if isinstance(r, str):
+            drops.append(r)
+        else:
+            texts.append(r)
+            hashes.append(doc_hash(r))
+    h = np.array(hashes, dtype=np.uint64)
     flat, lengths = _encode(_tokenizer(model), texts, eos, dtype)
-    return [m if isinstance(m, str) else m[1:] for m in meta], flat, lengths
+    return drops, h, splits_of(h, seed, g, vf), flat, lengths
 
 
 def encode_chunk(task):

@@ -366,20 +366,24 @@ class ShardWriter:
         self.ntok = [0] * len(names)
         self.ndoc = [0] * len(names)
 
-    def add_chunk(self, meta, flat: np.ndarray, lengths: np.ndarray) -> int:
-        """meta: per document (split, hash) or None (skip); flat/lengths: its tokens."""
-        ends = np.cumsum(lengths).tolist()
-        start = written = 0
-        for m, end in zip(meta, ends):
-            if m is not None:
-                s, h = m
-                self.bins[s].write(flat[start:end].tobytes())
-                self.ntok[s] += end - start
-                written += end - start
-                self.ndoc[s] += 1
-                self.offs[s].write(_Q.pack(self.ntok[s]))
-                self.hashes[s].write(_Q.pack(h))
-            start = end
+    def add_chunk(self, splits, hashes, flat: np.ndarray, lengths) -> int:
+        """Append a chunk of documents: per document its split index (-1: skip it) and
+        hash, and their tokens ``flat`` (documents back to back, ``lengths`` each)."""
+        splits = np.asarray(splits, dtype=np.int64)
+        hashes = np.asarray(hashes, dtype=np.uint64)
+        lengths = np.asarray(lengths, dtype=np.int64)
+        tok_split = np.repeat(splits, lengths)
+        written = 0
+        for s in np.unique(splits[splits >= 0]).tolist():
+            docs = splits == s
+            toks = flat[tok_split == s]
+            ends = self.ntok[s] + np.cumsum(lengths[docs])
+            self.bins[s].write(toks.tobytes())
+            self.offs[s].write(ends.astype("<u8").tobytes())
+            self.hashes[s].write(hashes[docs].astype("<u8").tobytes())
+            self.ntok[s] = int(ends[-1])
+            self.ndoc[s] += len(ends)
+            written += len(toks)
         return written
 
     def close(self) -> dict:
@@ -606,13 +610,13 @@ def _build(tmp: Path, files, stats: Stats, *, inputs, num_groups, vocab_size, va
                     def tasks():
                         for chunk in chunked(_spool_records(spool_path),
                                              size_of=lambda r: len(r[2])):
-                            metas.append([(s, h) for s, h, _ in chunk])
+                            metas.append(([s for s, _, _ in chunk], [h for _, h, _ in chunk]))
                             yield tok_cfg, [d for _, _, d in chunk]
 
                     for flat, lengths in ordered_map(encode_chunk, tasks(), pool):
-                        meta = metas.popleft()
-                        n_tok += writer.add_chunk(meta, flat, lengths)
-                        bar.update(len(meta))
+                        splits, hashes = metas.popleft()
+                        n_tok += writer.add_chunk(splits, hashes, flat, lengths)
+                        bar.update(len(splits))
                         bar.set_postfix_str(f"{n_tok / max(bar.format_dict['elapsed'], 1e-9):,.0f} tok/s",
                                             refresh=False)
                     spool_path.unlink()
@@ -621,21 +625,17 @@ def _build(tmp: Path, files, stats: Stats, *, inputs, num_groups, vocab_size, va
                                           jsonl_field=jsonl_field, max_doc_bytes=max_doc_bytes,
                                           files=files)
                     tasks = ((cfg, tok_cfg, c) for c in chunked(docs))
-                    for meta, flat, lengths in ordered_map(clean_encode_chunk, tasks, pool):
-                        keep = []
-                        for m in meta:
-                            if isinstance(m, str):
-                                stats.dropped[m] += 1
-                                continue
-                            h, s = m
+                    for drops, hashes, splits, flat, lengths in ordered_map(clean_encode_chunk,
+                                                                             tasks, pool):
+                        stats.dropped.update(drops)
+                        for i, h in enumerate(hashes.tolist()):
                             if h in seen:
                                 stats.dropped["duplicate"] += 1
-                                keep.append(None)
-                                continue
-                            seen.add(h)
-                            keep.append((s, h))
-                        n_tok += writer.add_chunk(keep, flat, lengths)
-                        bar.update(len(meta))
+                                splits[i] = -1
+                            else:
+                                seen.add(h)
+                        n_tok += writer.add_chunk(splits, hashes, flat, lengths)
+                        bar.update(len(drops) + len(splits))
                         bar.set_postfix_str(f"{n_tok / max(bar.format_dict['elapsed'], 1e-9):,.0f} tok/s",
                                             refresh=False)
         except BaseException:
@@ -911,7 +911,7 @@ def merge(shard_dirs, output, overwrite: bool = False, quiet: bool = False) -> P
                     for c in range(0, len(kept), 4096):
                         ks = kept[c:c + 4096]
                         flat = np.concatenate([toks[offs[k]:offs[k + 1]] for k in ks])
-                        writer.add_chunk([(si, int(hs[k])) for k in ks], flat,
+                        writer.add_chunk(np.full(len(ks), si), hs[ks], flat,
                                          offs[ks + 1] - offs[ks])
                     del toks
         except BaseException:

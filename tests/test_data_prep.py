@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from data_prep.clean import doc_hash, normalize, split_of, text_ratio
+from data_prep.clean import doc_hash, normalize, split_of, splits_of, text_ratio
 from data_prep.prepare import DataPrepError, is_prepared, prepare, prepare_sample
 from data_prep.sample import sample_corpus_dir
 from data_prep.verify import VerifyError, verify
@@ -417,6 +417,13 @@ def test_split_of_is_stable_uniform_and_seeded():
     assert 0.5 < np.mean(np.array(splits) != np.array(other)) < 0.8  # another seed, another split
     # the val decision does not depend on the number of groups
     assert [s == 0 for s in splits] == [split_of(h, 1234, 5, 0.1) == 0 for h in hashes]
+    # the array version (used per chunk) gives the same split for every hash, incl. extremes
+    rng = np.random.default_rng(0)
+    many = hashes + rng.integers(0, 2**64, 50000, dtype=np.uint64, endpoint=False).tolist() + \
+        [0, 1, 2**63, 2**64 - 1]
+    for seed, g, vf in ((1234, 3, 0.1), (7, 1, 0.5), (2**40 + 3, 64, 0.0001)):
+        assert splits_of(np.array(many, dtype=np.uint64), seed, g, vf).tolist() == \
+            [split_of(h, seed, g, vf) for h in many]
 
 
 # ---------------------------------------------------------------- bad inputs
