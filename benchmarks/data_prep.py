@@ -85,7 +85,7 @@ def throughput(corpus: Path, tok: Path, td: Path, tag: str, repeats: int) -> dic
 
     Ratio per worker = SentencePiece's time / (workers x prepare.py's wall time), both on the
     same tokens; reported best-vs-best and as the median of the per-repeat ratios."""
-    sp_cmd = sp_alone_cmd(tok, corpus, td / f"{tag}_sp.pkl")
+    sp_cmd = sp_alone_cmd(tok, corpus, td / f"{tag}_sp.json")
     env = {**os.environ, "OPENBLAS_NUM_THREADS": "1"}
     runs = {1: [], 2: []}
     alone, pair = [], []
@@ -236,10 +236,11 @@ def sp_speed(tokenizer: Path, corpus: Path, repeats: int) -> dict:
             "mb": sum(len(t.encode()) for t in texts) / 2**20}
 
 
-_SP_ALONE = ("import pickle, sys, time\n"
+_SP_ALONE = ("import json, sys, time\n"
              "import sentencepiece as spm\n"
              "sp = spm.SentencePieceProcessor(model_file=sys.argv[1])\n"
-             "batches = pickle.load(open(sys.argv[2], 'rb'))\n"
+             "with open(sys.argv[2], encoding='utf-8') as f:\n"
+             "    batches = [[t.encode() for t in b] for b in json.load(f)]\n"
              "t = time.perf_counter()\n"
              "for b in batches: sp.encode(b, num_threads=1, out_type='numpy')\n"
              "print(time.perf_counter() - t)\n")
@@ -247,11 +248,9 @@ _SP_ALONE = ("import pickle, sys, time\n"
 
 def sp_alone_cmd(tokenizer: Path, corpus: Path, data: Path) -> list[str]:
     """A command that times SentencePiece (1 thread, numpy ids, batches of 256) on exactly
-    the documents prepare.py encodes from ``corpus`` (pickled to ``data``) and prints it."""
-    import pickle
-
-    texts = [t.encode() for t in _clean_unique(corpus)]
-    data.write_bytes(pickle.dumps(list(chunked(texts))))
+    the documents prepare.py encodes from ``corpus`` (as JSON batches in ``data``; UTF-8
+    bytes, like prepare.py's, by the time the clock starts) and prints it."""
+    data.write_text(json.dumps(list(chunked(_clean_unique(corpus)))), encoding="utf-8")
     return [sys.executable, "-c", _SP_ALONE, str(tokenizer), str(data)]
 
 
