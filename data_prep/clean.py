@@ -25,6 +25,8 @@ import hashlib
 import re
 import unicodedata
 
+import numpy as np
+
 DEFAULT_MIN_CHARS = 200
 DEFAULT_MIN_TEXT_RATIO = 0.8
 
@@ -137,8 +139,6 @@ def splits_of(hashes, seed: int, num_groups: int, val_fraction: float):
     """``split_of`` for an array of hashes at once (numpy uint64 arithmetic wraps mod 2**64
     like the masked Python ints; the uint64 -> float64 conversion rounds like int -> float):
     the same split for every hash."""
-    import numpy as np
-
     h = np.asarray(hashes, dtype=np.uint64)
     u = _mix64_np(h ^ np.uint64(_mix64(int(seed) & _M64)))
     out = 1 + (_mix64_np(u) % np.uint64(num_groups)).astype(np.int64)
@@ -147,8 +147,6 @@ def splits_of(hashes, seed: int, num_groups: int, val_fraction: float):
 
 
 def _mix64_np(x):
-    import numpy as np
-
     x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
     x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
     return x ^ (x >> np.uint64(31))

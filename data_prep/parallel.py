@@ -21,6 +21,7 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
+from data_prep import ONE_THREAD_ENV
 from data_prep.clean import clean_document, doc_hash, split_of, splits_of
 
 _SP: dict = {}
@@ -134,8 +135,8 @@ def worker_pool(workers: int):
         return
     # one thread per process: BLAS thread pools (numpy's OpenBLAS starts one per core at
     # import, ~0.1 CPU-s of spinning) only compete with the other processes here
-    saved = {k: os.environ.get(k) for k in _THREAD_VARS}
-    for k in _THREAD_VARS:
+    saved = {k: os.environ.get(k) for k in ONE_THREAD_ENV}
+    for k in ONE_THREAD_ENV:
         os.environ.setdefault(k, "1")
     try:  # the helpers start with this environment
         pool = mp.get_context(start_method()).Pool(workers - 1, initializer=_helper_init)
@@ -163,9 +164,6 @@ def _widen_pipes(pool) -> None:
                 fcntl.fcntl(c.fileno(), fcntl.F_SETPIPE_SZ, size)
     except (AttributeError, OSError, ValueError):
         pass
-
-
-_THREAD_VARS = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
 
 
 def ordered_map(fn: Callable, tasks: Iterable, pool, inflight: int = 4) -> Iterator:

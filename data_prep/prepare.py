@@ -41,7 +41,9 @@ from pathlib import Path
 
 if __name__ == "__main__":  # run as a file: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    for _k in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    from data_prep import ONE_THREAD_ENV
+
+    for _k in ONE_THREAD_ENV:
         os.environ.setdefault(_k, "1")  # before numpy: no BLAS thread pool (see parallel.py)
 
 import argparse
