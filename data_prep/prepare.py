@@ -407,7 +407,6 @@ class ShardWriter:
             f.close()
 
 
-_Q = struct.Struct("<Q")
 
 
 def _raw_to_npy(raw: Path, dest: Path, dtype, n: int, prefix=None) -> None:
