@@ -407,8 +407,6 @@ class ShardWriter:
             f.close()
 
 
-
-
 def _raw_to_npy(raw: Path, dest: Path, dtype, n: int, prefix=None) -> None:
     dtype = np.dtype(dtype).newbyteorder("<")
     shape = n + (0 if prefix is None else len(prefix))
