@@ -1,4 +1,20 @@
-"""Loading a DeepSpeed JSON config and resolving what it leaves to the run (bf16 "auto", batch)."""
+"""Loading a DeepSpeed JSON config and resolving what it leaves to the run and the device.
+
+``"auto"`` values are resolved by device, so that one config file is right on a CPU (where
+it was measured) and on a GPU node:
+
+    key                                   CPU                 CUDA
+    bf16.enabled                          off                 on where bf16 is native (Ampere+)
+    zero_optimization.overlap_comm        false               true
+    zero_optimization.*_bucket_size       5e7                 5e8 (DeepSpeed's default)
+    optimizer.params.fused (torch_adam)   dropped             true (torch's fused AdamW, no JIT build)
+
+Mixed precision: with bf16 on, gradients are accumulated in fp32 (``data_types.grad_accum_dtype``
+"fp32", unless the config says otherwise) and ZeRO stage 0 is run as stage 1: DeepSpeed's stage 0
+with bf16 uses its unfused bf16 optimizer, which accumulates gradients (and clips by a norm
+computed) in bf16. A one-rank group in fp32 runs ZeRO-1/2 as stage 0 (nothing to partition;
+measured on CPU, see the comment below).
+"""
 from __future__ import annotations
 
 import copy
@@ -6,6 +22,8 @@ import json
 from pathlib import Path
 
 import torch
+
+from codistill.device import bf16_native
 
 
 class ConfigError(ValueError):
@@ -47,18 +65,35 @@ def resolve_ds_config(cfg: dict, dp_size: int, lr: float | None, device: torch.d
     for key in ("bf16", "fp16"):
         block = cfg.get(key)
         if isinstance(block, dict) and block.get("enabled") == "auto":
-            block["enabled"] = bool(on_gpu and (key == "bf16" and torch.cuda.is_bf16_supported()))
+            block["enabled"] = key == "bf16" and bf16_native(device)
     if not on_gpu and cfg.get("fp16", {}).get("enabled"):
         raise ConfigError(f"{where}: fp16 is not supported on CPU; use bf16 \"auto\" or disable fp16")
-    zero = cfg.get("zero_optimization", {})
+    zero = dict(cfg.get("zero_optimization", {}))
     stage = zero.get("stage", 0)
     if stage not in (0, 1, 2, 3):
         raise ConfigError(f"{where}: zero_optimization.stage must be 0-3, got {stage!r}")
-    if dp_size == 1 and stage in (1, 2) and not zero.get("offload_optimizer"):
+    for key, gpu, cpu in (("overlap_comm", True, False), ("reduce_bucket_size", 500_000_000, 50_000_000),
+                          ("allgather_bucket_size", 500_000_000, 50_000_000)):
+        if zero.get(key) == "auto":
+            zero[key] = gpu if on_gpu else cpu
+    params = cfg.get("optimizer", {}).get("params", {})
+    if params.get("fused") == "auto":
+        if on_gpu and params.get("torch_adam"):
+            params["fused"] = True
+        else:
+            del params["fused"]
+    bf16 = bool(cfg.get("bf16", {}).get("enabled"))
+    if bf16:
+        cfg.setdefault("data_types", {}).setdefault("grad_accum_dtype", "fp32")
+        if stage == 0:
+            zero["stage"] = stage = 1
+    elif dp_size == 1 and stage in (1, 2) and not zero.get("offload_optimizer") and not on_gpu:
         # A one-rank group has nothing to partition: ZeRO-1/2 would only add their gradient
-        # bucketing to every step (+25% step time measured on the tiny LSTM), so run it as
-        # plain data parallelism. ZeRO-3 and offloading are kept as asked.
-        cfg["zero_optimization"] = dict(zero, stage=0)
+        # bucketing to every step (+25% step time measured on the tiny LSTM on CPU), so run it
+        # as plain data parallelism in fp32 on CPU. ZeRO-3, offloading and GPUs keep what was asked.
+        zero["stage"] = 0
+    if zero or "zero_optimization" in cfg:
+        cfg["zero_optimization"] = zero
     if "optimizer" in cfg and lr is not None:
         cfg["optimizer"].setdefault("params", {})["lr"] = lr
     return cfg

@@ -19,9 +19,21 @@ import torch.nn.functional as F
 
 @dataclass
 class LossStats:
-    ce: float          # plain next-token cross entropy (no smoothing)
-    distill: float     # psi, before multiplying by alpha (0 when there is no teacher)
-    agreement: float   # top-1 agreement student vs averaged teacher (nan without teacher)
+    """Detached statistics of one loss call, kept on the logits' device (no host sync):
+    ``values`` = [ce, distill, agreement]. The float properties copy to the host."""
+    values: torch.Tensor
+
+    @property
+    def ce(self) -> float:          # plain next-token cross entropy (no smoothing)
+        return float(self.values[0])
+
+    @property
+    def distill(self) -> float:     # psi, before multiplying by alpha (0 when there is no teacher)
+        return float(self.values[1])
+
+    @property
+    def agreement(self) -> float:   # top-1 agreement student vs averaged teacher (nan without teacher)
+        return float(self.values[2])
 
 
 class _CodistillLoss(torch.autograd.Function):
@@ -52,7 +64,7 @@ class _CodistillLoss(torch.autograd.Function):
         loss = (1 - label_smoothing) * ce + label_smoothing * smooth
         if teacher_probs is not None:
             loss = loss + alpha * distill
-        stats = torch.stack([ce, distill, agree / n if teacher_probs is not None else ce.new_tensor(float("nan"))])
+        stats = torch.stack([ce, distill, agree / n if teacher_probs is not None else ce.new_full((), float("nan"))])
         ctx.mark_non_differentiable(stats)
         return loss, stats
 
@@ -119,14 +131,14 @@ def codistill_loss(logits: torch.Tensor, targets: torch.Tensor, teacher_probs: t
 
     logits: [..., V] student logits; targets: [...] token ids; teacher_probs: [..., V] the
     averaged teacher distribution (at ``temperature``) or None for plain CE. Returns the loss
-    (differentiable w.r.t. logits only) and detached statistics.
+    (differentiable w.r.t. logits only) and detached statistics, both on the logits' device:
+    nothing here waits for the device.
     """
     v = logits.shape[-1]
     q = None if teacher_probs is None else teacher_probs.reshape(-1, v)
     loss, stats = _CodistillLoss.apply(logits.reshape(-1, v), targets.reshape(-1), q, float(alpha),
                                        float(temperature), float(label_smoothing), int(chunk_tokens))
-    ce, distill, agree = stats.tolist()
-    return loss, LossStats(ce=ce, distill=distill, agreement=agree)
+    return loss, LossStats(stats)
 
 
 def distill_alpha(step: int, distill_weight: float, burn_in_steps: int, ramp_steps: int = 0) -> float:

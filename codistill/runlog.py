@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import hashlib
+from dataclasses import dataclass, field
 
 from safetensors.torch import save
 
@@ -52,36 +53,50 @@ class TBWriter:
         self.w.close()
 
 
+@dataclass
+class StepStats:
+    """One group's training step as the logs show it (host values, after the step's sync)."""
+    loss: float
+    ce: float
+    distill: float
+    agreement: float        # top-1 agreement with the averaged teacher (nan without one)
+    alpha: float
+    lr: float
+    step_time: float        # seconds: this group's passes and update, plus the step's sync
+    peers: list = field(default_factory=list)  # the teachers used
+    skipped: bool = False
+    skipped_steps: int = 0
+
+
 def fmt_time(s: float) -> str:
     s = int(s)
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
-def log_train(g, step: int, st: dict, pool, reload_ms: float, log, args, t_start: float, start_step: int) -> None:
-    tok_s = g.step_tokens / st["step_time"] if st["step_time"] > 0 else 0.0
+def log_train(g, step: int, st: StepStats, pool, reload_ms: float, log, args, t_start: float, start_step: int) -> None:
+    tok_s = g.step_tokens / st.step_time if st.step_time > 0 else 0.0
     w = g.writer
     if w:
-        w.scalar("train/loss", st["loss"], step)
-        w.scalar("train/ce", st["ce"], step)
-        w.scalar("train/distill", st["distill"], step)
-        w.scalar("train/ppl", math.exp(min(st["ce"], 50)), step)
-        w.scalar("train/alpha", st["alpha"], step)
-        w.scalar("lr", st["lr"], step)
-        w.scalar("grad_norm", st["grad_norm"], step)
+        w.scalar("train/loss", st.loss, step)
+        w.scalar("train/ce", st.ce, step)
+        w.scalar("train/distill", st.distill, step)
+        w.scalar("train/ppl", math.exp(min(st.ce, 50)), step)
+        w.scalar("train/alpha", st.alpha, step)
+        w.scalar("lr", st.lr, step)
         w.scalar("perf/tokens_per_s", tok_s, step)
-        w.scalar("perf/step_time", st["step_time"], step)
+        w.scalar("perf/step_time", st.step_time, step)
         w.scalar("perf/tokens_seen", g.tokens_seen, step)
-        w.scalar("train/skipped_steps", st.get("skipped_steps", 0), step)
-        peers = [p for p in st["peers"] if p not in pool.fixed]  # a --teacher PATH is not stale
-        if st["peers"]:
-            w.scalar("teacher/agreement", st["agreement"], step)
+        w.scalar("train/skipped_steps", st.skipped_steps, step)
+        peers = [p for p in st.peers if p not in pool.fixed]  # a --teacher PATH is not stale
+        if st.peers:
+            w.scalar("teacher/agreement", st.agreement, step)
         if peers:
             for p in peers:
                 w.scalar(f"teacher/step/group_{p}", pool.steps[p], step)
             w.scalar("teacher/step", min(pool.steps[p] for p in peers), step)
             w.scalar("teacher/staleness", max(step - pool.steps[p] for p in peers), step)
         loaded = [p for p in pool.steps if p != g.id and p not in pool.fixed]
-        if loaded and st["alpha"] > 0:  # also for teachers dropped by --max_teacher_staleness
+        if loaded and st.alpha > 0:  # also for teachers dropped by --max_teacher_staleness
             for p in loaded:
                 w.scalar(f"teacher/staleness/group_{p}", step - pool.steps[p], step)
             w.scalar("teacher/num_peers", len(peers), step)
@@ -90,9 +105,9 @@ def log_train(g, step: int, st: dict, pool, reload_ms: float, log, args, t_start
     if g.leader and (step % args.log_every == 0 or step == args.max_steps):
         elapsed = time.time() - t_start
         eta = elapsed / max(1, step - start_step) * (args.max_steps - step)
-        teacher = ",".join("fixed" if p in pool.fixed else f"g{p}@{pool.steps[p]}" for p in st["peers"]) or "-"
-        log(f"[group {g.id}] step {step}/{args.max_steps} | loss {st['loss']:.4f} ce {st['ce']:.4f} "
-            f"distill {st['distill']:.4f} | ppl {math.exp(min(st['ce'], 50)):.1f} | teachers {teacher} | "
+        teacher = ",".join("fixed" if p in pool.fixed else f"g{p}@{pool.steps[p]}" for p in st.peers) or "-"
+        log(f"[group {g.id}] step {step}/{args.max_steps} | loss {st.loss:.4f} ce {st.ce:.4f} "
+            f"distill {st.distill:.4f} | ppl {math.exp(min(st.ce, 50)):.1f} | teachers {teacher} | "
             f"{tok_s / 1e3:.1f}k tok/s | eta {fmt_time(eta)}", force=True)
 
 
@@ -147,8 +162,17 @@ def save_final(g, state_dict, model_cfg, step: int, wall: float, pool, peers, to
     loss, ppl = g.last_val
     write_json(g.dir / "summary.json", {
         "group": g.id, "steps": step, "tokens_seen": g.tokens_seen, "val_loss": loss, "val_ppl": ppl,
-        "wall_time_s": round(wall, 2), "num_params": g.num_params,
+        "wall_time_s": round(wall, 2), "num_params": g.num_params, **peak_memory(g.device),
         "teacher_steps": {str(p): pool.steps[p] for p in peers if p in pool.steps and p != g.id}})
+
+
+def peak_memory(device) -> dict:
+    """The process's peak memory: allocated on its CUDA device, else the host's peak RSS."""
+    if device.type == "cuda":
+        import torch
+        return {"peak_memory_bytes": torch.cuda.max_memory_allocated(device), "peak_memory_of": str(device)}
+    import resource
+    return {"peak_memory_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "peak_memory_of": "host RSS"}
 
 
 def merge_summaries(run_dir: Path, num_groups: int) -> dict:

@@ -1,13 +1,13 @@
 """Skipping an optimizer step whose loss is NaN/Inf, with DeepSpeed's counters kept consistent.
 
-The trainer checks each micro-batch's loss before its backward pass (all ranks of the group
-agree through one all-reduce). At the first non-finite loss the rest of the step is
-abandoned: no backward, no ``engine.step()``, so no optimizer update. Gradients of earlier
-micro-batches of the same step (gradient accumulation > 1) are dropped: from ``param.grad``
-and, under ZeRO-1/2, from the optimizer's partitioned accumulation buffers (checked against
-a run that never saw the step for ZeRO 0 and 2 in tests/test_reliability.py, and by hand for
-ZeRO 1 and 3 with DeepSpeed 0.19.8; these buffers are DeepSpeed internals, so re-check the
-test after a DeepSpeed upgrade).
+The trainer runs the forward and backward passes of every micro-batch of a step, then learns in
+the step's one sync (codistill/comm.py StepControl) whether any rank of the group saw a
+non-finite loss - no host sync per micro-batch. If one did, the update at the accumulation
+boundary is not taken: instead of the last ``engine.step()``, skip_step drops the step's
+gradients (all of them, the non-finite ones included): from ``param.grad`` and, under ZeRO,
+from the optimizer's partitioned accumulation buffers (checked against a run that never saw the
+step for ZeRO 0, 2 and 3 in tests/test_reliability.py, and by hand for ZeRO 1 with DeepSpeed
+0.19.8; these buffers are DeepSpeed internals, so re-check the test after a DeepSpeed upgrade).
 
 The step is then accounted like DeepSpeed accounts an fp16-overflow step (``skipped_steps``
 +1, ``global_steps`` +1, samples counted) with one difference: the LR scheduler is stepped,
@@ -19,21 +19,22 @@ from __future__ import annotations
 
 
 def skip_step(engine, micros_done: int) -> None:
+    """Account a step as skipped; ``micros_done``: the ``engine.step()`` calls already made in it
+    (the non-boundary micro-batches). Every micro-batch's backward pass has run."""
     accum = engine.gradient_accumulation_steps()
-    if micros_done:  # earlier micro-batches of this step already accumulated gradients: drop them
-        engine.zero_grad()
-        opt = engine.optimizer
-        if engine.zero_optimization_stage() and hasattr(opt, "zero_grad"):
-            opt.zero_grad()
-            # ZeRO-1/2 keep reduced gradients of earlier micro-steps in their own buffers
-            for name in ("all_grad_tensors", "averaged_gradients", "accumulated_grads_in_cpu"):
-                buffers = getattr(opt, name, None)
-                if isinstance(buffers, dict):
-                    if name == "accumulated_grads_in_cpu":
-                        buffers.clear()
-                    else:
-                        for k in buffers:
-                            buffers[k] = None
+    engine.zero_grad()
+    opt = engine.optimizer
+    if engine.zero_optimization_stage() and hasattr(opt, "zero_grad"):
+        opt.zero_grad()
+        # ZeRO-1/2 keep reduced gradients of earlier micro-steps in their own buffers
+        for name in ("all_grad_tensors", "averaged_gradients", "accumulated_grads_in_cpu"):
+            buffers = getattr(opt, name, None)
+            if isinstance(buffers, dict):
+                if name == "accumulated_grads_in_cpu":
+                    buffers.clear()
+                else:
+                    for k in buffers:
+                        buffers[k] = None
     engine.micro_steps += accum - micros_done
     engine.skipped_steps += 1
     engine.global_steps += 1

@@ -27,6 +27,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from codistill.comm import GroupComm
 from codistill.exchange import EXPORT_NAME, Export, ExportError, export_name, read_export, read_latest, read_weights
 from model import ModelConfig, build_model
 
@@ -188,11 +189,50 @@ class TeacherLoader:
                 self._lock.wait(self.poll_interval)
 
 
-class TeacherPool:
-    """One frozen module per peer on this rank, shared by every student this rank hosts."""
+def build_frozen(model_config: ModelConfig, device: torch.device, like: torch.nn.Module | None = None,
+                 dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """A frozen copy of the architecture, built directly on ``device`` in its working dtype.
 
-    def __init__(self, model_config: ModelConfig, device: torch.device, dtype: torch.dtype = torch.float32):
-        self.model_config, self.device, self.dtype = model_config, device, dtype
+    With ``like`` (the student's module, as its DeepSpeed engine holds it) every parameter and
+    buffer gets the dtype the student's tensor of the same name has: DeepSpeed's bf16 casts
+    parameters and leaves buffers (the Transformer's RoPE ``inv_freq``) in fp32, and a teacher
+    must compute what the student computes. ``module.to(dtype)`` would cast both.
+    """
+    if like is not None:
+        dtypes = {n: t.dtype for n, t in [*like.named_parameters(), *like.named_buffers()]}
+        counts: dict[torch.dtype, int] = {}
+        for n, t in like.named_parameters():
+            counts[t.dtype] = counts.get(t.dtype, 0) + t.numel() + getattr(t, "ds_numel", 0)
+        dtype = max(counts, key=counts.get) if counts else dtype
+    else:
+        dtypes = {}
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # parameters are created in ``dtype``; buffers computed in fp32 stay fp32
+    try:
+        with torch.device(device):
+            module = build_model(model_config)
+    finally:
+        torch.set_default_dtype(prev)
+    for n, t in [*module.named_parameters(), *module.named_buffers()]:
+        want = dtypes.get(n, dtype if isinstance(t, torch.nn.Parameter) else t.dtype)
+        if t.dtype != want and t.is_floating_point():
+            t.data = t.data.to(want)
+    return module.eval().requires_grad_(False)
+
+
+class TeacherPool:
+    """One frozen module per peer on this rank, shared by every student this rank hosts.
+
+    Teachers live on the student's device with the student's dtypes (``build_frozen``). In a
+    group of several ranks only the group's leader reads exports; ``swap`` hands the weights to
+    the other ranks by a broadcast over the group (``comm``), so every rank of a group uses the
+    same teacher at the same step and a shared filesystem sees one read per group and export.
+    """
+
+    def __init__(self, model_config: ModelConfig, device: torch.device, dtype: torch.dtype = torch.float32,
+                 like: torch.nn.Module | None = None, comm: GroupComm | None = None):
+        self.model_config, self.device, self.dtype, self.like = model_config, device, dtype, like
+        self.comm = comm or GroupComm.single(device)
         self.modules: dict[int, torch.nn.Module] = {}  # peers with weights loaded
         self.steps: dict[int, int] = {}
         self._spare: dict[int, torch.nn.Module] = {}
@@ -204,12 +244,12 @@ class TeacherPool:
         """Build the peers' modules up front, so that a swap is only a copy of weights."""
         for peer in peers:
             if peer not in self._spare:
-                module = build_model(self.model_config).to(device=self.device, dtype=self.dtype)
-                self._spare[peer] = module.eval().requires_grad_(False)
+                self._spare[peer] = build_frozen(self.model_config, self.device, self.like, self.dtype)
 
     def load(self, peer: int, export: Export, fixed: bool = False) -> float:
-        """Swap ``export`` into the peer's module; returns the milliseconds it took. A ``fixed``
-        teacher (``--teacher PATH``) is never stale: it is not a peer that stopped publishing."""
+        """Swap ``export`` into the peer's module on this rank alone; returns the milliseconds it
+        took. A ``fixed`` teacher (``--teacher PATH``) is never stale: it is not a peer that
+        stopped publishing."""
         t0 = time.perf_counter()
         if fixed:
             self.fixed.add(peer)
@@ -219,6 +259,34 @@ class TeacherPool:
             module.load_state_dict(export.state_dict, strict=True)
         self.modules[peer] = module
         self.steps[peer] = export.step
+        return (time.perf_counter() - t0) * 1e3
+
+    def swap(self, updates: dict[int, tuple[int, Export | None]], agree: bool = True) -> float:
+        """Swap peers' teachers on every rank of the group at once; returns milliseconds.
+
+        ``updates``: peer -> (export step, the export on the group's leader / None elsewhere);
+        the same peers on every rank of the group. With ``agree`` the leader first tells its
+        ranks which of them it has (it may have none: a refused or late export), one broadcast;
+        without it the ranks already agree (the steps were announced through StepControl).
+        Collective over the group: every rank of the group calls it with the same peers.
+        """
+        t0 = time.perf_counter()
+        peers = sorted(updates)
+        steps = [updates[p][0] if updates[p][1] is not None else -1 for p in peers] if self.comm.leader \
+            else [updates[p][0] for p in peers]
+        if agree:
+            steps = self.comm.agree(steps)
+        for p, step in zip(peers, steps):
+            if step < 0:
+                continue
+            exp = updates[p][1]
+            if exp is not None:
+                self.load(p, exp)
+            if self.comm.size > 1:
+                self.reserve([p])
+                module = self._spare[p]
+                self.comm.broadcast(_unique_tensors(module))
+                self.modules[p], self.steps[p] = module, step
         return (time.perf_counter() - t0) * 1e3
 
     def active(self, student: int, step: int, max_staleness: int | None, warn_after: int | None = None,
@@ -280,3 +348,13 @@ class TeacherPool:
         if buf is None or buf.shape != shape or buf.device != device:
             buf = self._buffers[name] = torch.empty(shape, dtype=torch.float32, device=device)
         return buf
+
+
+def _unique_tensors(module: torch.nn.Module) -> list[torch.Tensor]:
+    """The module's persistent state, each storage once (tied embeddings are one tensor)."""
+    seen, out = set(), []
+    for t in module.state_dict(keep_vars=True).values():
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            out.append(t.data)
+    return out

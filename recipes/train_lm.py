@@ -26,8 +26,10 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
+from codistill.comm import GroupComm, StepControl, flags_any, rendezvous_defaults, sum_over  # noqa: E402
+from codistill.device import DeviceError, train_device  # noqa: E402
 from codistill.ds_config import ConfigError, load_ds_config, resolve_ds_config  # noqa: E402
-from codistill.exchange import ExportError, clean_temp_files, read_export, write_export  # noqa: E402
+from codistill.exchange import Export, ExportError, clean_temp_files, read_export, write_export  # noqa: E402
 from codistill.loss import codistill_loss, distill_alpha  # noqa: E402
 from codistill.skip import skip_step  # noqa: E402
 from codistill.teacher import FIXED_TEACHER, TeacherLoader, TeacherPool, exports_dir, read_fixed_teacher  # noqa: E402
@@ -137,17 +139,18 @@ def check_flags(args, log) -> None:
 
 
 def init_distributed(device: torch.device) -> None:
-    """env:// rendezvous; defaults make plain `python recipes/train_lm.py` a 1-rank world."""
+    """env:// rendezvous; defaults make plain `python recipes/train_lm.py` a 1-rank world.
+
+    On CUDA the NCCL process group is bound to this rank's device (``device_id``) here, before
+    DeepSpeed would bind it to cuda:LOCAL_RANK - the wrong device (or none) when each task sees
+    only its own GPU (codistill/device.py)."""
+    import datetime
     import deepspeed
-    for k, v in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
-        os.environ.setdefault(k, v)
-    if "MASTER_PORT" not in os.environ:
-        import socket
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+    rendezvous_defaults()
     if device.type == "cuda":
         torch.cuda.set_device(device)
+        if int(os.environ["WORLD_SIZE"]) > 1 and not torch.distributed.is_initialized():
+            torch.distributed.init_process_group("nccl", device_id=device, timeout=datetime.timedelta(minutes=30))
     elif "OMP_NUM_THREADS" not in os.environ:  # share the cores among this node's ranks
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"]))
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_world)))
@@ -179,25 +182,13 @@ class StopFlag:
     def _handler(self, signum, frame):
         self.requested = True
 
-    def any_rank(self, dist, *flags: bool) -> list[bool]:
-        """[stop requested, *flags], each true if it is true on any rank (one all-reduce)."""
-        return any_rank(dist, self.requested, *flags)
-
-
-def any_rank(dist, *flags: bool) -> list[bool]:
-    """Each flag, true if it is true on any rank (one all-reduce)."""
-    t = torch.tensor([float(f) for f in flags])
-    if dist.get_world_size() > 1:
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return [bool(v) for v in t.tolist()]
-
 
 class Group:
     """Everything one hosted group needs: its engine, data stream, logs and exchange dirs."""
 
     def __init__(self, gid, args, topo, mpu, data, model_cfg, ds_cfg, device, log):
         import deepspeed
-        self.id, self.args, self.topo = gid, args, topo
+        self.id, self.args, self.topo, self.device = gid, args, topo, device
         self.dir = Path(args.run_dir) / f"group_{gid}"
         self.leader = topo.is_group_leader(gid)
         self.dp_rank, self.dp_size = topo.dp_rank(gid), topo.dp_size(gid)
@@ -212,15 +203,20 @@ class Group:
         optimizer = None
         if "optimizer" not in ds_cfg:
             optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr or 1e-3)
+        device_rank = argparse.Namespace(device_rank=device.index) if device.type == "cuda" else None
         self.engine, _, _, _ = deepspeed.initialize(
-            model=model, model_parameters=model.parameters(), optimizer=optimizer, config=ds_cfg, mpu=mpu,
-            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, self.lr_factor))
+            args=device_rank, model=model, model_parameters=model.parameters(), optimizer=optimizer, config=ds_cfg,
+            mpu=mpu, lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, self.lr_factor))
         self.zero_stage = self.engine.zero_optimization_stage()
+        self.dp_group = mpu.get_data_parallel_group() if mpu else None
+        self.comm = GroupComm(device, topo.group_ranks[gid][0], self.dp_group, self.dp_size, self.leader)
         self.tokens_seen = 0
         self.step_tokens = self.global_batch * args.seq_len
         self.writer = runlog.TBWriter(self.dir / "tb") if self.leader else None
         self.last_val = (float("nan"), float("nan"))
-        self.skipped_steps = self.bad_in_a_row = 0  # steps skipped for a non-finite loss
+        self.skipped_steps = 0  # steps skipped for a non-finite loss
+        self._pending = None    # forward_backward's device results, consumed by finish_step
+        self._norm = None       # (step, device tensor) of the last update's gradient norm, logged a step late
         if self.leader:
             for name in clean_temp_files(self.dir / "exports"):
                 log(f"[group {gid}] removed {name}, a temp file of an export interrupted in an earlier run")
@@ -232,17 +228,23 @@ class Group:
         progress = min(1.0, (step - a.warmup_steps) / max(1, a.max_steps - a.warmup_steps))
         return a.min_lr_ratio + (1 - a.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
-    def train_step(self, step, pool, device, log=print):
-        """One optimizer step (all micro-batches); returns averaged statistics."""
+    def forward_backward(self, step, pool, log=print) -> torch.Tensor:
+        """Forward and backward passes of every micro-batch of ``step``; the optimizer update
+        waits for finish_step, after the step's one sync (StepControl) has told every rank of
+        the group whether any of them saw a non-finite loss. No host sync here: the returned
+        flag and the statistics stay on the device."""
         a = self.args
+        t0 = time.perf_counter()
         alpha = distill_alpha(step, a.distill_weight, a.burn_in_steps, a.distill_ramp_steps)
         peers = pool.active(self.id, step, a.max_teacher_staleness, 2 * a.export_every, log) if alpha > 0 else []
-        sums = {"loss": 0.0, "ce": 0.0, "distill": 0.0, "agreement": 0.0}
-        grad_norm = None
-        t0 = time.perf_counter()
+        stats = torch.zeros(4, device=self.device)  # loss, ce, distill, agreement (means over micro-batches)
+        bad = torch.zeros((), dtype=torch.bool, device=self.device)
         self.engine.train()
         for micro in range(self.accum):
-            batch = self.stream.batch(step - 1, micro, self.accum, self.dp_rank, self.dp_size, self.micro).to(device)
+            batch = self.stream.batch(step - 1, micro, self.accum, self.dp_rank, self.dp_size, self.micro)
+            if self.device.type == "cuda":  # a copy from pageable memory may wait for the device
+                batch = batch.pin_memory()
+            batch = batch.to(self.device, non_blocking=True)
             x, y = batch[:, :-1], batch[:, 1:]
             q = pool.probs(peers, x, a.temperature) if peers else None
             logits = self.engine(x)
@@ -250,69 +252,110 @@ class Group:
             loss, st = codistill_loss(logits, y, q, alpha, a.temperature, a.label_smoothing, a.loss_chunk_tokens)
             if faults.active("nan_loss", step):
                 loss = loss * float("nan")
-            if not self.loss_is_finite(loss):  # before backward: nothing of this step reaches the weights
-                skip_step(self.engine, micro)
-                sums.update(loss=float(loss.item()), ce=float("nan"), distill=float("nan"), skipped=True)
-                break
-            self.engine.backward(loss)
-            if self.zero_stage == 0 and micro == self.accum - 1:  # DeepSpeed keeps no norm without ZeRO
-                grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self.engine.module.parameters()
-                                                           if p.grad is not None]).item()
-            self.engine.step()
-            sums["loss"] += loss.item() / self.accum
-            sums["ce"] += st.ce / self.accum
-            sums["distill"] += st.distill / self.accum if q is not None else 0.0
-            sums["agreement"] += st.agreement / self.accum if q is not None else 0.0
-        self.tokens_seen += self.step_tokens
-        if sums.get("skipped"):
-            self.skipped_steps += 1
-            self.bad_in_a_row += 1
-        else:
-            self.bad_in_a_row = 0
-        if self.zero_stage and not sums.get("skipped"):
-            grad_norm = self.engine.get_global_grad_norm()
-        sums.update(alpha=alpha, peers=peers, step_time=time.perf_counter() - t0, skipped_steps=self.skipped_steps,
-                    grad_norm=float(grad_norm) if grad_norm is not None else float("nan"), lr=self.engine.get_lr()[0])
-        return sums
+            bad |= ~torch.isfinite(loss.detach())
+            self.engine.backward(loss)  # a non-finite loss's gradients are dropped by finish_step
+            if micro < self.accum - 1:
+                self.engine.step()  # not the accumulation boundary: DeepSpeed only counts it
+            stats += torch.cat([loss.detach().float().reshape(1), st.values]) / self.accum
+        self._pending = (alpha, peers, stats, time.perf_counter() - t0)
+        return bad
 
-    def loss_is_finite(self, loss) -> bool:
-        """Every rank of the group must agree, or some would step and others not."""
-        bad = torch.tensor([0.0 if torch.isfinite(loss.detach()).item() else 1.0])
-        if self.dp_size > 1:
-            import deepspeed.comm as dist
-            dist.all_reduce(bad, op=dist.ReduceOp.MAX,
-                            group=self.engine.mpu.get_data_parallel_group() if self.engine.mpu else None)
-        return bad.item() == 0
+    def stats_for_sync(self) -> torch.Tensor:
+        """This group's part of the step's sync (rank-local, not reduced): the 4 loss statistics,
+        then the step and value of the previous update's gradient norm (-1, 0 when there is none)."""
+        if self._norm is None:
+            tail = torch.zeros(2, device=self.device)
+            tail[0] = -1.0  # a fill on the device, not a host->device copy
+        else:
+            step, norm = self._norm
+            tail = torch.stack([norm.new_full((), float(step)), norm])
+        return torch.cat([self._pending[2], tail])
+
+    def finish_step(self, step, skip: bool, host: list[float], sync_s: float) -> "runlog.StepStats":
+        """The optimizer update (or, when any rank of the group saw a non-finite loss, a skipped
+        step: no update, counted, gradients dropped); ``host`` is this group's part of the sync."""
+        alpha, peers, _, fb_s = self._pending
+        t0 = time.perf_counter()
+        grad_norm = None
+        if skip:
+            skip_step(self.engine, self.accum - 1)
+            self.skipped_steps += 1
+        else:
+            if self.zero_stage == 0:  # the plain optimizer keeps no norm; DeepSpeed's own do
+                grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
+                grad_norm = torch.nn.utils.get_total_norm(grads) if grads else None
+            self.engine.step()
+            if grad_norm is None:
+                grad_norm = self.engine.get_global_grad_norm()
+        if self.writer and host[4] >= 0:  # the previous update's norm, now on the host
+            self.writer.scalar("grad_norm", host[5], int(host[4]))
+        if isinstance(grad_norm, torch.Tensor):
+            grad_norm = grad_norm.detach().float().reshape(()).to(self.device)
+        elif grad_norm is not None:  # DeepSpeed gives a float in some paths (e.g. inf after an overflow)
+            grad_norm = torch.full((), float(grad_norm), device=self.device)
+        self._norm = None if grad_norm is None else (step, grad_norm)
+        self.tokens_seen += self.step_tokens
+        return runlog.StepStats(
+            loss=host[0], ce=host[1] if not skip else float("nan"), distill=host[2] if not skip else float("nan"),
+            agreement=host[3], alpha=alpha, peers=peers, skipped=skip, skipped_steps=self.skipped_steps,
+            step_time=fb_s + sync_s + time.perf_counter() - t0, lr=self.engine.get_lr()[0])
+
+    def flush_grad_norm(self) -> None:
+        """Log the last update's gradient norm (at the end of a run: there is no next sync)."""
+        if self._norm is not None and self.writer:
+            self.writer.scalar("grad_norm", float(self._norm[1]), self._norm[0])
+        self._norm = None
 
     @torch.no_grad()
-    def evaluate(self, dist, device):
+    def evaluate(self):
+        """Validation loss/perplexity over the group's ranks: totals summed on the device, one
+        all-reduce over the group and one host sync at the end."""
         self.engine.eval()
-        tot = torch.zeros(2, dtype=torch.float64)
+        tot = torch.zeros(2, dtype=torch.float64, device=self.device)
         for batch in self.val:
-            batch = batch.to(device)
+            batch = batch.to(self.device)
             logits = self.engine(batch[:, :-1]).float()
-            tot[0] += torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten(), reduction="sum").item()
+            tot[0] += torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten(), reduction="sum")
             tot[1] += batch[:, 1:].numel()
-        if self.dp_size > 1:
-            dist.all_reduce(tot, group=self.engine.mpu.get_data_parallel_group() if self.engine.mpu else None)
+        sum_over(tot, self.dp_group)
         self.engine.train()
-        loss = (tot[0] / tot[1]).item()
+        s, n = tot.tolist()
+        loss = s / n
         self.last_val = (loss, math.exp(min(loss, 50)))
         return self.last_val
 
     def full_state_dict(self):
-        """Full weights on the group leader (gathered under ZeRO-3; a collective then)."""
-        if self.zero_stage == 3:
-            sd = self.engine._zero3_consolidated_16bit_state_dict()
-            return sd if self.leader else None
-        return self.engine.module.state_dict() if self.leader else None
+        """Full weights on the group leader, on the host; None elsewhere. Under ZeRO-3 the
+        parameters are gathered over the group's own ranks (a collective of the group), one
+        submodule at a time, so no rank holds more than the largest submodule gathered."""
+        if self.zero_stage != 3:
+            sd = self.engine.module.state_dict()
+            return {k: v.detach().to("cpu") for k, v in sd.items()} if self.leader else None
+        import deepspeed
+        module = self.engine.module
+        gathered: dict[int, torch.Tensor | None] = {}
+        for sub in module.modules():
+            params = [p for p in sub.parameters(recurse=False) if id(p) not in gathered]  # tied weights: once
+            if not params:
+                continue
+            with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+                for p in params:
+                    gathered[id(p)] = p.detach().to("cpu", copy=True) if self.leader else None
+        if not self.leader:
+            return None
+        return {k: gathered[id(t)] if id(t) in gathered else t.detach().to("cpu", copy=True)
+                for k, t in module.state_dict(keep_vars=True).items()}
 
 
 def main(argv=None):
     args = parse_args(argv)
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else torch.device("cpu")
     log = runlog.Console(rank)
+    try:
+        device = train_device(int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("LOCAL_WORLD_SIZE", 0)) or None)
+    except DeviceError as e:
+        log.error(str(e))
+        sys.exit(2)
 
     # ---- everything that can be wrong is checked before any compute ---------------------
     check_flags(args, log)
@@ -376,7 +419,7 @@ def main(argv=None):
                         f"from writing group {g} at the same time", force=True)
             except LockError as e:
                 lock_errors.append(str(e))
-    if any_rank(dist, bool(lock_errors))[0]:
+    if flags_any([bool(lock_errors)], device)[0]:
         for e in lock_errors:
             print(f"error: {e}", file=sys.stderr, flush=True)
         for lock in locks:
@@ -392,32 +435,37 @@ def main(argv=None):
     groups = [Group(g, args, topo, mpus[g], data, model_cfg, ds_cfgs[g], device, log) for g in topo.hosted]
     g0 = groups[0]
     asked = ds_base.get("zero_optimization", {}).get("stage", 0)
-    zero = f"ZeRO-{g0.zero_stage}" + (f" (ds_config: ZeRO-{asked}; one rank per group has nothing to partition)"
-                                      if asked != g0.zero_stage else "")
+    zero = f"ZeRO-{g0.zero_stage}" + (f" (ds_config: ZeRO-{asked}; " + (
+        "bf16 with fp32 gradient accumulation)" if g0.zero_stage > asked else
+        "one rank per group has nothing to partition)") if asked != g0.zero_stage else "")
+    dtype = g0.engine.get_data_types()[0]
     log(f"model {args.model}/{args.model_size}: {g0.num_params / 1e6:.2f}M params | world {world} | "
         f"groups {args.num_groups} (this rank: {topo.hosted}, {g0.dp_size} rank(s) each) | "
-        f"batch {g0.global_batch}x{args.seq_len} tokens/group | {zero} | "
+        f"batch {g0.global_batch}x{args.seq_len} tokens/group | {zero} | {str(dtype).removeprefix('torch.')} on "
+        f"{device.type} | "
         + ("every group reads all the data (--data_split shared) | " if args.data_split == "shared" and args.num_groups > 1 else "")
         + f"codistillation {'on' if exporting else 'off'}" + (f" ({'sync' if sync else 'latest'} teachers)" if exporting else "")
         + (" | fixed teacher (offline distillation)" if fixed is not None else ""))
 
     peers = sorted({p for g in topo.hosted for p in topo.peers(g)}) if exporting else []
-    teacher_dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
-    pool = TeacherPool(model_cfg, device, teacher_dtype)
+    # teachers get the student's dtypes on the student's device; a group of several ranks has
+    # one reader (its leader), whose exports reach the other ranks by broadcast (TeacherPool.swap)
+    pool = TeacherPool(model_cfg, device, like=g0.engine.module, comm=g0.comm if len(groups) == 1 else None)
     pool.reserve(peers)
     cfg_hash, tok_hash = model_cfg.config_hash(), data.tokenizer_sha256
     if fixed is not None:
         pool.load(FIXED_TEACHER, fixed, fixed=True)
         log(f"fixed teacher (--teacher): {args.teacher}, step {fixed.step}, "
             f"{fixed.meta.get('tokens_seen', '?')} tokens seen")
+    reader = pool.comm.leader
     loader = TeacherLoader(run_dir, peers, cfg_hash, tok_hash, "sync" if sync else "latest",
-                           args.poll_interval, log) if peers else None
+                           args.poll_interval, log) if peers and reader else None
 
     # ---- resume ------------------------------------------------------------------------
     start = 0
     if args.resume != "never":
         src = run_dir if args.resume == "auto" else Path(args.resume)
-        starts = set()
+        starts, teacher_steps = set(), {}
         for g in groups:
             ckpt = src / f"group_{g.id}" / "checkpoints"
             tag, state = checkpoint.load(g.engine, ckpt, log) if ckpt.is_dir() else (None, {})
@@ -428,15 +476,8 @@ def main(argv=None):
             starts.add(state.get("step", 0))
             g.tokens_seen = state.get("tokens_seen", 0)
             g.skipped_steps = state.get("skipped_steps", 0)
-            if state.get("torch_rng") is not None:
-                torch.set_rng_state(state["torch_rng"])
-            for peer, tstep in (state.get("teacher_steps") or {}).items():
-                if int(peer) not in pool.steps:
-                    try:
-                        pool.load(int(peer), read_export(exports_dir(run_dir, int(peer)), tstep, cfg_hash, tok_hash))
-                    except ExportError as e:
-                        log(f"WARNING: cannot restore teacher of group {peer} at step {tstep} ({e}); "
-                            "resume is not exact until the next teacher swap")
+            restore_rng(state, device)
+            teacher_steps.update({int(p): t for p, t in (state.get("teacher_steps") or {}).items()})
         if len(starts) > 1:
             log.error(f"hosted groups have checkpoints at different steps {sorted(starts)}; use --resume never "
                       "or remove the newer checkpoints")
@@ -444,6 +485,19 @@ def main(argv=None):
         start = starts.pop()
         if start:
             log(f"resumed from step {start} ({src})")
+        restore = {}  # the teachers in use when the checkpoint was written: read by the leader
+        for peer, tstep in sorted(teacher_steps.items()):
+            if peer in pool.steps:
+                continue
+            exp = None
+            if reader:
+                try:
+                    exp = read_export(exports_dir(run_dir, peer), tstep, cfg_hash, tok_hash)
+                except ExportError as e:
+                    log(f"WARNING: cannot restore teacher of group {peer} at step {tstep} ({e}); "
+                        "resume is not exact until the next teacher swap")
+            restore[peer] = (tstep, exp)
+        pool.swap(restore)
         pending = (start - 1) // args.export_every * args.export_every
         if loader and sync and start and pending >= args.export_every:
             for p in peers:  # the export the uninterrupted run was prefetching at this step
@@ -451,46 +505,60 @@ def main(argv=None):
 
     # ---- training ----------------------------------------------------------------------
     stop = StopFlag()
+    control = StepControl(args.num_groups, device, swaps=bool(peers) and not sync)
+    bad_in_a_row = [0] * args.num_groups  # every group's, known to every rank through the sync
     t_start, step, saved_at, exit_code = time.time(), start, start, 0
     failed_exports: set[tuple[int, int]] = set()  # (group, step) exports that could not be written
+    held: dict[int, Export] = {}  # latest teachers: exports this leader announced, swapped in next step
+    swaps: dict[int, int] = {}    # latest teachers: peer -> step to swap in at the start of this step
+    K = args.export_every
     try:
         for step in range(start + 1, args.max_steps + 1):
             reload_ms = 0.0
-            b, K = step - 1, args.export_every  # boundary b: teachers become the peers' exports of step b - K
-            if loader and sync and b > 0:
+            b = step - 1  # boundary b: sync teachers become the peers' exports of step b - K
+            if peers and sync and b > 0:
                 if b % K == 0 and b >= 2 * K:
                     t0 = time.perf_counter()
-                    for p in peers:
-                        if (p, b - K) in failed_exports:
-                            continue  # that export failed (warned): keep the previous teacher, do not wait
-                        exp = loader.wait(p, b - K, args.teacher_timeout)
-                        if exp is not None:
-                            pool.load(p, exp)
+                    due = [p for p in peers if (p, b - K) not in failed_exports]  # failed (warned): keep, no wait
+                    pool.swap({p: (b - K, loader.wait(p, b - K, args.teacher_timeout) if loader else None) for p in due})
                     reload_ms = (time.perf_counter() - t0) * 1e3  # waiting for the loader included
-                if b % K == K // 2 and b - K // 2 >= K:  # prefetch the exports of b - K//2 half an interval before they are
-                    for p in peers:  # needed: the loader's read never lands on a swap step
+                if loader and b % K == K // 2 and b - K // 2 >= K:  # prefetch the exports of b - K//2 half an
+                    for p in peers:  # interval before they are needed: the loader's read never lands on a swap step
                         loader.want(p, b - K // 2)
-            elif loader and not sync:
+            elif swaps:  # latest teachers: what the leaders announced in the previous step's sync
+                reload_ms = pool.swap({p: (t, held.pop(p, None)) for p, t in swaps.items()}, agree=False)
+                swaps = {}
+            # Host syncs of a step (ours; DeepSpeed's optimizer may add its own): exactly one, in
+            # control.sync below. Swap steps add one per swap, evaluation one per evaluation.
+            bad = {g.id: g.forward_backward(step, pool, log) for g in groups}
+            announce = {}
+            if loader and not sync:
                 for p in peers:
                     exp = loader.take(p)
                     if exp is not None:
-                        reload_ms += pool.load(p, exp)
-            for g in groups:
-                st = g.train_step(step, pool, device, log)
-                if st.get("skipped"):
-                    log(f"WARNING: [group {g.id}] step {step}: loss is {st['loss']}; step skipped, no update "
-                        f"({g.bad_in_a_row} in a row, {g.skipped_steps} in all; --max_bad_steps {args.max_bad_steps})",
-                        force=g.leader)
+                        held[p] = exp
+                announce = {(g.id, p): held[p].step for g in groups for p in topo.peers(g.id) if p in held}
+            t0 = time.perf_counter()
+            out = control.sync(stop.requested, bad, announce, torch.cat([g.stats_for_sync() for g in groups]))
+            sync_s = time.perf_counter() - t0
+            swaps = {p: t for (g, p), t in out.swaps.items() if g in topo.hosted}
+            for i, g in enumerate(groups):
+                st = g.finish_step(step, out.bad[g.id], out.local[6 * i:6 * (i + 1)], sync_s)
+                if st.skipped:
+                    log(f"WARNING: [group {g.id}] step {step}: loss is {st.loss}; step skipped, no update "
+                        f"({bad_in_a_row[g.id] + 1} in a row, {g.skipped_steps} in all; --max_bad_steps "
+                        f"{args.max_bad_steps})", force=g.leader)
                 runlog.log_train(g, step, st, pool, reload_ms, log, args, t_start, start)
-            stopping, diverged = stop.any_rank(dist, any(g.bad_in_a_row >= args.max_bad_steps for g in groups))
-            if diverged:
+            bad_in_a_row = [n + 1 if b_ else 0 for n, b_ in zip(bad_in_a_row, out.bad)]
+            stopping = out.stop
+            if max(bad_in_a_row) >= args.max_bad_steps:
                 latest = {g.id: checkpoint.read_latest(g.dir / "checkpoints") for g in groups}
                 log.error(f"{args.max_bad_steps} steps in a row (up to step {step}) had a NaN/Inf loss "
                           f"(--max_bad_steps {args.max_bad_steps}); stopping without saving. The last good "
                           f"checkpoints ({latest}) are intact: lower --lr and continue with --resume auto")
                 exit_code = EXIT_DIVERGED
                 break
-            if step % args.export_every == 0 and exporting:
+            if step % K == 0 and exporting:
                 failed = [False] * args.num_groups
                 for g in groups:
                     sd = g.full_state_dict()
@@ -507,7 +575,7 @@ def main(argv=None):
                             log.error(f"[group {g.id}] {e}; stopping (lower --lr?)")
                             sys.exit(EXIT_DIVERGED)
                 if sync or args.on_write_error == "stop":  # every rank must know (sync peers skip it)
-                    failed = stop.any_rank(dist, *failed)[1:]
+                    failed = flags_any(failed, device)
                 failed_exports |= {(gid, step) for gid, f in enumerate(failed) if f}
                 if args.on_write_error == "stop" and any(failed):
                     log.error(f"an export failed at step {step} and --on_write_error stop: exiting; the run "
@@ -516,11 +584,11 @@ def main(argv=None):
                     break
             if step % args.eval_every == 0 or step == args.max_steps:
                 for g in groups:
-                    loss, ppl = g.evaluate(dist, device)
+                    loss, ppl = g.evaluate()
                     runlog.log_eval(g, step, loss, ppl, log)
             sliced = step == args.stop_after_steps
             if step % args.save_every == 0 or step == args.max_steps or stopping or sliced:
-                if not save_checkpoint(groups, step, pool, args, log):
+                if not save_checkpoint(groups, step, pool, args, log, device):
                     if args.on_write_error == "stop" or stopping or sliced:
                         log.error(f"the checkpoint of step {step} could not be written; exiting. 'latest' still "
                                   "names the previous complete checkpoint")
@@ -540,9 +608,9 @@ def main(argv=None):
             if start >= args.max_steps:
                 log(f"nothing to do: the checkpoint is already at step {start} >= --max_steps {args.max_steps}")
                 for g in groups:
-                    g.evaluate(dist, device)
+                    g.evaluate()
             elif saved_at != step:
-                save_checkpoint(groups, step, pool, args, log)
+                save_checkpoint(groups, step, pool, args, log, device)
             wall = time.time() - t_start
             for g in groups:
                 sd = g.full_state_dict()
@@ -555,6 +623,7 @@ def main(argv=None):
         if loader:
             loader.close()
         for g in groups:
+            g.flush_grad_norm()
             if g.writer:
                 g.writer.close()
         for lock in locks:
@@ -563,14 +632,30 @@ def main(argv=None):
         sys.exit(exit_code)
 
 
-def save_checkpoint(groups, step, pool, args, log) -> bool:
+def rng_state(device: torch.device) -> dict:
+    """The generators a step draws from: the CPU's, and the CUDA device's this rank trains on
+    (dropout on GPU). Saved in every checkpoint, so that resume continues the same stream."""
+    state = {"torch_rng": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda_rng"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def restore_rng(state: dict, device: torch.device) -> None:
+    if state.get("torch_rng") is not None:
+        torch.set_rng_state(state["torch_rng"])
+    if device.type == "cuda" and state.get("cuda_rng") is not None:
+        torch.cuda.set_rng_state(state["cuda_rng"], device)
+
+
+def save_checkpoint(groups, step, pool, args, log, device) -> bool:
     """Checkpoint every hosted group (codistill/checkpoint.py: 'latest' moves only when complete)."""
     ok = True
     for g in groups:
         ckpt = g.dir / "checkpoints"
         try:
             checkpoint.save(g.engine, ckpt, step, {
-                "step": step, "tokens_seen": g.tokens_seen, "torch_rng": torch.get_rng_state(),
+                "step": step, "tokens_seen": g.tokens_seen, **rng_state(device),
                 "teacher_steps": dict(pool.steps), "samples": step * g.global_batch,
                 "skipped_steps": g.skipped_steps}, g.leader, args.keep_checkpoints)
         except OSError as e:

@@ -18,7 +18,12 @@ DEEPSPEED = str(Path(PY).with_name("deepspeed"))
 
 @pytest.fixture(scope="session")
 def sample_data(tmp_path_factory) -> Path:
-    """The embedded BBC News corpus, 6 disjoint group shards + val, small vocab for speed."""
+    """The embedded BBC News corpus, 6 disjoint group shards + val, small vocab for speed.
+    ``CODISTILL_TEST_DATA=DIR``: a directory prepared that way beforehand (an air-gapped GPU
+    node may lack the data-prep packages): ``python -c "from data_prep.prepare import
+    prepare_sample; prepare_sample('DIR', num_groups=6, vocab_size=2000)"``."""
+    if os.environ.get("CODISTILL_TEST_DATA"):
+        return Path(os.environ["CODISTILL_TEST_DATA"])
     from data_prep.prepare import prepare_sample
     return prepare_sample(tmp_path_factory.mktemp("data") / "sample", num_groups=6, vocab_size=2000, quiet=True)
 
@@ -29,30 +34,35 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def env_for_runs() -> dict:
+def env_for_runs(gpu: bool = False) -> dict:
+    """The environment of a real run: DeepSpeed's CPU accelerator unless ``gpu``."""
     env = dict(os.environ)
-    env.setdefault("DS_ACCELERATOR", "cpu")
+    if gpu:
+        env.pop("DS_ACCELERATOR", None)
+    else:
+        env.setdefault("DS_ACCELERATOR", "cpu")
     env["PYTHONUNBUFFERED"] = "1"
     env["PATH"] = f"{Path(PY).parent}{os.pathsep}{env.get('PATH', '')}"
     return env
 
 
 def launch(args: list[str], num_ranks: int = 1, timeout: int = 600, check: bool = True,
-           background: bool = False):
-    """Run recipes/train_lm.py under the real deepspeed launcher with ``num_ranks`` CPU ranks."""
+           background: bool = False, gpu: bool = False):
+    """Run recipes/train_lm.py under the real deepspeed launcher with ``num_ranks`` CPU ranks
+    (GPUs with ``gpu``)."""
     cmd = [DEEPSPEED, "--num_gpus", str(num_ranks), "--master_port", str(free_port()),
            str(ROOT / "recipes" / "train_lm.py"), *map(str, args)]
     if background:
-        return subprocess.Popen(cmd, cwd=ROOT, env=env_for_runs(), stdout=subprocess.PIPE,
+        return subprocess.Popen(cmd, cwd=ROOT, env=env_for_runs(gpu), stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True)
-    proc = subprocess.run(cmd, cwd=ROOT, env=env_for_runs(), capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(cmd, cwd=ROOT, env=env_for_runs(gpu), capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}")
     return proc
 
 
-def run_python(args: list[str], timeout: int = 300, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run([PY, *map(str, args)], cwd=ROOT, env=env_for_runs(), capture_output=True, text=True,
+def run_python(args: list[str], timeout: int = 300, gpu: bool = False, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([PY, *map(str, args)], cwd=ROOT, env=env_for_runs(gpu), capture_output=True, text=True,
                           timeout=timeout, **kw)
 
 

@@ -63,3 +63,17 @@ def test_churn_tiny_compares_retrains(sample_data, tmp_path):
     for v in r.values():  # two different seeds never predict identically
         assert v["mean_abs_p_diff"] > 0 and 0 < v["top1_disagreement"] < 1 and v["sym_kl"] > 0
     assert r["baseline (1 model)"]["a"] == "base_seed1/group_0" and r["baseline (1 model)"]["b"] == "base_seed2/group_0"
+
+
+def test_gpu_smoke_plumbing_on_cpu(sample_data, tmp_path):
+    """benchmarks/gpu_smoke.py is for GPU nodes; its plumbing (runs, checks, table, JSON) is
+    checked here on the CPU with its --quick settings."""
+    out = tmp_path / "results"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_smoke.py"), "--device", "cpu", "--quick",
+                           "--only", "main,parity", "--data", str(sample_data), "--results_dir", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = json.loads((out / "gpu_smoke_cpu.json").read_text())
+    assert set(res["checks"]) == {"main", "parity"} and all(c["ok"] for c in res["checks"].values())
+    assert res["checks"]["main"]["peak_gib"] > 0 and res["checks"]["main"]["tokens_per_s"] > 0
+    assert "check | result" in proc.stdout

@@ -531,7 +531,8 @@ ref, skp = engine(), engine()
 full_step(ref, data[0:2]); full_step(ref, data[4:6])
 full_step(skp, data[0:2])
 skp.backward(skp(data[2]).pow(2).mean()); skp.step()  # micro 0 of the bad step reached DeepSpeed's buffers
-skip_step(skp, 1)                                       # micro 1's loss was NaN: drop the whole step
+skp.backward(skp(data[3]).pow(2).mean() * float("nan"))  # micro 1's loss is NaN; its backward runs too
+skip_step(skp, 1)                                       # the step's sync said: drop the whole step
 full_step(skp, data[4:6])
 with deepspeed.zero.GatheredParameters(list(ref.module.parameters())), \
         deepspeed.zero.GatheredParameters(list(skp.module.parameters())):
@@ -542,11 +543,12 @@ with open(os.path.join(argv[3], f"result_{os.environ['RANK']}"), "w") as f:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage,ranks", [(0, 1), (2, 2)])
+@pytest.mark.parametrize("stage,ranks", [(0, 1), (2, 2), (3, 2)])
 def test_skipping_a_step_after_accumulated_micro_batches_leaves_no_trace(tmp_path, stage, ranks):
-    """Gradient accumulation 2, the second micro-batch's loss is non-finite: after skip_step the
-    weights equal those of a run that never saw the bad step (the first micro-batch's gradients
-    are dropped, also from ZeRO-2's partitioned buffers), and DeepSpeed's counters count it."""
+    """Gradient accumulation 2, the second micro-batch's loss is non-finite and, as in the
+    trainer, its backward pass has run (NaN gradients reached DeepSpeed): after skip_step the
+    weights equal those of a run that never saw the bad step (every gradient of the step is
+    dropped, also from ZeRO-2/3's partitioned buffers), and DeepSpeed's counters count it."""
     from conftest import DEEPSPEED, free_port
     script = tmp_path / "skip_check.py"
     script.write_text(SKIP_CHECK)

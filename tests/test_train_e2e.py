@@ -128,6 +128,32 @@ def test_zero3_two_ranks_exports_full_weights_and_trains_alone(sample_data, tmp_
     assert (run_dir / "group_0" / "final" / "model.safetensors").is_file()
 
 
+def test_zero3_world_split_codistills_with_each_groups_full_weights(sample_data, tmp_path):
+    """`deepspeed --num_gpus 2 recipes/train_lm.py --ds_config ds_configs/zero3.json --num_groups 2`:
+    each group's leader (global rank 0 and rank 1) exports its own group's full weights - equal
+    to its final weights and to DeepSpeed's own fp32 reconstruction of the group's checkpoint -
+    and the groups distill from each other."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from codistill.exchange import read_export
+    from model import build_model, preset_config
+    run_dir = tmp_path / "z3split"
+    out = launch(common(sample_data, run_dir, ds_config="ds_configs/zero3.json", num_groups=2, max_steps=12,
+                        export_every=4, burn_in_steps=4, eval_every=12, save_every=12), num_ranks=2).stdout
+    assert "this rank: [0], 1 rank(s) each" in out and "ZeRO-3" in out
+    ref = {k: tuple(v.shape) for k, v in build_model(preset_config("lstm", "tiny", 2000)).state_dict().items()}
+    for g in (0, 1):
+        gdir = run_dir / f"group_{g}"
+        exp = read_export(gdir / "exports", 12).state_dict
+        assert {k: tuple(v.shape) for k, v in exp.items()} == ref
+        final = load_file(gdir / "final" / "model.safetensors")
+        ds_own = get_fp32_state_dict_from_zero_checkpoint(str(gdir / "checkpoints"), tag="global_step12")
+        assert all(torch.equal(exp[k], final[k]) and torch.equal(exp[k], ds_own[k]) for k in ref)
+        assert losses(run_dir, g, f"teacher/step/group_{1 - g}")[12] == 4
+        assert losses(run_dir, g, "train/distill")[12] > 0
+    a, b = (load_file(run_dir / f"group_{g}" / "final" / "model.safetensors") for g in (0, 1))
+    assert not torch.equal(a["head.weight"], b["head.weight"])
+
+
 def test_zero1_trains_on_a_group_of_two_ranks(sample_data, tmp_path):
     run_dir = tmp_path / "z1"
     out = launch(common(sample_data, run_dir, ds_config="ds_configs/zero1.json", num_groups=1, max_steps=8,
@@ -152,6 +178,30 @@ def test_baseline_resume_is_exact_and_reads_all_shards(sample_data, tmp_path):
     from transformers import AutoModelForCausalLM
     model = AutoModelForCausalLM.from_pretrained(hf)
     assert model.config.vocab_size == 2000
+
+
+def test_bf16_training_falls_and_resumes_exactly(sample_data, tmp_path):
+    """bf16 forced on CPU (DeepSpeed supports it there): the GPU's mixed-precision path - ZeRO kept
+    for one-rank groups, fp32 gradient accumulation, bf16 teachers with fp32 buffers - trains,
+    and a run stopped at step 8 and resumed ends exactly where the uninterrupted one does."""
+    cfg = json.loads((ROOT / "ds_configs" / "zero2.json").read_text())
+    cfg["bf16"] = {"enabled": True}
+    ds = tmp_path / "bf16.json"
+    ds.write_text(json.dumps(cfg))
+    kw = dict(ds_config=ds, max_steps=16, export_every=4, burn_in_steps=4, eval_every=8, save_every=8)
+    straight, sliced = tmp_path / "straight", tmp_path / "sliced"
+    out = launch(common(sample_data, straight, **kw)).stdout
+    assert "| ZeRO-2 |" in out and "bfloat16 on cpu" in out, out
+    launch(common(sample_data, sliced, stop_after_steps=8, **kw))
+    launch(common(sample_data, sliced, **kw))
+    for g in (0, 1):
+        a, b = losses(straight, g), losses(sliced, g)
+        assert sorted(a) == sorted(b) == list(range(1, 17))
+        assert max(abs(a[s] - b[s]) for s in a) < 1e-5
+        assert sum(a[s] for s in (1, 2, 3)) / 3 > sum(losses(straight, g, "train/ce")[s] for s in (14, 15, 16)) / 3 + 0.3
+        assert losses(straight, g, "train/distill")[16] > 0
+        exp = load_file(straight / f"group_{g}" / "exports" / "step_000016.safetensors")
+        assert {v.dtype for v in exp.values()} == {torch.bfloat16}
 
 
 def test_sigterm_checkpoints_exits_75_and_resumes_exactly(main_run, sample_data, tmp_path):

@@ -1,0 +1,139 @@
+"""The trainer's own collectives, each on the device its process group works on.
+
+Under NCCL (what ``deepspeed.init_distributed`` picks on CUDA) a process group has no CPU
+backend: a collective on a CPU tensor fails with "No backend type associated with device type
+cpu". So every tensor the trainer hands to a collective is made here, on ``device`` (the
+process's accelerator, or the CPU under gloo). Nothing else in the repository calls
+``all_reduce``/``broadcast`` directly.
+
+Host syncs: ``flags_any`` and ``StepControl.sync`` end in one device->host copy each (the
+caller needs the answer on the host); ``sum_over`` and ``broadcast_tensors`` do not sync.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+def rendezvous_defaults() -> None:
+    """env:// variables for a process started without a launcher: a 1-rank world on a free port."""
+    import os
+    import socket
+    for k, v in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
+        os.environ.setdefault(k, v)
+    if "MASTER_PORT" not in os.environ:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+
+
+def device_tensor(values, device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``values`` (numbers, or tensors) as one 1-D tensor on ``device``: what a collective takes."""
+    if isinstance(values, torch.Tensor):
+        return values.to(device=device, dtype=dtype).reshape(-1)
+    return torch.tensor([float(v) for v in values], dtype=dtype, device=device)
+
+
+def _world(group) -> int:
+    return dist.get_world_size(group) if dist.is_initialized() else 1
+
+
+def flags_any(flags: Sequence[bool], device: torch.device, group=None) -> list[bool]:
+    """Each flag, true if it is true on any rank of ``group`` (one all-reduce, one host sync)."""
+    t = device_tensor(flags, device)
+    if _world(group) > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    return [bool(v) for v in t.tolist()]
+
+
+def sum_over(t: torch.Tensor, group=None) -> torch.Tensor:
+    """In-place sum of ``t`` (already on the group's device) over the ranks of ``group``."""
+    if _world(group) > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
+    return t
+
+
+def broadcast_tensors(tensors: Iterable[torch.Tensor], src: int, group=None) -> None:
+    """Broadcast every tensor in place from global rank ``src`` over ``group`` (teacher weights:
+    the group leader read them, the other ranks of the group receive them)."""
+    if _world(group) > 1:
+        for t in tensors:
+            dist.broadcast(t, src=src, group=group)
+
+
+@dataclass
+class GroupComm:
+    """How a rank reaches the other ranks of its group: the leader's global rank, the group's
+    process group (None = the whole world), its size and the device collectives run on."""
+    device: torch.device
+    src: int = 0
+    group: object = None
+    size: int = 1
+    leader: bool = True
+
+    @classmethod
+    def single(cls, device: torch.device) -> "GroupComm":
+        return cls(device)
+
+    def agree(self, values: list[int]) -> list[int]:
+        """The leader's ``values`` on every rank of the group (one broadcast, one host sync)."""
+        if self.size == 1 or not values:
+            return list(values)
+        t = device_tensor(values, self.device, torch.int64)
+        dist.broadcast(t, src=self.src, group=self.group)
+        return [int(v) for v in t.tolist()]
+
+    def broadcast(self, tensors: Iterable[torch.Tensor]) -> None:
+        if self.size > 1:
+            broadcast_tensors(tensors, self.src, self.group)
+
+
+class StepControl:
+    """The one collective and the one host sync of a training step.
+
+    After every hosted group's forward and backward passes (before any optimizer update), each
+    rank contributes an int64 vector, all-reduced with MAX over the whole world:
+
+        [0]                       stop requested (SIGTERM/SIGUSR1) on this rank
+        [1 + g]                   group g's loss was non-finite on this rank (skip its update)
+        [1 + G + g * G + p]       (latest teachers only) group g's leader swaps in peer p's export
+                                  of step s at the next step: s + 1 (0 = no swap); the other ranks
+                                  of the group follow it
+
+    A rank writes only the slots of the groups it hosts, so MAX gives every rank the group-wide
+    answer for every group, whatever the topology (one group per launch, a world split, or
+    several groups per rank). The rank's own values that need no agreement (the loss of each
+    hosted group, for the console) ride along in the same device->host copy.
+    """
+
+    def __init__(self, num_groups: int, device: torch.device, swaps: bool = False):
+        self.G, self.device = num_groups, device
+        self.n_swap = num_groups * num_groups if swaps else 0  # slots only where leaders announce swaps
+
+    def sync(self, stop: bool, bad: dict[int, torch.Tensor], announce: dict[tuple[int, int], int],
+             local: torch.Tensor | None = None) -> "StepOutcome":
+        G = self.G
+        n = 1 + G + self.n_swap
+        ctrl = torch.zeros(n, dtype=torch.int64, device=self.device)
+        ctrl[0] = int(stop)
+        for g, flag in bad.items():
+            ctrl[1 + g] = flag.to(torch.int64)
+        for (g, p), step in announce.items():
+            ctrl[1 + G + g * G + p] = step + 1
+        if _world(None) > 1:
+            dist.all_reduce(ctrl, op=dist.ReduceOp.MAX)
+        parts = [ctrl.double()] + ([local.detach().double().reshape(-1)] if local is not None else [])
+        vals = torch.cat(parts).tolist()  # the step's host sync
+        swaps = {divmod(i, G): int(v) - 1 for i, v in enumerate(vals[1 + G:n]) if v > 0}
+        return StepOutcome(stop=bool(vals[0]), bad=[bool(v) for v in vals[1:1 + G]], swaps=swaps, local=vals[n:])
+
+
+@dataclass
+class StepOutcome:
+    stop: bool                          # some rank was asked to stop
+    bad: list[bool]                     # per group: skip this step's update
+    swaps: dict[tuple[int, int], int]   # (group, peer) -> export step its leader swaps in next
+    local: list[float]                  # this rank's values passed as ``local``

@@ -1,0 +1,170 @@
+"""The GPU/cluster paths that CPU can check: device choice, the collectives' device, ds_config
+resolution by device, teachers with the student's dtypes, and the step's one sync and the
+teacher broadcast over a real 2-process gloo group."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from codistill import comm
+from codistill.comm import GroupComm, StepControl, device_tensor
+from codistill.device import DeviceError, bf16_native, pick_cuda_index
+from codistill.ds_config import resolve_ds_config
+from codistill.exchange import Export
+from codistill.teacher import TeacherPool, build_frozen
+from model import build_model, preset_config
+
+
+def test_collective_tensors_are_made_on_the_device_given():
+    for dev in (torch.device("meta"), torch.device("cpu")):
+        t = device_tensor([True, False, 3], dev)
+        assert t.device.type == dev.type and t.shape == (3,)
+        assert device_tensor(torch.ones(2, 2), dev, torch.int64).device.type == dev.type
+    assert comm.flags_any([False, True], torch.device("cpu")) == [False, True]  # a 1-rank world
+
+
+def test_step_control_decodes_flags_swaps_and_local_values():
+    ctl = StepControl(3, torch.device("cpu"), swaps=True)
+    out = ctl.sync(True, {1: torch.tensor(True), 2: torch.tensor(False)}, {(0, 2): 40, (1, 0): 0},
+                   torch.tensor([1.5, 2.5]))
+    assert out.stop and out.bad == [False, True, False]
+    assert out.swaps == {(0, 2): 40, (1, 0): 0}  # step 0 is a real export step, not "no swap"
+    assert out.local == [1.5, 2.5]
+    plain = StepControl(3, torch.device("cpu")).sync(False, {0: torch.tensor(False)}, {}, None)
+    assert not plain.stop and plain.swaps == {} and plain.local == []
+
+
+def test_local_rank_is_mapped_onto_the_visible_gpus():
+    assert pick_cuda_index(3, 1) == 0          # srun --gpus-per-task=1: each task sees its own GPU as cuda:0
+    assert pick_cuda_index(3, 8) == 3          # one process per GPU, all visible
+    assert pick_cuda_index(0, 2) == 0
+    with pytest.raises(DeviceError, match="sees only 2 GPUs"):
+        pick_cuda_index(3, 2, local_world=4)
+    with pytest.raises(DeviceError, match="sees no GPU"):
+        pick_cuda_index(0, 0)
+
+
+def test_auto_bf16_refuses_emulated_bf16(monkeypatch):
+    asked = {}
+
+    def is_bf16_supported(including_emulation=True):
+        asked["including_emulation"] = including_emulation
+        return including_emulation  # a V100/T4: bf16 only emulated
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", is_bf16_supported)
+    assert bf16_native(torch.device("cuda", 0)) is False and asked == {"including_emulation": False}
+    assert bf16_native(torch.device("cpu")) is False
+
+
+BASE = {"train_micro_batch_size_per_gpu": 16, "gradient_accumulation_steps": 1,
+        "optimizer": {"type": "AdamW", "params": {"lr": 3e-3, "torch_adam": True, "fused": "auto"}},
+        "bf16": {"enabled": "auto"},
+        "zero_optimization": {"stage": 2, "overlap_comm": "auto", "reduce_bucket_size": "auto",
+                              "allgather_bucket_size": "auto"}}
+
+
+def test_ds_config_on_cpu_is_what_was_measured():
+    cfg = resolve_ds_config(BASE, 1, None, torch.device("cpu"))
+    assert cfg["bf16"]["enabled"] is False and "data_types" not in cfg
+    assert cfg["zero_optimization"] == {"stage": 0, "overlap_comm": False, "reduce_bucket_size": 50_000_000,
+                                        "allgather_bucket_size": 50_000_000}  # 1 rank, fp32: stage 0
+    assert "fused" not in cfg["optimizer"]["params"]
+    assert resolve_ds_config(BASE, 2, None, torch.device("cpu"))["zero_optimization"]["stage"] == 2
+    assert BASE["zero_optimization"]["overlap_comm"] == "auto"  # the caller's dict is left alone
+
+
+def test_ds_config_on_gpu_accumulates_in_fp32_and_keeps_zero(monkeypatch):
+    monkeypatch.setattr("codistill.ds_config.bf16_native", lambda device: True)
+    cfg = resolve_ds_config(BASE, 1, None, torch.device("cuda", 0))
+    assert cfg["bf16"]["enabled"] is True and cfg["data_types"] == {"grad_accum_dtype": "fp32"}
+    assert cfg["zero_optimization"] == {"stage": 2, "overlap_comm": True, "reduce_bucket_size": 500_000_000,
+                                        "allgather_bucket_size": 500_000_000}  # no stage-0 shortcut on GPU
+    assert cfg["optimizer"]["params"]["fused"] is True
+    stage0 = dict(BASE, zero_optimization={"stage": 0}, bf16={"enabled": True})
+    assert resolve_ds_config(stage0, 1, None, torch.device("cuda", 0))["zero_optimization"]["stage"] == 1
+    mine = dict(BASE, data_types={"grad_accum_dtype": "bf16"})
+    assert resolve_ds_config(mine, 1, None, torch.device("cuda", 0))["data_types"] == {"grad_accum_dtype": "bf16"}
+    monkeypatch.setattr("codistill.ds_config.bf16_native", lambda device: False)  # V100: fp32
+    assert resolve_ds_config(BASE, 1, None, torch.device("cuda", 0))["bf16"]["enabled"] is False
+
+
+def test_bf16_forced_on_cpu_gets_fp32_accumulation_and_no_stage_0():
+    cfg = resolve_ds_config(dict(BASE, bf16={"enabled": True}), 1, None, torch.device("cpu"))
+    assert cfg["data_types"] == {"grad_accum_dtype": "fp32"} and cfg["zero_optimization"]["stage"] == 2
+
+
+@pytest.mark.parametrize("arch", ["lstm", "transformer"])
+def test_frozen_teacher_takes_the_students_dtypes_and_keeps_buffers_fp32(arch):
+    cfg = preset_config(arch, "tiny", 300, max_seq_len=64)
+    student = build_model(cfg)
+    for p in student.parameters():  # what DeepSpeed's bf16 does: parameters only
+        p.data = p.data.to(torch.bfloat16)
+    teacher = build_frozen(cfg, torch.device("cpu"), like=student)
+    assert {n: t.dtype for n, t in teacher.named_parameters()} == {n: t.dtype for n, t in student.named_parameters()}
+    assert {n: t.dtype for n, t in teacher.named_buffers()} == {n: t.dtype for n, t in student.named_buffers()}
+    if arch == "transformer":
+        assert teacher.hf.model.rotary_emb.inv_freq.dtype == torch.float32
+    assert not any(p.requires_grad for p in teacher.parameters()) and not teacher.training
+
+
+def _two_ranks(rank, port, result_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        dev = torch.device("cpu")
+        cfg = preset_config("transformer", "tiny", 300, max_seq_len=64)
+        # latest teachers: rank 0 (the group's leader) announces peer 1's export of step 30
+        out = StepControl(2, dev, swaps=True).sync(rank == 1, {0: torch.tensor(rank == 1)},
+                                                   {(0, 1): 30} if rank == 0 else {}, torch.tensor([float(rank)]))
+        pool = TeacherPool(cfg, dev, comm=GroupComm(dev, src=0, group=None, size=2, leader=rank == 0))
+        torch.manual_seed(5)
+        ref = build_model(cfg).state_dict()
+        exp = Export(step=30, meta={}, state_dict=ref) if rank == 0 else None
+        pool.swap({1: (out.swaps[(0, 1)], exp)}, agree=False)         # only the leader has read it
+        got = pool.modules[1].state_dict()
+        same = all(torch.equal(got[k], ref[k]) for k in ref)
+        refused = pool.swap({1: (40, None)})                           # the leader has none: nobody swaps
+        with open(os.path.join(result_dir, f"r{rank}"), "w") as f:
+            f.write(repr((out.stop, out.bad, out.swaps, out.local, same, pool.steps[1], refused >= 0)))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_group_ranks_follow_their_leader_over_gloo(tmp_path):
+    """Two real processes: the step's sync gives both ranks the same stop/skip/swap answers,
+    and a teacher read by the leader alone reaches the other rank by broadcast."""
+    from conftest import free_port
+    mp.start_processes(_two_ranks, args=(free_port(), str(tmp_path)), nprocs=2, start_method="spawn")
+    results = [eval((tmp_path / f"r{r}").read_text()) for r in (0, 1)]
+    for r, (stop, bad, swaps, local, same, step, _) in enumerate(results):
+        assert stop and bad == [True, False] and swaps == {(0, 1): 30}
+        assert local == [float(r)]  # rank-local values are not reduced
+        assert same and step == 30  # rank 1 never read the export, yet has its weights
+
+
+def run_teacher_parity(tmp_path, device: str, bf16: bool) -> dict:
+    import json
+    from conftest import run_python
+    out = tmp_path / f"parity_{device}_{bf16}.json"
+    proc = run_python(["tests/scripts/teacher_parity.py", "--device", device, "--out", out] + (["--bf16"] if bf16 else []),
+                      timeout=600, gpu=device != "cpu")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("bf16", [False, True])
+def test_teacher_from_an_export_gives_the_students_logits(tmp_path, bf16):
+    """Both architectures, positions 0..1023, a real DeepSpeed engine as the student: fp32 exact;
+    bf16 (forced on CPU) equal too, while a teacher cast with module.to(bf16) - buffers included -
+    drifts on the Transformer's late positions (what the trainer did before)."""
+    res = run_teacher_parity(tmp_path, "cpu", bf16)
+    for arch, r in res.items():
+        assert r["dtype"] == ("torch.bfloat16" if bf16 else "torch.float32")
+        assert r["max_abs_diff"] <= (2 ** -8 * r["logit_scale"] if bf16 else 0.0), (arch, r)
+    if bf16:
+        assert res["transformer"]["buffer_dtypes"] == ["torch.float32"]
+        assert res["transformer"]["naive_cast_max_abs_diff_late_positions"] > 4 * res["transformer"]["max_abs_diff"]
