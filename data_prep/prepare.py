@@ -49,16 +49,13 @@ if __name__ == "__main__":  # run as a file: make the repository root importable
 import argparse
 import collections
 import hashlib
-import io
 import json
 import logging
 import operator
 import os
-import shutil
 import signal
 import struct
 import time
-import uuid
 
 import numpy as np
 
@@ -73,86 +70,20 @@ from data_prep.filters import (DEFAULT_LANGUAGES, DEFAULT_MAX_LINE_REPEATS,
 from data_prep.parallel import (chunked, clean_encode_chunk, encode_chunk, filter_clean_chunk,
                                 ordered_map, worker_pool)
 from data_prep.readers import (DEFAULT_MAX_DOC_BYTES, TEXT_MODES, Stats, discover, file_kind,
-                               is_url, read_documents)
+                               read_documents)
+from data_prep.provenance import SourceSummary
+from data_prep.report import (DataPrepError, OutputExistsError, check_kept, fmt_dropped, progress,
+                              say, summary, tick)
 from data_prep.sample import SAMPLE_DEFAULTS, SampleCorpusMissing, sample_corpus_dir
+from data_prep.shard_format import (FORMAT_VERSION, ShardWriter, check_output, fsync_tokens,
+                                    is_prepared, make_manifest, split_names, staged_output,
+                                    token_dtype, tokenizer_manifest, write_json)
+from data_prep.tokenizer import load_tokenizer_proto, train_tokenizer, vocab_and_eos
 
 log = logging.getLogger("data_prep")
 
-FORMAT_VERSION = 1
 MIN_VOCAB = 300
 _REC = struct.Struct("<IQI")  # split index, doc hash, byte length
-
-
-class DataPrepError(ValueError):
-    """A user-facing error: the message names the path/flag and the fix."""
-
-
-class OutputExistsError(DataPrepError):
-    pass
-
-
-def split_names(num_groups: int) -> list[str]:
-    return ["val"] + [f"group_{g}" for g in range(num_groups)]
-
-
-def is_prepared(path) -> bool:
-    """True if ``path`` holds a complete prepared dataset (manifest + all split files)."""
-    path = Path(path)
-    try:
-        m = json.loads((path / "manifest.json").read_text())
-        if m.get("format_version") != FORMAT_VERSION or not (path / m["tokenizer"]).is_file():
-            return False
-        return all((path / s["tokens"]).is_file() and (path / s["doc_index"]).is_file()
-                   for s in m["splits"].values())
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return False
-
-
-def load_tokenizer_proto(path) -> bytes:
-    """Read and validate an existing SentencePiece model; DataPrepError if it is not one."""
-    import sentencepiece as spm
-
-    path = Path(path)
-    try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise DataPrepError(f"--tokenizer {path}: cannot read it ({e.strerror}); pass an "
-                            "existing SentencePiece .model file or omit --tokenizer") from None
-    try:
-        sp = spm.SentencePieceProcessor(model_proto=data)
-        if sp.get_piece_size() <= 0:
-            raise RuntimeError("empty vocabulary")
-    except Exception as e:  # noqa: BLE001
-        raise DataPrepError(f"--tokenizer {path} is not a SentencePiece model ({e}); pass a "
-                            ".model file written by SentencePiece, or omit --tokenizer to "
-                            "train one") from None
-    if sp.eos_id() < 0:
-        raise DataPrepError(f"--tokenizer {path} has no EOS id (eos_id=-1); documents are "
-                            "separated by EOS, so train it with eos_id set, or omit --tokenizer")
-    return data
-
-
-def _check_output(output: Path, overwrite: bool) -> None:
-    if output.exists() and not overwrite:
-        if not output.is_dir() or any(output.iterdir()):
-            raise OutputExistsError(
-                f"--output {output} already exists and is not empty; pass --overwrite to "
-                "replace it, or choose another --output")
-
-
-def _say(quiet: bool, msg: str) -> None:
-    if not quiet:
-        print(msg, file=sys.stderr, flush=True)
-
-
-def _progress(quiet: bool, **kw):
-    from tqdm import tqdm
-
-    return tqdm(disable=quiet, file=sys.stderr, dynamic_ncols=True, mininterval=0.5, **kw)
-
-
-def _fmt_dropped(dropped) -> str:
-    return ", ".join(f"{k}={v}" for k, v in sorted(dropped.items())) or "nothing"
 
 
 def prepare(inputs, output, num_groups: int, vocab_size: int = 8000, val_fraction: float = 0.01,
@@ -211,7 +142,7 @@ def prepare(inputs, output, num_groups: int, vocab_size: int = 8000, val_fractio
     filt = FilterSetup(lang_filter, languages, near_dup, near_dup_threshold, near_dup_memory_mb,
                        line_filters, min_line_words, max_line_repeats, min_chars)
     output = Path(output)
-    _check_output(output, overwrite)
+    check_output(output, overwrite)
     tok_proto = load_tokenizer_proto(tokenizer) if tokenizer is not None else None
 
     stats = Stats(sources=SourceSummary(inputs, keep_files=num_shards is not None))
@@ -219,7 +150,7 @@ def prepare(inputs, output, num_groups: int, vocab_size: int = 8000, val_fractio
     if not files:
         raise DataPrepError(
             "no input file found in --input " + " ".join(map(str, inputs)) +
-            f" ({_fmt_dropped(stats.dropped)}); give existing files or directories with "
+            f" ({fmt_dropped(stats.dropped)}); give existing files or directories with "
             ".txt, .jsonl, .warc.wet[.gz], .parquet or .json files (optionally .gz), "
             "or http(s) URLs of such files")
     if num_shards is not None:
@@ -232,10 +163,7 @@ def prepare(inputs, output, num_groups: int, vocab_size: int = 8000, val_fractio
         if shard_index:  # path-level drops of discover() are counted by shard 0 only
             stats.dropped.clear()
 
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.parent / f"{output.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
+    with staged_output(output, overwrite) as tmp:
         manifest = _build(tmp, files, stats, inputs=inputs, num_groups=num_groups, vocab_size=vocab_size,
                           val_fraction=val_fraction, tok_proto=tok_proto, workers=workers,
                           seed=seed, text_mode=text_mode, jsonl_field=jsonl_field,
@@ -243,67 +171,19 @@ def prepare(inputs, output, num_groups: int, vocab_size: int = 8000, val_fractio
                           max_doc_bytes=max_doc_bytes,
                           sample_bytes=int(tokenizer_sample_mb * (1 << 20)), quiet=quiet,
                           filt=filt, shard=shard, tokenizer_only=tokenizer_only)
-        _publish(tmp, output, overwrite)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     if tokenizer_only:
-        _say(quiet, f"tokenizer written to {output / 'tokenizer.model'} (from "
-                    f"{manifest['documents_kept']} documents; dropped: "
-                    f"{_fmt_dropped(manifest['dropped'])})")
+        say(quiet, f"tokenizer written to {output / 'tokenizer.model'} (from "
+                   f"{manifest['documents_kept']} documents; dropped: "
+                   f"{fmt_dropped(manifest['dropped'])})")
         return output
     if shard is not None:
-        _say(quiet, f"shard {shard_index}/{num_shards} written to {output}: "
-                    f"{sum(s['num_docs'] for s in manifest['splits'].values())} documents of "
-                    f"{manifest['documents_in']} read; merge all shards with  prepare.py "
-                    "--merge SHARD_DIR ... --output DIR")
+        say(quiet, f"shard {shard_index}/{num_shards} written to {output}: "
+                   f"{sum(s['num_docs'] for s in manifest['splits'].values())} documents of "
+                   f"{manifest['documents_in']} read; merge all shards with  prepare.py "
+                   "--merge SHARD_DIR ... --output DIR")
         return output
-    _summary(quiet, output, manifest, num_groups)
+    summary(quiet, output, manifest, num_groups)
     return output
-
-
-def _summary(quiet, output, manifest, num_groups) -> None:
-    nd = manifest.get("filters", {}).get("near_dup", {}).get("index")
-    if nd and nd["est_false_positive_per_doc"] > 1e-3:
-        print(f"warning: the near-duplicate index is {nd['bloom_fill']:.0%} full: about "
-              f"{nd['est_false_positive_per_doc']:.1e} of new documents are dropped as false "
-              "near-duplicates; raise --near_dup_memory_mb (~75 MiB per million documents)",
-              file=sys.stderr)
-    sp = manifest["splits"]
-    _say(quiet, f"prepared {output}: kept {manifest['documents_kept']} of "
-                f"{manifest['documents_in']} documents, "
-                f"{sum(s['num_tokens'] for s in sp.values())} tokens "
-                f"(val {sp['val']['num_docs']} docs; {num_groups} groups "
-                f"{min(sp[f'group_{g}']['num_docs'] for g in range(num_groups))}-"
-                f"{max(sp[f'group_{g}']['num_docs'] for g in range(num_groups))} docs each), "
-                f"vocab {manifest['vocab_size']}; dropped: {_fmt_dropped(manifest['dropped'])}")
-
-
-def _publish(tmp: Path, output: Path, overwrite: bool) -> None:
-    """Rename the finished temp dir to ``output`` (atomic on one filesystem)."""
-    if output.exists() or output.is_symlink():
-        if output.is_dir() and not output.is_symlink() and not any(output.iterdir()):
-            try:
-                output.rmdir()
-            except OSError:
-                pass
-        elif overwrite:
-            old = output.parent / f"{output.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-            os.rename(output, old)
-            os.rename(tmp, output)
-            if old.is_dir() and not old.is_symlink():
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                old.unlink()
-            return
-        else:
-            raise OutputExistsError(f"--output {output} appeared while preparing and is not "
-                                    "empty; pass --overwrite to replace it")
-    try:
-        os.rename(tmp, output)
-    except OSError as e:
-        raise OutputExistsError(f"--output {output}: cannot move the finished dataset into "
-                                f"place ({e.strerror}); pass --overwrite or remove it") from None
 
 
 def _spool_records(path: Path):
@@ -314,164 +194,6 @@ def _spool_records(path: Path):
                 return
             s, h, n = _REC.unpack(head)
             yield s, h, f.read(n)
-
-
-def _train_tokenizer(spool: Path, tmp: Path, train_bytes: int, sample_bytes: int,
-                     vocab_size: int, quiet: bool) -> bytes:
-    import sentencepiece as spm
-
-    frac = min(1.0, sample_bytes / max(train_bytes, 1))
-    threshold = int(frac * 2**32)
-    sample = tmp / "tokenizer_sample.txt"
-    n = nbytes = 0
-    with open(sample, "wb") as f:
-        for s, h, data in _spool_records(spool):
-            if s > 0 and (frac >= 1.0 or (h >> 32) < threshold):
-                f.write(data)
-                f.write(b"\n")
-                n += 1
-                nbytes += len(data)
-    _say(quiet, f"training SentencePiece (unigram, vocab {vocab_size}) on {n} documents, "
-                f"{nbytes / 2**20:.2f} MiB ...")
-    model = io.BytesIO()
-
-    def sentences():  # an iterator, not input=PATH: the path would be stored in the model
-        with open(sample, encoding="utf-8") as f:
-            for line in f:
-                yield line.rstrip("\n")
-
-    try:
-        spm.SentencePieceTrainer.train(
-            sentence_iterator=sentences(), model_writer=model, model_type="unigram", vocab_size=vocab_size,
-            character_coverage=0.9995, byte_fallback=True, hard_vocab_limit=False,
-            unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
-            input_sentence_size=0, shuffle_input_sentence=False,  # the sample is bounded here
-            max_sentence_length=1 << 16, num_threads=1,  # one thread: byte-identical output
-            minloglevel=2)
-    except Exception as e:  # noqa: BLE001
-        raise DataPrepError(f"SentencePiece training failed ({e}); try a smaller --vocab_size "
-                            "or more input text") from None
-    finally:
-        sample.unlink(missing_ok=True)
-    return model.getvalue()
-
-
-class ShardWriter:
-    """Appends documents to <split>.bin and records offsets/hashes; writes the .npy files
-    at the end (offsets and hashes go to raw temp files first, so nothing is held in RAM)."""
-
-    def __init__(self, root: Path, names: list[str], dtype: str):
-        self.root, self.names, self.dtype = root, names, np.dtype(dtype)
-        self.bins = [open(root / f"{n}.bin", "wb", buffering=1 << 20) for n in names]
-        self.offs = [open(root / f"{n}.idx.raw", "wb", buffering=1 << 16) for n in names]
-        self.hashes = [open(root / f"{n}.hashes.raw", "wb", buffering=1 << 16) for n in names]
-        self.ntok = [0] * len(names)
-        self.ndoc = [0] * len(names)
-
-    def add_chunk(self, splits, hashes, flat: np.ndarray, lengths) -> int:
-        """Append a chunk of documents: per document its split index (-1: skip it) and
-        hash, and their tokens ``flat`` (documents back to back, ``lengths`` each)."""
-        splits = np.asarray(splits, dtype=np.int64)
-        hashes = np.asarray(hashes, dtype=np.uint64)
-        lengths = np.asarray(lengths, dtype=np.int64)
-        tok_split = np.repeat(splits, lengths)
-        written = 0
-        for s in np.unique(splits[splits >= 0]).tolist():
-            docs = splits == s
-            toks = flat[tok_split == s]
-            ends = self.ntok[s] + np.cumsum(lengths[docs])
-            self.bins[s].write(toks.tobytes())
-            self.offs[s].write(ends.astype("<u8").tobytes())
-            self.hashes[s].write(hashes[docs].astype("<u8").tobytes())
-            self.ntok[s] = int(ends[-1])
-            self.ndoc[s] += len(ends)
-            written += len(toks)
-        return written
-
-    def close(self) -> dict:
-        for f in self.bins + self.offs + self.hashes:
-            f.close()
-        splits = {}
-        for i, n in enumerate(self.names):
-            _raw_to_npy(self.root / f"{n}.idx.raw", self.root / f"{n}.idx.npy", np.int64,
-                        self.ndoc[i], prefix=np.zeros(1, np.int64))
-            _raw_to_npy(self.root / f"{n}.hashes.raw", self.root / f"{n}.hashes.npy",
-                        np.uint64, self.ndoc[i])
-            splits[n] = {"tokens": f"{n}.bin", "doc_index": f"{n}.idx.npy",
-                         "num_docs": self.ndoc[i], "num_tokens": self.ntok[i],
-                         "doc_hashes": f"{n}.hashes.npy"}
-        return splits
-
-    def abort(self) -> None:
-        for f in self.bins + self.offs + self.hashes:
-            f.close()
-
-
-def _raw_to_npy(raw: Path, dest: Path, dtype, n: int, prefix=None) -> None:
-    dtype = np.dtype(dtype).newbyteorder("<")
-    shape = n + (0 if prefix is None else len(prefix))
-    with open(dest, "wb") as f, open(raw, "rb") as r:
-        np.lib.format.write_array_header_1_0(
-            f, {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False,
-                "shape": (shape,)})
-        if prefix is not None:
-            f.write(np.asarray(prefix, dtype).tobytes())
-        shutil.copyfileobj(r, f, 1 << 20)
-    raw.unlink()
-
-
-def _norm_input(i) -> str:
-    return str(i) if is_url(str(i)) else str(Path(i))
-
-
-class SourceSummary:
-    """Aggregates per-file source entries into one manifest entry per --input argument
-    (files, bytes, documents, skipped files, and a sha256 over the (relative path, file
-    sha256) pairs in read order), so memory and manifest size do not grow with file count."""
-
-    def __init__(self, inputs, keep_files: bool = False):
-        self.entries = []
-        self.files = [] if keep_files else None  # per-file entries (sharded runs, for --merge)
-        for inp in (_norm_input(i) for i in inputs):  # normalised like discover()'s paths
-            self.entries.append((inp, inp.rstrip(os.sep) + os.sep, hashlib.sha256(),
-                                 {"path": inp, "files": 0, "bytes": 0, "documents": 0,
-                                  "files_skipped": 0}))
-
-    def append(self, src: dict) -> None:
-        if self.files is not None:
-            self.files.append(src)
-        path = src["path"]
-        for inp, prefix, h, agg in self.entries:
-            if path == inp or path.startswith(prefix):
-                rel = path[len(prefix):] if path != inp else os.path.basename(inp)
-                h.update(f"{rel}\0{src.get('sha256', '-')}\n".encode())
-                agg["files"] += 1
-                agg["bytes"] += src.get("bytes", 0)
-                agg["documents"] += src["documents"]
-                agg["files_skipped"] += "error" in src
-                return
-
-    def summary(self) -> list[dict]:
-        return [{**agg, "sha256": h.hexdigest()} for _, _, h, agg in self.entries]
-
-
-def _check_kept(n_docs, names, stats, files, num_groups, val_fraction,
-                tokenizer_only=False) -> None:
-    kept = sum(n_docs[1:]) if tokenizer_only else sum(n_docs)
-    if kept == 0:
-        raise DataPrepError(
-            f"nothing usable remains: {stats.documents_in} documents read from {len(files)} "
-            f"files, dropped: {_fmt_dropped(stats.dropped)}. Check --input/--text_mode/"
-            "--jsonl_field, or relax --min_chars/--min_text_ratio (and the web-text filters: "
-            "--languages, --lang_filter/--near_dup/--line_filters off)")
-    if tokenizer_only:
-        return
-    empty = [names[i] for i in range(len(names)) if n_docs[i] == 0]
-    if empty:
-        raise DataPrepError(
-            f"split(s) {', '.join(empty)} would be empty ({kept} documents kept for "
-            f"{num_groups} groups at --val_fraction {val_fraction}); add more data, use fewer "
-            "--num_groups or a larger --val_fraction")
 
 
 _ORDER_HEAD = struct.Struct("<HB")  # per kept document, in order: split, has band keys
@@ -529,7 +251,7 @@ def _build(tmp: Path, files, stats: Stats, *, inputs, num_groups, vocab_size, va
                 order = open(tmp / "order.bin", "wb", buffering=1 << 20)
                 no_keys = bytes(8 * order_bands)
             with open(spool_path, "wb", buffering=1 << 20) as spool, \
-                    _progress(quiet, desc="clean", unit="doc") as bar:
+                    progress(quiet, desc="clean", unit="doc") as bar:
                 for results, lc in ordered_map(filter_clean_chunk, tasks, pool):
                     line_counts.update(lc)
                     for r in results:
@@ -570,39 +292,28 @@ def _build(tmp: Path, files, stats: Stats, *, inputs, num_groups, vocab_size, va
                 order.close()
             seen.clear()
             if shard is None:
-                _check_kept(n_docs, names, stats, files, num_groups, val_fraction,
-                            tokenizer_only=tokenizer_only)
+                check_kept(n_docs, names, stats, files, num_groups, val_fraction,
+                           tokenizer_only=tokenizer_only)
             timing["clean_s"] = time.time() - t0
             if trained:
-                tok_proto = _train_tokenizer(spool_path, tmp, train_bytes, sample_bytes,
+                tok_proto = train_tokenizer(_spool_records(spool_path), tmp, train_bytes, sample_bytes,
                                              vocab_size, quiet)
             timing["tokenizer_s"] = time.time() - t0 - timing["clean_s"]
         (tmp / "tokenizer.model").write_bytes(tok_proto)
         if tokenizer_only:
             spool_path.unlink()
-            manifest = {"format_version": FORMAT_VERSION, "tokenizer_only": True,
-                        "tokenizer": "tokenizer.model",
-                        "tokenizer_sha256": hashlib.sha256(tok_proto).hexdigest(),
-                        "documents_in": stats.documents_in, "documents_kept": sum(n_docs),
-                        "dropped": dict(sorted(stats.dropped.items())),
-                        "sources": stats.sources.summary()}
-            _write_json(tmp / "manifest.json", manifest)
+            manifest = tokenizer_manifest(tok_proto, stats, sum(n_docs))
+            write_json(tmp / "manifest.json", manifest)
             return manifest
-        import sentencepiece as spm
-
-        sp = spm.SentencePieceProcessor(model_proto=tok_proto)
-        vocab, eos_id = sp.get_piece_size(), sp.eos_id()
-        if trained and vocab < vocab_size:
-            _say(quiet, f"note: the training sample supports only {vocab} pieces; using vocab "
-                        f"{vocab} instead of --vocab_size {vocab_size} (add data for a larger one)")
-        dtype = "uint16" if vocab < 65536 else "uint32"
+        vocab, eos_id = vocab_and_eos(tok_proto, trained, vocab_size, quiet)
+        dtype = token_dtype(vocab)
         tok_cfg = (str(tmp / "tokenizer.model"), eos_id, dtype)
         writer = ShardWriter(tmp, names, dtype)
         t1 = time.time()
         n_tok = 0
         try:
-            with _progress(quiet, desc="tokenize", unit="doc",
-                           total=sum(n_docs) if spooled else None) as bar:
+            with progress(quiet, desc="tokenize", unit="doc",
+                          total=sum(n_docs) if spooled else None) as bar:
                 if spooled:  # pass 2: spool -> encode -> shards
                     metas: collections.deque = collections.deque()
 
@@ -615,9 +326,7 @@ def _build(tmp: Path, files, stats: Stats, *, inputs, num_groups, vocab_size, va
                     for flat, lengths in ordered_map(encode_chunk, tasks(), pool):
                         splits, hashes = metas.popleft()
                         n_tok += writer.add_chunk(splits, hashes, flat, lengths)
-                        bar.update(len(splits))
-                        bar.set_postfix_str(f"{n_tok / max(bar.format_dict['elapsed'], 1e-9):,.0f} tok/s",
-                                            refresh=False)
+                        tick(bar, len(splits), n_tok)
                     spool_path.unlink()
                 else:  # fused single pass: read -> clean + encode in workers -> dedup -> shards
                     docs = read_documents(None, stats, text_mode=text_mode,
@@ -634,20 +343,16 @@ def _build(tmp: Path, files, stats: Stats, *, inputs, num_groups, vocab_size, va
                             else:
                                 seen.add(h)
                         n_tok += writer.add_chunk(splits, hashes, flat, lengths)
-                        bar.update(len(drops) + len(splits))
-                        bar.set_postfix_str(f"{n_tok / max(bar.format_dict['elapsed'], 1e-9):,.0f} tok/s",
-                                            refresh=False)
+                        tick(bar, len(drops) + len(splits), n_tok)
         except BaseException:
             writer.abort()
             raise
     splits = writer.close()
     n_docs = [splits[n]["num_docs"] for n in names]
     if shard is None:
-        _check_kept(n_docs, names, stats, files, num_groups, val_fraction)
+        check_kept(n_docs, names, stats, files, num_groups, val_fraction)
     timing["tokenize_s"] = time.time() - t1
-    for n in names:
-        with open(tmp / splits[n]["tokens"], "rb+") as f:
-            os.fsync(f.fileno())
+    fsync_tokens(tmp, splits)
     common = dict(tok_proto=tok_proto, trained=trained, vocab=vocab, dtype=dtype, eos_id=eos_id,
                   num_groups=num_groups, seed=seed, val_fraction=val_fraction,
                   cleaning={"text_mode": text_mode, "jsonl_field": jsonl_field,
@@ -665,14 +370,14 @@ def _build(tmp: Path, files, stats: Stats, *, inputs, num_groups, vocab_size, va
                                      "fields": "split, has band keys, band keys"},
                     "line_counts": dict(line_counts), "lang_drops": dict(lang_drops),
                     "source_files": stats.sources.files}
-        _write_json(tmp / SHARD_MANIFEST, manifest)
+        write_json(tmp / SHARD_MANIFEST, manifest)
     else:
         filters = filt.describe(kinds_all=kinds)
         _fill_filter_counts(filters, line_counts, lang_drops, index)
-        manifest = _make_manifest(**common, splits=splits, dropped=stats.dropped,
-                                  documents_in=stats.documents_in, filters=filters,
-                                  sources=stats.sources.summary())
-        _write_json(tmp / "manifest.json", manifest)
+        manifest = make_manifest(**common, splits=splits, dropped=stats.dropped,
+                                 documents_in=stats.documents_in, filters=filters,
+                                 sources=stats.sources.summary())
+        write_json(tmp / "manifest.json", manifest)
     if os.environ.get("DATA_PREP_TIMING"):
         print(json.dumps({**timing, "tokens": n_tok, "docs": sum(n_docs)}), file=sys.stderr,
               flush=True)
@@ -680,14 +385,6 @@ def _build(tmp: Path, files, stats: Stats, *, inputs, num_groups, vocab_size, va
 
 
 SHARD_MANIFEST = "shard_manifest.json"
-
-
-def _write_json(path: Path, obj) -> None:
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def _fill_filter_counts(filters: dict, line_counts, lang_drops, index) -> None:
@@ -698,33 +395,6 @@ def _fill_filter_counts(filters: dict, line_counts, lang_drops, index) -> None:
         filters["language"]["dropped_by_language"] = dict(sorted(lang_drops.items()))
     if "near_dup" in filters and index is not None:
         filters["near_dup"]["index"] = index.stats()
-
-
-def _make_manifest(*, tok_proto, trained, vocab, dtype, eos_id, num_groups, seed, val_fraction,
-                   cleaning, splits, dropped, documents_in, filters, sources) -> dict:
-    return {
-        "format_version": FORMAT_VERSION,
-        "tokenizer": "tokenizer.model",
-        "tokenizer_sha256": hashlib.sha256(tok_proto).hexdigest(),
-        "tokenizer_trained": trained,
-        "vocab_size": vocab,
-        "dtype": dtype,
-        "eos_id": eos_id,
-        "num_groups": num_groups,
-        "seed": seed,
-        "val_fraction": val_fraction,
-        "splits": splits,
-        "dropped": dict(sorted(dropped.items())),
-        "documents_in": documents_in,
-        "documents_kept": sum(s["num_docs"] for s in splits.values()),
-        "doc_hash": "blake2b-64 of the normalised UTF-8 text (uint64, little-endian)",
-        "split_hash": "blake2b-128 keyed by seed: val if first 64 bits / 2^64 < val_fraction, "
-                      "else group = last 64 bits mod num_groups",
-        "cleaning": {**cleaning, "unicode": "NFC", "whitespace": "runs collapsed to one space, "
-                     "lines stripped, empty lines removed (paragraphs separated by one newline)"},
-        "filters": filters,
-        "sources": sources,
-    }
 
 
 class FilterSetup:
@@ -837,7 +507,7 @@ def merge(shard_dirs, output, overwrite: bool = False, quiet: bool = False) -> P
                                     f"{dirs[0]}; all shards must come from one run (same "
                                     "--input list, options and --tokenizer)")
     output = Path(output)
-    _check_output(output, overwrite)
+    check_output(output, overwrite)
     common = dict(ms[0]["common"])
     tok_proto = (dirs[0] / "tokenizer.model").read_bytes()
     if hashlib.sha256(tok_proto).hexdigest() != ms[0]["tokenizer_sha256"]:
@@ -889,10 +559,7 @@ def merge(shard_dirs, output, overwrite: bool = False, quiet: bool = False) -> P
         keep.append(flags)
     seen.clear()
 
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.parent / f"{output.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
+    with staged_output(output, overwrite) as tmp:
         (tmp / "tokenizer.model").write_bytes(tok_proto)
         dtype = np.dtype(common["dtype"])
         writer = ShardWriter(tmp, names, common["dtype"])
@@ -921,12 +588,10 @@ def merge(shard_dirs, output, overwrite: bool = False, quiet: bool = False) -> P
             dropped.update(m["dropped"])
         documents_in = sum(m["documents_in"] for m in ms)
         st = Stats(dropped=dropped, documents_in=documents_in)
-        _check_kept([splits[n]["num_docs"] for n in names], names, st,
-                    [f["path"] for m in ms for f in m["source_files"]], common["num_groups"],
-                    common["val_fraction"])
-        for n in names:
-            with open(tmp / splits[n]["tokens"], "rb+") as f:
-                os.fsync(f.fileno())
+        check_kept([splits[n]["num_docs"] for n in names], names, st,
+                   [f["path"] for m in ms for f in m["source_files"]], common["num_groups"],
+                   common["val_fraction"])
+        fsync_tokens(tmp, splits)
         line_counts, lang_drops = collections.Counter(), collections.Counter()
         sources = SourceSummary(ms[0]["inputs"])
         for m in ms:
@@ -935,16 +600,12 @@ def merge(shard_dirs, output, overwrite: bool = False, quiet: bool = False) -> P
             for src in m["source_files"]:
                 sources.append(src)
         _fill_filter_counts(filters, line_counts, lang_drops, index)
-        manifest = _make_manifest(**common, splits=splits, dropped=dropped,
-                                  documents_in=documents_in, filters=filters,
-                                  sources=sources.summary())
-        _write_json(tmp / "manifest.json", manifest)
-        _publish(tmp, output, overwrite)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    _say(quiet, f"merged {n_shards} shards")
-    _summary(quiet, output, manifest, common["num_groups"])
+        manifest = make_manifest(**common, splits=splits, dropped=dropped,
+                                 documents_in=documents_in, filters=filters,
+                                 sources=sources.summary())
+        write_json(tmp / "manifest.json", manifest)
+    say(quiet, f"merged {n_shards} shards")
+    summary(quiet, output, manifest, common["num_groups"])
     return output
 
 
