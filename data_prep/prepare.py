@@ -51,7 +51,6 @@ import collections
 import hashlib
 import json
 import logging
-import operator
 import os
 import signal
 import struct
@@ -59,18 +58,13 @@ import time
 
 import numpy as np
 
-from data_prep.clean import DEFAULT_MIN_CHARS, DEFAULT_MIN_TEXT_RATIO, doc_hash, split_of
-from data_prep.filters import (DEFAULT_LANGUAGES, DEFAULT_MAX_LINE_REPEATS,
-                               DEFAULT_MIN_LINE_WORDS, DEFAULT_NEAR_DUP_MEMORY_MB,
-                               DEFAULT_NEAR_DUP_THRESHOLD, DEFAULT_NUM_PERM, DEFAULT_SHINGLE,
-                               FILTER_MODES, LANGID_MAX_CHARS, LINE_REASONS, FilterConfig,
-                               known_languages,
-                               NearDupIndex, RepeatedLines, langid_version, lsh_params,
-                               resolve_mode)
+from data_prep.clean import doc_hash, split_of
+from data_prep.config import MIN_VOCAB, OPTION_GROUPS, PrepConfig, cli_options
+from data_prep.filter_setup import FilterSetup, fill_counts, input_kind
+from data_prep.filters import NearDupIndex
 from data_prep.parallel import (chunked, clean_encode_chunk, encode_chunk, filter_clean_chunk,
                                 ordered_map, worker_pool)
-from data_prep.readers import (DEFAULT_MAX_DOC_BYTES, TEXT_MODES, Stats, discover, file_kind,
-                               read_documents)
+from data_prep.readers import Stats, discover, read_documents
 from data_prep.provenance import SourceSummary
 from data_prep.report import (DataPrepError, OutputExistsError, check_kept, fmt_dropped, progress,
                               say, summary, tick)
@@ -80,109 +74,60 @@ from data_prep.shard_format import (FORMAT_VERSION, ShardWriter, check_output, f
                                     token_dtype, tokenizer_manifest, write_json)
 from data_prep.tokenizer import load_tokenizer_proto, train_tokenizer, vocab_and_eos
 
-log = logging.getLogger("data_prep")
-
-MIN_VOCAB = 300
 _REC = struct.Struct("<IQI")  # split index, doc hash, byte length
 
 
-def prepare(inputs, output, num_groups: int, vocab_size: int = 8000, val_fraction: float = 0.01,
-            tokenizer=None, workers: int = 1, seed: int = 1234, overwrite: bool = False,
-            text_mode: str = "blank_line", jsonl_field: str = "text",
-            min_chars: int = DEFAULT_MIN_CHARS, min_text_ratio: float = DEFAULT_MIN_TEXT_RATIO,
-            max_doc_bytes: int = DEFAULT_MAX_DOC_BYTES, tokenizer_sample_mb: float = 32,
-            quiet: bool = False, lang_filter: str = "auto", languages=DEFAULT_LANGUAGES,
-            near_dup: str = "auto", near_dup_threshold: float = DEFAULT_NEAR_DUP_THRESHOLD,
-            near_dup_memory_mb: float = DEFAULT_NEAR_DUP_MEMORY_MB, line_filters: str = "auto",
-            min_line_words: int = DEFAULT_MIN_LINE_WORDS,
-            max_line_repeats: int = DEFAULT_MAX_LINE_REPEATS, shard_index: int | None = None,
-            num_shards: int | None = None, tokenizer_only: bool = False) -> Path:
+def prepare(inputs, output=None, num_groups=None, **options) -> Path:
     """Prepare ``inputs`` into the dataset directory ``output``; returns its path.
 
+    Takes a PrepConfig, ``prepare(PrepConfig(...))``, or PrepConfig's fields as arguments,
+    ``prepare(inputs, output, num_groups, vocab_size=..., ...)``.
     Raises DataPrepError (a ValueError) with an actionable message on bad arguments or when
     nothing usable remains. Bad input files/records are skipped and counted, never fatal.
     """
-    if isinstance(inputs, (str, os.PathLike)):
-        inputs = [inputs]
-    try:
-        num_groups = operator.index(num_groups)
-    except TypeError:
-        raise DataPrepError(f"--num_groups must be an integer >= 1 (got {num_groups!r})") from None
-    if num_groups < 1:
-        raise DataPrepError(f"--num_groups must be >= 1 (got {num_groups!r})")
-    if not (0 < val_fraction <= 0.5):
-        raise DataPrepError(f"--val_fraction must be in (0, 0.5] (got {val_fraction!r}); "
-                            "a held-out validation split is required")
-    if tokenizer is None and vocab_size < MIN_VOCAB:
-        raise DataPrepError(f"--vocab_size must be >= {MIN_VOCAB} (got {vocab_size}): the "
-                            "tokenizer keeps 256 byte-fallback pieces")
-    if text_mode not in TEXT_MODES:
-        raise DataPrepError(f"--text_mode must be one of {', '.join(TEXT_MODES)}")
-    if workers < 1:
-        raise DataPrepError(f"--workers must be >= 1 (got {workers})")
-    shard = None
-    if (shard_index is None) != (num_shards is None):
-        raise DataPrepError("--shard_index and --num_shards go together (e.g. --shard_index "
-                            "$SLURM_ARRAY_TASK_ID --num_shards 8)")
-    if num_shards is not None:
-        if not (isinstance(num_shards, int) and num_shards >= 1):
-            raise DataPrepError(f"--num_shards must be an integer >= 1 (got {num_shards!r})")
-        if not (isinstance(shard_index, int) and 0 <= shard_index < num_shards):
-            raise DataPrepError(f"--shard_index must be in [0, {num_shards - 1}] for "
-                                f"--num_shards {num_shards} (got {shard_index!r})")
-        if tokenizer is None:
-            raise DataPrepError("--num_shards needs a shared --tokenizer (every shard must use "
-                                "the same one): train it first with  prepare.py --input "
-                                "<some files> --output TOKDIR --tokenizer_only  and pass "
-                                "--tokenizer TOKDIR/tokenizer.model")
-        if tokenizer_only:
-            raise DataPrepError("--tokenizer_only cannot be combined with --num_shards")
-    if tokenizer_only and tokenizer is not None:
-        raise DataPrepError("--tokenizer_only trains a tokenizer; drop --tokenizer")
-    filt = FilterSetup(lang_filter, languages, near_dup, near_dup_threshold, near_dup_memory_mb,
-                       line_filters, min_line_words, max_line_repeats, min_chars)
-    output = Path(output)
-    check_output(output, overwrite)
-    tok_proto = load_tokenizer_proto(tokenizer) if tokenizer is not None else None
+    if isinstance(inputs, PrepConfig):
+        if output is not None or num_groups is not None or options:
+            raise TypeError("prepare(PrepConfig) takes no further arguments")
+        cfg = inputs
+    else:
+        cfg = PrepConfig(inputs, output, num_groups, **options)
+    output = Path(cfg.output)
+    check_output(output, cfg.overwrite)
+    tok_proto = load_tokenizer_proto(cfg.tokenizer) if cfg.tokenizer is not None else None
 
-    stats = Stats(sources=SourceSummary(inputs, keep_files=num_shards is not None))
-    files = discover(inputs, stats)
+    stats = Stats(sources=SourceSummary(cfg.inputs, keep_files=cfg.num_shards is not None))
+    files = discover(cfg.inputs, stats)
     if not files:
         raise DataPrepError(
-            "no input file found in --input " + " ".join(map(str, inputs)) +
+            "no input file found in --input " + " ".join(map(str, cfg.inputs)) +
             f" ({fmt_dropped(stats.dropped)}); give existing files or directories with "
             ".txt, .jsonl, .warc.wet[.gz], .parquet or .json files (optionally .gz), "
             "or http(s) URLs of such files")
-    if num_shards is not None:
+    shard = None
+    if cfg.num_shards is not None:
         # contiguous slices of the sorted file list: shard i's documents all come before
         # shard i+1's, so --merge can replay the global, order-dependent de-duplication
+        shard_index, num_shards = cfg.shard_index, cfg.num_shards
         lo, hi = len(files) * shard_index // num_shards, len(files) * (shard_index + 1) // num_shards
         shard = {"index": shard_index, "num_shards": num_shards, "first_file": lo,
-                 "kinds": {1 if file_kind(f) == "wet" else 0 for f in files}}
+                 "kinds": {input_kind(f) for f in files}}
         files = files[lo:hi]
         if shard_index:  # path-level drops of discover() are counted by shard 0 only
             stats.dropped.clear()
-
-    with staged_output(output, overwrite) as tmp:
-        manifest = _build(tmp, files, stats, inputs=inputs, num_groups=num_groups, vocab_size=vocab_size,
-                          val_fraction=val_fraction, tok_proto=tok_proto, workers=workers,
-                          seed=seed, text_mode=text_mode, jsonl_field=jsonl_field,
-                          min_chars=min_chars, min_text_ratio=min_text_ratio,
-                          max_doc_bytes=max_doc_bytes,
-                          sample_bytes=int(tokenizer_sample_mb * (1 << 20)), quiet=quiet,
-                          filt=filt, shard=shard, tokenizer_only=tokenizer_only)
-    if tokenizer_only:
-        say(quiet, f"tokenizer written to {output / 'tokenizer.model'} (from "
-                   f"{manifest['documents_kept']} documents; dropped: "
-                   f"{fmt_dropped(manifest['dropped'])})")
+    with staged_output(output, cfg.overwrite) as tmp:
+        manifest = _build(tmp, files, stats, cfg, tok_proto, shard)
+    if cfg.tokenizer_only:
+        say(cfg.quiet, f"tokenizer written to {output / 'tokenizer.model'} (from "
+                       f"{manifest['documents_kept']} documents; dropped: "
+                       f"{fmt_dropped(manifest['dropped'])})")
         return output
     if shard is not None:
-        say(quiet, f"shard {shard_index}/{num_shards} written to {output}: "
-                   f"{sum(s['num_docs'] for s in manifest['splits'].values())} documents of "
-                   f"{manifest['documents_in']} read; merge all shards with  prepare.py "
-                   "--merge SHARD_DIR ... --output DIR")
+        say(cfg.quiet, f"shard {cfg.shard_index}/{cfg.num_shards} written to {output}: "
+                       f"{sum(s['num_docs'] for s in manifest['splits'].values())} documents of "
+                       f"{manifest['documents_in']} read; merge all shards with  prepare.py "
+                       "--merge SHARD_DIR ... --output DIR")
         return output
-    summary(quiet, output, manifest, num_groups)
+    summary(cfg.quiet, output, manifest, cfg.num_groups)
     return output
 
 
@@ -202,20 +147,17 @@ _ORDER_HEAD = struct.Struct("<HB")  # per kept document, in order: split, has ba
 def _tagged_docs(files, stats, file_ids, **kw):
     """(file id, filter config index (1 for WET, 0 otherwise), raw document) in input order."""
     for fid, path in zip(file_ids, files):
-        k = 1 if file_kind(path) == "wet" else 0
+        k = input_kind(path)
         for doc in read_documents(None, stats, files=[path], **kw):
             yield fid, k, doc
 
 
-def _build(tmp: Path, files, stats: Stats, *, inputs, num_groups, vocab_size, val_fraction,
-           tok_proto, workers, seed, text_mode, jsonl_field, min_chars, min_text_ratio,
-           max_doc_bytes, sample_bytes, quiet, filt: "FilterSetup", shard=None,
-           tokenizer_only=False) -> dict:
-    names = split_names(num_groups)
-    cfg = (min_chars, min_text_ratio, seed, num_groups, val_fraction)
+def _build(tmp: Path, files, stats: Stats, cfg: PrepConfig, tok_proto, shard=None) -> dict:
+    names = split_names(cfg.num_groups)
+    filt = FilterSetup(cfg)
     fcs = filt.configs
-    kinds = {1 if file_kind(f) == "wet" else 0 for f in files}
-    filtering = any(fcs[k].any for k in kinds)
+    kinds = {input_kind(f) for f in files}
+    filtering = filt.on("any", kinds)
     file_ids = list(range(shard["first_file"], shard["first_file"] + len(files))) if shard \
         else list(range(len(files)))
     seen: set[int] = set()  # the one structure that grows with the corpus (see clean.py)
@@ -225,33 +167,24 @@ def _build(tmp: Path, files, stats: Stats, *, inputs, num_groups, vocab_size, va
     spooled = trained or filtering or shard is not None
     line_counts: collections.Counter = collections.Counter()
     lang_drops: collections.Counter = collections.Counter()
-    repeated = RepeatedLines(filt.max_line_repeats) if any(fcs[k].line_filters for k in kinds) \
-        else None
-    index = None
-    if shard is None and any(fcs[k].near_dup for k in kinds):
-        index = NearDupIndex(filt.near_dup_memory_mb, filt.bands)
-    if any(fcs[k].language for k in kinds):
-        unknown = sorted(set(filt.languages) - set(known_languages()))
-        if unknown:
-            raise DataPrepError(f"--languages: {', '.join(unknown)} not known to py3langid "
-                                f"(ISO 639-1 codes such as: {', '.join(sorted(known_languages()))})")
+    repeated = filt.repeated_lines(kinds)
+    index = filt.near_dup_index(kinds) if shard is None else None
+    filt.check_languages(kinds)
     order = None
-    order_bands = filt.bands if shard is not None and \
-        any(fcs[k].near_dup for k in shard["kinds"]) else 0
-    with worker_pool(workers) as pool:
+    order_bands = filt.bands if shard is not None and filt.on("near_dup", shard["kinds"]) else 0
+    with worker_pool(cfg.workers) as pool:
         if spooled:
             # pass 1: read, clean, filter, de-duplicate, assign splits -> spool file
             spool_path = tmp / "documents.spool"
             n_docs = [0] * len(names)
             train_bytes = 0
-            docs = _tagged_docs(files, stats, file_ids, text_mode=text_mode,
-                                jsonl_field=jsonl_field, max_doc_bytes=max_doc_bytes)
-            tasks = ((cfg, fcs, c) for c in chunked(docs, size_of=lambda x: len(x[2])))
+            docs = _tagged_docs(files, stats, file_ids, **cfg.read_options)
+            tasks = ((cfg.clean_options, fcs, c) for c in chunked(docs, size_of=lambda x: len(x[2])))
             if shard is not None:
                 order = open(tmp / "order.bin", "wb", buffering=1 << 20)
                 no_keys = bytes(8 * order_bands)
             with open(spool_path, "wb", buffering=1 << 20) as spool, \
-                    progress(quiet, desc="clean", unit="doc") as bar:
+                    progress(cfg.quiet, desc="clean", unit="doc") as bar:
                 for results, lc in ordered_map(filter_clean_chunk, tasks, pool):
                     line_counts.update(lc)
                     for r in results:
@@ -266,12 +199,12 @@ def _build(tmp: Path, files, stats: Stats, *, inputs, num_groups, vocab_size, va
                             data2, removed = repeated(fid, data)
                             if removed:
                                 line_counts["repeated_line"] += removed
-                                if len(data2.decode("utf-8")) < min_chars:
+                                if len(data2.decode("utf-8")) < cfg.min_chars:
                                     stats.dropped["too_short_after_line_filters"] += 1
                                     continue
                                 data = data2
                                 h = doc_hash(data)
-                                s = split_of(h, seed, num_groups, val_fraction)
+                                s = split_of(h, cfg.seed, cfg.num_groups, cfg.val_fraction)
                         if h in seen:
                             stats.dropped["duplicate"] += 1
                             continue
@@ -292,27 +225,28 @@ def _build(tmp: Path, files, stats: Stats, *, inputs, num_groups, vocab_size, va
                 order.close()
             seen.clear()
             if shard is None:
-                check_kept(n_docs, names, stats, files, num_groups, val_fraction,
-                           tokenizer_only=tokenizer_only)
+                check_kept(n_docs, names, stats, files, cfg.num_groups, cfg.val_fraction,
+                           tokenizer_only=cfg.tokenizer_only)
             timing["clean_s"] = time.time() - t0
             if trained:
-                tok_proto = train_tokenizer(_spool_records(spool_path), tmp, train_bytes, sample_bytes,
-                                             vocab_size, quiet)
+                tok_proto = train_tokenizer(_spool_records(spool_path), tmp, train_bytes,
+                                            int(cfg.tokenizer_sample_mb * (1 << 20)),
+                                            cfg.vocab_size, cfg.quiet)
             timing["tokenizer_s"] = time.time() - t0 - timing["clean_s"]
         (tmp / "tokenizer.model").write_bytes(tok_proto)
-        if tokenizer_only:
+        if cfg.tokenizer_only:
             spool_path.unlink()
             manifest = tokenizer_manifest(tok_proto, stats, sum(n_docs))
             write_json(tmp / "manifest.json", manifest)
             return manifest
-        vocab, eos_id = vocab_and_eos(tok_proto, trained, vocab_size, quiet)
+        vocab, eos_id = vocab_and_eos(tok_proto, trained, cfg.vocab_size, cfg.quiet)
         dtype = token_dtype(vocab)
         tok_cfg = (str(tmp / "tokenizer.model"), eos_id, dtype)
         writer = ShardWriter(tmp, names, dtype)
         t1 = time.time()
         n_tok = 0
         try:
-            with progress(quiet, desc="tokenize", unit="doc",
+            with progress(cfg.quiet, desc="tokenize", unit="doc",
                           total=sum(n_docs) if spooled else None) as bar:
                 if spooled:  # pass 2: spool -> encode -> shards
                     metas: collections.deque = collections.deque()
@@ -329,10 +263,8 @@ def _build(tmp: Path, files, stats: Stats, *, inputs, num_groups, vocab_size, va
                         tick(bar, len(splits), n_tok)
                     spool_path.unlink()
                 else:  # fused single pass: read -> clean + encode in workers -> dedup -> shards
-                    docs = read_documents(None, stats, text_mode=text_mode,
-                                          jsonl_field=jsonl_field, max_doc_bytes=max_doc_bytes,
-                                          files=files)
-                    tasks = ((cfg, tok_cfg, c) for c in chunked(docs))
+                    docs = read_documents(None, stats, files=files, **cfg.read_options)
+                    tasks = ((cfg.clean_options, tok_cfg, c) for c in chunked(docs))
                     for drops, hashes, splits, flat, lengths in ordered_map(clean_encode_chunk,
                                                                              tasks, pool):
                         stats.dropped.update(drops)
@@ -350,18 +282,16 @@ def _build(tmp: Path, files, stats: Stats, *, inputs, num_groups, vocab_size, va
     splits = writer.close()
     n_docs = [splits[n]["num_docs"] for n in names]
     if shard is None:
-        check_kept(n_docs, names, stats, files, num_groups, val_fraction)
+        check_kept(n_docs, names, stats, files, cfg.num_groups, cfg.val_fraction)
     timing["tokenize_s"] = time.time() - t1
     fsync_tokens(tmp, splits)
     common = dict(tok_proto=tok_proto, trained=trained, vocab=vocab, dtype=dtype, eos_id=eos_id,
-                  num_groups=num_groups, seed=seed, val_fraction=val_fraction,
-                  cleaning={"text_mode": text_mode, "jsonl_field": jsonl_field,
-                            "min_chars": min_chars, "min_text_ratio": min_text_ratio,
-                            "max_doc_bytes": max_doc_bytes})
+                  num_groups=cfg.num_groups, seed=cfg.seed, val_fraction=cfg.val_fraction,
+                  cleaning=cfg.cleaning)
     if shard is not None:
         manifest = {"format_version": FORMAT_VERSION, "shard": True,
                     "shard_index": shard["index"], "num_shards": shard["num_shards"],
-                    "inputs": [str(i) for i in inputs], "common": {**common, "tok_proto": None},
+                    "inputs": [str(i) for i in cfg.inputs], "common": {**common, "tok_proto": None},
                     "tokenizer_sha256": hashlib.sha256(tok_proto).hexdigest(),
                     "filters": filt.describe(kinds_all=shard["kinds"]),
                     "splits": splits, "dropped": dict(sorted(stats.dropped.items())),
@@ -373,7 +303,7 @@ def _build(tmp: Path, files, stats: Stats, *, inputs, num_groups, vocab_size, va
         write_json(tmp / SHARD_MANIFEST, manifest)
     else:
         filters = filt.describe(kinds_all=kinds)
-        _fill_filter_counts(filters, line_counts, lang_drops, index)
+        fill_counts(filters, line_counts, lang_drops, index)
         manifest = make_manifest(**common, splits=splits, dropped=stats.dropped,
                                  documents_in=stats.documents_in, filters=filters,
                                  sources=stats.sources.summary())
@@ -385,87 +315,6 @@ def _build(tmp: Path, files, stats: Stats, *, inputs, num_groups, vocab_size, va
 
 
 SHARD_MANIFEST = "shard_manifest.json"
-
-
-def _fill_filter_counts(filters: dict, line_counts, lang_drops, index) -> None:
-    if "line_filters" in filters:
-        filters["line_filters"]["lines_dropped"] = {r: int(line_counts.get(r, 0))
-                                                    for r in LINE_REASONS}
-    if "language" in filters:
-        filters["language"]["dropped_by_language"] = dict(sorted(lang_drops.items()))
-    if "near_dup" in filters and index is not None:
-        filters["near_dup"]["index"] = index.stats()
-
-
-class FilterSetup:
-    """The resolved filter options: one FilterConfig for non-WET input (index 0) and one for
-    Common Crawl WET input (index 1); 'auto' means on for WET only."""
-
-    def __init__(self, lang_filter="auto", languages=DEFAULT_LANGUAGES, near_dup="auto",
-                 near_dup_threshold=DEFAULT_NEAR_DUP_THRESHOLD,
-                 near_dup_memory_mb=DEFAULT_NEAR_DUP_MEMORY_MB, line_filters="auto",
-                 min_line_words=DEFAULT_MIN_LINE_WORDS, max_line_repeats=DEFAULT_MAX_LINE_REPEATS,
-                 min_chars=DEFAULT_MIN_CHARS):
-        for flag, v in (("--lang_filter", lang_filter), ("--near_dup", near_dup),
-                        ("--line_filters", line_filters)):
-            if v not in FILTER_MODES:
-                raise DataPrepError(f"{flag} must be one of {', '.join(FILTER_MODES)} (got {v!r})")
-        if isinstance(languages, str):
-            languages = languages.split(",")
-        languages = tuple(sorted({x.strip() for x in languages if x.strip()}))
-        if not languages:
-            raise DataPrepError("--languages: give at least one language code, e.g. en or en,de")
-        if not (0 < near_dup_threshold < 1):
-            raise DataPrepError(f"--near_dup_threshold must be in (0, 1) (got {near_dup_threshold!r})")
-        if near_dup_memory_mb <= 0:
-            raise DataPrepError(f"--near_dup_memory_mb must be > 0 (got {near_dup_memory_mb!r})")
-        if min_line_words < 0 or max_line_repeats < 1:
-            raise DataPrepError("--min_line_words must be >= 0 and --max_line_repeats >= 1")
-        self.modes = {"language": lang_filter, "near_dup": near_dup, "line_filters": line_filters}
-        self.languages = languages
-        self.near_dup_threshold = float(near_dup_threshold)
-        self.near_dup_memory_mb = float(near_dup_memory_mb)
-        self.min_line_words = int(min_line_words)
-        self.max_line_repeats = int(max_line_repeats)
-        self.configs = tuple(FilterConfig(
-            line_filters=resolve_mode(line_filters, wet), language=resolve_mode(lang_filter, wet),
-            near_dup=resolve_mode(near_dup, wet), languages=languages,
-            min_line_words=self.min_line_words, min_chars=min_chars,
-            near_dup_threshold=self.near_dup_threshold) for wet in (False, True))
-
-    @property
-    def bands(self) -> int:  # LSH parameters (imports datasketch + scipy: only when used)
-        return lsh_params(self.near_dup_threshold, DEFAULT_NUM_PERM)[0]
-
-    @property
-    def rows(self) -> int:
-        return lsh_params(self.near_dup_threshold, DEFAULT_NUM_PERM)[1]
-
-    def describe(self, kinds_all) -> dict:
-        """Manifest entry; ``kinds_all``: which input kinds occur (0 other, 1 WET)."""
-        def applies(name):
-            on = [("other", "wet")[k] for k in sorted(kinds_all) if getattr(self.configs[k], name)]
-            return on
-        out = {}
-        if applies("line_filters"):
-            out["line_filters"] = {"mode": self.modes["line_filters"],
-                                   "applies_to": applies("line_filters"),
-                                   "min_line_words": self.min_line_words,
-                                   "terminal_punctuation": True,
-                                   "max_line_repeats": self.max_line_repeats,
-                                   "repeat_scope": "per input file"}
-        if applies("language"):
-            out["language"] = {"mode": self.modes["language"], "applies_to": applies("language"),
-                               "languages": list(self.languages), "library": langid_version(),
-                               "chars_looked_at": LANGID_MAX_CHARS}
-        if applies("near_dup"):
-            out["near_dup"] = {"mode": self.modes["near_dup"], "applies_to": applies("near_dup"),
-                               "threshold": self.near_dup_threshold, "num_perm": DEFAULT_NUM_PERM,
-                               "bands": self.bands, "rows": self.rows,
-                               "shingles": f"word {DEFAULT_SHINGLE}-grams, lower-cased",
-                               "minhash": "datasketch MinHash, affine32, seed 1, BLAKE2b-32",
-                               "memory_mb": self.near_dup_memory_mb}
-        return out
 
 
 def _read_shard_manifest(d: Path) -> dict:
@@ -599,7 +448,7 @@ def merge(shard_dirs, output, overwrite: bool = False, quiet: bool = False) -> P
             lang_drops.update(m["lang_drops"])
             for src in m["source_files"]:
                 sources.append(src)
-        _fill_filter_counts(filters, line_counts, lang_drops, index)
+        fill_counts(filters, line_counts, lang_drops, index)
         manifest = make_manifest(**common, splits=splits, dropped=dropped,
                                  documents_in=documents_in, filters=filters,
                                  sources=sources.summary())
@@ -635,64 +484,52 @@ def prepare_sample(output_dir, num_groups: int = 6, vocab_size: int = 8000, seed
         raise
 
 
+_CLI_ONLY = {  # command-line options that are no PrepConfig field: field they follow -> option
+    "inputs": ("--sample", dict(action="store_true",
+                                help="use the embedded BBC News corpus instead of --input "
+                                     "(defaults: --output data/sample --num_groups 6 "
+                                     "--val_fraction 0.05)")),
+    "num_shards": ("--merge", dict(nargs="+", metavar="SHARD_DIR",
+                                   help="merge the shard outputs into --output (no "
+                                        "re-tokenization)")),
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
+    """The command line: PrepConfig's options (config.cli_options) plus --sample and --merge."""
     p = argparse.ArgumentParser(
         description="Clean text, train/reuse a SentencePiece tokenizer and write disjoint "
                     "token shards (val + G groups).")
-    p.add_argument("--input", nargs="+", metavar="PATH",
-                   help="files or directories (recursive): .txt, .jsonl, .warc.wet, .parquet, "
-                        ".json, optionally .gz")
-    p.add_argument("--sample", action="store_true",
-                   help="use the embedded BBC News corpus instead of --input (defaults: "
-                        "--output data/sample --num_groups 6 --val_fraction 0.05)")
-    p.add_argument("--output", metavar="DIR")
-    p.add_argument("--num_groups", type=int)
-    p.add_argument("--vocab_size", type=int, default=8000)
-    p.add_argument("--val_fraction", type=float)
-    p.add_argument("--tokenizer", metavar="EXISTING.model", help="reuse this SentencePiece model")
-    p.add_argument("--workers", type=int, default=1)
-    p.add_argument("--seed", type=int, default=1234)
-    p.add_argument("--overwrite", action="store_true")
-    p.add_argument("--text_mode", choices=TEXT_MODES,
-                   help=".txt files: documents separated by blank lines (default), one per "
-                        "file, or one per line")
-    p.add_argument("--jsonl_field", default="text")
-    p.add_argument("--min_chars", type=int, default=DEFAULT_MIN_CHARS)
-    p.add_argument("--min_text_ratio", type=float, default=DEFAULT_MIN_TEXT_RATIO)
-    p.add_argument("--max_doc_bytes", type=int, default=DEFAULT_MAX_DOC_BYTES)
-    p.add_argument("--tokenizer_sample_mb", type=float, default=32,
-                   help="train the tokenizer on a hash-selected sample of at most this many "
-                        "MiB of training documents (bounds its memory, ~30x the sample)")
-    p.add_argument("--quiet", action="store_true")
-    f = p.add_argument_group(
-        "web-text filters", "each 'auto' (the default) = on for Common Crawl WET input "
-        "(.warc.wet[.gz] files or URLs), off for other input; 'on'/'off' for every input")
-    f.add_argument("--lang_filter", choices=FILTER_MODES, default="auto",
-                   help="language ID (py3langid): keep --languages, count the rest")
-    f.add_argument("--languages", default=",".join(DEFAULT_LANGUAGES),
-                   help="comma-separated ISO 639-1 codes to keep (default %(default)s)")
-    f.add_argument("--near_dup", choices=FILTER_MODES, default="auto",
-                   help="near-duplicate removal (MinHash LSH over word 5-grams)")
-    f.add_argument("--near_dup_threshold", type=float, default=DEFAULT_NEAR_DUP_THRESHOLD,
-                   help="Jaccard similarity above which a later document is dropped")
-    f.add_argument("--near_dup_memory_mb", type=float, default=DEFAULT_NEAR_DUP_MEMORY_MB,
-                   help="fixed size of the LSH Bloom index: ~75 MiB per million kept "
-                        "documents keeps false matches under 1e-4 (see filters.py)")
-    f.add_argument("--line_filters", choices=FILTER_MODES, default="auto",
-                   help="drop short lines, lines without terminal punctuation and lines "
-                        "repeated in many documents of the same file")
-    f.add_argument("--min_line_words", type=int, default=DEFAULT_MIN_LINE_WORDS)
-    f.add_argument("--max_line_repeats", type=int, default=DEFAULT_MAX_LINE_REPEATS,
-                   help="a line seen in this many earlier documents of a file is removed")
-    c = p.add_argument_group("cluster", "N independent workers over disjoint slices of the "
-                             "input list, then one merge (see slurm/prepare_data_array.sh)")
-    c.add_argument("--shard_index", type=int, help="this worker's slice (0-based)")
-    c.add_argument("--num_shards", type=int, help="number of slices (needs --tokenizer)")
-    c.add_argument("--merge", nargs="+", metavar="SHARD_DIR",
-                   help="merge the shard outputs into --output (no re-tokenization)")
-    c.add_argument("--tokenizer_only", action="store_true",
-                   help="only train the tokenizer: writes DIR/tokenizer.model")
+    groups = {None: p, **{k: p.add_argument_group(title, description)
+                          for k, (title, description) in OPTION_GROUPS.items()}}
+    for name, group, flag, kw in cli_options():
+        groups[group].add_argument(flag, **kw)
+        if name in _CLI_ONLY:
+            extra, extra_kw = _CLI_ONLY[name]
+            groups[group].add_argument(extra, **extra_kw)
     return p
+
+
+def _config(args) -> PrepConfig:
+    """The PrepConfig of a command line that is not --merge (--sample: the embedded corpus
+    and its defaults)."""
+    if args.sample:
+        if args.inputs:
+            raise DataPrepError("--sample and --input are exclusive; drop one of them")
+        try:
+            args.inputs = [sample_corpus_dir()]
+        except SampleCorpusMissing as e:
+            raise DataPrepError(str(e)) from None
+        args.output = args.output or "data/sample"
+        return PrepConfig.from_args(args, **SAMPLE_DEFAULTS)
+    if args.tokenizer_only and args.num_groups is None:
+        args.num_groups = 1
+    missing = [f for f, v in (("--input", args.inputs), ("--output", args.output),
+                              ("--num_groups", args.num_groups)) if v is None]
+    if missing:
+        raise DataPrepError(f"{', '.join(missing)} required (or use --sample for the "
+                            "embedded corpus)")
+    return PrepConfig.from_args(args)
 
 
 def main(argv=None) -> int:
@@ -702,46 +539,12 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         if args.merge:
-            if args.input or args.sample or not args.output:
+            if args.inputs or args.sample or not args.output:
                 raise DataPrepError("--merge SHARD_DIR ... takes only --output DIR (and "
                                     "--overwrite/--quiet); drop --input/--sample")
             merge(args.merge, args.output, overwrite=args.overwrite, quiet=args.quiet)
             return 0
-        if args.sample:
-            if args.input:
-                raise DataPrepError("--sample and --input are exclusive; drop one of them")
-            try:
-                inputs = [sample_corpus_dir()]
-            except SampleCorpusMissing as e:
-                raise DataPrepError(str(e)) from None
-            output = args.output or "data/sample"
-            num_groups = SAMPLE_DEFAULTS["num_groups"] if args.num_groups is None else args.num_groups
-            val_fraction = (SAMPLE_DEFAULTS["val_fraction"] if args.val_fraction is None
-                            else args.val_fraction)
-            text_mode = args.text_mode or SAMPLE_DEFAULTS["text_mode"]
-        else:
-            if args.tokenizer_only and args.num_groups is None:
-                args.num_groups = 1
-            missing = [f for f, v in (("--input", args.input), ("--output", args.output),
-                                      ("--num_groups", args.num_groups)) if v is None]
-            if missing:
-                raise DataPrepError(f"{', '.join(missing)} required (or use --sample for the "
-                                    "embedded corpus)")
-            inputs, output, num_groups = args.input, args.output, args.num_groups
-            val_fraction = 0.01 if args.val_fraction is None else args.val_fraction
-            text_mode = args.text_mode or "blank_line"
-        prepare(inputs, output, num_groups=num_groups, vocab_size=args.vocab_size,
-                val_fraction=val_fraction, tokenizer=args.tokenizer, workers=args.workers,
-                seed=args.seed, overwrite=args.overwrite, text_mode=text_mode,
-                jsonl_field=args.jsonl_field, min_chars=args.min_chars,
-                min_text_ratio=args.min_text_ratio, max_doc_bytes=args.max_doc_bytes,
-                tokenizer_sample_mb=args.tokenizer_sample_mb, quiet=args.quiet,
-                lang_filter=args.lang_filter, languages=args.languages, near_dup=args.near_dup,
-                near_dup_threshold=args.near_dup_threshold,
-                near_dup_memory_mb=args.near_dup_memory_mb, line_filters=args.line_filters,
-                min_line_words=args.min_line_words, max_line_repeats=args.max_line_repeats,
-                shard_index=args.shard_index, num_shards=args.num_shards,
-                tokenizer_only=args.tokenizer_only)
+        prepare(_config(args))
     except DataPrepError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
