@@ -32,6 +32,12 @@ de-duplication set, ~70 bytes per kept document, and the fixed-size near-dup ind
   3. read the spool -> encode in workers (order preserved) -> per-split .bin/.idx.npy/
      .hashes.npy -> manifest.json -> atomic rename of the temporary dir to DIR.
 With --tokenizer and no filter active, 1 and 3 are fused into one pass.
+
+This module is the command line and prepare(); the parts live in: config.py (PrepConfig: the
+options, their flags and checks), pipeline.py (the passes), dedup.py (exact/near-duplicate
+drops), filter_setup.py (filters per input kind), tokenizer.py, shard_format.py (the output
+format and its atomic publish; dataset.py reads it), sharding.py (shard runs and --merge),
+provenance.py (manifest sources), report.py (errors, messages, summary).
 """
 from __future__ import annotations
 
@@ -47,904 +53,70 @@ if __name__ == "__main__":  # run as a file: make the repository root importable
         os.environ.setdefault(_k, "1")  # before numpy: no BLAS thread pool (see parallel.py)
 
 import argparse
-import collections
-import hashlib
-import io
-import json
 import logging
-import operator
-import os
-import shutil
 import signal
-import struct
-import time
-import uuid
 
-import numpy as np
-
-from data_prep.clean import DEFAULT_MIN_CHARS, DEFAULT_MIN_TEXT_RATIO, doc_hash, split_of
-from data_prep.filters import (DEFAULT_LANGUAGES, DEFAULT_MAX_LINE_REPEATS,
-                               DEFAULT_MIN_LINE_WORDS, DEFAULT_NEAR_DUP_MEMORY_MB,
-                               DEFAULT_NEAR_DUP_THRESHOLD, DEFAULT_NUM_PERM, DEFAULT_SHINGLE,
-                               FILTER_MODES, LANGID_MAX_CHARS, LINE_REASONS, FilterConfig,
-                               known_languages,
-                               NearDupIndex, RepeatedLines, langid_version, lsh_params,
-                               resolve_mode)
-from data_prep.parallel import (chunked, clean_encode_chunk, encode_chunk, filter_clean_chunk,
-                                ordered_map, worker_pool)
-from data_prep.readers import (DEFAULT_MAX_DOC_BYTES, TEXT_MODES, Stats, discover, file_kind,
-                               is_url, read_documents)
+from data_prep.config import MIN_VOCAB, OPTION_GROUPS, PrepConfig, cli_options
+from data_prep.filter_setup import FilterSetup
+from data_prep.pipeline import build
+from data_prep.provenance import SourceSummary
+from data_prep.readers import Stats, discover
+from data_prep.report import DataPrepError, OutputExistsError, fmt_dropped, say, summary
 from data_prep.sample import SAMPLE_DEFAULTS, SampleCorpusMissing, sample_corpus_dir
+from data_prep.shard_format import (FORMAT_VERSION, ShardWriter, check_output, is_prepared,
+                                    split_names, staged_output)
+from data_prep.sharding import SHARD_MANIFEST, merge, slice_files
+from data_prep.tokenizer import load_tokenizer_proto
 
-log = logging.getLogger("data_prep")
-
-FORMAT_VERSION = 1
-MIN_VOCAB = 300
-_REC = struct.Struct("<IQI")  # split index, doc hash, byte length
-
-
-class DataPrepError(ValueError):
-    """A user-facing error: the message names the path/flag and the fix."""
-
-
-class OutputExistsError(DataPrepError):
-    pass
+__all__ = ["DataPrepError", "FORMAT_VERSION", "FilterSetup", "MIN_VOCAB", "OutputExistsError",
+           "PrepConfig", "SHARD_MANIFEST", "ShardWriter", "SourceSummary", "build_parser",
+           "is_prepared", "load_tokenizer_proto", "main", "merge", "prepare", "prepare_sample",
+           "split_names"]
 
 
-def split_names(num_groups: int) -> list[str]:
-    return ["val"] + [f"group_{g}" for g in range(num_groups)]
-
-
-def is_prepared(path) -> bool:
-    """True if ``path`` holds a complete prepared dataset (manifest + all split files)."""
-    path = Path(path)
-    try:
-        m = json.loads((path / "manifest.json").read_text())
-        if m.get("format_version") != FORMAT_VERSION or not (path / m["tokenizer"]).is_file():
-            return False
-        return all((path / s["tokens"]).is_file() and (path / s["doc_index"]).is_file()
-                   for s in m["splits"].values())
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return False
-
-
-def load_tokenizer_proto(path) -> bytes:
-    """Read and validate an existing SentencePiece model; DataPrepError if it is not one."""
-    import sentencepiece as spm
-
-    path = Path(path)
-    try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise DataPrepError(f"--tokenizer {path}: cannot read it ({e.strerror}); pass an "
-                            "existing SentencePiece .model file or omit --tokenizer") from None
-    try:
-        sp = spm.SentencePieceProcessor(model_proto=data)
-        if sp.get_piece_size() <= 0:
-            raise RuntimeError("empty vocabulary")
-    except Exception as e:  # noqa: BLE001
-        raise DataPrepError(f"--tokenizer {path} is not a SentencePiece model ({e}); pass a "
-                            ".model file written by SentencePiece, or omit --tokenizer to "
-                            "train one") from None
-    if sp.eos_id() < 0:
-        raise DataPrepError(f"--tokenizer {path} has no EOS id (eos_id=-1); documents are "
-                            "separated by EOS, so train it with eos_id set, or omit --tokenizer")
-    return data
-
-
-def _check_output(output: Path, overwrite: bool) -> None:
-    if output.exists() and not overwrite:
-        if not output.is_dir() or any(output.iterdir()):
-            raise OutputExistsError(
-                f"--output {output} already exists and is not empty; pass --overwrite to "
-                "replace it, or choose another --output")
-
-
-def _say(quiet: bool, msg: str) -> None:
-    if not quiet:
-        print(msg, file=sys.stderr, flush=True)
-
-
-def _progress(quiet: bool, **kw):
-    from tqdm import tqdm
-
-    return tqdm(disable=quiet, file=sys.stderr, dynamic_ncols=True, mininterval=0.5, **kw)
-
-
-def _fmt_dropped(dropped) -> str:
-    return ", ".join(f"{k}={v}" for k, v in sorted(dropped.items())) or "nothing"
-
-
-def prepare(inputs, output, num_groups: int, vocab_size: int = 8000, val_fraction: float = 0.01,
-            tokenizer=None, workers: int = 1, seed: int = 1234, overwrite: bool = False,
-            text_mode: str = "blank_line", jsonl_field: str = "text",
-            min_chars: int = DEFAULT_MIN_CHARS, min_text_ratio: float = DEFAULT_MIN_TEXT_RATIO,
-            max_doc_bytes: int = DEFAULT_MAX_DOC_BYTES, tokenizer_sample_mb: float = 32,
-            quiet: bool = False, lang_filter: str = "auto", languages=DEFAULT_LANGUAGES,
-            near_dup: str = "auto", near_dup_threshold: float = DEFAULT_NEAR_DUP_THRESHOLD,
-            near_dup_memory_mb: float = DEFAULT_NEAR_DUP_MEMORY_MB, line_filters: str = "auto",
-            min_line_words: int = DEFAULT_MIN_LINE_WORDS,
-            max_line_repeats: int = DEFAULT_MAX_LINE_REPEATS, shard_index: int | None = None,
-            num_shards: int | None = None, tokenizer_only: bool = False) -> Path:
+def prepare(inputs, output=None, num_groups=None, **options) -> Path:
     """Prepare ``inputs`` into the dataset directory ``output``; returns its path.
 
+    Takes a PrepConfig, ``prepare(PrepConfig(...))``, or PrepConfig's fields as arguments,
+    ``prepare(inputs, output, num_groups, vocab_size=..., ...)``.
     Raises DataPrepError (a ValueError) with an actionable message on bad arguments or when
     nothing usable remains. Bad input files/records are skipped and counted, never fatal.
     """
-    if isinstance(inputs, (str, os.PathLike)):
-        inputs = [inputs]
-    try:
-        num_groups = operator.index(num_groups)
-    except TypeError:
-        raise DataPrepError(f"--num_groups must be an integer >= 1 (got {num_groups!r})") from None
-    if num_groups < 1:
-        raise DataPrepError(f"--num_groups must be >= 1 (got {num_groups!r})")
-    if not (0 < val_fraction <= 0.5):
-        raise DataPrepError(f"--val_fraction must be in (0, 0.5] (got {val_fraction!r}); "
-                            "a held-out validation split is required")
-    if tokenizer is None and vocab_size < MIN_VOCAB:
-        raise DataPrepError(f"--vocab_size must be >= {MIN_VOCAB} (got {vocab_size}): the "
-                            "tokenizer keeps 256 byte-fallback pieces")
-    if text_mode not in TEXT_MODES:
-        raise DataPrepError(f"--text_mode must be one of {', '.join(TEXT_MODES)}")
-    if workers < 1:
-        raise DataPrepError(f"--workers must be >= 1 (got {workers})")
-    shard = None
-    if (shard_index is None) != (num_shards is None):
-        raise DataPrepError("--shard_index and --num_shards go together (e.g. --shard_index "
-                            "$SLURM_ARRAY_TASK_ID --num_shards 8)")
-    if num_shards is not None:
-        if not (isinstance(num_shards, int) and num_shards >= 1):
-            raise DataPrepError(f"--num_shards must be an integer >= 1 (got {num_shards!r})")
-        if not (isinstance(shard_index, int) and 0 <= shard_index < num_shards):
-            raise DataPrepError(f"--shard_index must be in [0, {num_shards - 1}] for "
-                                f"--num_shards {num_shards} (got {shard_index!r})")
-        if tokenizer is None:
-            raise DataPrepError("--num_shards needs a shared --tokenizer (every shard must use "
-                                "the same one): train it first with  prepare.py --input "
-                                "<some files> --output TOKDIR --tokenizer_only  and pass "
-                                "--tokenizer TOKDIR/tokenizer.model")
-        if tokenizer_only:
-            raise DataPrepError("--tokenizer_only cannot be combined with --num_shards")
-    if tokenizer_only and tokenizer is not None:
-        raise DataPrepError("--tokenizer_only trains a tokenizer; drop --tokenizer")
-    filt = FilterSetup(lang_filter, languages, near_dup, near_dup_threshold, near_dup_memory_mb,
-                       line_filters, min_line_words, max_line_repeats, min_chars)
-    output = Path(output)
-    _check_output(output, overwrite)
-    tok_proto = load_tokenizer_proto(tokenizer) if tokenizer is not None else None
+    if isinstance(inputs, PrepConfig):
+        if output is not None or num_groups is not None or options:
+            raise TypeError("prepare(PrepConfig) takes no further arguments")
+        cfg = inputs
+    else:
+        cfg = PrepConfig(inputs, output, num_groups, **options)
+    output = Path(cfg.output)
+    check_output(output, cfg.overwrite)
+    tok_proto = load_tokenizer_proto(cfg.tokenizer) if cfg.tokenizer is not None else None
 
-    stats = Stats(sources=SourceSummary(inputs, keep_files=num_shards is not None))
-    files = discover(inputs, stats)
+    stats = Stats(sources=SourceSummary(cfg.inputs, keep_files=cfg.num_shards is not None))
+    files = discover(cfg.inputs, stats)
     if not files:
         raise DataPrepError(
-            "no input file found in --input " + " ".join(map(str, inputs)) +
-            f" ({_fmt_dropped(stats.dropped)}); give existing files or directories with "
+            "no input file found in --input " + " ".join(map(str, cfg.inputs)) +
+            f" ({fmt_dropped(stats.dropped)}); give existing files or directories with "
             ".txt, .jsonl, .warc.wet[.gz], .parquet or .json files (optionally .gz), "
             "or http(s) URLs of such files")
-    if num_shards is not None:
-        # contiguous slices of the sorted file list: shard i's documents all come before
-        # shard i+1's, so --merge can replay the global, order-dependent de-duplication
-        lo, hi = len(files) * shard_index // num_shards, len(files) * (shard_index + 1) // num_shards
-        shard = {"index": shard_index, "num_shards": num_shards, "first_file": lo,
-                 "kinds": {1 if file_kind(f) == "wet" else 0 for f in files}}
-        files = files[lo:hi]
-        if shard_index:  # path-level drops of discover() are counted by shard 0 only
-            stats.dropped.clear()
-
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.parent / f"{output.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        manifest = _build(tmp, files, stats, inputs=inputs, num_groups=num_groups, vocab_size=vocab_size,
-                          val_fraction=val_fraction, tok_proto=tok_proto, workers=workers,
-                          seed=seed, text_mode=text_mode, jsonl_field=jsonl_field,
-                          min_chars=min_chars, min_text_ratio=min_text_ratio,
-                          max_doc_bytes=max_doc_bytes,
-                          sample_bytes=int(tokenizer_sample_mb * (1 << 20)), quiet=quiet,
-                          filt=filt, shard=shard, tokenizer_only=tokenizer_only)
-        _publish(tmp, output, overwrite)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if tokenizer_only:
-        _say(quiet, f"tokenizer written to {output / 'tokenizer.model'} (from "
-                    f"{manifest['documents_kept']} documents; dropped: "
-                    f"{_fmt_dropped(manifest['dropped'])})")
+    shard = None
+    if cfg.num_shards is not None:
+        files, shard = slice_files(files, stats, cfg.shard_index, cfg.num_shards)
+    with staged_output(output, cfg.overwrite) as tmp:
+        manifest = build(tmp, files, stats, cfg, tok_proto, shard)
+    if cfg.tokenizer_only:
+        say(cfg.quiet, f"tokenizer written to {output / 'tokenizer.model'} (from "
+                       f"{manifest['documents_kept']} documents; dropped: "
+                       f"{fmt_dropped(manifest['dropped'])})")
         return output
     if shard is not None:
-        _say(quiet, f"shard {shard_index}/{num_shards} written to {output}: "
-                    f"{sum(s['num_docs'] for s in manifest['splits'].values())} documents of "
-                    f"{manifest['documents_in']} read; merge all shards with  prepare.py "
-                    "--merge SHARD_DIR ... --output DIR")
+        say(cfg.quiet, f"shard {cfg.shard_index}/{cfg.num_shards} written to {output}: "
+                       f"{sum(s['num_docs'] for s in manifest['splits'].values())} documents of "
+                       f"{manifest['documents_in']} read; merge all shards with  prepare.py "
+                       "--merge SHARD_DIR ... --output DIR")
         return output
-    _summary(quiet, output, manifest, num_groups)
-    return output
-
-
-def _summary(quiet, output, manifest, num_groups) -> None:
-    nd = manifest.get("filters", {}).get("near_dup", {}).get("index")
-    if nd and nd["est_false_positive_per_doc"] > 1e-3:
-        print(f"warning: the near-duplicate index is {nd['bloom_fill']:.0%} full: about "
-              f"{nd['est_false_positive_per_doc']:.1e} of new documents are dropped as false "
-              "near-duplicates; raise --near_dup_memory_mb (~75 MiB per million documents)",
-              file=sys.stderr)
-    sp = manifest["splits"]
-    _say(quiet, f"prepared {output}: kept {manifest['documents_kept']} of "
-                f"{manifest['documents_in']} documents, "
-                f"{sum(s['num_tokens'] for s in sp.values())} tokens "
-                f"(val {sp['val']['num_docs']} docs; {num_groups} groups "
-                f"{min(sp[f'group_{g}']['num_docs'] for g in range(num_groups))}-"
-                f"{max(sp[f'group_{g}']['num_docs'] for g in range(num_groups))} docs each), "
-                f"vocab {manifest['vocab_size']}; dropped: {_fmt_dropped(manifest['dropped'])}")
-
-
-def _publish(tmp: Path, output: Path, overwrite: bool) -> None:
-    """Rename the finished temp dir to ``output`` (atomic on one filesystem)."""
-    if output.exists() or output.is_symlink():
-        if output.is_dir() and not output.is_symlink() and not any(output.iterdir()):
-            try:
-                output.rmdir()
-            except OSError:
-                pass
-        elif overwrite:
-            old = output.parent / f"{output.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-            os.rename(output, old)
-            os.rename(tmp, output)
-            if old.is_dir() and not old.is_symlink():
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                old.unlink()
-            return
-        else:
-            raise OutputExistsError(f"--output {output} appeared while preparing and is not "
-                                    "empty; pass --overwrite to replace it")
-    try:
-        os.rename(tmp, output)
-    except OSError as e:
-        raise OutputExistsError(f"--output {output}: cannot move the finished dataset into "
-                                f"place ({e.strerror}); pass --overwrite or remove it") from None
-
-
-def _spool_records(path: Path):
-    with open(path, "rb", buffering=1 << 20) as f:
-        while True:
-            head = f.read(_REC.size)
-            if not head:
-                return
-            s, h, n = _REC.unpack(head)
-            yield s, h, f.read(n)
-
-
-def _train_tokenizer(spool: Path, tmp: Path, train_bytes: int, sample_bytes: int,
-                     vocab_size: int, quiet: bool) -> bytes:
-    import sentencepiece as spm
-
-    frac = min(1.0, sample_bytes / max(train_bytes, 1))
-    threshold = int(frac * 2**32)
-    sample = tmp / "tokenizer_sample.txt"
-    n = nbytes = 0
-    with open(sample, "wb") as f:
-        for s, h, data in _spool_records(spool):
-            if s > 0 and (frac >= 1.0 or (h >> 32) < threshold):
-                f.write(data)
-                f.write(b"\n")
-                n += 1
-                nbytes += len(data)
-    _say(quiet, f"training SentencePiece (unigram, vocab {vocab_size}) on {n} documents, "
-                f"{nbytes / 2**20:.2f} MiB ...")
-    model = io.BytesIO()
-
-    def sentences():  # an iterator, not input=PATH: the path would be stored in the model
-        with open(sample, encoding="utf-8") as f:
-            for line in f:
-                yield line.rstrip("\n")
-
-    try:
-        spm.SentencePieceTrainer.train(
-            sentence_iterator=sentences(), model_writer=model, model_type="unigram", vocab_size=vocab_size,
-            character_coverage=0.9995, byte_fallback=True, hard_vocab_limit=False,
-            unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
-            input_sentence_size=0, shuffle_input_sentence=False,  # the sample is bounded here
-            max_sentence_length=1 << 16, num_threads=1,  # one thread: byte-identical output
-            minloglevel=2)
-    except Exception as e:  # noqa: BLE001
-        raise DataPrepError(f"SentencePiece training failed ({e}); try a smaller --vocab_size "
-                            "or more input text") from None
-    finally:
-        sample.unlink(missing_ok=True)
-    return model.getvalue()
-
-
-class ShardWriter:
-    """Appends documents to <split>.bin and records offsets/hashes; writes the .npy files
-    at the end (offsets and hashes go to raw temp files first, so nothing is held in RAM)."""
-
-    def __init__(self, root: Path, names: list[str], dtype: str):
-        self.root, self.names, self.dtype = root, names, np.dtype(dtype)
-        self.bins = [open(root / f"{n}.bin", "wb", buffering=1 << 20) for n in names]
-        self.offs = [open(root / f"{n}.idx.raw", "wb", buffering=1 << 16) for n in names]
-        self.hashes = [open(root / f"{n}.hashes.raw", "wb", buffering=1 << 16) for n in names]
-        self.ntok = [0] * len(names)
-        self.ndoc = [0] * len(names)
-
-    def add_chunk(self, splits, hashes, flat: np.ndarray, lengths) -> int:
-        """Append a chunk of documents: per document its split index (-1: skip it) and
-        hash, and their tokens ``flat`` (documents back to back, ``lengths`` each)."""
-        splits = np.asarray(splits, dtype=np.int64)
-        hashes = np.asarray(hashes, dtype=np.uint64)
-        lengths = np.asarray(lengths, dtype=np.int64)
-        tok_split = np.repeat(splits, lengths)
-        written = 0
-        for s in np.unique(splits[splits >= 0]).tolist():
-            docs = splits == s
-            toks = flat[tok_split == s]
-            ends = self.ntok[s] + np.cumsum(lengths[docs])
-            self.bins[s].write(toks.tobytes())
-            self.offs[s].write(ends.astype("<u8").tobytes())
-            self.hashes[s].write(hashes[docs].astype("<u8").tobytes())
-            self.ntok[s] = int(ends[-1])
-            self.ndoc[s] += len(ends)
-            written += len(toks)
-        return written
-
-    def close(self) -> dict:
-        for f in self.bins + self.offs + self.hashes:
-            f.close()
-        splits = {}
-        for i, n in enumerate(self.names):
-            _raw_to_npy(self.root / f"{n}.idx.raw", self.root / f"{n}.idx.npy", np.int64,
-                        self.ndoc[i], prefix=np.zeros(1, np.int64))
-            _raw_to_npy(self.root / f"{n}.hashes.raw", self.root / f"{n}.hashes.npy",
-                        np.uint64, self.ndoc[i])
-            splits[n] = {"tokens": f"{n}.bin", "doc_index": f"{n}.idx.npy",
-                         "num_docs": self.ndoc[i], "num_tokens": self.ntok[i],
-                         "doc_hashes": f"{n}.hashes.npy"}
-        return splits
-
-    def abort(self) -> None:
-        for f in self.bins + self.offs + self.hashes:
-            f.close()
-
-
-def _raw_to_npy(raw: Path, dest: Path, dtype, n: int, prefix=None) -> None:
-    dtype = np.dtype(dtype).newbyteorder("<")
-    shape = n + (0 if prefix is None else len(prefix))
-    with open(dest, "wb") as f, open(raw, "rb") as r:
-        np.lib.format.write_array_header_1_0(
-            f, {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False,
-                "shape": (shape,)})
-        if prefix is not None:
-            f.write(np.asarray(prefix, dtype).tobytes())
-        shutil.copyfileobj(r, f, 1 << 20)
-    raw.unlink()
-
-
-def _norm_input(i) -> str:
-    return str(i) if is_url(str(i)) else str(Path(i))
-
-
-class SourceSummary:
-    """Aggregates per-file source entries into one manifest entry per --input argument
-    (files, bytes, documents, skipped files, and a sha256 over the (relative path, file
-    sha256) pairs in read order), so memory and manifest size do not grow with file count."""
-
-    def __init__(self, inputs, keep_files: bool = False):
-        self.entries = []
-        self.files = [] if keep_files else None  # per-file entries (sharded runs, for --merge)
-        for inp in (_norm_input(i) for i in inputs):  # normalised like discover()'s paths
-            self.entries.append((inp, inp.rstrip(os.sep) + os.sep, hashlib.sha256(),
-                                 {"path": inp, "files": 0, "bytes": 0, "documents": 0,
-                                  "files_skipped": 0}))
-
-    def append(self, src: dict) -> None:
-        if self.files is not None:
-            self.files.append(src)
-        path = src["path"]
-        for inp, prefix, h, agg in self.entries:
-            if path == inp or path.startswith(prefix):
-                rel = path[len(prefix):] if path != inp else os.path.basename(inp)
-                h.update(f"{rel}\0{src.get('sha256', '-')}\n".encode())
-                agg["files"] += 1
-                agg["bytes"] += src.get("bytes", 0)
-                agg["documents"] += src["documents"]
-                agg["files_skipped"] += "error" in src
-                return
-
-    def summary(self) -> list[dict]:
-        return [{**agg, "sha256": h.hexdigest()} for _, _, h, agg in self.entries]
-
-
-def _check_kept(n_docs, names, stats, files, num_groups, val_fraction,
-                tokenizer_only=False) -> None:
-    kept = sum(n_docs[1:]) if tokenizer_only else sum(n_docs)
-    if kept == 0:
-        raise DataPrepError(
-            f"nothing usable remains: {stats.documents_in} documents read from {len(files)} "
-            f"files, dropped: {_fmt_dropped(stats.dropped)}. Check --input/--text_mode/"
-            "--jsonl_field, or relax --min_chars/--min_text_ratio (and the web-text filters: "
-            "--languages, --lang_filter/--near_dup/--line_filters off)")
-    if tokenizer_only:
-        return
-    empty = [names[i] for i in range(len(names)) if n_docs[i] == 0]
-    if empty:
-        raise DataPrepError(
-            f"split(s) {', '.join(empty)} would be empty ({kept} documents kept for "
-            f"{num_groups} groups at --val_fraction {val_fraction}); add more data, use fewer "
-            "--num_groups or a larger --val_fraction")
-
-
-_ORDER_HEAD = struct.Struct("<HB")  # per kept document, in order: split, has band keys
-
-
-def _tagged_docs(files, stats, file_ids, **kw):
-    """(file id, filter config index (1 for WET, 0 otherwise), raw document) in input order."""
-    for fid, path in zip(file_ids, files):
-        k = 1 if file_kind(path) == "wet" else 0
-        for doc in read_documents(None, stats, files=[path], **kw):
-            yield fid, k, doc
-
-
-def _build(tmp: Path, files, stats: Stats, *, inputs, num_groups, vocab_size, val_fraction,
-           tok_proto, workers, seed, text_mode, jsonl_field, min_chars, min_text_ratio,
-           max_doc_bytes, sample_bytes, quiet, filt: "FilterSetup", shard=None,
-           tokenizer_only=False) -> dict:
-    names = split_names(num_groups)
-    cfg = (min_chars, min_text_ratio, seed, num_groups, val_fraction)
-    fcs = filt.configs
-    kinds = {1 if file_kind(f) == "wet" else 0 for f in files}
-    filtering = any(fcs[k].any for k in kinds)
-    file_ids = list(range(shard["first_file"], shard["first_file"] + len(files))) if shard \
-        else list(range(len(files)))
-    seen: set[int] = set()  # the one structure that grows with the corpus (see clean.py)
-    timing = {}
-    t0 = time.time()
-    trained = tok_proto is None
-    spooled = trained or filtering or shard is not None
-    line_counts: collections.Counter = collections.Counter()
-    lang_drops: collections.Counter = collections.Counter()
-    repeated = RepeatedLines(filt.max_line_repeats) if any(fcs[k].line_filters for k in kinds) \
-        else None
-    index = None
-    if shard is None and any(fcs[k].near_dup for k in kinds):
-        index = NearDupIndex(filt.near_dup_memory_mb, filt.bands)
-    if any(fcs[k].language for k in kinds):
-        unknown = sorted(set(filt.languages) - set(known_languages()))
-        if unknown:
-            raise DataPrepError(f"--languages: {', '.join(unknown)} not known to py3langid "
-                                f"(ISO 639-1 codes such as: {', '.join(sorted(known_languages()))})")
-    order = None
-    order_bands = filt.bands if shard is not None and \
-        any(fcs[k].near_dup for k in shard["kinds"]) else 0
-    with worker_pool(workers) as pool:
-        if spooled:
-            # pass 1: read, clean, filter, de-duplicate, assign splits -> spool file
-            spool_path = tmp / "documents.spool"
-            n_docs = [0] * len(names)
-            train_bytes = 0
-            docs = _tagged_docs(files, stats, file_ids, text_mode=text_mode,
-                                jsonl_field=jsonl_field, max_doc_bytes=max_doc_bytes)
-            tasks = ((cfg, fcs, c) for c in chunked(docs, size_of=lambda x: len(x[2])))
-            if shard is not None:
-                order = open(tmp / "order.bin", "wb", buffering=1 << 20)
-                no_keys = bytes(8 * order_bands)
-            with open(spool_path, "wb", buffering=1 << 20) as spool, \
-                    _progress(quiet, desc="clean", unit="doc") as bar:
-                for results, lc in ordered_map(filter_clean_chunk, tasks, pool):
-                    line_counts.update(lc)
-                    for r in results:
-                        if isinstance(r, str):
-                            if r.startswith("language:"):
-                                lang_drops[r[9:]] += 1
-                                r = "language"
-                            stats.dropped[r] += 1
-                            continue
-                        fid, k, data, h, s, keys = r
-                        if repeated is not None and fcs[k].line_filters:
-                            data2, removed = repeated(fid, data)
-                            if removed:
-                                line_counts["repeated_line"] += removed
-                                if len(data2.decode("utf-8")) < min_chars:
-                                    stats.dropped["too_short_after_line_filters"] += 1
-                                    continue
-                                data = data2
-                                h = doc_hash(data)
-                                s = split_of(h, seed, num_groups, val_fraction)
-                        if h in seen:
-                            stats.dropped["duplicate"] += 1
-                            continue
-                        seen.add(h)
-                        if keys is not None and index is not None and index.check_and_add(keys):
-                            stats.dropped["near_duplicate"] += 1
-                            continue
-                        if order is not None:
-                            order.write(_ORDER_HEAD.pack(s, keys is not None))
-                            order.write(no_keys if keys is None else keys.astype("<u8").tobytes())
-                        spool.write(_REC.pack(s, h, len(data)))
-                        spool.write(data)
-                        n_docs[s] += 1
-                        if s:
-                            train_bytes += len(data)
-                    bar.update(len(results))
-            if order is not None:
-                order.close()
-            seen.clear()
-            if shard is None:
-                _check_kept(n_docs, names, stats, files, num_groups, val_fraction,
-                            tokenizer_only=tokenizer_only)
-            timing["clean_s"] = time.time() - t0
-            if trained:
-                tok_proto = _train_tokenizer(spool_path, tmp, train_bytes, sample_bytes,
-                                             vocab_size, quiet)
-            timing["tokenizer_s"] = time.time() - t0 - timing["clean_s"]
-        (tmp / "tokenizer.model").write_bytes(tok_proto)
-        if tokenizer_only:
-            spool_path.unlink()
-            manifest = {"format_version": FORMAT_VERSION, "tokenizer_only": True,
-                        "tokenizer": "tokenizer.model",
-                        "tokenizer_sha256": hashlib.sha256(tok_proto).hexdigest(),
-                        "documents_in": stats.documents_in, "documents_kept": sum(n_docs),
-                        "dropped": dict(sorted(stats.dropped.items())),
-                        "sources": stats.sources.summary()}
-            _write_json(tmp / "manifest.json", manifest)
-            return manifest
-        import sentencepiece as spm
-
-        sp = spm.SentencePieceProcessor(model_proto=tok_proto)
-        vocab, eos_id = sp.get_piece_size(), sp.eos_id()
-        if trained and vocab < vocab_size:
-            _say(quiet, f"note: the training sample supports only {vocab} pieces; using vocab "
-                        f"{vocab} instead of --vocab_size {vocab_size} (add data for a larger one)")
-        dtype = "uint16" if vocab < 65536 else "uint32"
-        tok_cfg = (str(tmp / "tokenizer.model"), eos_id, dtype)
-        writer = ShardWriter(tmp, names, dtype)
-        t1 = time.time()
-        n_tok = 0
-        try:
-            with _progress(quiet, desc="tokenize", unit="doc",
-                           total=sum(n_docs) if spooled else None) as bar:
-                if spooled:  # pass 2: spool -> encode -> shards
-                    metas: collections.deque = collections.deque()
-
-                    def tasks():
-                        for chunk in chunked(_spool_records(spool_path),
-                                             size_of=lambda r: len(r[2])):
-                            metas.append(([s for s, _, _ in chunk], [h for _, h, _ in chunk]))
-                            yield tok_cfg, [d for _, _, d in chunk]
-
-                    for flat, lengths in ordered_map(encode_chunk, tasks(), pool):
-                        splits, hashes = metas.popleft()
-                        n_tok += writer.add_chunk(splits, hashes, flat, lengths)
-                        bar.update(len(splits))
-                        bar.set_postfix_str(f"{n_tok / max(bar.format_dict['elapsed'], 1e-9):,.0f} tok/s",
-                                            refresh=False)
-                    spool_path.unlink()
-                else:  # fused single pass: read -> clean + encode in workers -> dedup -> shards
-                    docs = read_documents(None, stats, text_mode=text_mode,
-                                          jsonl_field=jsonl_field, max_doc_bytes=max_doc_bytes,
-                                          files=files)
-                    tasks = ((cfg, tok_cfg, c) for c in chunked(docs))
-                    for drops, hashes, splits, flat, lengths in ordered_map(clean_encode_chunk,
-                                                                             tasks, pool):
-                        stats.dropped.update(drops)
-                        for i, h in enumerate(hashes.tolist()):
-                            if h in seen:
-                                stats.dropped["duplicate"] += 1
-                                splits[i] = -1
-                            else:
-                                seen.add(h)
-                        n_tok += writer.add_chunk(splits, hashes, flat, lengths)
-                        bar.update(len(drops) + len(splits))
-                        bar.set_postfix_str(f"{n_tok / max(bar.format_dict['elapsed'], 1e-9):,.0f} tok/s",
-                                            refresh=False)
-        except BaseException:
-            writer.abort()
-            raise
-    splits = writer.close()
-    n_docs = [splits[n]["num_docs"] for n in names]
-    if shard is None:
-        _check_kept(n_docs, names, stats, files, num_groups, val_fraction)
-    timing["tokenize_s"] = time.time() - t1
-    for n in names:
-        with open(tmp / splits[n]["tokens"], "rb+") as f:
-            os.fsync(f.fileno())
-    common = dict(tok_proto=tok_proto, trained=trained, vocab=vocab, dtype=dtype, eos_id=eos_id,
-                  num_groups=num_groups, seed=seed, val_fraction=val_fraction,
-                  cleaning={"text_mode": text_mode, "jsonl_field": jsonl_field,
-                            "min_chars": min_chars, "min_text_ratio": min_text_ratio,
-                            "max_doc_bytes": max_doc_bytes})
-    if shard is not None:
-        manifest = {"format_version": FORMAT_VERSION, "shard": True,
-                    "shard_index": shard["index"], "num_shards": shard["num_shards"],
-                    "inputs": [str(i) for i in inputs], "common": {**common, "tok_proto": None},
-                    "tokenizer_sha256": hashlib.sha256(tok_proto).hexdigest(),
-                    "filters": filt.describe(kinds_all=shard["kinds"]),
-                    "splits": splits, "dropped": dict(sorted(stats.dropped.items())),
-                    "documents_in": stats.documents_in,
-                    "order_record": {"format": _ORDER_HEAD.format + f"{order_bands}Q",
-                                     "fields": "split, has band keys, band keys"},
-                    "line_counts": dict(line_counts), "lang_drops": dict(lang_drops),
-                    "source_files": stats.sources.files}
-        _write_json(tmp / SHARD_MANIFEST, manifest)
-    else:
-        filters = filt.describe(kinds_all=kinds)
-        _fill_filter_counts(filters, line_counts, lang_drops, index)
-        manifest = _make_manifest(**common, splits=splits, dropped=stats.dropped,
-                                  documents_in=stats.documents_in, filters=filters,
-                                  sources=stats.sources.summary())
-        _write_json(tmp / "manifest.json", manifest)
-    if os.environ.get("DATA_PREP_TIMING"):
-        print(json.dumps({**timing, "tokens": n_tok, "docs": sum(n_docs)}), file=sys.stderr,
-              flush=True)
-    return manifest
-
-
-SHARD_MANIFEST = "shard_manifest.json"
-
-
-def _write_json(path: Path, obj) -> None:
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _fill_filter_counts(filters: dict, line_counts, lang_drops, index) -> None:
-    if "line_filters" in filters:
-        filters["line_filters"]["lines_dropped"] = {r: int(line_counts.get(r, 0))
-                                                    for r in LINE_REASONS}
-    if "language" in filters:
-        filters["language"]["dropped_by_language"] = dict(sorted(lang_drops.items()))
-    if "near_dup" in filters and index is not None:
-        filters["near_dup"]["index"] = index.stats()
-
-
-def _make_manifest(*, tok_proto, trained, vocab, dtype, eos_id, num_groups, seed, val_fraction,
-                   cleaning, splits, dropped, documents_in, filters, sources) -> dict:
-    return {
-        "format_version": FORMAT_VERSION,
-        "tokenizer": "tokenizer.model",
-        "tokenizer_sha256": hashlib.sha256(tok_proto).hexdigest(),
-        "tokenizer_trained": trained,
-        "vocab_size": vocab,
-        "dtype": dtype,
-        "eos_id": eos_id,
-        "num_groups": num_groups,
-        "seed": seed,
-        "val_fraction": val_fraction,
-        "splits": splits,
-        "dropped": dict(sorted(dropped.items())),
-        "documents_in": documents_in,
-        "documents_kept": sum(s["num_docs"] for s in splits.values()),
-        "doc_hash": "blake2b-64 of the normalised UTF-8 text (uint64, little-endian)",
-        "split_hash": "blake2b-128 keyed by seed: val if first 64 bits / 2^64 < val_fraction, "
-                      "else group = last 64 bits mod num_groups",
-        "cleaning": {**cleaning, "unicode": "NFC", "whitespace": "runs collapsed to one space, "
-                     "lines stripped, empty lines removed (paragraphs separated by one newline)"},
-        "filters": filters,
-        "sources": sources,
-    }
-
-
-class FilterSetup:
-    """The resolved filter options: one FilterConfig for non-WET input (index 0) and one for
-    Common Crawl WET input (index 1); 'auto' means on for WET only."""
-
-    def __init__(self, lang_filter="auto", languages=DEFAULT_LANGUAGES, near_dup="auto",
-                 near_dup_threshold=DEFAULT_NEAR_DUP_THRESHOLD,
-                 near_dup_memory_mb=DEFAULT_NEAR_DUP_MEMORY_MB, line_filters="auto",
-                 min_line_words=DEFAULT_MIN_LINE_WORDS, max_line_repeats=DEFAULT_MAX_LINE_REPEATS,
-                 min_chars=DEFAULT_MIN_CHARS):
-        for flag, v in (("--lang_filter", lang_filter), ("--near_dup", near_dup),
-                        ("--line_filters", line_filters)):
-            if v not in FILTER_MODES:
-                raise DataPrepError(f"{flag} must be one of {', '.join(FILTER_MODES)} (got {v!r})")
-        if isinstance(languages, str):
-            languages = languages.split(",")
-        languages = tuple(sorted({x.strip() for x in languages if x.strip()}))
-        if not languages:
-            raise DataPrepError("--languages: give at least one language code, e.g. en or en,de")
-        if not (0 < near_dup_threshold < 1):
-            raise DataPrepError(f"--near_dup_threshold must be in (0, 1) (got {near_dup_threshold!r})")
-        if near_dup_memory_mb <= 0:
-            raise DataPrepError(f"--near_dup_memory_mb must be > 0 (got {near_dup_memory_mb!r})")
-        if min_line_words < 0 or max_line_repeats < 1:
-            raise DataPrepError("--min_line_words must be >= 0 and --max_line_repeats >= 1")
-        self.modes = {"language": lang_filter, "near_dup": near_dup, "line_filters": line_filters}
-        self.languages = languages
-        self.near_dup_threshold = float(near_dup_threshold)
-        self.near_dup_memory_mb = float(near_dup_memory_mb)
-        self.min_line_words = int(min_line_words)
-        self.max_line_repeats = int(max_line_repeats)
-        self.configs = tuple(FilterConfig(
-            line_filters=resolve_mode(line_filters, wet), language=resolve_mode(lang_filter, wet),
-            near_dup=resolve_mode(near_dup, wet), languages=languages,
-            min_line_words=self.min_line_words, min_chars=min_chars,
-            near_dup_threshold=self.near_dup_threshold) for wet in (False, True))
-
-    @property
-    def bands(self) -> int:  # LSH parameters (imports datasketch + scipy: only when used)
-        return lsh_params(self.near_dup_threshold, DEFAULT_NUM_PERM)[0]
-
-    @property
-    def rows(self) -> int:
-        return lsh_params(self.near_dup_threshold, DEFAULT_NUM_PERM)[1]
-
-    def describe(self, kinds_all) -> dict:
-        """Manifest entry; ``kinds_all``: which input kinds occur (0 other, 1 WET)."""
-        def applies(name):
-            on = [("other", "wet")[k] for k in sorted(kinds_all) if getattr(self.configs[k], name)]
-            return on
-        out = {}
-        if applies("line_filters"):
-            out["line_filters"] = {"mode": self.modes["line_filters"],
-                                   "applies_to": applies("line_filters"),
-                                   "min_line_words": self.min_line_words,
-                                   "terminal_punctuation": True,
-                                   "max_line_repeats": self.max_line_repeats,
-                                   "repeat_scope": "per input file"}
-        if applies("language"):
-            out["language"] = {"mode": self.modes["language"], "applies_to": applies("language"),
-                               "languages": list(self.languages), "library": langid_version(),
-                               "chars_looked_at": LANGID_MAX_CHARS}
-        if applies("near_dup"):
-            out["near_dup"] = {"mode": self.modes["near_dup"], "applies_to": applies("near_dup"),
-                               "threshold": self.near_dup_threshold, "num_perm": DEFAULT_NUM_PERM,
-                               "bands": self.bands, "rows": self.rows,
-                               "shingles": f"word {DEFAULT_SHINGLE}-grams, lower-cased",
-                               "minhash": "datasketch MinHash, affine32, seed 1, BLAKE2b-32",
-                               "memory_mb": self.near_dup_memory_mb}
-        return out
-
-
-def _read_shard_manifest(d: Path) -> dict:
-    try:
-        m = json.loads((d / SHARD_MANIFEST).read_text())
-        if not m.get("shard"):
-            raise ValueError("not a shard manifest")
-        return m
-    except (OSError, ValueError) as e:
-        raise DataPrepError(f"--merge {d}: no readable {SHARD_MANIFEST} ({e}); pass the "
-                            "--output directories of  prepare.py --shard_index i --num_shards N  "
-                            "runs that finished") from None
-
-
-def merge(shard_dirs, output, overwrite: bool = False, quiet: bool = False) -> Path:
-    """Merge the outputs of ``prepare.py --shard_index i --num_shards N`` into one dataset.
-
-    No re-tokenization: token ranges are copied. Exact and near-duplicate removal across
-    shards is replayed here in the global input order (shards are contiguous slices of the
-    sorted input list), so the result is byte-identical to a single-process run."""
-    dirs = [Path(d) for d in shard_dirs]
-    if not dirs:
-        raise DataPrepError("--merge needs the shard directories, e.g. --merge out/shard_*")
-    ms = [_read_shard_manifest(d) for d in dirs]
-    n_shards = ms[0]["num_shards"]
-    got = sorted(m["shard_index"] for m in ms)
-    if got != list(range(n_shards)) or any(m["num_shards"] != n_shards for m in ms):
-        missing = sorted(set(range(n_shards)) - set(got))
-        raise DataPrepError(
-            f"--merge: expected shards 0..{n_shards - 1} of one run exactly once each, got "
-            f"indices {got}" + (f" (missing {missing})" if missing else "") +
-            "; pass every shard directory of the run (re-run the failed array tasks first)")
-    order = sorted(range(len(ms)), key=lambda i: ms[i]["shard_index"])
-    dirs, ms = [dirs[i] for i in order], [ms[i] for i in order]
-    for key in ("inputs", "common", "tokenizer_sha256", "filters"):
-        for d, m in zip(dirs[1:], ms[1:]):
-            if m[key] != ms[0][key]:
-                raise DataPrepError(f"--merge: {d} was prepared with a different {key} than "
-                                    f"{dirs[0]}; all shards must come from one run (same "
-                                    "--input list, options and --tokenizer)")
-    output = Path(output)
-    _check_output(output, overwrite)
-    common = dict(ms[0]["common"])
-    tok_proto = (dirs[0] / "tokenizer.model").read_bytes()
-    if hashlib.sha256(tok_proto).hexdigest() != ms[0]["tokenizer_sha256"]:
-        raise DataPrepError(f"--merge: {dirs[0] / 'tokenizer.model'} does not match its manifest")
-    common["tok_proto"] = tok_proto
-    names = split_names(common["num_groups"])
-    filters = json.loads(json.dumps(ms[0]["filters"]))
-    nd = filters.get("near_dup")
-    bands = nd["bands"] if nd else 0
-    index = NearDupIndex(nd["memory_mb"], bands) if nd else None
-    rec = struct.Struct(ms[0]["order_record"]["format"])
-    if rec.size != _ORDER_HEAD.size + 8 * bands:
-        raise DataPrepError(f"--merge: {dirs[0]} has order records of {rec.size} bytes, "
-                            f"expected {_ORDER_HEAD.size + 8 * bands}; re-run the shards")
-
-    # pass A: replay exact + near-duplicate removal over all shards in global order
-    seen: set[int] = set()
-    dropped: collections.Counter = collections.Counter()
-    keep = []
-    for d, m in zip(dirs, ms):
-        hashes = [np.load(d / m["splits"][n]["doc_hashes"]) for n in names]
-        flags = [np.zeros(len(h), bool) for h in hashes]
-        pos = [0] * len(names)
-        with open(d / "order.bin", "rb", buffering=1 << 20) as f:
-            while True:
-                head = f.read(rec.size)
-                if len(head) < rec.size:
-                    if head:
-                        raise DataPrepError(f"--merge: {d / 'order.bin'} is truncated; re-run "
-                                            f"shard {m['shard_index']}")
-                    break
-                vals = rec.unpack(head)
-                s, has = vals[0], vals[1]
-                i = pos[s]
-                pos[s] += 1
-                h = int(hashes[s][i])
-                if h in seen:
-                    dropped["duplicate"] += 1
-                    continue
-                seen.add(h)
-                if has and index is not None and \
-                        index.check_and_add(np.array(vals[2:], np.uint64)):
-                    dropped["near_duplicate"] += 1
-                    continue
-                flags[s][i] = True
-        if pos != [len(h) for h in hashes]:
-            raise DataPrepError(f"--merge: {d} is inconsistent (order.bin vs split files); "
-                                f"re-run shard {m['shard_index']}")
-        keep.append(flags)
-    seen.clear()
-
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.parent / f"{output.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        (tmp / "tokenizer.model").write_bytes(tok_proto)
-        dtype = np.dtype(common["dtype"])
-        writer = ShardWriter(tmp, names, common["dtype"])
-        try:
-            # pass B: copy the kept documents' tokens, split by split, shard by shard
-            for si, n in enumerate(names):
-                for d, m, flags in zip(dirs, ms, keep):
-                    sp = m["splits"][n]
-                    kept = np.flatnonzero(flags[si])
-                    if not len(kept):
-                        continue
-                    toks = np.memmap(d / sp["tokens"], dtype=dtype, mode="r")
-                    offs = np.load(d / sp["doc_index"])
-                    hs = np.load(d / sp["doc_hashes"])
-                    for c in range(0, len(kept), 4096):
-                        ks = kept[c:c + 4096]
-                        flat = np.concatenate([toks[offs[k]:offs[k + 1]] for k in ks])
-                        writer.add_chunk(np.full(len(ks), si), hs[ks], flat,
-                                         offs[ks + 1] - offs[ks])
-                    del toks
-        except BaseException:
-            writer.abort()
-            raise
-        splits = writer.close()
-        for d, m in zip(dirs, ms):
-            dropped.update(m["dropped"])
-        documents_in = sum(m["documents_in"] for m in ms)
-        st = Stats(dropped=dropped, documents_in=documents_in)
-        _check_kept([splits[n]["num_docs"] for n in names], names, st,
-                    [f["path"] for m in ms for f in m["source_files"]], common["num_groups"],
-                    common["val_fraction"])
-        for n in names:
-            with open(tmp / splits[n]["tokens"], "rb+") as f:
-                os.fsync(f.fileno())
-        line_counts, lang_drops = collections.Counter(), collections.Counter()
-        sources = SourceSummary(ms[0]["inputs"])
-        for m in ms:
-            line_counts.update(m["line_counts"])
-            lang_drops.update(m["lang_drops"])
-            for src in m["source_files"]:
-                sources.append(src)
-        _fill_filter_counts(filters, line_counts, lang_drops, index)
-        manifest = _make_manifest(**common, splits=splits, dropped=dropped,
-                                  documents_in=documents_in, filters=filters,
-                                  sources=sources.summary())
-        _write_json(tmp / "manifest.json", manifest)
-        _publish(tmp, output, overwrite)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    _say(quiet, f"merged {n_shards} shards")
-    _summary(quiet, output, manifest, common["num_groups"])
+    summary(cfg.quiet, output, manifest, cfg.num_groups)
     return output
 
 
@@ -974,64 +146,52 @@ def prepare_sample(output_dir, num_groups: int = 6, vocab_size: int = 8000, seed
         raise
 
 
+_CLI_ONLY = {  # command-line options that are no PrepConfig field: field they follow -> option
+    "inputs": ("--sample", dict(action="store_true",
+                                help="use the embedded BBC News corpus instead of --input "
+                                     "(defaults: --output data/sample --num_groups 6 "
+                                     "--val_fraction 0.05)")),
+    "num_shards": ("--merge", dict(nargs="+", metavar="SHARD_DIR",
+                                   help="merge the shard outputs into --output (no "
+                                        "re-tokenization)")),
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
+    """The command line: PrepConfig's options (config.cli_options) plus --sample and --merge."""
     p = argparse.ArgumentParser(
         description="Clean text, train/reuse a SentencePiece tokenizer and write disjoint "
                     "token shards (val + G groups).")
-    p.add_argument("--input", nargs="+", metavar="PATH",
-                   help="files or directories (recursive): .txt, .jsonl, .warc.wet, .parquet, "
-                        ".json, optionally .gz")
-    p.add_argument("--sample", action="store_true",
-                   help="use the embedded BBC News corpus instead of --input (defaults: "
-                        "--output data/sample --num_groups 6 --val_fraction 0.05)")
-    p.add_argument("--output", metavar="DIR")
-    p.add_argument("--num_groups", type=int)
-    p.add_argument("--vocab_size", type=int, default=8000)
-    p.add_argument("--val_fraction", type=float)
-    p.add_argument("--tokenizer", metavar="EXISTING.model", help="reuse this SentencePiece model")
-    p.add_argument("--workers", type=int, default=1)
-    p.add_argument("--seed", type=int, default=1234)
-    p.add_argument("--overwrite", action="store_true")
-    p.add_argument("--text_mode", choices=TEXT_MODES,
-                   help=".txt files: documents separated by blank lines (default), one per "
-                        "file, or one per line")
-    p.add_argument("--jsonl_field", default="text")
-    p.add_argument("--min_chars", type=int, default=DEFAULT_MIN_CHARS)
-    p.add_argument("--min_text_ratio", type=float, default=DEFAULT_MIN_TEXT_RATIO)
-    p.add_argument("--max_doc_bytes", type=int, default=DEFAULT_MAX_DOC_BYTES)
-    p.add_argument("--tokenizer_sample_mb", type=float, default=32,
-                   help="train the tokenizer on a hash-selected sample of at most this many "
-                        "MiB of training documents (bounds its memory, ~30x the sample)")
-    p.add_argument("--quiet", action="store_true")
-    f = p.add_argument_group(
-        "web-text filters", "each 'auto' (the default) = on for Common Crawl WET input "
-        "(.warc.wet[.gz] files or URLs), off for other input; 'on'/'off' for every input")
-    f.add_argument("--lang_filter", choices=FILTER_MODES, default="auto",
-                   help="language ID (py3langid): keep --languages, count the rest")
-    f.add_argument("--languages", default=",".join(DEFAULT_LANGUAGES),
-                   help="comma-separated ISO 639-1 codes to keep (default %(default)s)")
-    f.add_argument("--near_dup", choices=FILTER_MODES, default="auto",
-                   help="near-duplicate removal (MinHash LSH over word 5-grams)")
-    f.add_argument("--near_dup_threshold", type=float, default=DEFAULT_NEAR_DUP_THRESHOLD,
-                   help="Jaccard similarity above which a later document is dropped")
-    f.add_argument("--near_dup_memory_mb", type=float, default=DEFAULT_NEAR_DUP_MEMORY_MB,
-                   help="fixed size of the LSH Bloom index: ~75 MiB per million kept "
-                        "documents keeps false matches under 1e-4 (see filters.py)")
-    f.add_argument("--line_filters", choices=FILTER_MODES, default="auto",
-                   help="drop short lines, lines without terminal punctuation and lines "
-                        "repeated in many documents of the same file")
-    f.add_argument("--min_line_words", type=int, default=DEFAULT_MIN_LINE_WORDS)
-    f.add_argument("--max_line_repeats", type=int, default=DEFAULT_MAX_LINE_REPEATS,
-                   help="a line seen in this many earlier documents of a file is removed")
-    c = p.add_argument_group("cluster", "N independent workers over disjoint slices of the "
-                             "input list, then one merge (see slurm/prepare_data_array.sh)")
-    c.add_argument("--shard_index", type=int, help="this worker's slice (0-based)")
-    c.add_argument("--num_shards", type=int, help="number of slices (needs --tokenizer)")
-    c.add_argument("--merge", nargs="+", metavar="SHARD_DIR",
-                   help="merge the shard outputs into --output (no re-tokenization)")
-    c.add_argument("--tokenizer_only", action="store_true",
-                   help="only train the tokenizer: writes DIR/tokenizer.model")
+    groups = {None: p, **{k: p.add_argument_group(title, description)
+                          for k, (title, description) in OPTION_GROUPS.items()}}
+    for name, group, flag, kw in cli_options():
+        groups[group].add_argument(flag, **kw)
+        if name in _CLI_ONLY:
+            extra, extra_kw = _CLI_ONLY[name]
+            groups[group].add_argument(extra, **extra_kw)
     return p
+
+
+def _config(args) -> PrepConfig:
+    """The PrepConfig of a command line that is not --merge (--sample: the embedded corpus
+    and its defaults)."""
+    if args.sample:
+        if args.inputs:
+            raise DataPrepError("--sample and --input are exclusive; drop one of them")
+        try:
+            args.inputs = [sample_corpus_dir()]
+        except SampleCorpusMissing as e:
+            raise DataPrepError(str(e)) from None
+        args.output = args.output or "data/sample"
+        return PrepConfig.from_args(args, **SAMPLE_DEFAULTS)
+    if args.tokenizer_only and args.num_groups is None:
+        args.num_groups = 1
+    missing = [f for f, v in (("--input", args.inputs), ("--output", args.output),
+                              ("--num_groups", args.num_groups)) if v is None]
+    if missing:
+        raise DataPrepError(f"{', '.join(missing)} required (or use --sample for the "
+                            "embedded corpus)")
+    return PrepConfig.from_args(args)
 
 
 def main(argv=None) -> int:
@@ -1041,46 +201,12 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         if args.merge:
-            if args.input or args.sample or not args.output:
+            if args.inputs or args.sample or not args.output:
                 raise DataPrepError("--merge SHARD_DIR ... takes only --output DIR (and "
                                     "--overwrite/--quiet); drop --input/--sample")
             merge(args.merge, args.output, overwrite=args.overwrite, quiet=args.quiet)
             return 0
-        if args.sample:
-            if args.input:
-                raise DataPrepError("--sample and --input are exclusive; drop one of them")
-            try:
-                inputs = [sample_corpus_dir()]
-            except SampleCorpusMissing as e:
-                raise DataPrepError(str(e)) from None
-            output = args.output or "data/sample"
-            num_groups = SAMPLE_DEFAULTS["num_groups"] if args.num_groups is None else args.num_groups
-            val_fraction = (SAMPLE_DEFAULTS["val_fraction"] if args.val_fraction is None
-                            else args.val_fraction)
-            text_mode = args.text_mode or SAMPLE_DEFAULTS["text_mode"]
-        else:
-            if args.tokenizer_only and args.num_groups is None:
-                args.num_groups = 1
-            missing = [f for f, v in (("--input", args.input), ("--output", args.output),
-                                      ("--num_groups", args.num_groups)) if v is None]
-            if missing:
-                raise DataPrepError(f"{', '.join(missing)} required (or use --sample for the "
-                                    "embedded corpus)")
-            inputs, output, num_groups = args.input, args.output, args.num_groups
-            val_fraction = 0.01 if args.val_fraction is None else args.val_fraction
-            text_mode = args.text_mode or "blank_line"
-        prepare(inputs, output, num_groups=num_groups, vocab_size=args.vocab_size,
-                val_fraction=val_fraction, tokenizer=args.tokenizer, workers=args.workers,
-                seed=args.seed, overwrite=args.overwrite, text_mode=text_mode,
-                jsonl_field=args.jsonl_field, min_chars=args.min_chars,
-                min_text_ratio=args.min_text_ratio, max_doc_bytes=args.max_doc_bytes,
-                tokenizer_sample_mb=args.tokenizer_sample_mb, quiet=args.quiet,
-                lang_filter=args.lang_filter, languages=args.languages, near_dup=args.near_dup,
-                near_dup_threshold=args.near_dup_threshold,
-                near_dup_memory_mb=args.near_dup_memory_mb, line_filters=args.line_filters,
-                min_line_words=args.min_line_words, max_line_repeats=args.max_line_repeats,
-                shard_index=args.shard_index, num_shards=args.num_shards,
-                tokenizer_only=args.tokenizer_only)
+        prepare(_config(args))
     except DataPrepError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
