@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from common import ROOT, bench_data, median, save_results, scalars, table, train
+from codistill.layout import RunLayout  # noqa: E402
 
 from data_prep.dataset import GroupStream, TokenData  # noqa: E402
 from model import build_model, preset_config  # noqa: E402
@@ -55,9 +56,9 @@ def collect(run: Path, groups: int, on_from: int) -> dict:
 
     The swap (waiting for the loader included) happens once per rank between steps; it is
     charged in full to every group's step (logged by group 0)."""
-    reload = scalars(run / "group_0" / "tb", "teacher/reload_ms")
+    reload = scalars(RunLayout(run).group(0).tb, "teacher/reload_ms")
     return {(g, s): (v, reload.get(s, 0.0) / 1e3) for g in range(groups)
-            for s, v in scalars(run / f"group_{g}" / "tb", "perf/step_time").items() if s >= on_from}
+            for s, v in scalars(RunLayout(run).group(g).tb, "perf/step_time").items() if s >= on_from}
 
 
 def summarise(runs: list[dict], K: int) -> dict:

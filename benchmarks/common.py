@@ -1,10 +1,8 @@
 """Shared by the benchmark scripts: run the real trainer, read its TensorBoard scalars, record results."""
 from __future__ import annotations
 
-import json
 import os
 import platform
-import socket
 import statistics
 import subprocess
 import sys
@@ -14,7 +12,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from codistill.runlog import git_sha, write_json  # noqa: E402
+from codistill.comm import free_port  # noqa: E402,F401  (the benchmarks' one free-port helper)
+from codistill.files import write_json  # noqa: E402
+from codistill.runlog import git_sha, read_scalars as scalars  # noqa: E402,F401  (TensorBoard's own reader)
 
 PY = sys.executable
 DEEPSPEED = str(Path(PY).with_name("deepspeed"))
@@ -24,12 +24,6 @@ def bench_data(vocab_size: int = 8000) -> Path:
     """The embedded corpus prepared once for the benchmarks (6 shards: 1, 2 or 3 groups)."""
     from data_prep.prepare import prepare_sample
     return prepare_sample(ROOT / "data" / f"bench_sample_v{vocab_size}", num_groups=6, vocab_size=vocab_size, quiet=True)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def train(run_dir: Path, args: list, num_ranks: int = 1) -> float:
@@ -44,17 +38,6 @@ def train(run_dir: Path, args: list, num_ranks: int = 1) -> float:
     if proc.returncode:
         sys.exit(f"{' '.join(cmd)} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
     return time.time() - t0
-
-
-def scalars(tb_dir: Path, tag: str) -> dict[int, float]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    out: dict[int, float] = {}
-    for f in sorted(Path(tb_dir).glob("events.out.tfevents.*")):
-        ea = EventAccumulator(str(f), size_guidance={"scalars": 0})
-        ea.Reload()
-        if tag in ea.Tags()["scalars"]:
-            out.update({e.step: e.value for e in ea.Scalars(tag)})
-    return out
 
 
 def median(xs) -> float:

@@ -25,6 +25,7 @@ import json
 from pathlib import Path
 
 from common import ROOT, add_run_args, bench_data, plot, runs_root, save_results, scalars, table, train
+from codistill.layout import RunLayout  # noqa: E402
 
 PRESETS = {
     "tiny": dict(model="lstm", model_size="tiny", seq_len=32, micro=8, steps=16, export_every=4,
@@ -84,7 +85,7 @@ def main():
                            "--burn_in_steps", p["burn_in"], "--seed", a.seed, *extra])
         print(f"trained {name} in {wall:.0f}s")
         for g in range(groups):
-            tb = run / f"group_{g}" / "tb"
+            tb = RunLayout(run).group(g).tb
             curves[f"{name}/group_{g}"] = scalars(tb, "val/ppl")
             results[f"{name}/group_{g}"] = {"final_val_ppl": curves[f"{name}/group_{g}"][p["steps"]],
                                             "micro_batch": micro, "groups": groups, "flags": extra,

@@ -15,7 +15,6 @@ and files written by hand into a peer's exports directory.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import pickle
 import re
@@ -26,9 +25,10 @@ import time
 from pathlib import Path
 
 from common import PY, ROOT, add_run_args, bench_data, runs_root, save_results, scalars, table
+from codistill.layout import RunLayout  # noqa: E402
 
 from codistill import checkpoint, faults  # noqa: E402
-from codistill.exchange import list_exports, read_export, read_latest, write_export  # noqa: E402
+from codistill.exchange import list_exports, read_export, write_export  # noqa: E402
 from codistill.teacher import exports_dir  # noqa: E402
 
 STEPS = 30
@@ -66,20 +66,20 @@ def run(args, extra_env=None, until=None, then=None) -> tuple[int, str]:
 
 
 def losses(run_dir: Path, group: int) -> dict[int, float]:
-    return scalars(run_dir / f"group_{group}" / "tb", "train/loss")
+    return scalars(RunLayout(run_dir).group(group).tb, "train/loss")
 
 
 def damage(run_dir: Path, groups, ref: Path | None = None, before: int | None = None) -> str:
     """What the run directory lost, or 'none'."""
     problems = []
     for g in groups:
-        gdir = run_dir / f"group_{g}"
-        ckpt = gdir / "checkpoints"
+        paths = RunLayout(run_dir).group(g)
+        ckpt = paths.checkpoints
         if ckpt.is_dir():
             latest = checkpoint.read_latest(ckpt)
             if latest and not checkpoint.is_complete(ckpt / latest):
                 problems.append(f"group {g}: latest names incomplete {latest}")
-        exp = gdir / "exports"
+        exp = paths.exports
         if (exp / "LATEST").is_file():
             for step in list_exports(exp):
                 try:
@@ -159,13 +159,13 @@ def main():
     # 3/9. NaN losses: skipped and counted, then a stop after --max_bad_steps
     d = root / "nan"
     code, out = run(flags(data, d), {faults.ENV: "nan_loss@12,13"})
-    skipped = scalars(d / "group_0" / "tb", "train/skipped_steps").get(STEPS)
+    skipped = scalars(RunLayout(d).group(0).tb, "train/skipped_steps").get(STEPS)
     record("NaN loss, 2 steps", "loss = NaN at steps 12 and 13", f"exit {code}; {skipped:.0f} steps skipped "
            "(no update), training went on", code == 0 and skipped == 2, "2 (skipped on purpose)",
            damage(d, (0, 1), ref, before=12))
     d = root / "nan_diverged"
     code, out = run(flags(data, d, max_bad_steps=3), {faults.ENV: "nan_loss@17-30"})
-    latest = checkpoint.read_latest(d / "group_0" / "checkpoints")
+    latest = checkpoint.read_latest(RunLayout(d).group(0).checkpoints)
     record("NaN loss, diverged", "loss = NaN from step 17 on, --max_bad_steps 3",
            f"exit {code} (3 = diverged) at step 19 with a clear error; 'latest' = {latest}",
            code == 3 and latest == "global_step15", "run stopped; resumable from step 15", damage(d, (0, 1), ref, before=17))
@@ -207,8 +207,8 @@ def main():
     code, out = run(flags(data, d, num_groups=6, group_id=0, burn_in_steps=0, max_teacher_staleness=25,
                           poll_interval=0.05, save_every=1000), until=r"\[group 0\] step 8/",
                     then=lambda p: export(ed[2], 8, cfg, tok, seed=2))  # ... then joins late, valid
-    peers = scalars(d / "group_0" / "tb", "teacher/num_peers")
-    refused = sum(s in out for s in ("pickle", "not an export name", "sha256 does not match"))
+    peers = scalars(RunLayout(d).group(0).tb, "teacher/num_peers")
+    refused = sum(s in out for s in ("pickle", "not an export name", "checksum does not match"))
     record("dead, late, corrupt and hostile peers", "peer 1 dead after step 2; peer 2 a pickle payload named "
            ".safetensors then joins at step 8; peer 3 LATEST = ../../; peer 4 truncated; peer 5 silent; --max_teacher_staleness 25",
            f"exit {code}; {refused} bad files refused with a warning; payload ran: {marker.exists()}; "

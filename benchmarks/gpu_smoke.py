@@ -35,6 +35,7 @@ import time
 from pathlib import Path
 
 from common import DEEPSPEED, PY, ROOT, RESULTS, free_port, median, save_results, scalars, table
+from codistill.layout import RunLayout  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -94,7 +95,7 @@ class Smoke:
 
 def tok_s(run: Path) -> float:
     """Median tokens/s of one group's steps after the first 10 (start-up excluded)."""
-    v = scalars(run / "group_0" / "tb", "perf/tokens_per_s")
+    v = scalars(RunLayout(run).group(0).tb, "perf/tokens_per_s")
     return median([x for s, x in v.items() if s > 10]) if v else float("nan")
 
 
@@ -104,12 +105,11 @@ def peak_gb(run: Path) -> float:
 
 
 def codistilled(run: Path, groups=(0, 1)) -> bool:
-    return all(max(scalars(run / f"group_{g}" / "tb", "train/distill").values(), default=0) > 0 for g in groups)
+    return all(max(scalars(RunLayout(run).group(g).tb, "train/distill").values(), default=0) > 0 for g in groups)
 
 
 def fwd_share(device: str, size: str, micro: int, seq_len: int, vocab: int, reps: int = 20) -> float:
     """F / (F + B) of one student step in plain PyTorch on ``device`` (bf16 autocast where native)."""
-    sys.path.insert(0, str(ROOT))
     from model import build_model, preset_config
     dev = torch.device(device)
     torch.manual_seed(0)
@@ -179,7 +179,7 @@ def main() -> None:
         run, out = sm.train("zero3", ["--ds_config", "ds_configs/zero3.json", "--max_steps", sm.steps(100),
                                       "--export_every", "10", *common], ranks=ranks)
         from safetensors.torch import load_file
-        w = [load_file(run / f"group_{g}" / "final" / "model.safetensors") for g in (0, 1)]
+        w = [load_file(RunLayout(run).group(g).final / "model.safetensors") for g in (0, 1)]
         ok = "ZeRO-3" in out and codistilled(run) and all(v.numel() > 0 for v in w[1].values())
         sm.record("zero3", ok, f"{ranks} rank(s), peak {peak_gb(run):.2f} GiB", peak_gib=peak_gb(run))
 
@@ -197,7 +197,7 @@ def main() -> None:
         b_run, out = sm.train("resume_sliced", kw)
         diffs = []
         for g in (0, 1):
-            x, y = (scalars(r / f"group_{g}" / "tb", "train/loss") for r in (a_run, b_run))
+            x, y = (scalars(RunLayout(r).group(g).tb, "train/loss") for r in (a_run, b_run))
             diffs.append(max(abs(x[s] - y[s]) for s in x))
         sm.record("resume", "resumed from step 30" in out and max(diffs) < 2e-3,
                   f"max |loss diff| {max(diffs):.2e} after resume", max_loss_diff=max(diffs))
@@ -221,9 +221,9 @@ def main() -> None:
                  "--save_every", "100000", *common]
         base, _ = sm.train("tp_base", [*flags, "--num_groups", "1"])
         cod, _ = sm.train("tp_codistill", [*flags, "--num_groups", "2"])
-        t0 = scalars(base / "group_0" / "tb", "perf/step_time")
+        t0 = scalars(RunLayout(base).group(0).tb, "perf/step_time")
         k = 4 if a.quick else 20
-        t1 = {s: v for s, v in scalars(cod / "group_0" / "tb", "perf/step_time").items()
+        t1 = {s: v for s, v in scalars(RunLayout(cod).group(0).tb, "perf/step_time").items()
               if s > 2 * k}  # teachers on from 2K + 1
         ratio = median(list(t1.values())) / median([v for s, v in t0.items() if s > 10])
         vocab = json.loads(((Path(a.data) if a.data else ROOT / "data" / "sample") / "manifest.json")

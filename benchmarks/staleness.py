@@ -17,6 +17,7 @@ import statistics
 from pathlib import Path
 
 from common import add_run_args, bench_data, median, plot, runs_root, save_results, scalars, table, train
+from codistill.layout import RunLayout  # noqa: E402
 
 PRESETS = {
     "tiny": dict(model="lstm", model_size="tiny", seq_len=32, steps=16, every=[2, 4], burn_in=4, eval_every=8,
@@ -55,7 +56,7 @@ def main():
     for name, extra in configs:
         wall = train(root / name, common + extra)
         print(f"trained {name} in {wall:.0f}s")
-        tbs = [root / name / f"group_{g}" / "tb" for g in (0, 1)]
+        tbs = [root / RunLayout(name).group(g).tb for g in (0, 1)]
         after = [v for tb in tbs for s, v in scalars(tb, "perf/step_time").items() if s > p["burn_in"]]
         staleness = [v for tb in tbs for v in scalars(tb, "teacher/staleness").values()]
         results[name] = {

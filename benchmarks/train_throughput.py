@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from common import ROOT, bench_data, median, save_results, scalars, table, train
+from codistill.layout import RunLayout  # noqa: E402
 
 from data_prep.dataset import GroupStream, TokenData  # noqa: E402
 from model import build_model, preset_config  # noqa: E402
@@ -63,7 +64,7 @@ def main():
                 train(run, ["--data", data_dir, "--num_groups", 1, "--model_size", size, "--max_steps", a.steps,
                             "--seq_len", a.seq_len, "--eval_every", 10 ** 6, "--save_every", 10 ** 6,
                             "--lr", 3e-3], num_ranks=ranks)
-                step_time = median([v for s, v in scalars(run / "group_0" / "tb", "perf/step_time").items() if s > 10])
+                step_time = median([v for s, v in scalars(RunLayout(run).group(0).tb, "perf/step_time").items() if s > 10])
                 ds = micro * ranks * a.seq_len / step_time
                 r = {"size": size, "ranks": ranks, "plain_tokens_per_s": plain, "deepspeed_tokens_per_s": ds,
                      "ratio_vs_plain_1rank": ds / plain}

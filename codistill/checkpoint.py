@@ -28,7 +28,6 @@ exports are safetensors, read by codistill/exchange.py).
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import time
@@ -36,7 +35,7 @@ from pathlib import Path
 from typing import Callable
 
 from codistill import faults
-from codistill.exchange import atomic_write_bytes, fsync_dir
+from codistill.files import atomic_write_bytes, fsync_dir, fsync_tree
 
 COMPLETE = "codistill_complete.json"
 TAG = re.compile(r"^global_step(\d+)$")
@@ -84,20 +83,6 @@ def read_latest(ckpt_dir: Path) -> str | None:
     return raw
 
 
-def _fsync_tree(tag_dir: Path) -> None:
-    for root, _, files in os.walk(tag_dir):
-        for name in files:
-            try:
-                fd = os.open(os.path.join(root, name), os.O_RDONLY)
-            except OSError:
-                continue
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        fsync_dir(Path(root))
-
-
 def save(engine, ckpt_dir: Path, step: int, client_state: dict, leader: bool, keep: int) -> None:
     """Save ``engine`` as tag global_step{step}; ``latest`` moves only once it is complete.
 
@@ -113,7 +98,7 @@ def save(engine, ckpt_dir: Path, step: int, client_state: dict, leader: bool, ke
             engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
         faults.sigkill("sigkill_in_save", step)
         if leader:
-            _fsync_tree(tag_dir)
+            fsync_tree(tag_dir)
             files = {str(p.relative_to(tag_dir)): p.stat().st_size for p in sorted(tag_dir.rglob("*")) if p.is_file()}
             atomic_write_bytes(tag_dir / COMPLETE, json.dumps(
                 {"tag": tag, "step": step, "time": time.time(), "files": files}, indent=1).encode())
@@ -198,3 +183,75 @@ def load(engine, ckpt_dir: Path, log: Callable[[str], None] = print) -> tuple[st
             return tag, state or {}
         log(f"WARNING: checkpoint {Path(ckpt_dir) / tag} cannot be loaded ({str(err)[:300]}); trying an older one")
     return None, {}
+
+
+class Checkpointer:
+    """What a checkpoint holds and when one is written; the only place that writes or reads the
+    trainer's ``client_state`` (HelloDeepSpeed's pattern: DeepSpeed's checkpoint carries the
+    engine, this carries the rest).
+
+    client_state: step, tokens seen, skipped steps, samples, the CPU and CUDA generators (dropout,
+    data-free randomness) and the exchange's state (the teachers in use), so that resume continues
+    exactly. Written every --save_every steps, at the last step, on a stop request and at a
+    --stop_after_steps slice; before each, the exports in flight are settled (a checkpoint never
+    follows an export whose write failed unnoticed).
+    """
+
+    def __init__(self, students, exchange, args, device, log):
+        self.students, self.exchange, self.args, self.device, self.log = students, exchange, args, device, log
+        self.saved_at: int | None = None
+
+    def due(self, step: int, forced: bool = False) -> bool:
+        return forced or step % self.args.save_every == 0 or step == self.args.max_steps
+
+    def rng_state(self) -> dict:
+        import torch
+        state = {"torch_rng": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
+        return state
+
+    def save(self, step: int) -> bool:
+        """Checkpoint every hosted student; False if one could not be written ('latest' then still
+        names the previous complete checkpoint)."""
+        ok = True
+        for s in self.students:
+            try:
+                save(s.engine, s.paths.checkpoints, step, {
+                    "step": step, "tokens_seen": s.tokens_seen, "skipped_steps": s.skipped_steps,
+                    "samples": step * s.global_batch, **self.rng_state(), **self.exchange.state()},
+                    s.leader, self.args.keep_checkpoints)
+            except OSError as e:
+                ok = False
+                self.log(f"WARNING: [group {s.id}] checkpoint of step {step} failed ({e}); 'latest' still names "
+                         f"{read_latest(s.paths.checkpoints)}", force=s.leader)
+        if ok:
+            self.saved_at = step
+        return ok
+
+    def restore(self, src_run) -> int:
+        """Load the newest loadable checkpoint of every hosted student from run layout
+        ``src_run``; returns the step to continue after (0: none). Raises ValueError when a
+        checkpoint exists but none loads, or hosted groups stand at different steps."""
+        import torch
+        starts, state = set(), {}
+        for s in self.students:
+            ckpt = src_run.group(s.id).checkpoints
+            tag, state = load(s.engine, ckpt, self.log) if ckpt.is_dir() else (None, {})
+            if tag is None and list_tags(ckpt):
+                raise ValueError(f"no checkpoint in {ckpt} can be loaded (see the warnings above); "
+                                 "use --resume never to start over, or another --run_dir")
+            starts.add(state.get("step", 0))
+            s.tokens_seen = state.get("tokens_seen", 0)
+            s.skipped_steps = state.get("skipped_steps", 0)
+            if state.get("torch_rng") is not None:
+                torch.set_rng_state(state["torch_rng"])
+            if self.device.type == "cuda" and state.get("cuda_rng") is not None:
+                torch.cuda.set_rng_state(state["cuda_rng"], self.device)
+        if len(starts) > 1:
+            raise ValueError(f"hosted groups have checkpoints at different steps {sorted(starts)}; use --resume "
+                             "never or remove the newer checkpoints")
+        start = starts.pop()
+        self.exchange.restore(state, start)
+        self.saved_at = start
+        return start

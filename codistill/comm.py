@@ -18,16 +18,20 @@ import torch
 import torch.distributed as dist
 
 
+def free_port() -> int:
+    """A TCP port free on this host now (for a rendezvous; tests and benchmarks use it too)."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def rendezvous_defaults() -> None:
     """env:// variables for a process started without a launcher: a 1-rank world on a free port."""
     import os
-    import socket
     for k, v in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
         os.environ.setdefault(k, v)
-    if "MASTER_PORT" not in os.environ:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+    os.environ.setdefault("MASTER_PORT", str(free_port()))
 
 
 def device_tensor(values, device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:

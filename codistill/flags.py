@@ -1,4 +1,5 @@
-"""Flag combinations that cannot work, caught before any compute (exit 2 with the fix named).
+"""The trainer's flags: their definition (``parse_args``) and the combinations that cannot
+work, caught before any compute (exit 2 with the fix named).
 
 ``check(args)`` returns (errors, warnings): each message names the flag and what to do. It
 looks only at the parsed flags; the ds_config, data and topology are checked by their own
@@ -6,7 +7,93 @@ modules, also before deepspeed.init_distributed.
 """
 from __future__ import annotations
 
+import argparse
+import json
 from pathlib import Path
+
+from model import PRESETS
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_DATA = ROOT / "data" / "sample"  # the embedded corpus, prepared on first use
+
+
+def parse_args(argv=None, description: str | None = None):
+    """The flags of recipes/train_lm.py (plus --config defaults), with single-flag checks."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="JSON file of flag defaults (see recipes/configs/); flags given here win")
+    p.add_argument("--ds_config", default=str(ROOT / "ds_configs" / "zero2.json"))
+    p.add_argument("--data", default=str(DEFAULT_DATA), help="data_prep output dir (default: the embedded "
+                   "corpus, prepared automatically on first use)")
+    p.add_argument("--model", default="lstm", choices=sorted(PRESETS))
+    p.add_argument("--model_size", default="tiny")
+    p.add_argument("--dropout", type=float, default=None, help="override the preset's dropout")
+    p.add_argument("--seq_len", type=int, default=64)
+    p.add_argument("--run_dir", default="runs/codistill")
+    p.add_argument("--max_steps", type=int, default=300)
+    p.add_argument("--lr", type=float, default=None, help="peak LR (default: the ds_config optimizer's)")
+    p.add_argument("--min_lr_ratio", type=float, default=0.1, help="cosine decay ends at lr * this")
+    p.add_argument("--warmup_steps", type=int, default=20)
+    p.add_argument("--eval_every", type=int, default=50)
+    p.add_argument("--eval_batches", type=int, default=20)
+    p.add_argument("--save_every", type=int, default=100)
+    p.add_argument("--stop_after_steps", type=int, default=None,
+                   help="checkpoint and exit after this step, keeping the --max_steps schedule (time-sliced jobs)")
+    p.add_argument("--keep_checkpoints", type=int, default=2)
+    p.add_argument("--log_every", type=int, default=10)
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--resume", default="auto", help="auto | never | PATH of an earlier run directory (DeepSpeed "
+                   "checkpoints are pickles: only resume from run directories you trust)")
+    p.add_argument("--num_groups", type=int, default=2)
+    p.add_argument("--group_id", type=int, default=None, help="train only this group (one launch per group)")
+    p.add_argument("--data_split", default="disjoint", choices=["disjoint", "shared"],
+                   help="disjoint: group i reads only its own shards (the method); shared: every group reads all "
+                        "shards in its own order (the same-data comparison of the paper's claim 3)")
+    # codistillation
+    p.add_argument("--export_every", type=int, default=25)
+    p.add_argument("--keep_exports", type=int, default=3)
+    p.add_argument("--burn_in_steps", type=int, default=50)
+    p.add_argument("--distill_weight", type=float, default=1.0)
+    p.add_argument("--distill_ramp_steps", type=int, default=0)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--label_smoothing", type=float, default=0.0)
+    p.add_argument("--teacher_sync", default="auto", choices=["auto", "on", "off"],
+                   help="on: swap teachers at fixed steps (deterministic; needs all groups in this launch); "
+                        "off: follow peers' LATEST; auto: on unless --group_id")
+    p.add_argument("--teacher_timeout", type=float, default=600.0)
+    p.add_argument("--max_teacher_staleness", type=int, default=None,
+                   help="drop a teacher whose export is more than this many steps old")
+    p.add_argument("--teacher", default=None, metavar="PATH",
+                   help="offline (two-phase) distillation: a fixed, finished teacher - a group directory of an "
+                        "earlier run (its final/ weights), or an export - used from --burn_in_steps on, averaged "
+                        "with the peers' teachers if any (--num_groups 1: the only teacher)")
+    p.add_argument("--poll_interval", type=float, default=1.0)
+    p.add_argument("--loss_chunk_tokens", type=int, default=4096)
+    # faults
+    p.add_argument("--max_bad_steps", type=int, default=5,
+                   help="a step with a NaN/Inf loss is skipped (no update) and counted; stop after this many in a row")
+    p.add_argument("--on_write_error", default="warn", choices=["warn", "stop"],
+                   help="an export or checkpoint write fails (disk full): warn and keep training on the previous "
+                        "one, or stop (exit 4); either way LATEST/latest keep naming the previous complete one")
+    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the deepspeed launcher
+    pre, _ = p.parse_known_args(argv)
+    if pre.config:
+        try:
+            defaults = json.loads(Path(pre.config).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            p.error(f"--config {pre.config}: {e}")
+        unknown = set(defaults) - {a.dest for a in p._actions}
+        if unknown:
+            p.error(f"--config {pre.config}: unknown keys {sorted(unknown)}")
+        p.set_defaults(**defaults)
+    args = p.parse_args(argv)
+    for name in ("max_steps", "seq_len", "eval_every", "eval_batches", "save_every", "export_every", "log_every"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name} must be >= 1")
+    if args.resume not in ("auto", "never") and not Path(args.resume).is_dir():
+        p.error(f"--resume {args.resume}: not 'auto', 'never' or an existing run directory")
+    if args.model_size not in PRESETS[args.model]:
+        p.error(f"--model_size for --model {args.model} must be one of {sorted(PRESETS[args.model])}")
+    return args
 
 
 def check(a) -> tuple[list[str], list[str]]:

@@ -20,6 +20,8 @@ import socket
 import time
 from pathlib import Path
 
+from codistill.layout import GroupLayout
+
 
 class LockError(RuntimeError):
     pass
@@ -27,7 +29,7 @@ class LockError(RuntimeError):
 
 class GroupLock:
     def __init__(self, group_dir: Path):
-        self.path = Path(group_dir) / "LOCK"
+        self.path = GroupLayout(Path(group_dir), -1).lock
         self.fd: int | None = None
 
     def acquire(self) -> bool:

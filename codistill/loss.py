@@ -2,7 +2,8 @@
 
 psi is the cross entropy of the student's distribution against the averaged teacher
 distribution (the paper's choice; equal to KL(q || p) up to the teacher's entropy, which has
-no gradient). With a temperature T != 1 both sides are softened and psi is scaled by T^2
+no gradient). The logs show KL(q || p) (``LossStats.kl``): it falls towards 0 as the student
+agrees with its teachers, while psi stays above the teachers' entropy (~ the CE itself). With a temperature T != 1 both sides are softened and psi is scaled by T^2
 (Hinton et al.), so its gradient keeps the same magnitude.
 
 Everything is computed in fp32, chunk by chunk over tokens: the forward pass keeps no
@@ -20,7 +21,7 @@ import torch.nn.functional as F
 @dataclass
 class LossStats:
     """Detached statistics of one loss call, kept on the logits' device (no host sync):
-    ``values`` = [ce, distill, agreement]. The float properties copy to the host."""
+    ``values`` = [ce, distill, agreement, kl]. The float properties copy to the host."""
     values: torch.Tensor
 
     @property
@@ -35,6 +36,10 @@ class LossStats:
     def agreement(self) -> float:   # top-1 agreement student vs averaged teacher (nan without teacher)
         return float(self.values[2])
 
+    @property
+    def kl(self) -> float:          # KL(q || p) = psi - T^2 H(q): 0 when the student agrees with the teacher
+        return float(self.values[3])
+
 
 class _CodistillLoss(torch.autograd.Function):
     @staticmethod
@@ -43,6 +48,7 @@ class _CodistillLoss(torch.autograd.Function):
         ce = logits.new_zeros((), dtype=torch.float32)
         smooth = torch.zeros_like(ce)
         distill = torch.zeros_like(ce)
+        entropy = torch.zeros_like(ce)
         agree = torch.zeros_like(ce)
         for i in range(0, n, chunk):
             s = logits[i:i + chunk].float()
@@ -54,17 +60,19 @@ class _CodistillLoss(torch.autograd.Function):
                 q = teacher_probs[i:i + chunk].float()
                 logp_t = logp if temperature == 1.0 else F.log_softmax(s / temperature, dim=-1)
                 distill -= torch.dot(q.reshape(-1), logp_t.reshape(-1)) * temperature ** 2
+                entropy -= torch.special.xlogy(q, q).sum() * temperature ** 2  # for the KL in the logs only
                 agree += (row_argmax(s) == row_argmax(q)).sum()
         ctx.save_for_backward(logits, targets)
         # Stored on ctx, not saved_tensors: teacher outputs come from inference_mode, and
         # they need no version tracking (nothing writes to them).
         ctx.teacher_probs = teacher_probs
         ctx.hp = (alpha, temperature, label_smoothing, chunk)
-        ce, smooth, distill = ce / n, smooth / n, distill / n
+        ce, smooth, distill, entropy = ce / n, smooth / n, distill / n, entropy / n
         loss = (1 - label_smoothing) * ce + label_smoothing * smooth
         if teacher_probs is not None:
             loss = loss + alpha * distill
-        stats = torch.stack([ce, distill, agree / n if teacher_probs is not None else ce.new_full((), float("nan"))])
+        stats = torch.stack([ce, distill, agree / n if teacher_probs is not None else ce.new_full((), float("nan")),
+                             distill - entropy])
         ctx.mark_non_differentiable(stats)
         return loss, stats
 

@@ -1,5 +1,5 @@
-"""What a run shows and leaves behind: console lines, TensorBoard scalars, final weights,
-summary.json and checkpoint pruning."""
+"""What a run shows and leaves behind: console lines, TensorBoard scalars (written here, and
+read back by tests, benchmarks and plots through ``read_events``), final weights, summary.json."""
 from __future__ import annotations
 
 import json
@@ -10,12 +10,11 @@ import sys
 import time
 from pathlib import Path
 
-import hashlib
 from dataclasses import dataclass, field
 
-from safetensors.torch import save
-
-from codistill.exchange import atomic_write_bytes
+from codistill.exchange import write_weights
+from codistill.files import write_json
+from codistill.layout import RunLayout
 
 
 class Console:
@@ -56,10 +55,11 @@ class TBWriter:
 @dataclass
 class StepStats:
     """One group's training step as the logs show it (host values, after the step's sync)."""
-    loss: float
+    loss: float             # ce + alpha * distill: the optimised loss less the constant alpha * T^2 H(teacher)
     ce: float
-    distill: float
+    distill: float          # KL(teacher || student) (0 without a teacher)
     agreement: float        # top-1 agreement with the averaged teacher (nan without one)
+    distill_ce: float       # the cross entropy against the teacher that is optimised (= distill + T^2 H(teacher))
     alpha: float
     lr: float
     step_time: float        # seconds: this group's passes and update, plus the step's sync
@@ -80,6 +80,7 @@ def log_train(g, step: int, st: StepStats, pool, reload_ms: float, log, args, t_
         w.scalar("train/loss", st.loss, step)
         w.scalar("train/ce", st.ce, step)
         w.scalar("train/distill", st.distill, step)
+        w.scalar("train/distill_ce", st.distill_ce, step)
         w.scalar("train/ppl", math.exp(min(st.ce, 50)), step)
         w.scalar("train/alpha", st.alpha, step)
         w.scalar("lr", st.lr, step)
@@ -107,7 +108,7 @@ def log_train(g, step: int, st: StepStats, pool, reload_ms: float, log, args, t_
         eta = elapsed / max(1, step - start_step) * (args.max_steps - step)
         teacher = ",".join("fixed" if p in pool.fixed else f"g{p}@{pool.steps[p]}" for p in st.peers) or "-"
         log(f"[group {g.id}] step {step}/{args.max_steps} | loss {st.loss:.4f} ce {st.ce:.4f} "
-            f"distill {st.distill:.4f} | ppl {math.exp(min(st.ce, 50)):.1f} | teachers {teacher} | "
+            f"kl {st.distill:.4f} | ppl {math.exp(min(st.ce, 50)):.1f} | teachers {teacher} | "
             f"{tok_s / 1e3:.1f}k tok/s | eta {fmt_time(eta)}", force=True)
 
 
@@ -121,10 +122,6 @@ def log_eval(g, step: int, loss: float, ppl: float, log) -> None:
         log(f"[group {g.id}] step {step} | val loss {loss:.4f} | val ppl {ppl:.2f}", force=True)
 
 
-def write_json(path: Path, obj) -> None:
-    atomic_write_bytes(Path(path), (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
-
-
 def git_sha(root: Path) -> str | None:
     try:
         return subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
@@ -133,37 +130,33 @@ def git_sha(root: Path) -> str | None:
         return None
 
 
-def save_final(g, state_dict, model_cfg, step: int, wall: float, pool, peers, tokenizer_sha256: str) -> None:
+def save_final(s, state_dict, meta: dict, model_cfg, step: int, wall: float, teacher_steps: dict) -> None:
     """group_i/final/: model.safetensors + config.json + meta.json (the metadata of an export, so
-    that ``--teacher`` can use it) (+ hf/ for Transformers) and summary.json."""
-    final = g.dir / "final"
-    tmp = g.dir / ".final.tmp"
+    that ``--teacher`` and evaluate.py read it like one) (+ hf/ for Transformers), and
+    group_i/summary.json. The directory appears complete or not at all."""
+    final, tmp, old = s.paths.final, s.dir / ".final.tmp", s.dir / ".final.old"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state_dict.items()}
-    blob = save(tensors, metadata={"format": "pt", "step": str(step)})
-    (tmp / "model.safetensors").write_bytes(blob)
+    tensors = {k: v.detach().to("cpu") for k, v in state_dict.items()}
+    info = write_weights(tmp / "model.safetensors", tensors, step)
     (tmp / "config.json").write_text(json.dumps(model_cfg.to_dict(), indent=2, sort_keys=True) + "\n")
-    (tmp / "meta.json").write_text(json.dumps({
-        "step": step, "group": g.id, "tokens_seen": g.tokens_seen, "model_config": model_cfg.to_dict(),
-        "model_config_hash": model_cfg.config_hash(), "tokenizer_sha256": tokenizer_sha256,
-        "weights_sha256": hashlib.sha256(blob).hexdigest()}, indent=2, sort_keys=True) + "\n")
+    (tmp / "meta.json").write_text(json.dumps(dict(meta, step=step, weights="model.safetensors", **info),
+                                              indent=2, sort_keys=True) + "\n")
     if model_cfg.arch == "transformer":
         from model import build_model
         m = build_model(model_cfg)
         m.load_state_dict(tensors)
         m.hf.save_pretrained(str(tmp / "hf"))
-    old = g.dir / ".final.old"
     shutil.rmtree(old, ignore_errors=True)
     if final.exists():
         final.rename(old)
     tmp.rename(final)
     shutil.rmtree(old, ignore_errors=True)
-    loss, ppl = g.last_val
-    write_json(g.dir / "summary.json", {
-        "group": g.id, "steps": step, "tokens_seen": g.tokens_seen, "val_loss": loss, "val_ppl": ppl,
-        "wall_time_s": round(wall, 2), "num_params": g.num_params, **peak_memory(g.device),
-        "teacher_steps": {str(p): pool.steps[p] for p in peers if p in pool.steps and p != g.id}})
+    loss, ppl = s.last_val
+    write_json(s.paths.summary, {
+        "group": s.id, "steps": step, "tokens_seen": s.tokens_seen, "val_loss": loss, "val_ppl": ppl,
+        "wall_time_s": round(wall, 2), "num_params": s.num_params, **peak_memory(s.device),
+        "teacher_steps": {str(p): t for p, t in teacher_steps.items()}})
 
 
 def peak_memory(device) -> dict:
@@ -176,13 +169,13 @@ def peak_memory(device) -> dict:
 
 
 def merge_summaries(run_dir: Path, num_groups: int) -> dict:
-    groups = {}
+    run, groups = RunLayout(run_dir), {}
     for i in range(num_groups):
-        p = Path(run_dir) / f"group_{i}" / "summary.json"
+        p = run.group(i).summary
         if p.is_file():
             groups[f"group_{i}"] = json.loads(p.read_text())
     summary = {"run_dir": str(run_dir), "num_groups": num_groups, "groups": groups}
-    write_json(Path(run_dir) / "summary.json", summary)
+    write_json(run.summary, summary)
     return summary
 
 
@@ -197,7 +190,21 @@ def print_table(summary: dict, run_dir: Path, log) -> None:
     log(f"TensorBoard: tensorboard --logdir {run_dir}")
 
 
-def prune_checkpoints(ckpt_dir: Path, keep: int) -> None:
-    """Keep the newest ``keep`` global_stepN tags; never the one 'latest' names."""
-    from codistill.checkpoint import prune  # marker first, then the files (see codistill/checkpoint.py)
-    prune(Path(ckpt_dir), keep)
+def read_events(tb_dir: Path) -> dict[str, list[tuple[float, int, float]]]:
+    """tag -> [(wall time, step, value)] by step, from every event file in ``tb_dir``, through
+    TensorBoard's own reader (a later file wins for a step written twice, e.g. after resume)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    out: dict[str, dict[int, tuple]] = {}
+    for f in sorted(Path(tb_dir).glob("events.out.tfevents.*")):
+        ea = EventAccumulator(str(f), size_guidance={"scalars": 0})
+        ea.Reload()
+        for tag in ea.Tags()["scalars"]:
+            d = out.setdefault(tag, {})
+            for e in ea.Scalars(tag):
+                d[e.step] = (e.wall_time, e.step, e.value)
+    return {tag: [d[s] for s in sorted(d)] for tag, d in out.items()}
+
+
+def read_scalars(tb_dir: Path, tag: str) -> dict[int, float]:
+    """step -> value of ``tag`` in ``tb_dir``."""
+    return {s: v for _, s, v in read_events(tb_dir).get(tag, [])}

@@ -1,8 +1,9 @@
 """Peers' stale checkpoints as teachers: a background loader and the in-memory teacher modules.
 
 TeacherLoader (a thread beside the training loop) reads peers' exports from disk into CPU
-memory - file read, sha256 check, safetensors parse - so the trainer only pays for copying
-ready tensors into its teacher modules between steps (TeacherPool.load).
+memory - file read, size/checksum check, safetensors parse, shape and finiteness checks - so
+the trainer only pays for copying ready tensors into its teacher modules between steps
+(TeacherPool.load; from pinned memory without blocking on a GPU).
 
 Two ways to choose which export a student uses:
 - "sync" (one launch hosting every group, so all groups export at the same steps): at each
@@ -25,15 +26,12 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
 from codistill.comm import GroupComm
-from codistill.exchange import EXPORT_NAME, Export, ExportError, export_name, read_export, read_latest, read_weights
+from codistill.layout import exports_dir
+from codistill.exchange import (EXPORT_NAME, Export, ExportError, all_finite, export_name, read_export, read_final,
+                                read_latest)
 from model import ModelConfig, build_model
-
-
-def exports_dir(run_dir: Path, group: int) -> Path:
-    return Path(run_dir) / f"group_{group}" / "exports"
 
 
 FIXED_TEACHER = -1  # the pool slot of --teacher PATH (peers are groups 0..G-1)
@@ -57,11 +55,7 @@ def read_fixed_teacher(path: Path, config_hash: str | None = None, tokenizer_sha
     if (path / "final").is_dir() or (path / "exports").is_dir():  # a group directory
         path = path / "final" if (path / "final" / "meta.json").is_file() else path / "exports"
     if (path / "meta.json").is_file() or (path / "model.safetensors").is_file():  # a final/ directory
-        if not (path / "meta.json").is_file():
-            raise ExportError(f"--teacher {path}: has no meta.json (written by this repository's trainer since "
-                              "offline distillation was added); point --teacher at one of the run's exports instead")
-        return read_weights(path / "meta.json", path / "model.safetensors", None, config_hash, tokenizer_sha256,
-                            missing=f"--teacher {path}: incomplete final/ directory")
+        return read_final(path, config_hash, tokenizer_sha256, where=f"--teacher {path}")
     if (path / "LATEST").is_file():
         return read_export(path, read_latest(path), config_hash, tokenizer_sha256)
     groups = sorted(p.name for p in path.glob("group_*") if p.is_dir())
@@ -76,14 +70,37 @@ def _mtime_ns(path: Path) -> int | None:
         return None
 
 
+def check_usable(exp: Export, expect: dict[str, tuple] | None) -> None:
+    """Refuse weights a teacher cannot use: other tensor names or shapes than ``expect``, or
+    non-finite values (a diverged peer, or one whose writer did not check)."""
+    sd = exp.state_dict
+    if expect is not None:
+        if set(sd) != set(expect):
+            missing, extra = sorted(set(expect) - set(sd)), sorted(set(sd) - set(expect))
+            raise ExportError(f"step {exp.step}: tensors do not match the model (missing {missing[:3]}, "
+                              f"unexpected {extra[:3]})")
+        bad = [k for k, v in sd.items() if tuple(v.shape) != tuple(expect[k])]
+        if bad:
+            raise ExportError(f"step {exp.step}: tensor {bad[0]} has shape {tuple(sd[bad[0]].shape)}, the model "
+                              f"{tuple(expect[bad[0]])}")
+    for k, v in sd.items():
+        if not all_finite(v):
+            raise ExportError(f"step {exp.step}: tensor {k} has NaN/Inf values (a diverged peer?)")
+
+
 class TeacherLoader:
     def __init__(self, run_dir: Path, peers: list[int], config_hash: str, tokenizer_sha256: str,
-                 mode: str = "latest", poll_interval: float = 1.0, log: Callable[[str], None] = print):
+                 mode: str = "latest", poll_interval: float = 1.0, log: Callable[[str], None] = print,
+                 pin_memory: bool = False, expect: dict[str, tuple] | None = None):
+        """``pin_memory``: read into pinned host memory (a CUDA student copies from it without
+        blocking); ``expect``: tensor name -> shape the student's teachers have (an export with
+        other names or shapes is refused here, not when it is swapped in)."""
         if mode not in ("sync", "latest"):
             raise ValueError(f"teacher loader mode must be sync or latest, got {mode!r}")
         self.run_dir, self.peers, self.mode = Path(run_dir), list(peers), mode
         self.config_hash, self.tokenizer_sha256 = config_hash, tokenizer_sha256
         self.poll_interval, self.log = poll_interval, log
+        self.pin_memory, self.expect = pin_memory, expect
         self._lock = threading.Condition()
         self._want: dict[int, int] = {}           # sync mode: peer -> step to prefetch
         self._ready: dict[int, Export] = {}       # peer -> loaded, not yet taken
@@ -163,8 +180,9 @@ class TeacherLoader:
                     continue  # not exported yet: wait for it (the trainer's wait() has the timeout)
                 t0 = time.perf_counter()
                 try:
-                    exp = read_export(exports_dir(self.run_dir, peer), target,
-                                      self.config_hash, self.tokenizer_sha256)
+                    exp = read_export(exports_dir(self.run_dir, peer), target, self.config_hash,
+                                      self.tokenizer_sha256, pin_memory=self.pin_memory)
+                    check_usable(exp, self.expect)
                 except ExportError as e:
                     n = failures[(peer, target, sig)] = failures.get((peer, target, sig), 0) + 1
                     if n < 3:  # a file being replaced can fail once; retry before refusing
@@ -240,6 +258,11 @@ class TeacherPool:
         self._warned: set[tuple] = set()
         self.fixed: set[int] = set()
 
+    def expected_shapes(self) -> dict[str, tuple]:
+        """Tensor name -> shape an export must have to be swapped in (for the loader)."""
+        module = build_frozen(self.model_config, torch.device("meta"))
+        return {k: tuple(v.shape) for k, v in module.state_dict().items()}
+
     def reserve(self, peers: list[int]) -> None:
         """Build the peers' modules up front, so that a swap is only a copy of weights."""
         for peer in peers:
@@ -255,8 +278,10 @@ class TeacherPool:
             self.fixed.add(peer)
         self.reserve([peer])
         module = self._spare[peer]
+        src = export.state_dict  # names and shapes checked by the reader (check_usable)
         with torch.no_grad():
-            module.load_state_dict(export.state_dict, strict=True)
+            for k, t in module.state_dict(keep_vars=True).items():
+                t.data.copy_(src[k], non_blocking=True)  # from pinned memory on a GPU: no wait
         self.modules[peer] = module
         self.steps[peer] = export.step
         return (time.perf_counter() - t0) * 1e3

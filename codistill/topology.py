@@ -1,6 +1,6 @@
 """Group topology: which groups a rank trains and which ranks form each group's data-parallel world.
 
-One code path, three mappings (DESIGN.md "Groups and ranks"):
+One code path, three mappings:
 - ``--group_id i``: this launch is group i alone; every rank of the launch belongs to it and
   peers are reached only through files in the run directory.
 - W >= G (W % G == 0): W/G consecutive ranks form each group (world split).

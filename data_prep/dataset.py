@@ -115,9 +115,6 @@ class GroupStream:
         base = ((step * grad_accum + micro_step) * dp_size + dp_rank) * micro_batch
         return torch.from_numpy(np.stack([self.window(base + b) for b in range(micro_batch)]).astype(np.int64))
 
-    def epochs(self, steps: int, global_batch: int) -> float:
-        return steps * global_batch / self.num_windows
-
 
 def eval_batches(data: TokenData, seq_len: int, micro_batch: int, num_batches: int, dp_rank: int,
                  dp_size: int, split: str = "val") -> list[torch.Tensor]:

@@ -42,11 +42,12 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from safetensors.torch import load as load_safetensors  # noqa: E402
 
-from codistill.exchange import ExportError, check_safetensors_header, read_export, read_latest  # noqa: E402
+from codistill.exchange import ExportError, export_name, read_export, read_final, read_latest  # noqa: E402
+from codistill.layout import GroupLayout, RunLayout  # noqa: E402
 from codistill.metrics import Totals, count_words_in_tokens, ensemble_log_probs, log_probs, ppl  # noqa: E402
-from codistill.runlog import git_sha, write_json  # noqa: E402
+from codistill.files import write_json  # noqa: E402
+from codistill.runlog import git_sha  # noqa: E402
 from data_prep.dataset import DataError, TokenData  # noqa: E402
 from model import ModelConfig, build_model  # noqa: E402
 
@@ -74,9 +75,11 @@ def parse_args(argv=None):
 # Loading runs and weights
 
 def run_config(run_dir: Path) -> dict:
-    path = run_dir / "config.json"
-    if not path.is_file():
-        return {}
+    path = RunLayout(run_dir).config
+    return read_json(path) if path.is_file() else {}
+
+
+def read_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as e:
@@ -86,46 +89,37 @@ def run_config(run_dir: Path) -> dict:
 def find_groups(run_dir: Path) -> list[Path]:
     if not run_dir.is_dir():
         raise EvalError(f"run directory {run_dir} does not exist")
-    groups = [p for p in run_dir.iterdir() if p.is_dir() and re.fullmatch(r"group_\d+", p.name)]
+    groups = [g.dir for g in RunLayout(run_dir).groups()]
     if not groups:
         raise EvalError(f"{run_dir} has no group_i directories: is it a run directory of recipes/train_lm.py?")
-    return sorted(groups, key=lambda p: int(p.name.split("_")[1]))
+    return groups
 
 
 def load_weights(gdir: Path, weights: str, data: TokenData) -> tuple[ModelConfig, dict, dict]:
-    """(model config, state dict, info) of one group, through safetensors only."""
-    if weights == "final":
-        wpath, cpath = gdir / "final" / "model.safetensors", gdir / "final" / "config.json"
-        if not wpath.is_file() or not cpath.is_file():
-            raise EvalError(f"{gdir}/final/ has no model.safetensors + config.json (the run has not finished?); "
-                            f"use --weights latest_export or step_N to evaluate an export")
-        blob = wpath.read_bytes()
-        try:
-            check_safetensors_header(blob, str(wpath))
-            sd = load_safetensors(blob)
-            cfg_dict = json.loads(cpath.read_text())
-        except (ExportError, json.JSONDecodeError) as e:
-            raise EvalError(str(e)) from None
-        except Exception as e:  # safetensors' own error type
-            raise EvalError(f"{wpath}: cannot parse safetensors ({e})") from None
-        info = {"weights": str(wpath)}
-    else:
-        exports = gdir / "exports"
-        try:
+    """(model config, state dict, info) of one group, through the reader teachers use (safetensors
+    only; header, size/checksum and tokenizer checked)."""
+    paths = GroupLayout(gdir, -1)
+    try:
+        if weights == "final":
+            exp = read_final(paths.final, expect_tokenizer=data.tokenizer_sha256)
+            info = {"weights": str(paths.final / "model.safetensors")}
+        else:
             if weights == "latest_export":
-                step = read_latest(exports)
+                step = read_latest(paths.exports)
             elif re.fullmatch(r"step_\d+", weights):
                 step = int(weights.split("_")[1])
             else:
                 raise EvalError(f"--weights must be final, latest_export or step_N, got {weights!r}")
-            exp = read_export(exports, step, expect_tokenizer=data.tokenizer_sha256)
-        except ExportError as e:
-            raise EvalError(str(e)) from None
-        sd, cfg_dict = exp.state_dict, exp.meta.get("model_config")
-        if not isinstance(cfg_dict, dict):
-            raise EvalError(f"{exports}/step_{step:06d}.json has no model_config")
-        info = {"weights": str(exports / f"step_{step:06d}.safetensors"), "step": step,
-                "tokens_seen": exp.meta.get("tokens_seen")}
+            exp = read_export(paths.exports, step, expect_tokenizer=data.tokenizer_sha256)
+            info = {"weights": str(paths.exports / f"{export_name(step)}.safetensors"), "step": step,
+                    "tokens_seen": exp.meta.get("tokens_seen")}
+    except ExportError as e:
+        raise EvalError(str(e)) from None
+    sd, cfg_dict = exp.state_dict, exp.meta.get("model_config")
+    if weights == "final" and (paths.final / "config.json").is_file():  # the architecture the model is rebuilt from
+        cfg_dict = read_json(paths.final / "config.json")
+    if not isinstance(cfg_dict, dict):
+        raise EvalError(f"{info['weights']}: its metadata has no model_config")
     try:
         cfg = ModelConfig.from_dict(cfg_dict)
     except (TypeError, ValueError) as e:

@@ -25,6 +25,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from codistill.layout import RunLayout  # noqa: E402
+from codistill.runlog import read_events  # noqa: E402
+
 
 class PlotError(Exception):
     pass
@@ -41,21 +44,6 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def read_events(tb_dir: Path) -> dict[str, list]:
-    """tag -> [(wall_time, step, value)] from every event file of one group, sorted by step
-    (a later file wins for a step logged twice, e.g. after a resume)."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    out: dict[str, dict[int, tuple]] = {}
-    for f in sorted(Path(tb_dir).glob("events.out.tfevents.*")):
-        ea = EventAccumulator(str(f), size_guidance={"scalars": 0})
-        ea.Reload()
-        for tag in ea.Tags()["scalars"]:
-            d = out.setdefault(tag, {})
-            for e in ea.Scalars(tag):
-                d[e.step] = (e.wall_time, e.step, e.value)
-    return {tag: [d[s] for s in sorted(d)] for tag, d in out.items()}
-
-
 def run_labels(runs: list[Path]) -> list[str]:
     names = [r.resolve().name for r in runs]
     return [f"{r.resolve().parent.name}/{n}" if names.count(n) > 1 else n for r, n in zip(runs, names)]
@@ -64,15 +52,14 @@ def run_labels(runs: list[Path]) -> list[str]:
 def group_dirs(run: Path, groups: str) -> list[Path]:
     if not run.is_dir():
         raise PlotError(f"run directory {run} does not exist")
-    found = sorted((p for p in run.glob("group_*") if (p / "tb").is_dir() and p.name[6:].isdigit()),
-                   key=lambda p: int(p.name[6:]))
+    found = [g for g in RunLayout(run).groups() if g.tb.is_dir()]
     if groups != "all":
         try:
             want = {int(g) for g in groups.split(",")}
         except ValueError:
             raise PlotError(f"--groups must be 'all' or ids like 0,1; got {groups!r}") from None
-        found = [p for p in found if int(p.name[6:]) in want]
-    return found
+        found = [g for g in found if g.id in want]
+    return [g.dir for g in found]
 
 
 def curves(runs: list[Path], metric: str, x: str, groups: str) -> list[tuple[str, list, list]]:

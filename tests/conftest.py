@@ -2,14 +2,15 @@
 DeepSpeed runs (CPU, gloo), and TensorBoard's own event reader."""
 from __future__ import annotations
 
-import glob
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from codistill.comm import free_port  # noqa: F401  (shared with the benchmarks)
+from codistill.runlog import read_events, read_scalars  # noqa: F401  (TensorBoard's own reader)
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -26,12 +27,6 @@ def sample_data(tmp_path_factory) -> Path:
         return Path(os.environ["CODISTILL_TEST_DATA"])
     from data_prep.prepare import prepare_sample
     return prepare_sample(tmp_path_factory.mktemp("data") / "sample", num_groups=6, vocab_size=2000, quiet=True)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def env_for_runs(gpu: bool = False) -> dict:
@@ -66,26 +61,8 @@ def run_python(args: list[str], timeout: int = 300, gpu: bool = False, **kw) -> 
                           timeout=timeout, **kw)
 
 
-def read_scalars(tb_dir: Path, tag: str) -> dict[int, float]:
-    """step -> value for ``tag`` from every event file in ``tb_dir`` (TensorBoard's own reader)."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    out: dict[int, float] = {}
-    for f in sorted(glob.glob(str(Path(tb_dir) / "events.out.tfevents.*"))):
-        ea = EventAccumulator(f, size_guidance={"scalars": 0})
-        ea.Reload()
-        if tag in ea.Tags()["scalars"]:
-            out.update({e.step: e.value for e in ea.Scalars(tag)})
-    return out
-
-
 def scalar_tags(tb_dir: Path) -> set[str]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    tags: set[str] = set()
-    for f in glob.glob(str(Path(tb_dir) / "events.out.tfevents.*")):
-        ea = EventAccumulator(f, size_guidance={"scalars": 0})
-        ea.Reload()
-        tags |= set(ea.Tags()["scalars"])
-    return tags
+    return set(read_events(tb_dir))
 
 
 # ---- the main command's run, shared by test_train_e2e.py and test_reliability.py ----------

@@ -8,7 +8,6 @@ import importlib.util
 import json
 import math
 import shutil
-from pathlib import Path
 
 import pytest
 import torch

@@ -30,6 +30,15 @@ def test_equals_hand_computed_small_example():
     assert loss.item() == pytest.approx(ce + 0.5 * psi, abs=1e-6)
     assert st.ce == pytest.approx(ce, abs=1e-6) and st.distill == pytest.approx(psi, abs=1e-6)
     assert st.agreement == pytest.approx(0.5)  # row 0 agrees (argmax 0), row 1 does not (0 vs 2)
+    kl = sum(qi * math.log(qi / pi) for qr, pr in zip(q.tolist(), p) for qi, pi in zip(qr, pr)) / 2
+    assert st.kl == pytest.approx(kl, abs=1e-6)  # what the logs show: psi less the teacher's entropy
+
+
+def test_kl_is_zero_when_the_student_is_the_teacher():
+    s, y, _ = _inputs(v=50)
+    for t in (1.0, 2.0):
+        _, st = codistill_loss(s, y, F.softmax(s.detach() / t, -1), temperature=t)
+        assert abs(st.kl) < 1e-5 and st.distill > 1.0
 
 
 @pytest.mark.parametrize("alpha,temp,ls", [(1.0, 1.0, 0.0), (0.3, 2.0, 0.0), (1.0, 1.0, 0.1), (2.0, 1.0, 0.1)])

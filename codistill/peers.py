@@ -1,0 +1,253 @@
+"""The exchange between groups: what a process publishes to its peers and which of their
+exports it uses as teachers, when.
+
+One object per process, ``Exchange``, owns the whole protocol; the trainer only calls it at
+fixed points of a step (``before_step``, ``announce``/``after_sync`` around the step's sync,
+``maybe_export``, ``settle`` before a checkpoint, ``state``/``restore`` for checkpoints):
+
+- Exports: every K = --export_every steps each group's leader publishes its weights
+  (codistill/exchange.py: safetensors + metadata + LATEST). The device->host copy happens on the
+  training thread; serialisation, sha256, fsync and the renames on a background thread
+  (``ExportWriter``). One export is in flight at a time: the next export, a checkpoint and the
+  end of the run wait for it, so a failed write (disk full) is known - warned, or the run stops
+  with --on_write_error stop - before anything is built on it; LATEST keeps naming the previous
+  complete export. Non-finite weights are never published.
+- Sync teachers (every group in this launch, ``sync_schedule``): before step s = b + 1, at each
+  export boundary b (b % K == 0, b >= 2K) every student swaps in its peers' exports of step
+  b - K; the loader starts reading those half an interval before (b % K == K // 2), so its read
+  never lands on a swap step. Teachers are a deterministic function of the step: runs are
+  reproducible and resume is exact. An export that failed to be written is skipped (the
+  previous teacher stays) without waiting for it.
+- Latest teachers (one launch per group): the loader follows each peer's LATEST; when it has a
+  new export ready, the group's leader announces it in the step's sync and every rank of the
+  group swaps it in at the start of the next step.
+- In a group of several ranks only the leader reads exports; the other ranks receive the
+  weights by a broadcast over the group (TeacherPool.swap). A missing, late, corrupt or hostile
+  export never stops training: the last good teacher stays (codistill/teacher.py).
+"""
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+
+from codistill.comm import StepOutcome, flags_any
+from codistill.exchange import Export, ExportError, clean_temp_files, read_export, write_export
+from codistill.layout import RunLayout
+from codistill.teacher import FIXED_TEACHER, TeacherLoader, TeacherPool, check_usable
+
+
+def sync_schedule(step: int, K: int) -> tuple[int | None, int | None]:
+    """Sync teachers at (1-based) ``step``: (the peers' export step swapped in before the step,
+    or None; the export step the loader starts reading before the step, or None)."""
+    b = step - 1
+    swap = b - K if b > 0 and b % K == 0 and b >= 2 * K else None
+    prefetch = b - K // 2 if b > 0 and b % K == K // 2 and b - K // 2 >= K else None
+    return swap, prefetch
+
+
+def resume_prefetch(start: int, K: int) -> int | None:
+    """After resuming at ``start``: the export the uninterrupted run's loader had been asked for
+    (the one its next swap uses), or None."""
+    pending = (start - 1) // K * K
+    return pending if start and pending >= K else None
+
+
+@dataclass
+class WriteResult:
+    step: int
+    group: int
+    error: Exception | None = None
+
+
+class ExportWriter:
+    """A group leader's exports, written on a background thread, one at a time."""
+
+    def __init__(self, exports_dir, keep: int):
+        self.dir, self.keep = exports_dir, keep
+        self._thread: threading.Thread | None = None
+        self._result: WriteResult | None = None
+
+    def submit(self, group: int, step: int, state_dict: dict, meta: dict) -> None:
+        """Start writing; ``state_dict`` must be host tensors the trainer no longer touches."""
+        assert self._thread is None, "collect the previous export first"
+        self._result = WriteResult(step, group)
+
+        def work():
+            try:
+                write_export(self.dir, step, state_dict, meta, keep=self.keep)
+            except (OSError, ExportError) as e:
+                self._result.error = e
+
+        self._thread = threading.Thread(target=work, name=f"export-writer-{group}", daemon=True)
+        self._thread.start()
+
+    def collect(self) -> WriteResult | None:
+        """Wait for the export in flight; its result (None when there is none)."""
+        if self._thread is None:
+            return None
+        self._thread.join()
+        self._thread, result, self._result = None, self._result, None
+        return result
+
+
+class Exchange:
+    def __init__(self, args, topo, students, model_cfg, tokenizer_sha256: str, device, log,
+                 fixed: Export | None = None):
+        self.args, self.topo, self.log = args, topo, log
+        self.K, self.G = args.export_every, args.num_groups
+        self.run = RunLayout(args.run_dir)
+        self.sync = args.teacher_sync == "on" or (args.teacher_sync == "auto" and topo.all_groups_here)
+        self.exporting = args.num_groups > 1 and args.distill_weight > 0  # peers teach each other
+        self.keep = args.keep_exports
+        if self.sync:  # the export a checkpoint's teacher came from must survive until the next checkpoint
+            self.keep = max(self.keep, args.save_every // self.K + 2)
+        self.model_cfg, self.cfg_hash, self.tok_hash = model_cfg, model_cfg.config_hash(), tokenizer_sha256
+        self.device = device
+        self.students = students
+        self.peers = sorted({p for s in students for p in topo.peers(s.id)}) if self.exporting else []
+        # teachers get the student's dtypes on the student's device; a group of several ranks has
+        # one reader (its leader), whose exports reach the other ranks by broadcast (TeacherPool.swap)
+        self.pool = TeacherPool(model_cfg, device, like=students[0].engine.module,
+                                comm=students[0].comm if len(students) == 1 else None)
+        self.pool.reserve(self.peers)
+        if fixed is not None:
+            self.pool.load(FIXED_TEACHER, fixed, fixed=True)
+        self.reader = self.pool.comm.leader
+        self.loader = TeacherLoader(self.run.root, self.peers, self.cfg_hash, self.tok_hash,
+                                    "sync" if self.sync else "latest", args.poll_interval, log,
+                                    pin_memory=device.type == "cuda", expect=self.pool.expected_shapes()) \
+            if self.peers and self.reader else None
+        self.writers = {s.id: ExportWriter(self.run.group(s.id).exports, self.keep) for s in students if s.leader}
+        self.in_flight: int | None = None  # step of the exports being written (the same on every rank)
+        self.failed: set[tuple[int, int]] = set()  # (group, step) exports that could not be written
+        self._held: dict[int, Export] = {}  # latest teachers: exports this leader announced
+        self._swaps: dict[int, int] = {}    # latest teachers: peer -> export step to swap in next step
+        for s in students:
+            if s.leader:
+                for name in clean_temp_files(self.run.group(s.id).exports):
+                    log(f"[group {s.id}] removed {name}, a temp file of an export interrupted in an earlier run")
+
+    @property
+    def mode(self) -> str:
+        return "sync" if self.sync else "latest"
+
+    def metadata(self, student) -> dict:
+        """What every published set of weights says about itself (exports and final/)."""
+        return {"group": student.id, "tokens_seen": student.tokens_seen, "model_config": self.model_cfg.to_dict(),
+                "model_config_hash": self.cfg_hash, "tokenizer_sha256": self.tok_hash}
+
+    def teacher_steps(self, student: int) -> dict[int, int]:
+        """Peer -> export step of the teacher ``student`` uses now (for summary.json)."""
+        return {p: self.pool.steps[p] for p in self.peers if p in self.pool.steps and p != student}
+
+    # ---- checkpoints ----------------------------------------------------------------------
+    def state(self) -> dict:
+        return {"teacher_steps": dict(self.pool.steps)}
+
+    def restore(self, state: dict, start: int) -> None:
+        """The teachers in use when the checkpoint was written (read by the leader, broadcast to
+        its group), and the prefetch the uninterrupted run had asked for."""
+        restore = {}
+        for peer, tstep in sorted((int(p), t) for p, t in (state.get("teacher_steps") or {}).items()):
+            if peer in self.pool.steps:
+                continue
+            exp = None
+            if self.reader:
+                try:
+                    exp = read_export(self.run.group(peer).exports, tstep, self.cfg_hash, self.tok_hash)
+                    check_usable(exp, self.pool.expected_shapes())
+                except ExportError as e:
+                    self.log(f"WARNING: cannot restore teacher of group {peer} at step {tstep} ({e}); "
+                             "resume is not exact until the next teacher swap")
+            restore[peer] = (tstep, exp)
+        self.pool.swap(restore)
+        pending = resume_prefetch(start, self.K)
+        if self.loader and self.sync and pending is not None:
+            for p in self.peers:
+                self.loader.want(p, pending)
+
+    # ---- the step -------------------------------------------------------------------------
+    def before_step(self, step: int) -> float:
+        """Teacher swaps due before ``step``; returns their milliseconds (loader waits included)."""
+        if not self.peers:
+            return 0.0
+        t0 = time.perf_counter()
+        if self.sync:
+            swap, prefetch = sync_schedule(step, self.K)
+            if swap is not None:
+                due = [p for p in self.peers if (p, swap) not in self.failed]  # failed (warned): keep, no wait
+                self.pool.swap({p: (swap, self.loader.wait(p, swap, self.args.teacher_timeout)
+                                    if self.loader else None) for p in due})
+            if prefetch is not None and self.loader:
+                for p in self.peers:
+                    self.loader.want(p, prefetch)
+            return (time.perf_counter() - t0) * 1e3 if swap is not None else 0.0
+        if not self._swaps:
+            return 0.0
+        self.pool.swap({p: (t, self._held.pop(p, None)) for p, t in self._swaps.items()}, agree=False)
+        self._swaps = {}
+        return (time.perf_counter() - t0) * 1e3
+
+    def announce(self) -> dict[tuple[int, int], int]:
+        """Latest teachers: (group, peer) -> export step this leader swaps in at the next step."""
+        if self.sync or not self.loader:
+            return {}
+        for p in self.peers:
+            exp = self.loader.take(p)
+            if exp is not None:
+                self._held[p] = exp
+        return {(s.id, p): self._held[p].step for s in self.students for p in self.topo.peers(s.id)
+                if p in self._held}
+
+    def after_sync(self, out: StepOutcome) -> None:
+        self._swaps = {p: t for (g, p), t in out.swaps.items() if g in self.topo.hosted}
+
+    # ---- exports --------------------------------------------------------------------------
+    def maybe_export(self, step: int) -> str | None:
+        """Publish every hosted group's weights at export steps; an outcome ("write_error",
+        "diverged") when the previous export's write makes the run stop, else None."""
+        if not (self.exporting and step % self.K == 0):
+            return None
+        outcome = self.settle()
+        for s in self.students:
+            sd = s.full_state_dict()  # a collective of the group under ZeRO-3; host copies on the leader
+            if s.leader:
+                self.writers[s.id].submit(s.id, step, sd, self.metadata(s))
+        self.in_flight = step
+        return outcome
+
+    def settle(self) -> str | None:
+        """Wait for the exports in flight (before a checkpoint, the next export and the end), warn
+        about failed ones, and tell every rank which failed (sync peers skip them)."""
+        if self.in_flight is None:
+            return None
+        step, self.in_flight = self.in_flight, None
+        failed, diverged = [False] * self.G, False
+        for w in self.writers.values():
+            r = w.collect()
+            if r is None or r.error is None:
+                continue
+            if isinstance(r.error, ExportError):  # non-finite weights: never published
+                self.log.error(f"[group {r.group}] {r.error}; stopping (lower --lr?)")
+                diverged = True
+            else:
+                failed[r.group] = True
+                self.log(f"WARNING: [group {r.group}] export of step {step} failed ({r.error}); peers keep its "
+                         f"previous export (LATEST unchanged)", force=True)
+        stop_mode = self.args.on_write_error == "stop"
+        *failed, diverged = flags_any([*failed, diverged], self.device)  # every rank must know
+        self.failed |= {(g, step) for g, f in enumerate(failed) if f}
+        if diverged:
+            return "diverged"
+        if stop_mode and any(failed):
+            self.log.error(f"an export failed at step {step} and --on_write_error stop: exiting; the run "
+                           "resumes from its last checkpoint with --resume auto")
+            return "write_error"
+        return None
+
+    def close(self) -> None:
+        for w in self.writers.values():
+            w.collect()
+        if self.loader:
+            self.loader.close()

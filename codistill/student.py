@@ -1,0 +1,198 @@
+"""A student: one group's model under its DeepSpeed engine, and its half of a training step.
+
+A step is split at the step's one sync (codistill/comm.py StepControl): ``forward_backward``
+runs every micro-batch's forward and backward pass (teachers' probabilities from the
+exchange's pool, the codistillation loss) with no host sync; ``finish_step`` then takes the
+optimizer update - or skips it when any rank of the group saw a non-finite loss - and turns
+the synced statistics into the step's log record.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import time
+
+import torch
+
+from codistill import faults, runlog
+from codistill.comm import GroupComm, sum_over
+from codistill.layout import RunLayout
+from codistill.loss import codistill_loss, distill_alpha
+from codistill.skip import skip_step
+from data_prep.dataset import GroupStream, eval_batches
+from model import build_model, count_params
+
+STATS = 7  # values per student in the step's sync: loss, ce, kl, agreement, distill ce, grad-norm step, grad norm
+
+
+def host_copy(state_dict: dict) -> dict:
+    """The weights copied to host memory (the device->host copy of an export: after it, training
+    may change the module while a background thread writes the copy)."""
+    return {k: v.detach().to("cpu", copy=True) for k, v in state_dict.items()}
+
+
+class Student:
+    """One hosted group's model: its DeepSpeed engine (ZeRO over the group's own ranks), data
+    stream, validation batches and TensorBoard writer, and its half of a training step."""
+
+    def __init__(self, gid, args, topo, mpu, data, model_cfg, ds_cfg, device, log):
+        import deepspeed
+        self.id, self.args, self.topo, self.device = gid, args, topo, device
+        self.paths = RunLayout(args.run_dir).group(gid)
+        self.dir = self.paths.dir
+        self.leader = topo.is_group_leader(gid)
+        self.dp_rank, self.dp_size = topo.dp_rank(gid), topo.dp_size(gid)
+        self.micro = ds_cfg["train_micro_batch_size_per_gpu"]
+        self.accum = ds_cfg.get("gradient_accumulation_steps", 1)
+        self.global_batch = ds_cfg["train_batch_size"]
+        self.stream = GroupStream(data, gid, topo.num_groups, args.seq_len, args.seed, args.data_split == "shared")
+        self.val = eval_batches(data, args.seq_len, self.micro, args.eval_batches, self.dp_rank, self.dp_size)
+        torch.manual_seed(args.seed + 7919 * gid)  # independent initialisation per group
+        model = build_model(model_cfg)
+        self.num_params = count_params(model)
+        optimizer = None
+        if "optimizer" not in ds_cfg:
+            optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr or 1e-3)
+        device_rank = argparse.Namespace(device_rank=device.index) if device.type == "cuda" else None
+        self.engine, _, _, _ = deepspeed.initialize(
+            args=device_rank, model=model, model_parameters=model.parameters(), optimizer=optimizer, config=ds_cfg,
+            mpu=mpu, lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, self.lr_factor))
+        self.zero_stage = self.engine.zero_optimization_stage()
+        self.dp_group = mpu.get_data_parallel_group() if mpu else None
+        self.comm = GroupComm(device, topo.group_ranks[gid][0], self.dp_group, self.dp_size, self.leader)
+        self.tokens_seen = 0
+        self.step_tokens = self.global_batch * args.seq_len
+        self.writer = runlog.TBWriter(self.paths.tb) if self.leader else None
+        self.last_val = (float("nan"), float("nan"))
+        self.skipped_steps = 0  # steps skipped for a non-finite loss
+        self._pending = None    # forward_backward's device results, consumed by finish_step
+        self._norm = None       # (step, device tensor) of the last update's gradient norm, logged a step late
+
+    def lr_factor(self, step: int) -> float:
+        a = self.args
+        if step < a.warmup_steps:
+            return (step + 1) / a.warmup_steps
+        progress = min(1.0, (step - a.warmup_steps) / max(1, a.max_steps - a.warmup_steps))
+        return a.min_lr_ratio + (1 - a.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    def forward_backward(self, step, pool, log=print) -> torch.Tensor:
+        """Forward and backward passes of every micro-batch of ``step``; the optimizer update
+        waits for finish_step, after the step's one sync (StepControl) has told every rank of
+        the group whether any of them saw a non-finite loss. No host sync here: the returned
+        flag and the statistics stay on the device."""
+        a = self.args
+        t0 = time.perf_counter()
+        alpha = distill_alpha(step, a.distill_weight, a.burn_in_steps, a.distill_ramp_steps)
+        peers = pool.active(self.id, step, a.max_teacher_staleness, 2 * a.export_every, log) if alpha > 0 else []
+        stats = torch.zeros(5, device=self.device)  # loss, ce, kl, agreement, distill ce (means over micro-batches)
+        bad = torch.zeros((), dtype=torch.bool, device=self.device)
+        self.engine.train()
+        for micro in range(self.accum):
+            batch = self.stream.batch(step - 1, micro, self.accum, self.dp_rank, self.dp_size, self.micro)
+            if self.device.type == "cuda":  # a copy from pageable memory may wait for the device
+                batch = batch.pin_memory()
+            batch = batch.to(self.device, non_blocking=True)
+            x, y = batch[:, :-1], batch[:, 1:]
+            q = pool.probs(peers, x, a.temperature) if peers else None
+            logits = self.engine(x)
+            faults.sigkill("sigkill", step)  # test-only hook: a crash in the middle of a step
+            loss, st = codistill_loss(logits, y, q, alpha, a.temperature, a.label_smoothing, a.loss_chunk_tokens)
+            if faults.active("nan_loss", step):
+                loss = loss * float("nan")
+            bad |= ~torch.isfinite(loss.detach())
+            self.engine.backward(loss)  # a non-finite loss's gradients are dropped by finish_step
+            if micro < self.accum - 1:
+                self.engine.step()  # not the accumulation boundary: DeepSpeed only counts it
+            ce, distill, agree, kl = st.values
+            shown = loss.detach().float() - alpha * (distill - kl)  # the optimised loss less alpha * T^2 H(q)
+            stats += torch.stack([shown, ce, kl, agree, distill]) / self.accum
+        self._pending = (alpha, peers, stats, time.perf_counter() - t0)
+        return bad
+
+    def stats_for_sync(self) -> torch.Tensor:
+        """This group's part of the step's sync (rank-local, not reduced): the 5 loss statistics,
+        then the step and value of the previous update's gradient norm (-1, 0 when there is none)."""
+        if self._norm is None:
+            tail = torch.zeros(2, device=self.device)
+            tail[0] = -1.0  # a fill on the device, not a host->device copy
+        else:
+            step, norm = self._norm
+            tail = torch.stack([norm.new_full((), float(step)), norm])
+        return torch.cat([self._pending[2], tail])
+
+    def finish_step(self, step, skip: bool, host: list[float], sync_s: float) -> runlog.StepStats:
+        """The optimizer update (or, when any rank of the group saw a non-finite loss, a skipped
+        step: no update, counted, gradients dropped); ``host`` is this group's part of the sync."""
+        alpha, peers, _, fb_s = self._pending
+        t0 = time.perf_counter()
+        grad_norm = None
+        if skip:
+            skip_step(self.engine, self.accum - 1)
+            self.skipped_steps += 1
+        else:
+            if self.zero_stage == 0:  # the plain optimizer keeps no norm; DeepSpeed's own do
+                grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
+                grad_norm = torch.nn.utils.get_total_norm(grads) if grads else None
+            self.engine.step()
+            if grad_norm is None:
+                grad_norm = self.engine.get_global_grad_norm()
+        if self.writer and host[5] >= 0:  # the previous update's norm, now on the host
+            self.writer.scalar("grad_norm", host[6], int(host[5]))
+        if isinstance(grad_norm, torch.Tensor):
+            grad_norm = grad_norm.detach().float().reshape(()).to(self.device)
+        elif grad_norm is not None:  # DeepSpeed gives a float in some paths (e.g. inf after an overflow)
+            grad_norm = torch.full((), float(grad_norm), device=self.device)
+        self._norm = None if grad_norm is None else (step, grad_norm)
+        self.tokens_seen += self.step_tokens
+        nan = float("nan")
+        return runlog.StepStats(
+            loss=host[0], ce=nan if skip else host[1], distill=nan if skip else host[2], agreement=host[3],
+            distill_ce=nan if skip else host[4], alpha=alpha, peers=peers, skipped=skip, skipped_steps=self.skipped_steps,
+            step_time=fb_s + sync_s + time.perf_counter() - t0, lr=self.engine.get_lr()[0])
+
+    def close(self) -> None:
+        """Log the last update's gradient norm (there is no next sync) and close the writer."""
+        if self._norm is not None and self.writer:
+            self.writer.scalar("grad_norm", float(self._norm[1]), self._norm[0])
+        self._norm = None
+        if self.writer:
+            self.writer.close()
+
+    @torch.no_grad()
+    def evaluate(self):
+        """Validation loss/perplexity over the group's ranks: totals summed on the device, one
+        all-reduce over the group and one host sync at the end."""
+        self.engine.eval()
+        tot = torch.zeros(2, dtype=torch.float64, device=self.device)
+        for batch in self.val:
+            batch = batch.to(self.device)
+            logits = self.engine(batch[:, :-1]).float()
+            tot[0] += torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten(), reduction="sum")
+            tot[1] += batch[:, 1:].numel()
+        sum_over(tot, self.dp_group)
+        self.engine.train()
+        s, n = tot.tolist()
+        loss = s / n
+        self.last_val = (loss, math.exp(min(loss, 50)))
+        return self.last_val
+
+    def full_state_dict(self):
+        """Full weights on the group leader, on the host; None elsewhere. Under ZeRO-3 the
+        parameters are gathered over the group's own ranks (a collective of the group), one
+        submodule at a time, so no rank holds more than the largest submodule gathered."""
+        if self.zero_stage != 3:
+            return host_copy(self.engine.module.state_dict()) if self.leader else None
+        import deepspeed
+        module = self.engine.module
+        gathered: dict[int, torch.Tensor | None] = {}
+        for sub in module.modules():
+            params = [p for p in sub.parameters(recurse=False) if id(p) not in gathered]  # tied weights: once
+            if not params:
+                continue
+            with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+                for p in params:
+                    gathered[id(p)] = p.detach().to("cpu", copy=True) if self.leader else None
+        if not self.leader:
+            return None
+        return {k: gathered[id(t)] if id(t) in gathered else t.detach().to("cpu", copy=True)
+                for k, t in module.state_dict(keep_vars=True).items()}

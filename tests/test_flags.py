@@ -1,0 +1,113 @@
+"""Bad flags, configs and data are refused before any compute, with the flag and the fix named.
+
+codistill/flags.py check() and recipes/train_lm.py plan_run() are pure (they write nothing and
+start nothing), so every case is checked in-process; one real launch per kind proves the command
+line's contract (exit 2, "error: ..." on stderr, nothing written)."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+
+import pytest
+
+from codistill import flags
+from conftest import ROOT, e2e_args, run_python
+
+
+def train_lm():
+    import sys
+    if "_train_lm_for_tests" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("_train_lm_for_tests", ROOT / "recipes" / "train_lm.py")
+        mod = sys.modules["_train_lm_for_tests"] = importlib.util.module_from_spec(spec)  # dataclasses need it
+        spec.loader.exec_module(mod)
+    return sys.modules["_train_lm_for_tests"]
+
+
+class Log:
+    def __init__(self):
+        self.lines = []
+
+    def __call__(self, msg, force=False):
+        self.lines.append(msg)
+
+    error = warning = __call__
+
+
+@pytest.mark.parametrize("extra,msg", [
+    (["--export_every", "50"], "--export_every 50 > --max_steps 40"),
+    (["--keep_exports", "0"], "--keep_exports must be >= 1"),
+    (["--keep_checkpoints", "0"], "--keep_checkpoints must be >= 1"),
+    (["--distill_weight", "-1"], "--distill_weight must be >= 0"),
+    (["--temperature", "0"], "--temperature must be > 0"),
+    (["--label_smoothing", "1.0"], "--label_smoothing must be in [0, 1)"),
+    (["--teacher_sync", "on", "--group_id", "0"], "--teacher_sync on needs every group"),
+    (["--num_groups", "1", "--group_id", "1"], "--group_id 1 is outside 0..0"),
+    (["--max_teacher_staleness", "5"], "--max_teacher_staleness 5 < 2 x --export_every"),
+    (["--stop_after_steps", "41"], "--stop_after_steps must be in 1..--max_steps"),
+    (["--max_bad_steps", "0"], "--max_bad_steps must be >= 1"),
+    (["--lr", "-0.1"], "--lr must be > 0"),
+    (["--burn_in_steps", "-1"], "--burn_in_steps must be >= 0"),
+    (["--dropout", "1.5"], "--dropout must be in [0, 1)"),
+])
+def test_bad_flag_combinations_name_the_flag(sample_data, tmp_path, extra, msg):
+    errors, _ = flags.check(flags.parse_args([*e2e_args(sample_data, tmp_path / "run"), *extra]))
+    assert any(msg in e for e in errors), errors
+
+
+def test_flag_warnings_for_runs_that_would_never_distill():
+    def warnings(*argv):
+        return flags.check(flags.parse_args(["--max_steps", "100", "--export_every", "10", *argv]))[1]
+
+    assert warnings() == []
+    assert "sync teachers" in warnings("--export_every", "50")[0]
+    assert warnings("--export_every", "50", "--group_id", "0") == []  # latest mode: a teacher from step K on
+    assert "--burn_in_steps 100 >= --max_steps 100" in warnings("--burn_in_steps", "100")[0]
+    assert warnings("--burn_in_steps", "100", "--distill_weight", "0") == []  # the baseline anyway
+
+
+@pytest.mark.parametrize("extra,msg", [
+    (["--ds_config", "requirements.txt"], "not valid JSON"),
+    (["--data", "/nonexistent/data"], "does not exist"),
+    (["--num_groups", "4"], "cannot be divided"),
+    (["--ds_config", "BAD_BATCH"], "does not equal"),
+    (["--data", "BAD_TOKENIZER"], "not a SentencePiece model"),
+    (["--resume", "/nonexistent/run"], None),  # parse_args itself refuses (SystemExit)
+])
+def test_bad_config_or_data_is_refused_by_the_plan(sample_data, tmp_path, extra, msg):
+    extra = list(extra)
+    if "BAD_BATCH" in extra:
+        bad = tmp_path / "bad.json"
+        bad.write_text(json.dumps({"train_micro_batch_size_per_gpu": 4, "train_batch_size": 6}))
+        extra[extra.index("BAD_BATCH")] = str(bad)
+    if "BAD_TOKENIZER" in extra:
+        bad = tmp_path / "data"
+        shutil.copytree(sample_data, bad)
+        (bad / "tokenizer.model").write_bytes(b"not a model")
+        extra[extra.index("BAD_TOKENIZER")] = str(bad)
+    tl = train_lm()
+    argv = [*e2e_args(sample_data, tmp_path / "run"), *extra]
+    if msg is None:
+        with pytest.raises(SystemExit):
+            tl.parse_args(argv)
+        return
+    with pytest.raises(tl.SETUP_ERRORS, match=msg):
+        tl.plan_run(tl.parse_args(argv), Log())
+    assert not (tmp_path / "run").exists()  # the plan writes nothing
+
+
+def test_the_plan_of_a_good_run_writes_nothing(sample_data, tmp_path):
+    tl = train_lm()
+    p = tl.plan_run(tl.parse_args(e2e_args(sample_data, tmp_path / "run", num_groups=3)), Log())
+    assert p.topo.hosted == [0, 1, 2] and p.ds_cfgs[0]["train_batch_size"] == 16 and p.device.type == "cpu"
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("extra,msg", [(["--keep_exports", "0"], "--keep_exports must be >= 1"),
+                                       (["--group_id", "7"], "outside 0..1"),
+                                       (["--num_groups", "4"], "cannot be divided")])
+def test_the_command_line_exits_2_and_writes_nothing(sample_data, tmp_path, extra, msg):
+    proc = run_python(["recipes/train_lm.py", *e2e_args(sample_data, tmp_path / "run"), *extra], timeout=120)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert f"error: {msg}" in proc.stderr or (msg in proc.stderr and "error:" in proc.stderr), proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "run").exists()

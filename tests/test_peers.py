@@ -1,0 +1,114 @@
+"""The exchange's protocol pieces without a training run: the sync schedule, the background
+export writer, and the zero-copy safetensors reader."""
+from __future__ import annotations
+
+import json
+import struct
+import threading
+import time
+
+import pytest
+import torch
+from safetensors.torch import load, save, save_file
+
+from codistill import faults
+from codistill.exchange import (ExportError, parse_safetensors, read_export, read_file, read_latest,
+                                write_export)
+from codistill.peers import ExportWriter, resume_prefetch, sync_schedule
+
+
+def test_sync_schedule_swaps_at_boundaries_and_prefetches_half_an_interval_before():
+    K = 10
+    sched = {s: sync_schedule(s, K) for s in range(1, 61)}
+    swaps = {s: w for s, (w, _) in sched.items() if w is not None}
+    reads = {s: r for s, (_, r) in sched.items() if r is not None}
+    assert swaps == {21: 10, 31: 20, 41: 30, 51: 40}           # before step b+1 at b = 2K, 3K, ...: export b - K
+    assert reads == {16: 10, 26: 20, 36: 30, 46: 40, 56: 50}   # read K//2 after it was written, K//2 before its swap
+    for s, e in swaps.items():
+        assert K <= s - 1 - e and e % K == 0 and reads[e + K // 2 + 1] == e  # every swap was prefetched first
+    assert {sync_schedule(s, 1)[0] for s in range(3, 9)} == {1, 2, 3, 4, 5, 6}  # K = 1: a swap every step
+    assert resume_prefetch(0, K) is None and resume_prefetch(10, K) is None
+    assert resume_prefetch(25, K) == 20 and resume_prefetch(21, K) == 20 and resume_prefetch(30, K) == 20
+
+
+def _weights(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {"a": torch.randn(64, 32, generator=g), "b": torch.randn(7, generator=g).bfloat16(),
+            "c": torch.arange(5), "d": torch.randn(3, 2, generator=g).half()}
+
+
+def test_export_writer_runs_in_the_background_and_reports_a_full_disk(tmp_path, monkeypatch):
+    w = ExportWriter(tmp_path / "exports", keep=3)
+    assert w.collect() is None
+    w.submit(0, 10, _weights(), {"group": 0})
+    r = w.collect()
+    assert r.step == 10 and r.error is None and read_latest(tmp_path / "exports") == 10
+    assert torch.equal(read_export(tmp_path / "exports", 10).state_dict["a"], _weights()["a"])
+    monkeypatch.setenv(faults.ENV, "export_oserror@20")
+    w.submit(0, 20, _weights(1), {"group": 0})
+    r = w.collect()
+    assert isinstance(r.error, OSError) and read_latest(tmp_path / "exports") == 10  # LATEST unchanged
+    bad = _weights()
+    bad["a"][0, 0] = float("nan")
+    w.submit(0, 30, bad, {"group": 0})
+    assert isinstance(w.collect().error, ExportError)
+
+
+def test_export_writer_does_not_hold_the_training_thread(tmp_path):
+    """A probe thread (the training loop's stand-in) keeps running while 64 MB are written."""
+    big = {f"w{i}": torch.randn(1024, 4096) for i in range(4)}
+    w, gaps, done = ExportWriter(tmp_path, keep=1), [], threading.Event()
+
+    def probe():
+        t = time.perf_counter()
+        while not done.is_set():
+            torch.ones(8).add_(1)
+            now = time.perf_counter()
+            gaps.append(now - t)
+            t = now
+
+    th = threading.Thread(target=probe)
+    th.start()
+    time.sleep(0.02)
+    t0 = time.perf_counter()
+    w.submit(0, 1, big, {"group": 0})
+    submit_s = time.perf_counter() - t0
+    r = w.collect()
+    done.set()
+    th.join()
+    assert r.error is None and submit_s < 0.05 and len(gaps) > 100
+
+
+def test_zero_copy_reader_equals_safetensors_and_views_one_buffer(tmp_path):
+    sd = _weights()
+    save_file(sd, str(tmp_path / "w.safetensors"))
+    buf = read_file(tmp_path / "w.safetensors")
+    got, ref = parse_safetensors(buf, "w"), load((tmp_path / "w.safetensors").read_bytes())
+    assert set(got) == set(ref) and all(torch.equal(got[k], ref[k]) and got[k].dtype == ref[k].dtype for k in ref)
+    base = buf.untyped_storage().data_ptr()
+    assert all(base <= t.untyped_storage().data_ptr() < base + buf.numel() for t in got.values())  # views, no copy
+
+
+@pytest.mark.parametrize("mutate,msg", [
+    (lambda h: h["a"].update(data_offsets=[0, 10 ** 9]), "offsets"),
+    (lambda h: h["a"].update(shape=[65, 32]), "size"),
+    (lambda h: h["a"].update(dtype="PICKLE"), "'PICKLE'"),
+    (lambda h: h.update(x=[1, 2]), "tensor 'x'"),
+])
+def test_zero_copy_reader_refuses_a_lying_header(mutate, msg):
+    blob = save({"a": torch.zeros(64, 32)})
+    (n,) = struct.unpack("<Q", blob[:8])
+    header = json.loads(blob[8:8 + n])
+    mutate(header)
+    h = json.dumps(header).encode()
+    h += b" " * (-len(h) % 8)
+    bad = struct.pack("<Q", len(h)) + h + blob[8 + n:]
+    with pytest.raises(ExportError, match=msg):
+        parse_safetensors(torch.frombuffer(bytearray(bad), dtype=torch.uint8), "w")
+
+
+def test_tied_weights_are_written_once_each_and_read_back(tmp_path):
+    e = torch.randn(10, 4)
+    write_export(tmp_path, 5, {"embed.weight": e, "head.weight": e}, {"group": 0})
+    sd = read_export(tmp_path, 5).state_dict
+    assert torch.equal(sd["embed.weight"], e) and torch.equal(sd["head.weight"], e)
