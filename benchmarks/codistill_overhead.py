@@ -28,10 +28,10 @@ from pathlib import Path
 import torch
 
 from common import ROOT, bench_data, median, save_results, scalars, table, train
-from codistill.layout import RunLayout  # noqa: E402
+from codistill.layout import RunLayout
 
-from data_prep.dataset import GroupStream, TokenData  # noqa: E402
-from model import build_model, preset_config  # noqa: E402
+from data_prep.dataset import GroupStream, TokenData
+from model import build_model, preset_config
 
 
 def forward_backward_share(data, size, micro, seq_len, reps=30) -> float:

@@ -9,12 +9,11 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from codistill.comm import free_port  # noqa: F401  (the benchmarks' one free-port helper)
+from codistill.files import write_json
+from codistill.runlog import git_sha, read_scalars as scalars  # noqa: F401  (TensorBoard's own reader)
 
-from codistill.comm import free_port  # noqa: E402,F401  (the benchmarks' one free-port helper)
-from codistill.files import write_json  # noqa: E402
-from codistill.runlog import git_sha, read_scalars as scalars  # noqa: E402,F401  (TensorBoard's own reader)
+ROOT = Path(__file__).resolve().parents[1]
 
 PY = sys.executable
 DEEPSPEED = str(Path(PY).with_name("deepspeed"))

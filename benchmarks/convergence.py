@@ -25,7 +25,7 @@ import json
 from pathlib import Path
 
 from common import ROOT, add_run_args, bench_data, plot, runs_root, save_results, scalars, table, train
-from codistill.layout import RunLayout  # noqa: E402
+from codistill.layout import RunLayout
 
 PRESETS = {
     "tiny": dict(model="lstm", model_size="tiny", seq_len=32, micro=8, steps=16, export_every=4,

@@ -37,13 +37,13 @@ from pathlib import Path
 
 from common import PY, RESULTS, median, save_results, table
 
-import torch  # noqa: E402
+import torch
 
-from codistill.exchange import read_export  # noqa: E402
-from codistill.peers import ExportWriter  # noqa: E402
-from codistill.student import host_copy  # noqa: E402
-from codistill.teacher import TeacherPool, check_usable  # noqa: E402
-from model import ModelConfig, build_model, count_params  # noqa: E402
+from codistill.exchange import read_export
+from codistill.peers import ExportWriter
+from codistill.student import host_copy
+from codistill.teacher import TeacherPool, check_usable
+from model import ModelConfig, build_model, count_params
 
 SIZES = {  # Llama-style decoders (model/transformer.py), tied embeddings
     "10m": dict(vocab_size=8000, d_model=320, n_layers=6, n_heads=5, d_ff=1280),

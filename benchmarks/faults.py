@@ -25,11 +25,11 @@ import time
 from pathlib import Path
 
 from common import PY, ROOT, add_run_args, bench_data, runs_root, save_results, scalars, table
-from codistill.layout import RunLayout  # noqa: E402
+from codistill.layout import RunLayout
 
-from codistill import checkpoint, faults  # noqa: E402
-from codistill.exchange import list_exports, read_export, write_export  # noqa: E402
-from codistill.teacher import exports_dir  # noqa: E402
+from codistill import checkpoint, faults
+from codistill.exchange import list_exports, read_export, write_export
+from codistill.teacher import exports_dir
 
 STEPS = 30
 BASE = {"--ds_config": "ds_configs/zero2.json", "--max_steps": STEPS, "--export_every": 5, "--burn_in_steps": 5,

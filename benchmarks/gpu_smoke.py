@@ -35,9 +35,9 @@ import time
 from pathlib import Path
 
 from common import DEEPSPEED, PY, ROOT, RESULTS, free_port, median, save_results, scalars, table
-from codistill.layout import RunLayout  # noqa: E402
+from codistill.layout import RunLayout
 
-import torch  # noqa: E402
+import torch
 
 CHECKS = ["main", "split", "zero3", "transformer", "resume", "parity", "throughput"]
 

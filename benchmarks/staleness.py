@@ -17,7 +17,7 @@ import statistics
 from pathlib import Path
 
 from common import add_run_args, bench_data, median, plot, runs_root, save_results, scalars, table, train
-from codistill.layout import RunLayout  # noqa: E402
+from codistill.layout import RunLayout
 
 PRESETS = {
     "tiny": dict(model="lstm", model_size="tiny", seq_len=32, steps=16, every=[2, 4], burn_in=4, eval_every=8,

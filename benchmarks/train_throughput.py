@@ -19,11 +19,11 @@ from pathlib import Path
 import torch
 
 from common import ROOT, bench_data, median, save_results, scalars, table, train
-from codistill.layout import RunLayout  # noqa: E402
+from codistill.layout import RunLayout
 
-from data_prep.dataset import GroupStream, TokenData  # noqa: E402
-from model import build_model, preset_config  # noqa: E402
-from codistill.loss import codistill_loss  # noqa: E402
+from data_prep.dataset import GroupStream, TokenData
+from model import build_model, preset_config
+from codistill.loss import codistill_loss
 
 
 def plain_loop(data, size, steps, micro, seq_len, lr=3e-3, clip=1.0):

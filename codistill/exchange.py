@@ -263,15 +263,18 @@ def parse_safetensors(buf: torch.Tensor, where: str) -> dict[str, torch.Tensor]:
     return out
 
 
-def read_file(path: Path, pin_memory: bool = False) -> torch.Tensor:
-    """A whole file as a uint8 tensor (in pinned host memory if asked), read with the GIL released."""
+def read_file(path: Path, pin_memory: bool = False, chunk: int = 4 << 20) -> tuple[torch.Tensor, int]:
+    """A whole file as a uint8 tensor (in pinned host memory if asked) and its CRC-32, computed
+    chunk by chunk while the chunk is still in the CPU's cache; the GIL is released throughout."""
+    crc = 0
     with open(path, "rb", buffering=0) as f:
         size = os.fstat(f.fileno()).st_size
         buf = torch.empty(size, dtype=torch.uint8, pin_memory=pin_memory)
         view, n = memoryview(buf.numpy()), 0
-        while n < size and (r := f.readinto(view[n:])):
+        while n < size and (r := f.readinto(view[n:n + chunk])):
+            crc = zlib.crc32(view[n:n + r], crc)
             n += r
-    return buf[:n]
+    return buf[:n], crc
 
 
 def read_weights(meta_path: Path, weights_path: Path, step: int | None, expect_config_hash: str | None = None,
@@ -282,7 +285,7 @@ def read_weights(meta_path: Path, weights_path: Path, step: int | None, expect_c
     """
     try:
         meta = json.loads(Path(meta_path).read_text())
-        buf = read_file(weights_path, pin_memory)
+        buf, crc = read_file(weights_path, pin_memory)
     except FileNotFoundError as e:
         raise ExportError(f"{missing} ({e.filename})") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -292,7 +295,7 @@ def read_weights(meta_path: Path, weights_path: Path, step: int | None, expect_c
         raise ExportError(f"{meta_path}: metadata does not describe step {step if step is not None else '<int>'}")
     step = meta["step"]
     check_safetensors_header(memoryview(buf.numpy()), str(weights_path))
-    if not _checksum_ok(meta, buf):
+    if not _checksum_ok(meta, buf, crc):
         raise ExportError(f"{weights_path}: size or checksum does not match its metadata "
                           "(truncated, or replaced while being read)")
     if expect_config_hash is not None and meta.get("model_config_hash") != expect_config_hash:
@@ -316,15 +319,14 @@ def read_final(final_dir: Path, expect_config_hash: str | None = None, expect_to
     if not weights.is_file():
         raise ExportError(f"{where}: has no model.safetensors (the run has not finished?)")
     if not meta.is_file():
-        check_safetensors_header(memoryview(read_file(weights).numpy()), str(weights))  # a pickle is named as such
+        check_safetensors_header(memoryview(read_file(weights)[0].numpy()), str(weights))  # a pickle is named as such
         raise ExportError(f"{where}: has no meta.json (written by this repository's trainer since offline "
                           "distillation was added); use one of the run's exports instead")
     return read_weights(meta, weights, None, expect_config_hash, expect_tokenizer,
                         missing=f"{where}: incomplete final/ directory")
 
 
-def _checksum_ok(meta: dict, buf: torch.Tensor) -> bool:
-    data = memoryview(buf.numpy())
+def _checksum_ok(meta: dict, buf: torch.Tensor, crc: int) -> bool:
     if "weights_crc32" in meta:
-        return meta.get("weights_bytes") == len(data) and meta["weights_crc32"] == zlib.crc32(data)
-    return meta.get("weights_sha256") == hashlib.sha256(data).hexdigest()  # exports written before CRC-32
+        return meta.get("weights_bytes") == buf.numel() and meta["weights_crc32"] == crc
+    return meta.get("weights_sha256") == hashlib.sha256(memoryview(buf.numpy())).hexdigest()  # written before CRC-32

@@ -45,8 +45,7 @@ import os
 import sys
 from pathlib import Path
 
-if __name__ == "__main__":  # run as a file: make the repository root importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if __name__ == "__main__":  # run as a file: one BLAS thread per process, set before numpy loads
     from data_prep import ONE_THREAD_ENV
 
     for _k in ONE_THREAD_ENV:

@@ -37,19 +37,18 @@ import time
 from itertools import combinations
 from pathlib import Path
 
+import numpy as np
+import torch
+
+from codistill.exchange import ExportError, export_name, read_export, read_final, read_latest
+from codistill.layout import GroupLayout, RunLayout
+from codistill.metrics import Totals, count_words_in_tokens, ensemble_log_probs, log_probs, ppl
+from codistill.files import write_json
+from codistill.runlog import git_sha
+from data_prep.dataset import DataError, TokenData
+from model import ModelConfig, build_model
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from codistill.exchange import ExportError, export_name, read_export, read_final, read_latest  # noqa: E402
-from codistill.layout import GroupLayout, RunLayout  # noqa: E402
-from codistill.metrics import Totals, count_words_in_tokens, ensemble_log_probs, log_probs, ppl  # noqa: E402
-from codistill.files import write_json  # noqa: E402
-from codistill.runlog import git_sha  # noqa: E402
-from data_prep.dataset import DataError, TokenData  # noqa: E402
-from model import ModelConfig, build_model  # noqa: E402
 
 
 class EvalError(Exception):

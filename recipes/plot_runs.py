@@ -22,11 +22,10 @@ import os
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from codistill.layout import RunLayout
+from codistill.runlog import read_events
 
-from codistill.layout import RunLayout  # noqa: E402
-from codistill.runlog import read_events  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 class PlotError(Exception):

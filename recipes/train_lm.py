@@ -25,25 +25,24 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
+from codistill import faults, flags, runlog
+from codistill.checkpoint import Checkpointer, read_latest as read_latest_checkpoint
+from codistill.comm import StepControl, flags_any, rendezvous_defaults
+from codistill.device import DeviceError, train_device
+from codistill.ds_config import ConfigError, load_ds_config, resolve_ds_config
+from codistill.exchange import ExportError
+from codistill.layout import RunLayout
+from codistill.lock import GroupLock, LockError
+from codistill.peers import Exchange
+from codistill.student import STATS, Student
+from codistill.teacher import read_fixed_teacher
+from codistill.topology import TopologyError, build_mpus, plan as plan_topology
+from data_prep.dataset import DataError, TokenData
+from model import ModelConfig, preset_config
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-import torch  # noqa: E402
-
-from codistill import faults, flags, runlog  # noqa: E402
-from codistill.checkpoint import Checkpointer, read_latest as read_latest_checkpoint  # noqa: E402
-from codistill.comm import StepControl, flags_any, rendezvous_defaults  # noqa: E402
-from codistill.device import DeviceError, train_device  # noqa: E402
-from codistill.ds_config import ConfigError, load_ds_config, resolve_ds_config  # noqa: E402
-from codistill.exchange import ExportError  # noqa: E402
-from codistill.layout import RunLayout  # noqa: E402
-from codistill.lock import GroupLock, LockError  # noqa: E402
-from codistill.peers import Exchange  # noqa: E402
-from codistill.student import STATS, Student  # noqa: E402
-from codistill.teacher import read_fixed_teacher  # noqa: E402
-from codistill.topology import TopologyError, build_mpus, plan as plan_topology  # noqa: E402
-from data_prep.dataset import DataError, TokenData  # noqa: E402
-from model import ModelConfig, preset_config  # noqa: E402
 
 EXIT_CODES = {"done": 0, "sliced": 0,
               "requeue": 75,     # EX_TEMPFAIL: stopped by SIGTERM/SIGUSR1 after saving a checkpoint; resume me

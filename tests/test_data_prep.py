@@ -252,7 +252,7 @@ def test_helpers_fork_only_from_a_single_threaded_process():
         stop.set()
         t.join()
     # the command line: OPENBLAS_NUM_THREADS=1 before numpy -> one thread -> fork
-    code = ("import os, sys, threading; sys.path.insert(0, {root!r}); "
+    code = ("import os, sys, threading; "
             "os.environ['OPENBLAS_NUM_THREADS'] = '1'; "
             "import numpy, sentencepiece, data_prep.prepare, data_prep.filters; "
             "from data_prep.parallel import start_method; a = start_method(); "

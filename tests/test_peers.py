@@ -6,6 +6,7 @@ import json
 import struct
 import threading
 import time
+import zlib
 
 import pytest
 import torch
@@ -82,7 +83,8 @@ def test_export_writer_does_not_hold_the_training_thread(tmp_path):
 def test_zero_copy_reader_equals_safetensors_and_views_one_buffer(tmp_path):
     sd = _weights()
     save_file(sd, str(tmp_path / "w.safetensors"))
-    buf = read_file(tmp_path / "w.safetensors")
+    buf, crc = read_file(tmp_path / "w.safetensors")
+    assert crc == zlib.crc32((tmp_path / "w.safetensors").read_bytes())
     got, ref = parse_safetensors(buf, "w"), load((tmp_path / "w.safetensors").read_bytes())
     assert set(got) == set(ref) and all(torch.equal(got[k], ref[k]) and got[k].dtype == ref[k].dtype for k in ref)
     base = buf.untyped_storage().data_ptr()

@@ -463,7 +463,6 @@ SKIP_CHECK = r'''
 import copy, os, sys
 import torch, deepspeed
 argv = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]  # the launcher adds --local_rank=N
-sys.path.insert(0, argv[1])
 from codistill.skip import skip_step
 for k, v in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", argv[2])):
     os.environ.setdefault(k, v)
@@ -537,7 +536,7 @@ def test_group_lock_is_exclusive_names_its_holder_and_dies_with_it(tmp_path):
     assert b.acquire()
     b.release()
     # a holder killed with SIGKILL leaves the file but not the lock
-    code = ("import sys, time; sys.path.insert(0, sys.argv[1]); from codistill.lock import GroupLock; "
+    code = ("import sys, time; from codistill.lock import GroupLock; "
             "GroupLock(sys.argv[2]).acquire(); print('held', flush=True); time.sleep(60)")
     proc = subprocess.Popen([PY, "-c", code, str(ROOT), str(tmp_path / "group_2")], stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "held"

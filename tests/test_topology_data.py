@@ -86,15 +86,13 @@ def test_data_errors_are_clear(tmp_path, sample_data):
 
 
 def test_recipe_config_files_parse_and_command_line_wins():
-    import sys
     from pathlib import Path
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))
-    import train_lm
-    root = Path(train_lm.__file__).resolve().parent / "configs"
+    from codistill import flags
+    root = Path(__file__).resolve().parents[1] / "recipes" / "configs"
     files = sorted(root.glob("*.json"))
     assert files
     for f in files:
-        args = train_lm.parse_args(["--config", str(f)])
+        args = flags.parse_args(["--config", str(f)])
         assert args.model in ("lstm", "transformer")
-    args = train_lm.parse_args(["--config", str(root / "lstm_paper.json"), "--max_steps", "7"])
+    args = flags.parse_args(["--config", str(root / "lstm_paper.json"), "--max_steps", "7"])
     assert args.model_size == "paper" and args.max_steps == 7

@@ -1,6 +1,6 @@
 """Benchmark of data_prep/prepare.py on the embedded BBC News corpus.
 
-    python benchmarks/data_prep.py [--copies 8] [--scale_copies 32] [--repeats 2]
+    python benchmarks/data_prep_speed.py [--copies 8] [--scale_copies 32] [--repeats 2]
         [--out benchmarks/results/data_prep.json]
 
 Measures, in one run on one machine:
@@ -41,13 +41,12 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from data_prep.parallel import chunked
+from data_prep.clean import clean_document
+from data_prep.readers import Stats, read_documents
+from data_prep.sample import sample_corpus_dir
 
-from data_prep.parallel import chunked  # noqa: E402
-from data_prep.clean import clean_document  # noqa: E402
-from data_prep.readers import Stats, read_documents  # noqa: E402
-from data_prep.sample import sample_corpus_dir  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 PREPARE = ROOT / "data_prep" / "prepare.py"
 _WRAP = ("import json, resource, subprocess, sys, time\n"
@@ -292,7 +291,7 @@ def main() -> int:
     info = machine()
     commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True,
                             text=True).stdout.strip()
-    res = {"command": "python benchmarks/data_prep.py " + " ".join(sys.argv[1:]),
+    res = {"command": "python benchmarks/data_prep_speed.py " + " ".join(sys.argv[1:]),
            "git_commit": commit, "machine": info}
     with tempfile.TemporaryDirectory(prefix="dp-bench-") as td:
         td = Path(td)

@@ -1,1 +1,0 @@
-# Makes the repository root importable in tests (data_prep, model, codistill, recipes).
