@@ -60,8 +60,12 @@ class _CodistillLoss(torch.autograd.Function):
                 q = teacher_probs[i:i + chunk].float()
                 logp_t = logp if temperature == 1.0 else F.log_softmax(s / temperature, dim=-1)
                 distill -= torch.dot(q.reshape(-1), logp_t.reshape(-1)) * temperature ** 2
-                entropy -= torch.special.xlogy(q, q).sum() * temperature ** 2  # for the KL in the logs only
                 agree += (row_argmax(s) == row_argmax(q)).sum()
+                # H(q), for the KL in the logs only: log q written over logp_t, which is no longer
+                # needed (no new [chunk, V] buffer: fresh allocations cost page faults on CPU);
+                # clamped so that 0 log 0 = 0 (xlogy is ~5x slower on CPU)
+                log_q = torch.clamp_min(q, torch.finfo(q.dtype).tiny, out=logp_t).log_()
+                entropy -= torch.dot(q.reshape(-1), log_q.reshape(-1)) * temperature ** 2
         ctx.save_for_backward(logits, targets)
         # Stored on ctx, not saved_tensors: teacher outputs come from inference_mode, and
         # they need no version tracking (nothing writes to them).
