@@ -1,6 +1,6 @@
 """Test-only fault injection: ``CODISTILL_FAULT_INJECT`` makes a real run fail on purpose.
 
-Never set this in a real run. The tests (tests/test_reliability.py) and benchmarks use it to
+Never set this in a real run. The tests (tests/e2e/test_fault_tolerance.py) and benchmarks use it to
 prove that a fault costs at most the work since the last checkpoint. Syntax: ``;``-separated
 ``kind@steps`` items, steps a comma list with optional ranges::
 

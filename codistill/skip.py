@@ -6,7 +6,7 @@ non-finite loss - no host sync per micro-batch. If one did, the update at the ac
 boundary is not taken: instead of the last ``engine.step()``, skip_step drops the step's
 gradients (all of them, the non-finite ones included): from ``param.grad`` and, under ZeRO,
 from the optimizer's partitioned accumulation buffers (checked against a run that never saw the
-step for ZeRO 0, 2 and 3 in tests/test_reliability.py, and by hand for ZeRO 1 with DeepSpeed
+step for ZeRO 0, 2 and 3 in tests/e2e/test_fault_tolerance.py, and by hand for ZeRO 1 with DeepSpeed
 0.19.8; these buffers are DeepSpeed internals, so re-check the test after a DeepSpeed upgrade).
 
 The step is then accounted like DeepSpeed accounts an fp16-overflow step (``skipped_steps``

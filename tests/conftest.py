@@ -65,7 +65,37 @@ def scalar_tags(tb_dir: Path) -> set[str]:
     return set(read_events(tb_dir))
 
 
-# ---- the main command's run, shared by test_train_e2e.py and test_reliability.py ----------
+# ---- small exports written by tests (teacher, exchange and fault-tolerance tests) -------------
+def _test_model_config():
+    from model import preset_config
+    return preset_config("lstm", "tiny", vocab_size=64)
+
+
+TOK = "tok-sha"
+
+
+def export_meta(cfg=None, tok=TOK, group=1) -> dict:
+    cfg = cfg or CFG
+    return {"group": group, "tokens_seen": 0, "model_config": cfg.to_dict(),
+            "model_config_hash": cfg.config_hash(), "tokenizer_sha256": tok}
+
+
+def write_test_export(d, step, cfg=None, tok=TOK, seed=0, keep=3):
+    """Export a freshly initialised ``cfg`` model (seed ``seed``) as step ``step`` into ``d``."""
+    import torch
+    from codistill.exchange import write_export
+    from model import build_model
+    cfg = cfg or CFG
+    torch.manual_seed(seed)
+    sd = build_model(cfg).state_dict()
+    write_export(d, step, sd, export_meta(cfg, tok), keep=keep)
+    return sd
+
+
+CFG = _test_model_config()
+
+
+# ---- the main command's run, shared by tests/e2e/test_train.py and test_fault_tolerance.py ----
 E2E_STEPS, E2E_K, E2E_BURN = 40, 10, 15
 
 

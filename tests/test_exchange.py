@@ -8,8 +8,11 @@ import time
 import pytest
 import torch
 
-from codistill.exchange import (ExportError, list_exports, read_export, read_latest, write_export)
+from codistill import faults
+from codistill.exchange import (ExportError, clean_temp_files, list_exports, read_export, read_latest,
+                                write_export)
 from codistill.teacher import TeacherLoader, exports_dir
+from conftest import write_test_export
 from model import build_model, preset_config
 
 CFG = preset_config("lstm", "tiny", vocab_size=64)
@@ -226,3 +229,29 @@ def test_fixed_teacher_paths_resolve_to_validated_weights(tmp_path):
     (gdir / "final" / "model.safetensors").write_bytes(pickle.dumps({"w": 1}))
     with pytest.raises(ExportError, match="pickle"):
         read_fixed_teacher(gdir, h, tok)
+
+
+def test_export_write_error_keeps_the_previous_export_valid_and_named_by_latest(tmp_path, monkeypatch):
+    d = tmp_path / "exports"
+    write_test_export(d, 10)
+    monkeypatch.setenv(faults.ENV, "export_oserror@20")  # fails after the weights file, before metadata/LATEST
+    with pytest.raises(OSError, match="No space left"):
+        write_test_export(d, 20, seed=1)
+    assert read_latest(d) == 10 and list_exports(d) == [10]
+    assert sorted(p.name for p in d.iterdir()) == ["LATEST", "step_000010.json", "step_000010.safetensors"]
+    read_export(d, 10, CFG.config_hash(), TOK)
+    monkeypatch.setenv(faults.ENV, "")
+    write_test_export(d, 20, seed=1)  # the next write works again
+    assert read_latest(d) == 20
+
+
+def test_export_temp_files_of_a_killed_writer_are_ignored_then_cleaned(tmp_path):
+    d = tmp_path / "exports"
+    write_test_export(d, 10)
+    leftovers = [d / ".step_000020.safetensors.tmp-999999", d / ".LATEST.tmp-999999", d / "step_000030.safetensors"]
+    leftovers[0].write_bytes(b"half a safetensors file")
+    leftovers[1].write_text("step_000020")
+    leftovers[2].write_bytes((d / "step_000010.safetensors").read_bytes())  # killed before its metadata
+    assert list_exports(d) == [10] and read_latest(d) == 10  # readers never look at temp files
+    assert sorted(clean_temp_files(d)) == sorted(p.name for p in leftovers)
+    assert not any(p.exists() for p in leftovers) and read_latest(d) == 10

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from conftest import PY, ROOT, env_for_runs, launch, read_scalars, run_python, scalar_tags
 from conftest import E2E_BURN as BURN, E2E_K as K, E2E_STEPS as STEPS, e2e_args as common  # noqa: F401
-# main_run (the main command's run, a session fixture) lives in conftest.py: test_reliability.py shares it
+# main_run (the main command's run, a session fixture) lives in conftest.py: e2e/test_fault_tolerance.py shares it
 
 pytestmark = pytest.mark.slow
 

@@ -26,7 +26,7 @@ import pytest
 
 pytestmark = pytest.mark.slurm
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CLUSTER = ROOT / "slurm" / "local_cluster.sh"
 # The tests' own cluster (state dir and ports apart from a developer's /tmp/slurm-local on 6817),
 # with two slurmd "nodes" so that a --nodes=2 job runs; always stopped at the end.

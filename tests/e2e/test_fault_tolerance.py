@@ -20,221 +20,16 @@ import torch
 from safetensors.torch import load_file
 
 from codistill import checkpoint, faults
-from codistill.exchange import (clean_temp_files, list_exports, read_export, read_latest,
-                                write_export)
-from codistill.teacher import TeacherLoader, TeacherPool, exports_dir
-from conftest import E2E_STEPS, PY, ROOT, e2e_args, env_for_runs, launch, read_scalars, run_python
-from model import build_model, preset_config
-
-CFG = preset_config("lstm", "tiny", vocab_size=64)
-TOK = "tok-sha"
-
-
-def _meta(cfg=CFG, tok=TOK, group=1):
-    return {"group": group, "tokens_seen": 0, "model_config": cfg.to_dict(),
-            "model_config_hash": cfg.config_hash(), "tokenizer_sha256": tok}
-
-
-def _export(d, step, cfg=CFG, tok=TOK, seed=0, keep=3):
-    torch.manual_seed(seed)
-    write_export(d, step, build_model(cfg).state_dict(), _meta(cfg, tok), keep=keep)
+from codistill.exchange import (list_exports, read_export, read_latest)
+from codistill.teacher import exports_dir
+from conftest import (CFG, TOK, E2E_STEPS, PY, ROOT, e2e_args, env_for_runs, export_meta as _meta,  # noqa: F401
+                      launch, read_scalars, run_python, write_test_export as _export)
+from model import preset_config
 
 
 def tb(run_dir, group, tag):
     return read_scalars(Path(run_dir) / f"group_{group}" / "tb", tag)
 
-
-# ---- in-process: the pieces -----------------------------------------------------------------
-
-def test_fault_spec_parses_and_rejects_unknown_kinds():
-    assert faults.parse("nan_loss@12,13,20-22;ckpt_oserror@5") == {"nan_loss": {12, 13, 20, 21, 22},
-                                                                   "ckpt_oserror": {5}}
-    assert faults.parse(None) == {} and faults.parse("") == {}
-    assert faults.parse("sigkill:1@13;nan_loss@2", rank=0) == {"nan_loss": {2}}
-    assert faults.parse("sigkill:1@13;nan_loss@2", rank=1) == {"sigkill": {13}, "nan_loss": {2}}
-    for bad in ("rm_rf@3", "nan_loss", "sigkill:x@3", "nan_loss@a-b"):
-        with pytest.raises(ValueError, match="bad"):
-            faults.parse(bad)
-
-
-def test_export_write_error_keeps_the_previous_export_valid_and_named_by_latest(tmp_path, monkeypatch):
-    d = tmp_path / "exports"
-    _export(d, 10)
-    monkeypatch.setenv(faults.ENV, "export_oserror@20")  # fails after the weights file, before metadata/LATEST
-    with pytest.raises(OSError, match="No space left"):
-        _export(d, 20, seed=1)
-    assert read_latest(d) == 10 and list_exports(d) == [10]
-    assert sorted(p.name for p in d.iterdir()) == ["LATEST", "step_000010.json", "step_000010.safetensors"]
-    read_export(d, 10, CFG.config_hash(), TOK)
-    monkeypatch.setenv(faults.ENV, "")
-    _export(d, 20, seed=1)  # the next write works again
-    assert read_latest(d) == 20
-
-
-def test_export_temp_files_of_a_killed_writer_are_ignored_then_cleaned(tmp_path):
-    d = tmp_path / "exports"
-    _export(d, 10)
-    leftovers = [d / ".step_000020.safetensors.tmp-999999", d / ".LATEST.tmp-999999", d / "step_000030.safetensors"]
-    leftovers[0].write_bytes(b"half a safetensors file")
-    leftovers[1].write_text("step_000020")
-    leftovers[2].write_bytes((d / "step_000010.safetensors").read_bytes())  # killed before its metadata
-    assert list_exports(d) == [10] and read_latest(d) == 10  # readers never look at temp files
-    assert sorted(clean_temp_files(d)) == sorted(p.name for p in leftovers)
-    assert not any(p.exists() for p in leftovers) and read_latest(d) == 10
-
-
-def _tag(ckpt, step, complete=True):
-    t = ckpt / f"global_step{step}"
-    t.mkdir(parents=True)
-    (t / "mp_rank_00_model_states.pt").write_bytes(b"x")
-    if complete:
-        (t / checkpoint.COMPLETE).write_text(json.dumps({"files": {"mp_rank_00_model_states.pt": 1}}))
-    return t
-
-
-def test_resume_candidates_skip_an_incomplete_or_bogus_latest(tmp_path):
-    ckpt, msgs = tmp_path / "checkpoints", []
-    _tag(ckpt, 10)
-    _tag(ckpt, 20, complete=False)  # a save killed before it finished
-    (ckpt / "latest").write_text("global_step10")
-    assert checkpoint.candidates(ckpt, msgs.append) == ["global_step10"] and not msgs
-    (ckpt / "latest").write_text("global_step20")  # as DeepSpeed's own writer could leave it
-    assert checkpoint.candidates(ckpt, msgs.append) == ["global_step10"]
-    assert "incomplete" in msgs[-1] and "resuming from global_step10" in msgs[-1]
-    for bogus, why in (("../../etc", "not a checkpoint tag"), ("", "not a checkpoint tag"),
-                       ("global_step30", "does not exist")):
-        (ckpt / "latest").write_text(bogus)
-        assert checkpoint.candidates(ckpt, msgs.append) == ["global_step10"] and why in msgs[-1]
-    _tag(ckpt, 30)  # complete, killed before 'latest' moved to it
-    (ckpt / "latest").write_text("global_step10")
-    assert checkpoint.candidates(ckpt, msgs.append) == ["global_step30", "global_step10"]
-    # checkpoints from before the completion marker: trust 'latest' as before
-    legacy = tmp_path / "legacy"
-    _tag(legacy, 5, complete=False)
-    (legacy / "latest").write_text("global_step5")
-    assert checkpoint.candidates(legacy) == ["global_step5"]
-
-
-def test_resume_skips_a_truncated_or_unloadable_checkpoint(tmp_path):
-    """A marked tag whose file was truncated later is skipped by size; one that DeepSpeed's
-    loader rejects is skipped after the attempt; the next older complete tag is loaded."""
-    ckpt, msgs = tmp_path / "checkpoints", []
-
-    class CE:
-        def save(self, sd, path):
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-            Path(path).write_bytes(b"weights of " + Path(path).parent.name.encode())
-
-    class Engine:
-        checkpoint_engine = CE()
-        tried = []
-
-        def save_checkpoint(self, d, tag, client_state, save_latest):
-            self.checkpoint_engine.save({}, os.path.join(d, tag, "model.pt"))
-
-        def load_checkpoint(self, d, tag):
-            self.tried.append(tag)
-            if tag == "global_step20":
-                raise RuntimeError("PytorchStreamReader failed reading zip archive")
-            return os.path.join(d, tag), {"step": int(tag[11:])}
-
-    eng = Engine()
-    for s in (10, 20, 30):
-        checkpoint.save(eng, ckpt, s, {}, leader=True, keep=5)
-    (ckpt / "global_step30" / "model.pt").write_bytes(b"trunc")
-    tag, state = checkpoint.load(eng, ckpt, msgs.append)
-    assert (tag, state) == ("global_step10", {"step": 10}) and eng.tried == ["global_step20", "global_step10"]
-    assert any("global_step30 is damaged (model.pt has 5 bytes" in m for m in msgs)
-    assert any("global_step20 cannot be loaded (RuntimeError" in m for m in msgs)
-
-
-def test_prune_drops_partial_tags_and_never_the_latest(tmp_path):
-    ckpt = tmp_path / "checkpoints"
-    for s in (10, 20, 30):
-        _tag(ckpt, s)
-    _tag(ckpt, 40, complete=False)
-    (ckpt / "latest").write_text("global_step30")
-    checkpoint.prune(ckpt, keep=2)
-    assert [p.name for _, p in checkpoint.list_tags(ckpt)] == ["global_step20", "global_step30"]
-
-
-def test_write_error_during_checkpoint_save_keeps_latest(tmp_path, monkeypatch):
-    """checkpoint.save with a fake engine whose writer fails: partial tag removed, latest unchanged."""
-    ckpt = tmp_path / "checkpoints"
-
-    class CE:
-        def save(self, sd, path):
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-            Path(path).write_bytes(b"data")
-
-    class Engine:
-        checkpoint_engine = CE()
-
-        def save_checkpoint(self, d, tag, client_state, save_latest):
-            assert save_latest is False  # 'latest' is ours to move
-            self.checkpoint_engine.save({}, os.path.join(d, tag, "model.pt"))
-
-    checkpoint.save(Engine(), ckpt, 10, {}, leader=True, keep=2)
-    assert checkpoint.read_latest(ckpt) == "global_step10" and checkpoint.is_complete(ckpt / "global_step10")
-    monkeypatch.setenv(faults.ENV, "ckpt_oserror@20")
-    with pytest.raises(OSError, match="No space left"):
-        checkpoint.save(Engine(), ckpt, 20, {}, leader=True, keep=2)
-    assert checkpoint.read_latest(ckpt) == "global_step10" and not (ckpt / "global_step20").exists()
-    assert isinstance(Engine.checkpoint_engine.save, type(CE().save))  # the hook is undone
-
-
-def test_teacher_pool_keeps_a_dead_peer_then_drops_it_past_max_staleness(tmp_path):
-    d = exports_dir(tmp_path, 1)
-    _export(d, 10)
-    pool, msgs = TeacherPool(CFG, torch.device("cpu")), []
-    pool.load(1, read_export(d, 10))
-    for step in range(11, 60):
-        active = pool.active(0, step, None, warn_after=20, log=msgs.append)
-        assert active == [1]  # no cap: the last good teacher stays, however old
-    assert len([m for m in msgs if "published nothing newer" in m]) == 1  # warned once
-    assert pool.active(0, 30, 20, log=msgs.append) == [1]
-    assert pool.active(0, 31, 20, log=msgs.append) == [] and pool.active(0, 32, 20, log=msgs.append) == []
-    assert len([m for m in msgs if "dropped" in m]) == 1
-
-
-def test_loader_picks_up_a_peer_that_restarted_from_an_older_step(tmp_path):
-    d = exports_dir(tmp_path, 1)
-    _export(d, 30)
-    loader = TeacherLoader(tmp_path, [1], CFG.config_hash(), TOK, mode="latest", poll_interval=0.02,
-                           log=lambda m: None)
-
-    def take(deadline=10):
-        t = time.time() + deadline
-        while time.time() < t:
-            exp = loader.take(1)
-            if exp is not None:
-                return exp
-            time.sleep(0.02)
-
-    try:
-        assert take().step == 30
-        time.sleep(0.05)
-        _export(d, 20, seed=3)  # the peer restarted from its step-10 checkpoint and exported step 20
-        exp = take()
-        assert exp is not None and exp.step == 20
-    finally:
-        loader.close()
-
-
-def test_nothing_of_ours_unpickles_without_weights_only():
-    """Item 7: every torch.load in our code is weights_only=True; no pickle.load at all. Resume goes
-    through DeepSpeed's loader (engine.load_checkpoint) on the run's own checkpoints only."""
-    bad = []
-    for sub in ("codistill", "recipes", "model", "data_prep", "benchmarks"):
-        for f in (ROOT / sub).rglob("*.py"):
-            for i, line in enumerate(f.read_text().splitlines(), 1):
-                if re.search(r"\b(pickle|cPickle|dill)\.loads?\(", line) or (
-                        "torch.load(" in line and "weights_only=True" not in line):
-                    bad.append(f"{f.relative_to(ROOT)}:{i}: {line.strip()}")
-    assert not bad, bad
-
-
-# ---- bad configuration: refused before compute -> tests/test_flags.py -----------------------
 
 @pytest.mark.slow
 def test_burn_in_past_max_steps_only_warns(sample_data, tmp_path):
@@ -244,8 +39,6 @@ def test_burn_in_past_max_steps_only_warns(sample_data, tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "warning: --burn_in_steps 40 >= --max_steps 4" in proc.stderr
 
-
-# ---- real runs ------------------------------------------------------------------------------
 
 def _popen(args, env_extra=None):
     env = env_for_runs()
@@ -521,30 +314,6 @@ def test_skipping_a_step_after_accumulated_micro_batches_leaves_no_trace(tmp_pat
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     results = [(tmp_path / f"result_{r}").read_text().split() for r in range(ranks)]
     assert all(r == ["True", "3", "6", "1", "2", "4"] for r in results), results
-
-
-def test_group_lock_is_exclusive_names_its_holder_and_dies_with_it(tmp_path):
-    import socket
-    from codistill.lock import GroupLock, LockError
-    a = GroupLock(tmp_path / "group_0")
-    assert a.acquire()
-    with pytest.raises(LockError, match=rf"PID {os.getpid()} on host {re.escape(socket.gethostname())}"):
-        GroupLock(tmp_path / "group_0").acquire()
-    assert GroupLock(tmp_path / "group_1").acquire()  # another group: independent
-    a.release()
-    b = GroupLock(tmp_path / "group_0")
-    assert b.acquire()
-    b.release()
-    # a holder killed with SIGKILL leaves the file but not the lock
-    code = ("import sys, time; from codistill.lock import GroupLock; "
-            "GroupLock(sys.argv[2]).acquire(); print('held', flush=True); time.sleep(60)")
-    proc = subprocess.Popen([PY, "-c", code, str(ROOT), str(tmp_path / "group_2")], stdout=subprocess.PIPE, text=True)
-    assert proc.stdout.readline().strip() == "held"
-    with pytest.raises(LockError, match=f"PID {proc.pid} "):
-        GroupLock(tmp_path / "group_2").acquire()
-    proc.kill()
-    proc.wait()
-    assert (tmp_path / "group_2" / "LOCK").exists() and GroupLock(tmp_path / "group_2").acquire()
 
 
 @pytest.mark.slow
