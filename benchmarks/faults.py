@@ -215,6 +215,29 @@ def main():
            f"teachers in use at the end: {peers.get(STEPS, float('nan')):.0f} (dead peer dropped past the cap)",
            code == 0 and not marker.exists() and refused == 3 and peers.get(STEPS) == 1, 0, damage(d, (0,)))
 
+    # 7-8. a peer gone wrong: its export passes every file check but holds NaN weights, or finite
+    # garbage (random, std 3); group 0 alone, latest teachers, against the same run without that peer
+    import json
+    lone_args = dict(num_groups=2, group_id=0, burn_in_steps=5, poll_interval=0.05, save_every=1000,
+                     max_steps=80, eval_every=40)
+
+    def val_ppl(run_dir):
+        return json.loads((RunLayout(run_dir).summary).read_text())["groups"]["group_0"]["val_ppl"]
+
+    run(flags(data, root / "lone", **lone_args))
+    lone = val_ppl(root / "lone")
+    for kind, what, sign in (("nan", "NaN weights (valid metadata and checksum)", "refusing export step 10"),
+                             ("garbage", "random finite weights, std 3", "teacher g1@10 dropped")):
+        d = root / f"bad_peer_{kind}"
+        faults.write_bad_export(exports_dir(d, 1), 10, cfg, tok, kind)
+        code, out = run(flags(data, d, **lone_args))
+        ratio = val_ppl(d) / lone if code == 0 else float("nan")
+        record(f"peer exports {what}", f"peer 1's only export (step 10) holds {what}",
+               f"exit {code}; {'refused on load' if kind == 'nan' else 'teacher used, measured, dropped'} "
+               f"({'reported' if sign in out else 'NOT reported'}); val ppl {val_ppl(d) if code == 0 else 0:.1f} vs "
+               f"{lone:.1f} without that peer ({ratio - 1:+.1%})",
+               code == 0 and sign in out and abs(ratio - 1) < 0.05, 0, damage(d, (0,)))
+
     # 11. the same group launched twice
     d = root / "twice"
     args = flags(data, d, group_id=0, max_steps=3000, save_every=1000, eval_every=1000, export_every=1000)

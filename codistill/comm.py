@@ -106,6 +106,8 @@ class StepControl:
         [1 + G + g * G + p]       (latest teachers only) group g's leader swaps in peer p's export
                                   of step s at the next step: s + 1 (0 = no swap); the other ranks
                                   of the group follow it
+        [1 + G + S + g * G + p]   (teacher guard on) group g's leader's verdict on peer p's teacher:
+                                  1 use, 2 dropped (codistill/health.py); S = the swap slots
 
     A rank writes only the slots of the groups it hosts, so MAX gives every rank the group-wide
     answer for every group, whatever the topology (one group per launch, a world split, or
@@ -113,26 +115,31 @@ class StepControl:
     hosted group, for the console) ride along in the same device->host copy.
     """
 
-    def __init__(self, num_groups: int, device: torch.device, swaps: bool = False):
+    def __init__(self, num_groups: int, device: torch.device, swaps: bool = False, guard: bool = False):
         self.G, self.device = num_groups, device
         self.n_swap = num_groups * num_groups if swaps else 0  # slots only where leaders announce swaps
+        self.n_drop = num_groups * num_groups if guard else 0  # slots only where leaders judge teachers
 
     def sync(self, stop: bool, bad: dict[int, torch.Tensor], announce: dict[tuple[int, int], int],
-             local: torch.Tensor | None = None) -> "StepOutcome":
+             local: torch.Tensor | None = None, drops: dict[tuple[int, int], int] | None = None) -> "StepOutcome":
         G = self.G
-        n = 1 + G + self.n_swap
+        n = 1 + G + self.n_swap + self.n_drop
         ctrl = torch.zeros(n, dtype=torch.int64, device=self.device)
         ctrl[0] = int(stop)
         for g, flag in bad.items():
             ctrl[1 + g] = flag.to(torch.int64)
         for (g, p), step in announce.items():
             ctrl[1 + G + g * G + p] = step + 1
+        for (g, p), state in (drops or {}).items() if self.n_drop else ():
+            ctrl[1 + G + self.n_swap + g * G + p] = state
         if _world(None) > 1:
             dist.all_reduce(ctrl, op=dist.ReduceOp.MAX)
         parts = [ctrl.double()] + ([local.detach().double().reshape(-1)] if local is not None else [])
         vals = torch.cat(parts).tolist()  # the step's host sync
-        swaps = {divmod(i, G): int(v) - 1 for i, v in enumerate(vals[1 + G:n]) if v > 0}
-        return StepOutcome(stop=bool(vals[0]), bad=[bool(v) for v in vals[1:1 + G]], swaps=swaps, local=vals[n:])
+        swaps = {divmod(i, G): int(v) - 1 for i, v in enumerate(vals[1 + G:1 + G + self.n_swap]) if v > 0}
+        drops = {divmod(i, G): int(v) for i, v in enumerate(vals[1 + G + self.n_swap:n]) if v > 0}
+        return StepOutcome(stop=bool(vals[0]), bad=[bool(v) for v in vals[1:1 + G]], swaps=swaps, local=vals[n:],
+                           drops=drops)
 
 
 @dataclass
@@ -141,3 +148,4 @@ class StepOutcome:
     bad: list[bool]                     # per group: skip this step's update
     swaps: dict[tuple[int, int], int]   # (group, peer) -> export step its leader swaps in next
     local: list[float]                  # this rank's values passed as ``local``
+    drops: dict = None                  # (group, peer) -> teacher state its leader announced (codistill/health.py)

@@ -91,3 +91,39 @@ class checkpoint_write_error:
         if self.saved is not None:
             self.engine.checkpoint_engine.save = self.saved
         return False
+
+
+def write_bad_export(exports_dir, step: int, model_config, tokenizer_sha256: str, kind: str, group: int = 1,
+                     seed: int = 0) -> None:
+    """A peer gone wrong, for tests and benchmarks/faults.py: an export of ``model_config`` that
+    passes every file check (safetensors, metadata, size, CRC-32, config and tokenizer hashes) but
+    holds ``kind`` = "nan" (NaN weights: a diverged peer whose writer did not refuse them) or
+    "garbage" (finite random weights, std 3: another version of the code, a hardware fault)."""
+    import json
+    from pathlib import Path
+
+    import torch
+    from safetensors.torch import save_file
+
+    from codistill.exchange import export_name, file_crc32
+    from codistill.files import atomic_write, atomic_write_bytes
+    from model import build_model
+    torch.manual_seed(seed)
+    sd = {k: v.clone() for k, v in build_model(model_config).state_dict().items()}
+    for v in sd.values():
+        if kind == "nan":
+            v.fill_(float("nan"))
+        elif kind == "garbage":
+            v.normal_(0.0, 3.0)
+        else:
+            raise ValueError(f"kind must be nan or garbage, got {kind!r}")
+    d = Path(exports_dir)
+    d.mkdir(parents=True, exist_ok=True)
+    name = export_name(step)
+    atomic_write(d / f"{name}.safetensors", lambda tmp: save_file(sd, str(tmp)))
+    size, crc = file_crc32(d / f"{name}.safetensors")
+    meta = {"group": group, "step": step, "tokens_seen": 0, "model_config": model_config.to_dict(),
+            "model_config_hash": model_config.config_hash(), "tokenizer_sha256": tokenizer_sha256,
+            "weights": f"{name}.safetensors", "weights_bytes": size, "weights_crc32": crc}
+    atomic_write_bytes(d / f"{name}.json", json.dumps(meta).encode())
+    atomic_write_bytes(d / "LATEST", name.encode())

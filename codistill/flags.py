@@ -66,6 +66,11 @@ def parse_args(argv=None, description: str | None = None):
                    help="offline (two-phase) distillation: a fixed, finished teacher - a group directory of an "
                         "earlier run (its final/ weights), or an export - used from --burn_in_steps on, averaged "
                         "with the peers' teachers if any (--num_groups 1: the only teacher)")
+    p.add_argument("--teacher_max_ppl_ratio", type=float, default=3.0,
+                   help="drop a peer's teacher whose perplexity on the student's own data exceeds the student's by "
+                        "this factor over --teacher_guard_window steps, until a newer export passes (0: off; "
+                        "codistill/health.py)")
+    p.add_argument("--teacher_guard_window", type=int, default=5, help="steps the teacher guard averages over")
     p.add_argument("--poll_interval", type=float, default=1.0)
     p.add_argument("--loss_chunk_tokens", type=int, default=4096)
     # faults
@@ -127,6 +132,9 @@ def check(a) -> tuple[list[str], list[str]]:
     need(a.poll_interval > 0, f"--poll_interval must be > 0 seconds (got {a.poll_interval})")
     need(a.teacher_timeout >= 0, f"--teacher_timeout must be >= 0 seconds (got {a.teacher_timeout})")
     need(a.max_bad_steps >= 1, f"--max_bad_steps must be >= 1 (got {a.max_bad_steps})")
+    need(a.teacher_max_ppl_ratio == 0 or a.teacher_max_ppl_ratio > 1, f"--teacher_max_ppl_ratio must be > 1, or 0 "
+         f"to switch the teacher guard off (got {a.teacher_max_ppl_ratio})")
+    need(a.teacher_guard_window >= 1, f"--teacher_guard_window must be >= 1 (got {a.teacher_guard_window})")
     if a.stop_after_steps is not None:
         need(1 <= a.stop_after_steps <= a.max_steps, f"--stop_after_steps must be in 1..--max_steps "
              f"({a.max_steps}) (got {a.stop_after_steps}); leave it out to train to --max_steps")

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 
 from codistill.comm import StepOutcome, flags_any
 from codistill.exchange import Export, ExportError, clean_temp_files, read_export, write_export
+from codistill.health import TeacherGuard
 from codistill.layout import RunLayout
 from codistill.teacher import FIXED_TEACHER, TeacherLoader, TeacherPool, check_usable
 
@@ -121,6 +122,8 @@ class Exchange:
         self.writers = {s.id: ExportWriter(self.run.group(s.id).exports, self.keep) for s in students if s.leader}
         self.in_flight: int | None = None  # step of the exports being written (the same on every rank)
         self.failed: set[tuple[int, int]] = set()  # (group, step) exports that could not be written
+        self.guard = TeacherGuard(topo.hosted, {s.id for s in students if s.leader}, self.G,
+                                  args.teacher_max_ppl_ratio or None, args.teacher_guard_window, log)
         self._held: dict[int, Export] = {}  # latest teachers: exports this leader announced
         self._swaps: dict[int, int] = {}    # latest teachers: peer -> export step to swap in next step
         for s in students:
@@ -136,6 +139,10 @@ class Exchange:
         """What every published set of weights says about itself (exports and final/)."""
         return {"group": student.id, "tokens_seen": student.tokens_seen, "model_config": self.model_cfg.to_dict(),
                 "model_config_hash": self.cfg_hash, "tokenizer_sha256": self.tok_hash}
+
+    def describe_teachers(self, student: int) -> str:
+        """The teachers ``student`` has used and how they measured (for messages), or ''."""
+        return self.guard.describe(student, self.pool.steps) if self.exporting or self.pool.fixed else ""
 
     def teacher_steps(self, student: int) -> dict[int, int]:
         """Peer -> export step of the teacher ``student`` uses now (for summary.json)."""
@@ -161,13 +168,20 @@ class Exchange:
                     self.log(f"WARNING: cannot restore teacher of group {peer} at step {tstep} ({e}); "
                              "resume is not exact until the next teacher swap")
             restore[peer] = (tstep, exp)
-        self.pool.swap(restore)
+        self._swap(restore)
         pending = resume_prefetch(start, self.K)
         if self.loader and self.sync and pending is not None:
             for p in self.peers:
                 self.loader.want(p, pending)
 
     # ---- the step -------------------------------------------------------------------------
+    def _swap(self, updates: dict, agree: bool = True) -> None:
+        before = dict(self.pool.steps)
+        self.pool.swap(updates, agree)
+        for p in updates:
+            if self.pool.steps.get(p) != before.get(p):
+                self.guard.on_swap(p)
+
     def before_step(self, step: int) -> float:
         """Teacher swaps due before ``step``; returns their milliseconds (loader waits included)."""
         if not self.peers:
@@ -177,15 +191,15 @@ class Exchange:
             swap, prefetch = sync_schedule(step, self.K)
             if swap is not None:
                 due = [p for p in self.peers if (p, swap) not in self.failed]  # failed (warned): keep, no wait
-                self.pool.swap({p: (swap, self.loader.wait(p, swap, self.args.teacher_timeout)
-                                    if self.loader else None) for p in due})
+                self._swap({p: (swap, self.loader.wait(p, swap, self.args.teacher_timeout)
+                                if self.loader else None) for p in due})
             if prefetch is not None and self.loader:
                 for p in self.peers:
                     self.loader.want(p, prefetch)
             return (time.perf_counter() - t0) * 1e3 if swap is not None else 0.0
         if not self._swaps:
             return 0.0
-        self.pool.swap({p: (t, self._held.pop(p, None)) for p, t in self._swaps.items()}, agree=False)
+        self._swap({p: (t, self._held.pop(p, None)) for p, t in self._swaps.items()}, agree=False)
         self._swaps = {}
         return (time.perf_counter() - t0) * 1e3
 
@@ -200,8 +214,13 @@ class Exchange:
         return {(s.id, p): self._held[p].step for s in self.students for p in self.topo.peers(s.id)
                 if p in self._held}
 
-    def after_sync(self, out: StepOutcome) -> None:
+    def after_sync(self, out: StepOutcome, step: int) -> None:
         self._swaps = {p: t for (g, p), t in out.swaps.items() if g in self.topo.hosted}
+        self.guard.apply(out.drops or {}, self.pool.steps, step)
+
+    def observe(self, student: int, st) -> None:
+        """The step's teacher health, for the quality guard (codistill/health.py)."""
+        self.guard.observe(student, st.ce, st.teacher_ce, st.teacher_nonfinite)
 
     # ---- exports --------------------------------------------------------------------------
     def maybe_export(self, step: int) -> str | None:

@@ -66,6 +66,8 @@ class StepStats:
     peers: list = field(default_factory=list)  # the teachers used
     skipped: bool = False
     skipped_steps: int = 0
+    teacher_ce: dict = field(default_factory=dict)         # peer -> its cross entropy on this batch's targets
+    teacher_nonfinite: dict = field(default_factory=dict)  # peer -> its probabilities were non-finite (left out)
 
 
 def fmt_time(s: float) -> str:
@@ -103,6 +105,11 @@ def log_train(g, step: int, st: StepStats, pool, reload_ms: float, log, args, t_
             w.scalar("teacher/num_peers", len(peers), step)
         if reload_ms:
             w.scalar("teacher/reload_ms", reload_ms, step)
+        for p, ce in st.teacher_ce.items():
+            w.scalar(f"teacher/ce/group_{p}", ce, step)
+        if st.teacher_ce:
+            w.scalar("teacher/nonfinite", sum(st.teacher_nonfinite.values()), step)
+            w.scalar("teacher/dropped", len(st.teacher_ce) - len(st.peers), step)
     if g.leader and (step % args.log_every == 0 or step == args.max_steps):
         elapsed = time.time() - t_start
         eta = elapsed / max(1, step - start_step) * (args.max_steps - step)

@@ -22,7 +22,6 @@ from codistill.skip import skip_step
 from data_prep.dataset import GroupStream, eval_batches
 from model import build_model, count_params
 
-STATS = 7  # values per student in the step's sync: loss, ce, kl, agreement, distill ce, grad-norm step, grad norm
 
 
 def host_copy(state_dict: dict) -> dict:
@@ -75,7 +74,7 @@ class Student:
         progress = min(1.0, (step - a.warmup_steps) / max(1, a.max_steps - a.warmup_steps))
         return a.min_lr_ratio + (1 - a.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
-    def forward_backward(self, step, pool, log=print) -> torch.Tensor:
+    def forward_backward(self, step, pool, guard=None, log=print) -> torch.Tensor:
         """Forward and backward passes of every micro-batch of ``step``; the optimizer update
         waits for finish_step, after the step's one sync (StepControl) has told every rank of
         the group whether any of them saw a non-finite loss. No host sync here: the returned
@@ -84,7 +83,10 @@ class Student:
         t0 = time.perf_counter()
         alpha = distill_alpha(step, a.distill_weight, a.burn_in_steps, a.distill_ramp_steps)
         peers = pool.active(self.id, step, a.max_teacher_staleness, 2 * a.export_every, log) if alpha > 0 else []
+        use = [p for p in peers if guard is None or not guard.excluded(self.id, p)]  # dropped ones run, unused
+        G = self.topo.num_groups
         stats = torch.zeros(5, device=self.device)  # loss, ce, kl, agreement, distill ce (means over micro-batches)
+        health = torch.zeros(2 * (G + 1), device=self.device)  # per teacher: ce, non-finite (TeacherPool.probs)
         bad = torch.zeros((), dtype=torch.bool, device=self.device)
         self.engine.train()
         for micro in range(self.accum):
@@ -93,7 +95,9 @@ class Student:
                 batch = batch.pin_memory()
             batch = batch.to(self.device, non_blocking=True)
             x, y = batch[:, :-1], batch[:, 1:]
-            q = pool.probs(peers, x, a.temperature) if peers else None
+            q, h = pool.probs(peers, x, a.temperature, y, use, G) if peers else (None, None)
+            if h is not None:
+                health += h / self.accum
             logits = self.engine(x)
             faults.sigkill("sigkill", step)  # test-only hook: a crash in the middle of a step
             loss, st = codistill_loss(logits, y, q, alpha, a.temperature, a.label_smoothing, a.loss_chunk_tokens)
@@ -106,24 +110,31 @@ class Student:
             ce, distill, agree, kl = st.values
             shown = loss.detach().float() - alpha * (distill - kl)  # the optimised loss less alpha * T^2 H(q)
             stats += torch.stack([shown, ce, kl, agree, distill]) / self.accum
-        self._pending = (alpha, peers, stats, time.perf_counter() - t0)
+        self._pending = (alpha, use, peers, torch.cat([stats, health]), time.perf_counter() - t0)
         return bad
 
     def stats_for_sync(self) -> torch.Tensor:
-        """This group's part of the step's sync (rank-local, not reduced): the 5 loss statistics,
-        then the step and value of the previous update's gradient norm (-1, 0 when there is none)."""
+        """This group's part of the step's sync (rank-local, not reduced; ``sync_width`` values):
+        the step and value of the previous update's gradient norm (-1, 0 when there is none), the 5
+        loss statistics, then the teachers' health (2 x (groups + 1), TeacherPool.probs)."""
         if self._norm is None:
-            tail = torch.zeros(2, device=self.device)
-            tail[0] = -1.0  # a fill on the device, not a host->device copy
+            head = torch.zeros(2, device=self.device)
+            head[0] = -1.0  # a fill on the device, not a host->device copy
         else:
             step, norm = self._norm
-            tail = torch.stack([norm.new_full((), float(step)), norm])
-        return torch.cat([self._pending[2], tail])
+            head = torch.stack([norm.new_full((), float(step)), norm])
+        return torch.cat([head, self._pending[3]])
+
+    @staticmethod
+    def sync_width(num_groups: int) -> int:
+        return 7 + 2 * (num_groups + 1)
 
     def finish_step(self, step, skip: bool, host: list[float], sync_s: float) -> runlog.StepStats:
         """The optimizer update (or, when any rank of the group saw a non-finite loss, a skipped
         step: no update, counted, gradients dropped); ``host`` is this group's part of the sync."""
-        alpha, peers, _, fb_s = self._pending
+        alpha, use, ran, _, fb_s = self._pending
+        norm_step, norm_value, host, G = host[0], host[1], host[2:], self.topo.num_groups
+        slots = [(p, p if p >= 0 else G) for p in ran]  # the fixed teacher (--teacher) after the peers
         t0 = time.perf_counter()
         grad_norm = None
         if skip:
@@ -136,8 +147,8 @@ class Student:
             self.engine.step()
             if grad_norm is None:
                 grad_norm = self.engine.get_global_grad_norm()
-        if self.writer and host[5] >= 0:  # the previous update's norm, now on the host
-            self.writer.scalar("grad_norm", host[6], int(host[5]))
+        if self.writer and norm_step >= 0:  # the previous update's norm, now on the host
+            self.writer.scalar("grad_norm", norm_value, int(norm_step))
         if isinstance(grad_norm, torch.Tensor):
             grad_norm = grad_norm.detach().float().reshape(()).to(self.device)
         elif grad_norm is not None:  # DeepSpeed gives a float in some paths (e.g. inf after an overflow)
@@ -147,8 +158,9 @@ class Student:
         nan = float("nan")
         return runlog.StepStats(
             loss=host[0], ce=nan if skip else host[1], distill=nan if skip else host[2], agreement=host[3],
-            distill_ce=nan if skip else host[4], alpha=alpha, peers=peers, skipped=skip, skipped_steps=self.skipped_steps,
-            step_time=fb_s + sync_s + time.perf_counter() - t0, lr=self.engine.get_lr()[0])
+            distill_ce=nan if skip else host[4], alpha=alpha, peers=use, skipped=skip, skipped_steps=self.skipped_steps,
+            step_time=fb_s + sync_s + time.perf_counter() - t0, lr=self.engine.get_lr()[0],
+            teacher_ce={p: host[5 + slot] for p, slot in slots}, teacher_nonfinite={p: host[6 + G + slot] > 0 for p, slot in slots})
 
     def close(self) -> None:
         """Log the last update's gradient norm (there is no next sync) and close the writer."""

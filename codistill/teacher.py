@@ -348,25 +348,51 @@ class TeacherPool:
             log(f"WARNING: {msg}")
 
     @torch.inference_mode()
-    def probs(self, peers: list[int], input_ids: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-        """Mean over ``peers`` of their predicted distributions on the student's batch (fp32).
+    def probs(self, peers: list[int], input_ids: torch.Tensor, temperature: float = 1.0,
+              targets: torch.Tensor | None = None, use: list[int] | None = None, num_groups: int = 0):
+        """The averaged teacher distribution on the student's batch (fp32), and each teacher's health.
 
-        The result lives in a buffer reused by the next call (the trainer consumes it, through
-        the student's backward, before asking again): allocating B*T*V floats afresh every
-        step costs more than the softmax itself on CPU.
+        Every peer in ``peers`` runs; the average is over those in ``use`` (default: all) whose
+        probabilities are finite on this batch - a teacher that is not is left out of this step,
+        so the student never sees a NaN through a teacher (all left out: q is all zeros, i.e. no
+        distillation this step). Returns (q, health): q None when ``use`` is empty; health a
+        device tensor of 2 x (``num_groups`` + 1) values: per group id p (the fixed teacher last)
+        the teacher's cross entropy on ``targets`` (0 for teachers not run), then for each 1 where
+        its probabilities were non-finite. No host sync: the trainer reads health in the step's sync.
+
+        q lives in a buffer reused by the next call (the trainer consumes it, through the
+        student's backward, before asking again): allocating B*T*V floats afresh every step costs
+        more than the softmax itself on CPU.
         """
-        out = None
+        use = list(peers) if use is None else use
+        out, count, health = None, None, None
         for p in peers:
             logits = self.modules[p](input_ids)
             if temperature != 1.0:
                 logits = logits / temperature
             shape = (*logits.shape[:-1], logits.shape[-1])
-            if out is None:
-                out = self._buffer("probs", shape, logits.device)
-                torch.softmax(logits, dim=-1, dtype=torch.float32, out=out)
+            into_out = p in use and out is None
+            buf = self._buffer("probs" if into_out else "tmp", shape, logits.device)
+            torch.softmax(logits, dim=-1, dtype=torch.float32, out=buf)
+            ok = torch.isfinite(buf.sum())  # probabilities sum to B*T: no overflow, NaN/Inf propagate
+            if health is None:
+                health = torch.zeros(2 * (num_groups + 1), device=buf.device)
+            if targets is not None and num_groups:
+                slot = p if p >= 0 else num_groups  # the fixed teacher (--teacher) after the peers
+                p_y = buf.gather(-1, targets.unsqueeze(-1)).clamp_min(torch.finfo(buf.dtype).tiny)
+                health[slot] = -p_y.log().mean()
+                health[num_groups + 1 + slot] = (~ok).float()
+            if p not in use:
+                continue
+            torch.where(ok, buf, buf.new_zeros(()), out=buf)
+            count = ok.float() if count is None else count + ok.float()
+            if into_out:
+                out = buf
             else:
-                out.add_(torch.softmax(logits, dim=-1, dtype=torch.float32, out=self._buffer("tmp", shape, logits.device)))
-        return out if len(peers) == 1 else out.div_(len(peers))
+                out.add_(buf)
+        if out is not None and len(use) > 1:
+            out.div_(count.clamp_min(1.0))
+        return out, health
 
     def _buffer(self, name: str, shape: tuple, device: torch.device) -> torch.Tensor:
         buf = self._buffers.get(name)

@@ -36,7 +36,7 @@ from codistill.exchange import ExportError
 from codistill.layout import RunLayout
 from codistill.lock import GroupLock, LockError
 from codistill.peers import Exchange
-from codistill.student import STATS, Student
+from codistill.student import Student
 from codistill.teacher import read_fixed_teacher
 from codistill.topology import TopologyError, build_mpus, plan as plan_topology
 from data_prep.dataset import DataError, TokenData
@@ -200,13 +200,16 @@ def train_step(step, students, exchange, control, stop, bad_in_a_row, log, clock
     Host syncs (ours; DeepSpeed's optimizer may add its own): exactly one, in control.sync.
     Teacher swaps add one per swap."""
     reload_ms = exchange.before_step(step)
-    bad = {s.id: s.forward_backward(step, exchange.pool, log) for s in students}
+    bad = {s.id: s.forward_backward(step, exchange.pool, exchange.guard, log) for s in students}
     t0 = time.perf_counter()
-    out = control.sync(stop.requested, bad, exchange.announce(), torch.cat([s.stats_for_sync() for s in students]))
+    out = control.sync(stop.requested, bad, exchange.announce(), torch.cat([s.stats_for_sync() for s in students]),
+                       exchange.guard.proposals())
     sync_s = time.perf_counter() - t0
-    exchange.after_sync(out)
+    exchange.after_sync(out, step)
+    w = Student.sync_width(exchange.G)
     for i, s in enumerate(students):
-        st = s.finish_step(step, out.bad[s.id], out.local[STATS * i:STATS * (i + 1)], sync_s)
+        st = s.finish_step(step, out.bad[s.id], out.local[w * i:w * (i + 1)], sync_s)
+        exchange.observe(s.id, st)
         if st.skipped:
             log(f"WARNING: [group {s.id}] step {step}: loss is {st.loss}; step skipped, no update "
                 f"({bad_in_a_row[s.id] + 1} in a row, {s.skipped_steps} in all; --max_bad_steps "
@@ -224,9 +227,14 @@ def train(args, students, exchange, ckpt, control, start, log) -> tuple[str, int
         bad_in_a_row = [n + 1 if b else 0 for n, b in zip(bad_in_a_row, out.bad)]
         if max(bad_in_a_row) >= args.max_bad_steps:
             latest = {s.id: read_latest_checkpoint(s.paths.checkpoints) for s in students}
+            teachers = "; ".join(f"group {s.id}: {d}" for s in students if (d := exchange.describe_teachers(s.id)))
+            cause = (f" Distillation was on (teachers {teachers}); a teacher's non-finite probabilities never reach "
+                     "the student, but a bad peer can still drive it away: check that peer's run, or continue "
+                     "with --resume auto and --distill_weight 0 or a lower --lr." if teachers else
+                     " Lower --lr and continue with --resume auto.")
             log.error(f"{args.max_bad_steps} steps in a row (up to step {step}) had a NaN/Inf loss "
                       f"(--max_bad_steps {args.max_bad_steps}); stopping without saving. The last good "
-                      f"checkpoints ({latest}) are intact: lower --lr and continue with --resume auto")
+                      f"checkpoints ({latest}) are intact.{cause}")
             return "diverged", step
         outcome = exchange.maybe_export(step)
         if outcome:
@@ -306,7 +314,8 @@ def main(argv=None):
         if start:
             log(f"resumed from step {start} ({p.run.root if args.resume == 'auto' else args.resume})")
         t_start = time.time()
-        control = StepControl(args.num_groups, p.device, swaps=bool(exchange.peers) and not exchange.sync)
+        control = StepControl(args.num_groups, p.device, swaps=bool(exchange.peers) and not exchange.sync,
+                              guard=exchange.guard.enabled and bool(exchange.peers))
         outcome, step = train(args, students, exchange, ckpt, control, start, log)
         if outcome == "done":
             finish(p, students, exchange, ckpt, model_cfg, start, step, t_start, log)

@@ -106,7 +106,7 @@ def test_no_gradient_reaches_a_teacher():
     pool = TeacherPool(cfg, torch.device("cpu"))
     pool.load(1, Export(step=5, meta={}, state_dict=teacher_src.state_dict()))
     x = torch.randint(0, 50, (2, 8))
-    q = pool.probs([1], x)
+    q, _ = pool.probs([1], x)
     loss, _ = codistill_loss(student(x), torch.randint(0, 50, (2, 8)), q, alpha=1.0)
     loss.backward()
     teacher = pool.modules[1]
@@ -122,7 +122,7 @@ def test_teacher_probs_average_peers():
         torch.manual_seed(peer)
         pool.load(peer, Export(step=10 * peer, meta={}, state_dict=build_model(cfg).state_dict()))
     x = torch.randint(0, 40, (2, 5))
-    both = pool.probs([1, 2], x)
+    both, _ = pool.probs([1, 2], x)
     expected = (F.softmax(pool.modules[1](x), -1) + F.softmax(pool.modules[2](x), -1)) / 2
     assert torch.allclose(both, expected, atol=1e-6)
     assert pool.active(student=1, step=30, max_staleness=None) == [2]
