@@ -36,8 +36,8 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
 
 
-def write_json(path: Path, obj) -> None:
-    atomic_write_bytes(Path(path), (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
+def write_json(path: Path, obj, indent: int = 2, sort_keys: bool = True) -> None:
+    atomic_write_bytes(Path(path), (json.dumps(obj, indent=indent, sort_keys=sort_keys, default=str) + "\n").encode())
 
 
 def fsync_dir(path: Path) -> None:

@@ -21,31 +21,30 @@ arguments always select the same files. Each file is downloaded to
 A progress bar shows bytes and MB/s. ``<output>/fetch_manifest.json`` (written atomically)
 records the crawl, the selection, and per file its URL, size and SHA-256, and which failed.
 
-``--urls_only`` prints the selected URLs instead of downloading: prepare.py accepts http(s)
-URLs as --input and streams them through the same resumable reader (``open_url``) without
-storing them:
+``--urls_only`` prints the selected URLs instead: prepare.py streams http(s) URLs given as --input
+through the same resumable reader (``open_url``) without storing them:
 
     python data_prep/prepare.py --input $(python data_prep/fetch_common_crawl.py \\
         --crawl CC-MAIN-2024-10 --segments 4 --urls_only) --output data/cc_prepared ...
 """
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import argparse
 import gzip
 import hashlib
 import http.client
 import io
-import json
 import os
 import re
+import sys
 import threading
 import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from codistill.files import write_json
 
 DEFAULT_BASE_URL = "https://data.commoncrawl.org"
 BLOCK = 1 << 20
@@ -206,22 +205,9 @@ def open_url(url: str, **kw) -> ResumableStream:
 
 
 # ----------------------------------------------------------------------------- downloads
-def _atomic_write_json(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(BLOCK), b""):
-            h.update(block)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def remote_size(url: str, retries: int = 8, backoff: float = 1.0, timeout: float = 60.0):
@@ -405,7 +391,7 @@ def fetch(crawl: str, segments: int, output, offset: int = 0, base_url: str = DE
         "bytes": nbytes, "seconds": round(elapsed, 3),
         "complete": not failed,
     }
-    _atomic_write_json(output / "fetch_manifest.json", manifest)
+    write_json(output / "fetch_manifest.json", manifest, indent=1, sort_keys=False)
     if not quiet:
         print(f"fetched {len(files)}/{len(paths)} WET files of {crawl}, {nbytes / 1e6:.1f} MB in "
               f"{elapsed:.1f} s ({nbytes / 1e6 / max(elapsed, 1e-9):.1f} MB/s) -> {output} "

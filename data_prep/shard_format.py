@@ -16,6 +16,8 @@ import uuid
 from contextlib import contextmanager
 from pathlib import Path
 
+from codistill import files
+
 import numpy as np
 
 from data_prep.report import OutputExistsError
@@ -115,11 +117,8 @@ def fsync_tokens(root: Path, splits: dict) -> None:
 
 
 def write_json(path: Path, obj) -> None:
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
+    """The manifests' JSON (indent 1, keys in insertion order), through the one atomic writer."""
+    files.write_json(path, obj, indent=1, sort_keys=False)
 
 
 def make_manifest(*, tok_proto, trained, vocab, dtype, eos_id, num_groups, seed, val_fraction,
