@@ -3,108 +3,44 @@
 Layout under ``run_dir/group_{i}/exports/``:
     step_000500.safetensors   weights only (safetensors: never pickle)
     step_000500.json          metadata: group, step, tokens seen, model config + hash,
-                              tokenizer hash, time, size and CRC-32 of the weights file
+                              tokenizer hash, time, size and xxh3-64 digest of the weights file
     LATEST                    the name ("step_000500") of the newest complete export
 
 Writers: temp file in the same directory -> fsync -> os.replace, weights first, then the
 metadata, then LATEST, then fsync of the directory. A reader that follows LATEST therefore
-only ever sees complete files; the size and CRC-32 in the metadata catch a file replaced or
-truncated behind the reader's back. (CRC-32, zlib's, runs at ~1.3 GB/s on the development VM
-and releases the GIL; sha256 ran at 181 MB/s there, slower than the disk. Neither defends
-against a malicious peer: the metadata is not signed. Exports written with a sha256 are still
-read.)
-Weights are written with safetensors' own file writer and read into one buffer (pinned host
-memory for a CUDA student), checked, and viewed as tensors in place (``parse_safetensors``):
-one read, no copy, and nothing holds the GIL for long - safetensors' own ``load`` of a bytes
-object holds it for the whole parse (~1.4 s per GiB measured), stalling the training thread beside
-the loader.
+only ever sees complete files; the size and digest in the metadata catch a file replaced or
+truncated behind the reader's back. How one weights file is written and read back in one
+verified pass (digest, header, NaN/Inf): codistill/weights_file.py.
 A writer that fails (disk full) removes its half-written export and raises OSError; LATEST
 still names the previous export. Temp files of a writer killed mid-write are ignored by
 readers and removed by clean_temp_files when the writer starts again.
 Readers: refuse anything that is not a well-formed safetensors file (a pickle renamed
 .safetensors is rejected by its header before any byte of it is interpreted), a LATEST that
-names anything but a plain export name in the same directory, and metadata that does not
-match the student's model config or tokenizer.
+names anything but a plain export name in the same directory, metadata that does not match
+the student's model config or tokenizer, and non-finite weights.
 """
 from __future__ import annotations
 
-import hashlib
 import json
-import math
 import os
 import re
-import struct
 import time
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from codistill import faults
-from codistill.files import atomic_write, atomic_write_bytes, fsync_dir
+from codistill.files import atomic_write_bytes, fsync_dir
+from codistill.weights_file import (ExportError, ReadBuffers, all_finite, check_safetensors_header,  # noqa: F401
+                                    digest_fields, digest_matches, file_digest, parse_safetensors,
+                                    read_safetensors, write_weights)
 
 EXPORT_NAME = re.compile(r"^step_(\d{6,})$")
-MAX_HEADER = 100 * 1024 * 1024
-
-
-class ExportError(Exception):
-    """An export that must not be used (missing, partial, corrupt, hostile or mismatched)."""
 
 
 def export_name(step: int) -> str:
     return f"step_{step:06d}"
-
-
-def all_finite(t: torch.Tensor) -> bool:
-    """No NaN/Inf in ``t``: its minimum and maximum are finite (NaN propagates through both);
-    one fused reduction, ~8x faster on CPU than ``torch.isfinite(t).all()``."""
-    if not t.is_floating_point() or t.numel() == 0:
-        return True
-    lo, hi = torch.aminmax(t)
-    return bool(torch.isfinite(lo) & torch.isfinite(hi))
-
-
-def write_weights(path: Path, tensors: dict[str, torch.Tensor], step: int) -> dict:
-    """Write ``tensors`` (host tensors nobody else touches) as a safetensors file at ``path``
-    (temp file, fsync, rename); returns what the metadata records of it (size, CRC-32).
-    Refuses non-finite weights (ExportError) before writing anything."""
-    for k, v in tensors.items():
-        if not all_finite(v):
-            raise ExportError(f"refusing to export step {step}: tensor {k} has NaN/Inf values")
-    tensors = {k: v.contiguous() for k, v in tensors.items()}
-    _dedup_storage(tensors)
-    info = {}
-
-    def fill(tmp: Path) -> None:
-        save_file(tensors, str(tmp), metadata={"format": "pt", "step": str(step)})
-        info["weights_bytes"], info["weights_crc32"] = file_crc32(tmp)
-
-    atomic_write(path, fill)
-    return info
-
-
-def _dedup_storage(tensors: dict[str, torch.Tensor]) -> None:
-    """safetensors refuses tensors sharing memory (tied weights): give each its own copy."""
-    seen = set()
-    for k, v in tensors.items():
-        key = (v.untyped_storage().data_ptr(), v.storage_offset())
-        if key in seen:
-            tensors[k] = v.clone()
-        seen.add(key)
-
-
-def file_crc32(path: Path, chunk: int = 8 << 20) -> tuple[int, int]:
-    """(size, CRC-32) of a file, read in chunks (zlib releases the GIL)."""
-    crc, n = 0, 0
-    buf = bytearray(chunk)
-    view = memoryview(buf)
-    with open(path, "rb", buffering=0) as f:
-        while r := f.readinto(buf):
-            crc = zlib.crc32(view[:r], crc)
-            n += r
-    return n, crc
 
 
 def write_export(exports_dir: Path, step: int, state_dict: dict[str, torch.Tensor], meta: dict,
@@ -199,103 +135,45 @@ def read_latest(exports_dir: Path, missing_ok: bool = False) -> int | None:
     return int(m.group(1))
 
 
-def check_safetensors_header(blob: bytes, where: str) -> None:
-    """Reject anything that is not a safetensors file before it is parsed further.
-
-    A safetensors file starts with an 8-byte little-endian header length followed by a JSON
-    object; a pickle starts with 0x80 and a zip (torch.save) with 'PK'.
-    """
-    if len(blob) < 10:
-        raise ExportError(f"{where}: file too short to be safetensors ({len(blob)} bytes)")
-    if blob[:2] == b"PK" or blob[:1] == b"\x80":
-        raise ExportError(f"{where}: this is a pickle / torch.save file, not safetensors; "
-                          "peer exports are never unpickled - refusing it")
-    (n,) = struct.unpack("<Q", blob[:8])
-    if n > MAX_HEADER or 8 + n > len(blob) or blob[8:9] != b"{":
-        raise ExportError(f"{where}: not a valid safetensors file (bad header)")
-
-
 @dataclass
 class Export:
     step: int
     meta: dict
     state_dict: dict[str, torch.Tensor]
+    buffer: torch.Tensor | None = None  # what the tensors are views into (ReadBuffers.give takes it back)
 
 
 def read_export(exports_dir: Path, step: int, expect_config_hash: str | None = None,
-                expect_tokenizer: str | None = None, pin_memory: bool = False) -> Export:
+                expect_tokenizer: str | None = None, pin_memory: bool = False,
+                buffers: ReadBuffers | None = None) -> Export:
     """Read and validate one export into CPU memory. Raises ExportError on any problem."""
     exports_dir = Path(exports_dir)
     name = export_name(step)
     return read_weights(exports_dir / f"{name}.json", exports_dir / f"{name}.safetensors", step,
                         expect_config_hash, expect_tokenizer, missing=f"export {name} in {exports_dir} is missing",
-                        pin_memory=pin_memory)
-
-
-DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-          "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-          "BOOL": torch.bool}
-
-
-def parse_safetensors(buf: torch.Tensor, where: str) -> dict[str, torch.Tensor]:
-    """The tensors of a safetensors file held in ``buf`` (uint8), as views into it (no copy).
-    Every offset, size and dtype is checked against the buffer; nothing is unpickled."""
-    check_safetensors_header(memoryview(buf.numpy()), where)
-    (n,) = struct.unpack("<Q", bytes(buf[:8].numpy()))
-    try:
-        header = json.loads(bytes(buf[8:8 + n].numpy()))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ExportError(f"{where}: not a valid safetensors file (header: {e})") from None
-    if not isinstance(header, dict):
-        raise ExportError(f"{where}: not a valid safetensors file (header is not an object)")
-    data, out = buf[8 + n:], {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            dtype, shape, (start, end) = DTYPES[info["dtype"]], [int(d) for d in info["shape"]], info["data_offsets"]
-            numel = math.prod(shape)
-            if not (0 <= start <= end <= data.numel()) or end - start != numel * dtype.itemsize or min(shape, default=0) < 0:
-                raise ValueError("offsets outside the file or not the tensor's size")
-            out[name] = data[start:end].view(dtype).view(shape)
-        except (KeyError, TypeError, ValueError, RuntimeError) as e:
-            raise ExportError(f"{where}: not a valid safetensors file (tensor {name!r}: {e})") from None
-    return out
-
-
-def read_file(path: Path, pin_memory: bool = False, chunk: int = 4 << 20) -> tuple[torch.Tensor, int]:
-    """A whole file as a uint8 tensor (in pinned host memory if asked) and its CRC-32, computed
-    chunk by chunk while the chunk is still in the CPU's cache; the GIL is released throughout."""
-    crc = 0
-    with open(path, "rb", buffering=0) as f:
-        size = os.fstat(f.fileno()).st_size
-        buf = torch.empty(size, dtype=torch.uint8, pin_memory=pin_memory)
-        view, n = memoryview(buf.numpy()), 0
-        while n < size and (r := f.readinto(view[n:n + chunk])):
-            crc = zlib.crc32(view[n:n + r], crc)
-            n += r
-    return buf[:n], crc
+                        pin_memory=pin_memory, buffers=buffers)
 
 
 def read_weights(meta_path: Path, weights_path: Path, step: int | None, expect_config_hash: str | None = None,
-                 expect_tokenizer: str | None = None, missing: str = "missing", pin_memory: bool = False) -> Export:
+                 expect_tokenizer: str | None = None, missing: str = "missing", pin_memory: bool = False,
+                 buffers: ReadBuffers | None = None) -> Export:
     """Validate a (metadata JSON, safetensors) pair - an export, or a group's final/ - and load it.
 
     ``step`` None accepts whatever step the metadata names.
     """
     try:
         meta = json.loads(Path(meta_path).read_text())
-        buf, crc = read_file(weights_path, pin_memory)
+        if not isinstance(meta, dict) or not isinstance(meta.get("step"), int) or \
+                (step is not None and meta.get("step") != step):
+            raise ExportError(f"{meta_path}: metadata does not describe step "
+                              f"{step if step is not None else '<int>'}")
+        got = read_safetensors(weights_path, digest_fields(meta), pin_memory, buffers, meta.get("weights_bytes"))
     except FileNotFoundError as e:
         raise ExportError(f"{missing} ({e.filename})") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ExportError(f"{meta_path}: metadata is not valid JSON ({e})") from None
-    if not isinstance(meta, dict) or not isinstance(meta.get("step"), int) or \
-            (step is not None and meta.get("step") != step):
-        raise ExportError(f"{meta_path}: metadata does not describe step {step if step is not None else '<int>'}")
     step = meta["step"]
-    check_safetensors_header(memoryview(buf.numpy()), str(weights_path))
-    if not _checksum_ok(meta, buf, crc):
+    if not digest_matches(meta, got.nbytes, got.digests):
         raise ExportError(f"{weights_path}: size or checksum does not match its metadata "
                           "(truncated, or replaced while being read)")
     if expect_config_hash is not None and meta.get("model_config_hash") != expect_config_hash:
@@ -306,7 +184,9 @@ def read_weights(meta_path: Path, weights_path: Path, step: int | None, expect_c
     if expect_tokenizer is not None and meta.get("tokenizer_sha256") != expect_tokenizer:
         raise ExportError(f"{weights_path}: the teacher used another tokenizer "
                           f"(teacher {meta.get('tokenizer_sha256')}, student {expect_tokenizer})")
-    return Export(step=step, meta=meta, state_dict=parse_safetensors(buf, str(weights_path)))
+    if got.nonfinite:
+        raise ExportError(f"step {step}: tensor {got.nonfinite[0]} has NaN/Inf values (a diverged peer?)")
+    return Export(step=step, meta=meta, state_dict=got.tensors, buffer=got.buffer)
 
 
 def read_final(final_dir: Path, expect_config_hash: str | None = None, expect_tokenizer: str | None = None,
@@ -319,14 +199,8 @@ def read_final(final_dir: Path, expect_config_hash: str | None = None, expect_to
     if not weights.is_file():
         raise ExportError(f"{where}: has no model.safetensors (the run has not finished?)")
     if not meta.is_file():
-        check_safetensors_header(memoryview(read_file(weights)[0].numpy()), str(weights))  # a pickle is named as such
+        read_safetensors(weights)  # a pickle is named as such
         raise ExportError(f"{where}: has no meta.json (written by this repository's trainer since offline "
                           "distillation was added); use one of the run's exports instead")
     return read_weights(meta, weights, None, expect_config_hash, expect_tokenizer,
                         missing=f"{where}: incomplete final/ directory")
-
-
-def _checksum_ok(meta: dict, buf: torch.Tensor, crc: int) -> bool:
-    if "weights_crc32" in meta:
-        return meta.get("weights_bytes") == buf.numel() and meta["weights_crc32"] == crc
-    return meta.get("weights_sha256") == hashlib.sha256(memoryview(buf.numpy())).hexdigest()  # written before CRC-32

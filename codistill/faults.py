@@ -105,7 +105,7 @@ def write_bad_export(exports_dir, step: int, model_config, tokenizer_sha256: str
     import torch
     from safetensors.torch import save_file
 
-    from codistill.exchange import export_name, file_crc32
+    from codistill.exchange import export_name, file_digest
     from codistill.files import atomic_write, atomic_write_bytes
     from model import build_model
     torch.manual_seed(seed)
@@ -121,9 +121,8 @@ def write_bad_export(exports_dir, step: int, model_config, tokenizer_sha256: str
     d.mkdir(parents=True, exist_ok=True)
     name = export_name(step)
     atomic_write(d / f"{name}.safetensors", lambda tmp: save_file(sd, str(tmp)))
-    size, crc = file_crc32(d / f"{name}.safetensors")
     meta = {"group": group, "step": step, "tokens_seen": 0, "model_config": model_config.to_dict(),
             "model_config_hash": model_config.config_hash(), "tokenizer_sha256": tokenizer_sha256,
-            "weights": f"{name}.safetensors", "weights_bytes": size, "weights_crc32": crc}
+            "weights": f"{name}.safetensors", **file_digest(d / f"{name}.safetensors")}
     atomic_write_bytes(d / f"{name}.json", json.dumps(meta).encode())
     atomic_write_bytes(d / "LATEST", name.encode())

@@ -178,6 +178,10 @@ class Exchange:
     def _swap(self, updates: dict, agree: bool = True) -> None:
         before = dict(self.pool.steps)
         self.pool.swap(updates, agree)
+        if self.loader:  # copied into the teachers: the loader may read into these buffers again
+            for _, exp in updates.values():
+                if exp is not None:
+                    self.loader.buffers.give(exp)
         for p in updates:
             if self.pool.steps.get(p) != before.get(p):
                 self.guard.on_swap(p)

@@ -29,7 +29,7 @@ import torch
 
 from codistill.comm import GroupComm
 from codistill.layout import exports_dir
-from codistill.exchange import (EXPORT_NAME, Export, ExportError, all_finite, export_name, read_export, read_final,
+from codistill.exchange import (EXPORT_NAME, Export, ExportError, ReadBuffers, export_name, read_export, read_final,
                                 read_latest)
 from model import ModelConfig, build_model
 
@@ -37,7 +37,8 @@ from model import ModelConfig, build_model
 FIXED_TEACHER = -1  # the pool slot of --teacher PATH (peers are groups 0..G-1)
 
 
-def read_fixed_teacher(path: Path, config_hash: str | None = None, tokenizer_sha256: str | None = None) -> Export:
+def read_fixed_teacher(path: Path, config_hash: str | None = None, tokenizer_sha256: str | None = None,
+                       flag: str = "--teacher") -> Export:
     """The weights named by ``--teacher PATH`` (offline two-phase distillation), validated like a
     peer's export: safetensors only, same model config and tokenizer as the student.
 
@@ -48,19 +49,19 @@ def read_fixed_teacher(path: Path, config_hash: str | None = None, tokenizer_sha
     if path.is_file():
         m = EXPORT_NAME.match(path.stem)
         if not m or path.suffix not in (".safetensors", ".json"):
-            raise ExportError(f"--teacher {path}: a file must be an export (step_N.safetensors or step_N.json)")
+            raise ExportError(f"{flag} {path}: a file must be an export (step_N.safetensors or step_N.json)")
         return read_export(path.parent, int(m.group(1)), config_hash, tokenizer_sha256)
     if not path.is_dir():
-        raise ExportError(f"--teacher {path}: no such file or directory")
+        raise ExportError(f"{flag} {path}: no such file or directory")
     if (path / "final").is_dir() or (path / "exports").is_dir():  # a group directory
         path = path / "final" if (path / "final" / "meta.json").is_file() else path / "exports"
     if (path / "meta.json").is_file() or (path / "model.safetensors").is_file():  # a final/ directory
-        return read_final(path, config_hash, tokenizer_sha256, where=f"--teacher {path}")
+        return read_final(path, config_hash, tokenizer_sha256, where=f"{flag} {path}")
     if (path / "LATEST").is_file():
         return read_export(path, read_latest(path), config_hash, tokenizer_sha256)
     groups = sorted(p.name for p in path.glob("group_*") if p.is_dir())
-    hint = f"; name one group, e.g. --teacher {path / groups[0]}" if groups else ""
-    raise ExportError(f"--teacher {path}: not a group directory, final/ or exports/ directory, or export file{hint}")
+    hint = f"; name one group, e.g. {flag} {path / groups[0]}" if groups else ""
+    raise ExportError(f"{flag} {path}: not a group directory, final/ or exports/ directory, or export file{hint}")
 
 
 def _mtime_ns(path: Path) -> int | None:
@@ -71,8 +72,8 @@ def _mtime_ns(path: Path) -> int | None:
 
 
 def check_usable(exp: Export, expect: dict[str, tuple] | None) -> None:
-    """Refuse weights a teacher cannot use: other tensor names or shapes than ``expect``, or
-    non-finite values (a diverged peer, or one whose writer did not check)."""
+    """Refuse weights a teacher cannot use: other tensor names or shapes than ``expect``
+    (non-finite values are refused by the reader, read_weights, which checks them as it reads)."""
     sd = exp.state_dict
     if expect is not None:
         if set(sd) != set(expect):
@@ -83,9 +84,6 @@ def check_usable(exp: Export, expect: dict[str, tuple] | None) -> None:
         if bad:
             raise ExportError(f"step {exp.step}: tensor {bad[0]} has shape {tuple(sd[bad[0]].shape)}, the model "
                               f"{tuple(expect[bad[0]])}")
-    for k, v in sd.items():
-        if not all_finite(v):
-            raise ExportError(f"step {exp.step}: tensor {k} has NaN/Inf values (a diverged peer?)")
 
 
 class TeacherLoader:
@@ -101,6 +99,7 @@ class TeacherLoader:
         self.config_hash, self.tokenizer_sha256 = config_hash, tokenizer_sha256
         self.poll_interval, self.log = poll_interval, log
         self.pin_memory, self.expect = pin_memory, expect
+        self.buffers = ReadBuffers(keep=len(self.peers))  # the trainer gives swapped-in exports back
         self._lock = threading.Condition()
         self._want: dict[int, int] = {}           # sync mode: peer -> step to prefetch
         self._ready: dict[int, Export] = {}       # peer -> loaded, not yet taken
@@ -181,7 +180,7 @@ class TeacherLoader:
                 t0 = time.perf_counter()
                 try:
                     exp = read_export(exports_dir(self.run_dir, peer), target, self.config_hash,
-                                      self.tokenizer_sha256, pin_memory=self.pin_memory)
+                                      self.tokenizer_sha256, pin_memory=self.pin_memory, buffers=self.buffers)
                     check_usable(exp, self.expect)
                 except ExportError as e:
                     n = failures[(peer, target, sig)] = failures.get((peer, target, sig), 0) + 1

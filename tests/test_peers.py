@@ -5,17 +5,20 @@ from __future__ import annotations
 import json
 import struct
 import threading
+import hashlib
 import time
 import zlib
 
 import pytest
 import torch
+import xxhash
 from safetensors.torch import load, save, save_file
 
 from codistill import faults
-from codistill.exchange import (ExportError, parse_safetensors, read_export, read_file, read_latest,
+from codistill.exchange import (ExportError, parse_safetensors, read_export, read_latest,
                                 write_export)
 from codistill.peers import ExportWriter, resume_prefetch, sync_schedule
+from codistill.weights_file import DIGESTS, ReadBuffers, read_safetensors
 
 
 def test_sync_schedule_swaps_at_boundaries_and_prefetches_half_an_interval_before():
@@ -83,12 +86,59 @@ def test_export_writer_does_not_hold_the_training_thread(tmp_path):
 def test_zero_copy_reader_equals_safetensors_and_views_one_buffer(tmp_path):
     sd = _weights()
     save_file(sd, str(tmp_path / "w.safetensors"))
-    buf, crc = read_file(tmp_path / "w.safetensors")
-    assert crc == zlib.crc32((tmp_path / "w.safetensors").read_bytes())
-    got, ref = parse_safetensors(buf, "w"), load((tmp_path / "w.safetensors").read_bytes())
+    got = read_safetensors(tmp_path / "w.safetensors", tuple(DIGESTS))
+    data = (tmp_path / "w.safetensors").read_bytes()
+    assert got.digests == {"weights_xxh3_64": xxhash.xxh3_64(data).hexdigest(), "weights_crc32": zlib.crc32(data),
+                           "weights_sha256": hashlib.sha256(data).hexdigest()} and got.nbytes == len(data)
+    assert got.nonfinite == [] and parse_safetensors(got.buffer, "w").keys() == got.tensors.keys()
+    buf, got, ref = got.buffer, got.tensors, load(data)
     assert set(got) == set(ref) and all(torch.equal(got[k], ref[k]) and got[k].dtype == ref[k].dtype for k in ref)
     base = buf.untyped_storage().data_ptr()
     assert all(base <= t.untyped_storage().data_ptr() < base + buf.numel() for t in got.values())  # views, no copy
+
+
+def test_reader_finds_every_nan_and_inf_whatever_the_chunk_boundaries(tmp_path):
+    """Each chunk's floating-point elements are checked while in cache; an element cut by a
+    chunk boundary is checked once, with the chunk that completes it."""
+    g = torch.Generator().manual_seed(1)
+    for trial in range(12):
+        sd = _weights(trial)
+        sd["e"] = torch.randn(300, generator=g)
+        bad = {n for n in ("a", "b", "d", "e") if torch.rand((), generator=g) < 0.5}
+        for n in bad:
+            flat = sd[n].view(-1)
+            flat[int(torch.randint(flat.numel(), (), generator=g))] = float("nan") if trial % 2 else float("inf")
+        save_file(sd, str(tmp_path / "w.safetensors"))
+        for chunk in (7, 64, 333, 1 << 20):
+            got = read_safetensors(tmp_path / "w.safetensors", chunk=chunk)
+            assert set(got.nonfinite) == bad, (trial, chunk)
+            assert all(torch.equal(got.tensors[k], v) or k in bad for k, v in sd.items())
+
+
+def test_reader_reuses_the_buffer_of_a_consumed_export(tmp_path):
+    for step, seed in ((10, 0), (20, 1)):
+        write_export(tmp_path, step, _weights(seed), {"group": 0})
+    bufs = ReadBuffers(keep=1)
+    first = read_export(tmp_path, 10, buffers=bufs)
+    ptr = first.buffer.data_ptr()
+    bufs.give(first)
+    assert first.state_dict == {} and first.buffer is None  # the export is not usable after give()
+    second = read_export(tmp_path, 20, buffers=bufs)
+    assert second.buffer.data_ptr() == ptr                  # same memory, new contents
+    assert all(torch.equal(second.state_dict[k], v) for k, v in _weights(1).items())
+    assert read_export(tmp_path, 10, buffers=bufs).buffer.data_ptr() != ptr  # in use: a fresh one
+
+
+def test_exports_recorded_with_a_crc32_are_still_read(tmp_path):
+    write_export(tmp_path, 10, _weights(), {"group": 0})
+    meta = json.loads((tmp_path / "step_000010.json").read_text())
+    blob = (tmp_path / "step_000010.safetensors").read_bytes()
+    del meta["weights_xxh3_64"]
+    (tmp_path / "step_000010.json").write_text(json.dumps(dict(meta, weights_crc32=zlib.crc32(blob))))
+    assert torch.equal(read_export(tmp_path, 10).state_dict["a"], _weights()["a"])
+    (tmp_path / "step_000010.json").write_text(json.dumps(dict(meta, weights_crc32=zlib.crc32(blob) ^ 1)))
+    with pytest.raises(ExportError, match="checksum does not match"):
+        read_export(tmp_path, 10)
 
 
 @pytest.mark.parametrize("mutate,msg", [
