@@ -96,7 +96,7 @@ class checkpoint_write_error:
 def write_bad_export(exports_dir, step: int, model_config, tokenizer_sha256: str, kind: str, group: int = 1,
                      seed: int = 0) -> None:
     """A peer gone wrong, for tests and benchmarks/faults.py: an export of ``model_config`` that
-    passes every file check (safetensors, metadata, size, CRC-32, config and tokenizer hashes) but
+    passes every file check (safetensors, metadata, size, digest, config and tokenizer hashes) but
     holds ``kind`` = "nan" (NaN weights: a diverged peer whose writer did not refuse them) or
     "garbage" (finite random weights, std 3: another version of the code, a hardware fault)."""
     import json

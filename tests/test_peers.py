@@ -97,6 +97,20 @@ def test_zero_copy_reader_equals_safetensors_and_views_one_buffer(tmp_path):
     assert all(base <= t.untyped_storage().data_ptr() < base + buf.numel() for t in got.values())  # views, no copy
 
 
+def test_writer_writes_safetensors_format_that_safetensors_reads(tmp_path):
+    from safetensors.torch import load_file
+    from codistill.weights_file import file_digest, write_weights
+    e = torch.randn(10, 4)
+    sd = dict(_weights(), tied=e, also_tied=e, scalar=torch.tensor(3.5), empty=torch.zeros(0, 3),
+              mask=torch.tensor([True, False, True]), strided=torch.randn(6, 4)[:, 1], d64=torch.randn(3).double())
+    for chunk in (5, 1 << 20):
+        info = write_weights(tmp_path / "w.safetensors", sd, 7, chunk=chunk)
+        assert info == file_digest(tmp_path / "w.safetensors")  # the digest of what is on disk
+        back = load_file(str(tmp_path / "w.safetensors"))
+        assert back.keys() == sd.keys() and all(torch.equal(back[k], v) and back[k].dtype == v.dtype
+                                                for k, v in sd.items())
+
+
 def test_reader_finds_every_nan_and_inf_whatever_the_chunk_boundaries(tmp_path):
     """Each chunk's floating-point elements are checked while in cache; an element cut by a
     chunk boundary is checked once, with the chunk that completes it."""
