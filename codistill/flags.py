@@ -24,9 +24,19 @@ def parse_args(argv=None, description: str | None = None):
     p.add_argument("--ds_config", default=str(ROOT / "ds_configs" / "zero2.json"))
     p.add_argument("--data", default=str(DEFAULT_DATA), help="data_prep output dir (default: the embedded "
                    "corpus, prepared automatically on first use)")
-    p.add_argument("--model", default="lstm", choices=sorted(PRESETS))
+    p.add_argument("--model", default="lstm", choices=[*sorted(PRESETS), "hf"],
+                   help="lstm | transformer (presets, --model_size) | hf (any transformers causal LM: --hf_config "
+                        "or --init_from)")
     p.add_argument("--model_size", default="tiny")
-    p.add_argument("--dropout", type=float, default=None, help="override the preset's dropout")
+    p.add_argument("--hf_config", default=None, metavar="PATH",
+                   help="--model hf: a transformers config.json (or a directory holding one); trained from scratch")
+    p.add_argument("--init_from", default=None, metavar="DIR",
+                   help="--model hf: start from this local pretrained directory (save_pretrained's: config.json "
+                        "+ model.safetensors); its config is the architecture")
+    p.add_argument("--trust_pickled_weights", action="store_true",
+                   help="--init_from: also load pickled weights (pytorch_model.bin); unpickling runs any code "
+                        "the file holds")
+    p.add_argument("--dropout", type=float, default=None, help="override the preset's (or HF config's) dropout")
     p.add_argument("--seq_len", type=int, default=64)
     p.add_argument("--run_dir", default="runs/codistill")
     p.add_argument("--max_steps", type=int, default=300)
@@ -96,7 +106,13 @@ def parse_args(argv=None, description: str | None = None):
             p.error(f"--{name} must be >= 1")
     if args.resume not in ("auto", "never") and not Path(args.resume).is_dir():
         p.error(f"--resume {args.resume}: not 'auto', 'never' or an existing run directory")
-    if args.model_size not in PRESETS[args.model]:
+    if args.model == "hf":
+        if (args.hf_config is None) == (args.init_from is None):
+            p.error("--model hf needs exactly one of --hf_config PATH (a new model of that architecture) or "
+                    "--init_from DIR (a local pretrained model, whose config.json is the architecture)")
+    elif args.hf_config is not None or args.init_from is not None:
+        p.error(f"--hf_config/--init_from need --model hf (got --model {args.model})")
+    elif args.model_size not in PRESETS[args.model]:
         p.error(f"--model_size for --model {args.model} must be one of {sorted(PRESETS[args.model])}")
     return args
 
@@ -165,3 +181,26 @@ def check(a) -> tuple[list[str], list[str]]:
     if a.warmup_steps >= a.max_steps:
         warnings.append(f"--warmup_steps {a.warmup_steps} >= --max_steps {a.max_steps}: the LR never leaves warmup")
     return errors, warnings
+
+
+def model_config(a, vocab_size: int):
+    """The model the flags name, for data whose tokenizer has ``vocab_size`` ids: a preset, or
+    (--model hf) the architecture of --hf_config / --init_from's config.json. The model's
+    vocabulary may be larger than the data's (embeddings padded to a multiple, as HF models
+    often are: the extra rows are never a target); a smaller one is an error naming both."""
+    from model import hf_model_config, preset_config
+    from model.hf import HFConfigError, pretrained_config, read_hf_config
+    max_len = max(1024, a.seq_len)
+    if a.model != "hf":
+        return preset_config(a.model, a.model_size, vocab_size, max_len, dropout=a.dropout)
+    flag, path = ("--init_from", a.init_from) if a.init_from else ("--hf_config", a.hf_config)
+    cfg = hf_model_config(read_hf_config(path, flag), max_len, a.dropout)
+    positions = getattr(pretrained_config(cfg.hf_config), "max_position_embeddings", None)
+    if positions is not None and positions < a.seq_len:
+        raise HFConfigError(f"{flag} {path}: the model has {positions} positions (max_position_embeddings), "
+                            f"fewer than --seq_len {a.seq_len}; use --seq_len <= {positions}")
+    if cfg.vocab_size < vocab_size:
+        raise HFConfigError(f"{flag} {path}: the model's vocab_size is {cfg.vocab_size} but the data's tokenizer "
+                            f"({a.data}) has {vocab_size} ids; use a config with vocab_size >= {vocab_size} "
+                            "(or prepare the data with this model's tokenizer: data_prep --tokenizer DIR)")
+    return cfg

@@ -137,7 +137,8 @@ def git_sha(root: Path) -> str | None:
         return None
 
 
-def save_final(s, state_dict, meta: dict, model_cfg, step: int, wall: float, teacher_steps: dict) -> None:
+def save_final(s, state_dict, meta: dict, model_cfg, step: int, wall: float, teacher_steps: dict,
+               log=None) -> None:
     """group_i/final/: model.safetensors + config.json + meta.json (the metadata of an export, so
     that ``--teacher`` and evaluate.py read it like one) (+ hf/ for Transformers), and
     group_i/summary.json. The directory appears complete or not at all."""
@@ -149,11 +150,10 @@ def save_final(s, state_dict, meta: dict, model_cfg, step: int, wall: float, tea
     (tmp / "config.json").write_text(json.dumps(model_cfg.to_dict(), indent=2, sort_keys=True) + "\n")
     (tmp / "meta.json").write_text(json.dumps(dict(meta, step=step, weights="model.safetensors", **info),
                                               indent=2, sort_keys=True) + "\n")
-    if model_cfg.arch == "transformer":
-        from model import build_model
-        m = build_model(model_cfg)
-        m.load_state_dict(tensors)
-        m.hf.save_pretrained(str(tmp / "hf"))
+    if model_cfg.arch in ("transformer", "hf"):
+        problem = save_hf(model_cfg, tensors, s.args.data, tmp / "hf")
+        if problem and log is not None:
+            log(f"WARNING: group {s.id}: {problem}", force=True)
     shutil.rmtree(old, ignore_errors=True)
     if final.exists():
         final.rename(old)
@@ -164,6 +164,43 @@ def save_final(s, state_dict, meta: dict, model_cfg, step: int, wall: float, tea
         "group": s.id, "steps": step, "tokens_seen": s.tokens_seen, "val_loss": loss, "val_ppl": ppl,
         "wall_time_s": round(wall, 2), "num_params": s.num_params, **peak_memory(s.device),
         "teacher_steps": {str(p): t for p, t in teacher_steps.items()}})
+
+
+PROBE = ("The government said on Tuesday that growth would slow to 3.5% - lower than forecast.\n\n"
+         "Zürich, São Paulo & Kraków: naïve café prices rose by €2  (or £1.70).")
+
+
+def save_hf(model_cfg, tensors: dict, data_dir, out) -> str | None:
+    """final/hf/: the model and the data's tokenizer as one directory that
+    AutoModelForCausalLM.from_pretrained, AutoTokenizer.from_pretrained and
+    pipeline("text-generation") load; the special-token ids of the model's config and
+    generation config are the tokenizer's (EOS ends a document; it pads too).
+
+    Returns a problem to report, or None: transformers maps some model types (qwen2, phi3, ...:
+    its MODELS_WITH_INCORRECT_HUB_TOKENIZER_CLASS) to their own tokenizer class, which rebuilds
+    its own normalizer and pre-tokenizer; AutoTokenizer then encodes differently from the data
+    unless the data was prepared with that model's own tokenizer. Checked here on a probe text."""
+    from transformers import AutoTokenizer, GenerationConfig
+
+    from data_prep.tokenizer import export_hf_tokenizer, load_text_tokenizer
+    from model import build_model
+    m = build_model(model_cfg)
+    m.load_state_dict(tensors)
+    tok = export_hf_tokenizer(data_dir, out)
+    ids = {"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id,
+           "pad_token_id": tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id}
+    for k, v in ids.items():
+        setattr(m.hf.config, k, v)
+    m.hf.generation_config = GenerationConfig(**ids)
+    m.hf.save_pretrained(str(out))
+    auto = AutoTokenizer.from_pretrained(str(out), local_files_only=True)
+    if auto(PROBE)["input_ids"] != load_text_tokenizer(data_dir).encode(PROBE):
+        return (f"{out}: AutoTokenizer loads it as {type(auto).__name__}, which transformers builds with its own "
+                f"pre-tokenizer for model_type {m.hf.config.model_type!r}, and it encodes text differently from "
+                f"the data this model was trained on; load the tokenizer with "
+                f"PreTrainedTokenizerFast.from_pretrained('{out}') instead, or prepare the data with this "
+                "architecture's own tokenizer (data_prep --tokenizer DIR)")
+    return None
 
 
 def peak_memory(device) -> dict:

@@ -47,7 +47,11 @@ class Student:
         self.stream = GroupStream(data, gid, topo.num_groups, args.seq_len, args.seed, args.data_split == "shared")
         self.val = eval_batches(data, args.seq_len, self.micro, args.eval_batches, self.dp_rank, self.dp_size)
         torch.manual_seed(args.seed + 7919 * gid)  # independent initialisation per group
+        self.model_cfg = model_cfg
         model = build_model(model_cfg)
+        if getattr(args, "init_from", None):  # every group starts from the same pretrained weights
+            from model.hf import pretrained_weights
+            model.load_state_dict(pretrained_weights(args.init_from, args.trust_pickled_weights))
         self.num_params = count_params(model)
         optimizer = None
         if "optimizer" not in ds_cfg:

@@ -13,19 +13,24 @@ import os
 from dataclasses import MISSING, dataclass, field, fields
 
 from data_prep.clean import DEFAULT_MIN_CHARS, DEFAULT_MIN_TEXT_RATIO
-from data_prep.filters import (DEFAULT_LANGUAGES, DEFAULT_MAX_LINE_REPEATS,
-                               DEFAULT_MIN_LINE_WORDS, DEFAULT_NEAR_DUP_MEMORY_MB,
-                               DEFAULT_NEAR_DUP_THRESHOLD, FILTER_MODES)
+from data_prep.filters import (
+    DEFAULT_LANGUAGES,
+    DEFAULT_MAX_LINE_REPEATS,
+    DEFAULT_MIN_LINE_WORDS,
+    DEFAULT_NEAR_DUP_MEMORY_MB,
+    DEFAULT_NEAR_DUP_THRESHOLD,
+    FILTER_MODES,
+)
 from data_prep.readers import DEFAULT_MAX_DOC_BYTES, TEXT_MODES
 from data_prep.report import DataPrepError
 
 MIN_VOCAB = 300
 
 OPTION_GROUPS = {  # key -> (title, description) of the command line's option groups
-    "filters": ("web-text filters", "each 'auto' (the default) = on for Common Crawl WET input "
-                "(.warc.wet[.gz] files or URLs), off for other input; 'on'/'off' for every input"),
-    "cluster": ("cluster", "N independent workers over disjoint slices of the "
-                "input list, then one merge (see slurm/prepare_data_array.sh)"),
+    "filters": ("web-text filters", ("each 'auto' (the default) = on for Common Crawl WET input "
+                "(.warc.wet[.gz] files or URLs), off for other input; 'on'/'off' for every input")),
+    "cluster": ("cluster", ("N independent workers over disjoint slices of the "
+                "input list, then one merge (see slurm/prepare_data_array.sh)")),
 }
 
 
@@ -38,16 +43,18 @@ def _opt(default=MISSING, *, flag=None, group=None, cli_default=MISSING, **argpa
 
 
 @dataclass
-class PrepConfig:
-    inputs: list = _opt(flag="--input", nargs="+", metavar="PATH",
+class PrepConfig:  # every default below is a dataclasses.field made by _opt
+    inputs: list = _opt(flag="--input", nargs="+", metavar="PATH",  # noqa: RUF009 - a field()
                         help="files or directories (recursive): .txt, .jsonl, .warc.wet, "
                              ".parquet, .json, optionally .gz")
     output: str = _opt(cli_default=None, metavar="DIR")
     num_groups: int = _opt(cli_default=None, type=int)
     vocab_size: int = _opt(8000, type=int)
     val_fraction: float = _opt(0.01, cli_default=None, type=float)
-    tokenizer: str | None = _opt(None, metavar="EXISTING.model",
-                                 help="reuse this SentencePiece model")
+    tokenizer: str | None = _opt(None, metavar="MODEL_OR_DIR",
+                                 help="reuse this SentencePiece .model file, or use this Hugging "
+                                      "Face tokenizer directory (tokenizer.json and/or "
+                                      "tokenizer_config.json; local files only)")
     workers: int = _opt(1, type=int)
     seed: int = _opt(1234, type=int)
     overwrite: bool = _opt(False, action="store_true")
@@ -133,7 +140,8 @@ class PrepConfig:
                 raise DataPrepError("--num_shards needs a shared --tokenizer (every shard must "
                                     "use the same one): train it first with  prepare.py --input "
                                     "<some files> --output TOKDIR --tokenizer_only  and pass "
-                                    "--tokenizer TOKDIR/tokenizer.model")
+                                    "--tokenizer TOKDIR/tokenizer.model (or a Hugging Face "
+                                    "tokenizer directory)")
             if self.tokenizer_only:
                 raise DataPrepError("--tokenizer_only cannot be combined with --num_shards")
         if self.tokenizer_only and self.tokenizer is not None:
@@ -163,7 +171,7 @@ class PrepConfig:
         self.max_line_repeats = int(self.max_line_repeats)
 
     @classmethod
-    def from_args(cls, args, **defaults) -> "PrepConfig":
+    def from_args(cls, args, **defaults) -> PrepConfig:
         """From parsed command-line arguments (cli_options): an option left at None takes
         ``defaults`` (e.g. the --sample ones), else the field's default."""
         kw = {}

@@ -11,12 +11,13 @@ group i reads shards i*m .. i*m+m-1: a 1-group baseline on 2-group data reads ev
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from data_prep.tokenizer import HF, SENTENCEPIECE, SP_FILE, TokenizerFiles
 
 
 class DataError(ValueError):
@@ -43,21 +44,36 @@ class TokenData:
             self.eos_id = int(self.manifest["eos_id"])
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
             raise DataError(f"{manifest} is not a valid manifest ({e!r}); re-run data_prep/prepare.py") from None
-        self.tokenizer_path = self.dir / self.manifest.get("tokenizer", "tokenizer.model")
-        if not self.tokenizer_path.is_file():
+        # "sentencepiece" (tokenizer.model) or "hf" (a Hugging Face tokenizer in tokenizer/)
+        self.tokenizer_kind = self.manifest.get("tokenizer_kind", SENTENCEPIECE)
+        self.tokenizer_path = self.dir / self.manifest.get("tokenizer", SP_FILE)
+        if self.tokenizer_kind not in (SENTENCEPIECE, HF):
+            raise DataError(f"{manifest}: unknown tokenizer_kind {self.tokenizer_kind!r}; re-run data prep")
+        found = self.tokenizer_path.is_file() if self.tokenizer_kind == SENTENCEPIECE else self.tokenizer_path.is_dir()
+        if not found:
             raise DataError(f"tokenizer {self.tokenizer_path} named by {manifest} is missing")
 
     @property
     def tokenizer_sha256(self) -> str:
-        return self.manifest.get("tokenizer_sha256") or hashlib.sha256(self.tokenizer_path.read_bytes()).hexdigest()
+        """As the manifest records it (SentencePiece: sha256 of tokenizer.model; HF: over the
+        files of tokenizer/, see tokenizer.files_sha256)."""
+        return self.manifest.get("tokenizer_sha256") or TokenizerFiles.read(self.dir, self.manifest).sha256
 
     def check_tokenizer(self) -> None:
-        """The tokenizer file must be a SentencePiece model whose vocab matches the manifest."""
+        """The tokenizer must load (a SentencePiece model, or a Hugging Face tokenizer.json) and
+        its vocabulary size must be the manifest's vocab_size (and hold its eos_id)."""
+        if self.tokenizer_kind == HF:
+            from data_prep.hf_tokenizer import check_hf
+
+            problem = check_hf(self.dir, self.manifest, check_hash=False)
+            if problem:
+                raise DataError(f"{problem}; re-run data prep")
+            return
         import sentencepiece as spm
         sp = spm.SentencePieceProcessor()
         try:
             sp.Load(str(self.tokenizer_path))
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - SentencePiece raises OSError or RuntimeError
             raise DataError(f"{self.tokenizer_path} is not a SentencePiece model ({e})") from None
         if sp.GetPieceSize() != self.vocab_size:
             raise DataError(f"tokenizer {self.tokenizer_path} has {sp.GetPieceSize()} pieces but "

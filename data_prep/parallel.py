@@ -7,45 +7,66 @@ submission order, so the output is identical for any worker count. The main proc
 chunks itself whenever the helpers are busy, so ``--workers N`` means N busy processes.
 
 One pool serves every pass: each task carries its small config, and the tokenizer is loaded
-once per worker from the file path in the config (cached by path).
+once per worker from the path in the config (cached by path: a SentencePiece .model file, or
+a dataset's tokenizer/ directory for a Hugging Face tokenizer).
 """
 from __future__ import annotations
 
 import collections
 import contextlib
+import itertools
 import multiprocessing as mp
 import os
 import signal
 import sys
-from typing import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
 
 from data_prep import ONE_THREAD_ENV
 from data_prep.clean import clean_document, doc_hash, split_of, splits_of
 
-_SP: dict = {}
+_TOK: dict = {}
 
 
 def _tokenizer(path: str):
-    sp = _SP.get(path)
-    if sp is None:
-        import sentencepiece as spm
+    """(kind, tokenizer) of a task, loaded once per process: ``path`` is a SentencePiece .model
+    file, or a dataset's tokenizer/ directory (a Hugging Face tokenizer: "hf", loaded as a
+    ``tokenizers.Tokenizer``, see hf_tokenizer.hf_backend)."""
+    got = _TOK.get(path)
+    if got is None:
+        _TOK.clear()
+        if os.path.isdir(path):
+            from data_prep.hf_tokenizer import hf_backend
 
-        _SP.clear()
-        sp = _SP[path] = spm.SentencePieceProcessor(model_file=path)
-    return sp
+            got = ("hf", hf_backend(path))
+        else:
+            import sentencepiece as spm
+
+            got = ("sentencepiece", spm.SentencePieceProcessor(model_file=path))
+        _TOK[path] = got
+    return got
 
 
-def _encode(sp, texts: list[bytes], eos: int, dtype: str):
+def _encode(kind: str, tok, texts: list[bytes], eos: int, dtype: str):
     """Token ids of ``texts`` (UTF-8) with EOS after each, flat, and the per-document lengths.
 
-    SentencePiece hands back one int32 buffer per document (no Python int per token)."""
+    SentencePiece hands back one int32 buffer per document (no Python int per token); a
+    Hugging Face tokenizer encodes the chunk with one ``encode_batch_fast`` call (encode_batch
+    without character offsets; the same ids), on this process's thread (worker_pool sets
+    TOKENIZERS_PARALLELISM=false: data_prep parallelises over processes)."""
     if not texts:
         return np.zeros(0, dtype=dtype), np.zeros(0, dtype=np.int64)
-    ids = sp.encode(texts, num_threads=1, out_type="numpy")
-    lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
-    flat = np.insert(np.concatenate(ids).astype(dtype), np.cumsum(lengths), np.asarray(eos, dtype=dtype))
+    if kind == "hf":
+        encs = tok.encode_batch_fast([t.decode("utf-8") for t in texts], add_special_tokens=False)
+        ids = [e.ids for e in encs]
+        lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+        flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=dtype, count=int(lengths.sum()))
+    else:
+        ids = tok.encode(texts, num_threads=1, out_type="numpy")
+        lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+        flat = np.concatenate(ids).astype(dtype)
+    flat = np.insert(flat, np.cumsum(lengths), np.asarray(eos, dtype=dtype))
     return flat, lengths + 1
 
 
@@ -77,7 +98,7 @@ def filter_clean_chunk(task):
 def clean_encode_chunk(task):
     """Fused pass (tokenizer known up front): clean + hash + split + encode.
 
-    task = (clean cfg, (model_path, eos, dtype), raw docs); clean cfg = (min_chars,
+    task = (clean cfg, (tokenizer path, eos, dtype), raw docs); clean cfg = (min_chars,
     min_text_ratio, seed, num_groups, val_fraction). Returns (drop reasons of the dropped
     docs, then for the kept ones in order: hashes (uint64), splits, flat tokens, lengths).
     Duplicates are decided by the caller, in input order."""
@@ -91,14 +112,16 @@ def clean_encode_chunk(task):
             texts.append(r)
             hashes.append(doc_hash(r))
     h = np.array(hashes, dtype=np.uint64)
-    flat, lengths = _encode(_tokenizer(model), texts, eos, dtype)
+    flat, lengths = _encode(*_tokenizer(model), texts, eos, dtype)
     return drops, h, splits_of(h, seed, g, vf), flat, lengths
 
 
 def encode_chunk(task):
-    """((model_path, eos, dtype), [utf8 bytes]) -> (tokens with EOS after each doc, lengths)."""
+    """((tokenizer path, eos, dtype), [utf8 bytes]) -> (tokens with EOS after each doc,
+    lengths): the encoding step of every pass (the fused pass's clean_encode_chunk too); the
+    path is a SentencePiece .model file or a Hugging Face tokenizer/ directory."""
     (model, eos, dtype), texts = task
-    return _encode(_tokenizer(model), texts, eos, dtype)
+    return _encode(*_tokenizer(model), texts, eos, dtype)
 
 
 def start_method() -> str:
@@ -129,24 +152,37 @@ def _helper_init() -> None:
 def worker_pool(workers: int):
     """Helpers for ``workers`` processes in all: the main process (which also reads,
     de-duplicates and writes) plus ``workers - 1`` helpers (see start_method), or None for
-    in-process."""
-    if workers <= 1:
-        yield None
-        return
+    in-process. Inside the block the Hugging Face tokenizers library runs on the calling
+    thread (TOKENIZERS_PARALLELISM=false unless set), in this process and the helpers."""
+    tok_env = "TOKENIZERS_PARALLELISM"
+    tok_saved = os.environ.get(tok_env)
+    os.environ.setdefault(tok_env, ONE_THREAD_ENV[tok_env])
+    try:
+        if workers <= 1:
+            yield None
+            return
+        pool = _start_pool(workers - 1)
+        with pool:
+            yield pool
+    finally:
+        if tok_saved is None:
+            os.environ.pop(tok_env, None)
+
+
+def _start_pool(helpers: int):
     # one thread per process: BLAS thread pools (numpy's OpenBLAS starts one per core at
     # import, ~0.1 CPU-s of spinning) only compete with the other processes here
     saved = {k: os.environ.get(k) for k in ONE_THREAD_ENV}
-    for k in ONE_THREAD_ENV:
-        os.environ.setdefault(k, "1")
+    for k, v in ONE_THREAD_ENV.items():
+        os.environ.setdefault(k, v)
     try:  # the helpers start with this environment
-        pool = mp.get_context(start_method()).Pool(workers - 1, initializer=_helper_init)
+        pool = mp.get_context(start_method()).Pool(helpers, initializer=_helper_init)
     finally:
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)
     _widen_pipes(pool)
-    with pool:
-        yield pool
+    return pool
 
 
 def _widen_pipes(pool) -> None:

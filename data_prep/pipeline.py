@@ -19,14 +19,27 @@ from pathlib import Path
 from data_prep.clean import doc_hash, split_of
 from data_prep.dedup import Dedup
 from data_prep.filter_setup import FilterSetup, fill_counts, input_kind
-from data_prep.parallel import (chunked, clean_encode_chunk, encode_chunk, filter_clean_chunk,
-                                ordered_map, worker_pool)
+from data_prep.parallel import (
+    chunked,
+    clean_encode_chunk,
+    encode_chunk,
+    filter_clean_chunk,
+    ordered_map,
+    worker_pool,
+)
 from data_prep.readers import Stats, read_documents
 from data_prep.report import check_kept, progress, tick
-from data_prep.shard_format import (ShardWriter, fsync_tokens, make_manifest, split_names,
-                                    token_dtype, tokenizer_manifest, write_json)
+from data_prep.shard_format import (
+    ShardWriter,
+    fsync_tokens,
+    make_manifest,
+    split_names,
+    token_dtype,
+    tokenizer_manifest,
+    write_json,
+)
 from data_prep.sharding import SHARD_MANIFEST, OrderWriter, order_bands, shard_manifest
-from data_prep.tokenizer import train_tokenizer, vocab_and_eos
+from data_prep.tokenizer import TokenizerFiles, note_vocab, train_tokenizer
 
 _REC = struct.Struct("<IQI")  # spool record head: split index, doc hash, byte length
 
@@ -70,13 +83,14 @@ class _Run:
         self.order_bands = order_bands(filt, shard)
 
 
-def build(tmp: Path, files, stats: Stats, cfg, tok_proto, shard=None) -> dict:
+def build(tmp: Path, files, stats: Stats, cfg, tok: TokenizerFiles | None, shard=None) -> dict:
     """Prepare ``files`` (read into ``stats``) into ``tmp`` with the options of ``cfg`` (a
-    PrepConfig) and the tokenizer ``tok_proto`` (None: train one); ``shard``: this shard's
-    slice (sharding.slice_files) or None. Returns the manifest written to ``tmp``."""
+    PrepConfig) and the tokenizer ``tok`` (tokenizer.load_tokenizer; None: train one);
+    ``shard``: this shard's slice (sharding.slice_files) or None. Returns the manifest written
+    to ``tmp``."""
     run = _Run(tmp, files, stats, cfg, shard)
     t0 = time.time()
-    trained = tok_proto is None
+    trained = tok is None
     spooled = trained or run.filt.on("any", run.kinds) or shard is not None
     n_docs = None
     with worker_pool(cfg.workers) as pool:
@@ -84,19 +98,19 @@ def build(tmp: Path, files, stats: Stats, cfg, tok_proto, shard=None) -> dict:
             n_docs, train_bytes = _clean_pass(run, pool)
             run.timing["clean_s"] = time.time() - t0
             if trained:
-                tok_proto = train_tokenizer(_spool_records(run.spool), tmp, train_bytes,
-                                            int(cfg.tokenizer_sample_mb * (1 << 20)),
-                                            cfg.vocab_size, cfg.quiet)
+                tok = TokenizerFiles.sentencepiece(train_tokenizer(
+                    _spool_records(run.spool), tmp, train_bytes,
+                    int(cfg.tokenizer_sample_mb * (1 << 20)), cfg.vocab_size, cfg.quiet))
             run.timing["tokenizer_s"] = time.time() - t0 - run.timing["clean_s"]
-        (tmp / "tokenizer.model").write_bytes(tok_proto)
+        tok.write(tmp)
         if cfg.tokenizer_only:
             run.spool.unlink()
-            manifest = tokenizer_manifest(tok_proto, stats, sum(n_docs))
+            manifest = tokenizer_manifest(tok, stats, sum(n_docs))
             write_json(tmp / "manifest.json", manifest)
             return manifest
-        vocab, eos_id = vocab_and_eos(tok_proto, trained, cfg.vocab_size, cfg.quiet)
-        dtype = token_dtype(vocab)
-        tok_cfg = (str(tmp / "tokenizer.model"), eos_id, dtype)
+        note_vocab(tok, trained, cfg.vocab_size, cfg.quiet)
+        dtype = token_dtype(tok.vocab)
+        tok_cfg = (str(tmp / tok.entry), tok.eos_id, dtype)  # a file (SentencePiece) or a dir (HF)
         writer = ShardWriter(tmp, run.names, dtype)
         t1 = time.time()
         try:
@@ -112,9 +126,9 @@ def build(tmp: Path, files, stats: Stats, cfg, tok_proto, shard=None) -> dict:
         check_kept(n_docs, run.names, stats, files, cfg.num_groups, cfg.val_fraction)
     run.timing["tokenize_s"] = time.time() - t1
     fsync_tokens(tmp, splits)
-    common = dict(tok_proto=tok_proto, trained=trained, vocab=vocab, dtype=dtype, eos_id=eos_id,
-                  num_groups=cfg.num_groups, seed=cfg.seed, val_fraction=cfg.val_fraction,
-                  cleaning=cfg.cleaning)
+    common = {"tok": tok, "trained": trained, "vocab": tok.vocab, "dtype": dtype,
+              "eos_id": tok.eos_id, "num_groups": cfg.num_groups, "seed": cfg.seed,
+              "val_fraction": cfg.val_fraction, "cleaning": cfg.cleaning}
     manifest = _write_manifest(run, common, splits)
     if os.environ.get("DATA_PREP_TIMING"):
         print(json.dumps({**run.timing, "tokens": n_tok, "docs": sum(n_docs)}), file=sys.stderr,

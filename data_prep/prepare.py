@@ -1,7 +1,7 @@
-"""Text -> cleaned documents -> SentencePiece -> disjoint token shards.
+"""Text -> cleaned documents -> SentencePiece or Hugging Face tokenizer -> disjoint token shards.
 
     python data_prep/prepare.py --input PATH [PATH ...] --output DIR --num_groups G \\
-        [--vocab_size 8000] [--val_fraction 0.01] [--tokenizer EXISTING.model] [--workers N] \\
+        [--vocab_size 8000] [--val_fraction 0.01] [--tokenizer MODEL_OR_HF_DIR] [--workers N] \\
         [--seed S] [--overwrite] [--text_mode blank_line|file|line] [--jsonl_field text] \\
         [--min_chars 200] [--min_text_ratio 0.8] [--tokenizer_sample_mb 32] [--quiet]
     python data_prep/prepare.py --sample [--output data/sample]     # embedded BBC News corpus
@@ -28,7 +28,8 @@ de-duplication set, ~70 bytes per kept document, and the fixed-size near-dup ind
      repeated lines, exact and near duplicates in input order -> append kept documents to a
      spool file in the temporary output dir;
   2. train SentencePiece on a hash-selected sample of at most --tokenizer_sample_mb of
-     training documents (or reuse --tokenizer);
+     training documents (or reuse --tokenizer: a SentencePiece .model file, or a Hugging Face
+     tokenizer directory, stored as DIR/tokenizer/ and encoded with the tokenizers library);
   3. read the spool -> encode in workers (order preserved) -> per-split .bin/.idx.npy/
      .hashes.npy -> manifest.json -> atomic rename of the temporary dir to DIR.
 With --tokenizer and no filter active, 1 and 3 are fused into one pass.
@@ -48,8 +49,8 @@ from pathlib import Path
 if __name__ == "__main__":  # run as a file: one BLAS thread per process, set before numpy loads
     from data_prep import ONE_THREAD_ENV
 
-    for _k in ONE_THREAD_ENV:
-        os.environ.setdefault(_k, "1")  # before numpy: no BLAS thread pool (see parallel.py)
+    for _k, _v in ONE_THREAD_ENV.items():
+        os.environ.setdefault(_k, _v)  # before numpy: no BLAS thread pool (see parallel.py)
 
 import argparse
 import logging
@@ -62,15 +63,21 @@ from data_prep.provenance import SourceSummary
 from data_prep.readers import Stats, discover
 from data_prep.report import DataPrepError, OutputExistsError, fmt_dropped, say, summary
 from data_prep.sample import SAMPLE_DEFAULTS, SampleCorpusMissing, sample_corpus_dir
-from data_prep.shard_format import (FORMAT_VERSION, ShardWriter, check_output, is_prepared,
-                                    split_names, staged_output)
+from data_prep.shard_format import (
+    FORMAT_VERSION,
+    ShardWriter,
+    check_output,
+    is_prepared,
+    split_names,
+    staged_output,
+)
 from data_prep.sharding import SHARD_MANIFEST, merge, slice_files
-from data_prep.tokenizer import load_tokenizer_proto
+from data_prep.tokenizer import load_tokenizer, load_tokenizer_proto
 
-__all__ = ["DataPrepError", "FORMAT_VERSION", "FilterSetup", "MIN_VOCAB", "OutputExistsError",
-           "PrepConfig", "SHARD_MANIFEST", "ShardWriter", "SourceSummary", "build_parser",
-           "is_prepared", "load_tokenizer_proto", "main", "merge", "prepare", "prepare_sample",
-           "split_names"]
+__all__ = ["FORMAT_VERSION", "MIN_VOCAB", "SHARD_MANIFEST", "DataPrepError", "FilterSetup",
+           "OutputExistsError", "PrepConfig", "ShardWriter", "SourceSummary", "build_parser",
+           "is_prepared", "load_tokenizer", "load_tokenizer_proto", "main", "merge", "prepare",
+           "prepare_sample", "split_names"]
 
 
 def prepare(inputs, output=None, num_groups=None, **options) -> Path:
@@ -89,7 +96,7 @@ def prepare(inputs, output=None, num_groups=None, **options) -> Path:
         cfg = PrepConfig(inputs, output, num_groups, **options)
     output = Path(cfg.output)
     check_output(output, cfg.overwrite)
-    tok_proto = load_tokenizer_proto(cfg.tokenizer) if cfg.tokenizer is not None else None
+    tok = load_tokenizer(cfg.tokenizer) if cfg.tokenizer is not None else None
 
     stats = Stats(sources=SourceSummary(cfg.inputs, keep_files=cfg.num_shards is not None))
     files = discover(cfg.inputs, stats)
@@ -103,7 +110,7 @@ def prepare(inputs, output=None, num_groups=None, **options) -> Path:
     if cfg.num_shards is not None:
         files, shard = slice_files(files, stats, cfg.shard_index, cfg.num_shards)
     with staged_output(output, cfg.overwrite) as tmp:
-        manifest = build(tmp, files, stats, cfg, tok_proto, shard)
+        manifest = build(tmp, files, stats, cfg, tok, shard)
     if cfg.tokenizer_only:
         say(cfg.quiet, f"tokenizer written to {output / 'tokenizer.model'} (from "
                        f"{manifest['documents_kept']} documents; dropped: "
@@ -146,21 +153,21 @@ def prepare_sample(output_dir, num_groups: int = 6, vocab_size: int = 8000, seed
 
 
 _CLI_ONLY = {  # command-line options that are no PrepConfig field: field they follow -> option
-    "inputs": ("--sample", dict(action="store_true",
-                                help="use the embedded BBC News corpus instead of --input "
-                                     "(defaults: --output data/sample --num_groups 6 "
-                                     "--val_fraction 0.05)")),
-    "num_shards": ("--merge", dict(nargs="+", metavar="SHARD_DIR",
-                                   help="merge the shard outputs into --output (no "
-                                        "re-tokenization)")),
+    "inputs": ("--sample", {"action": "store_true",
+                            "help": "use the embedded BBC News corpus instead of --input "
+                                    "(defaults: --output data/sample --num_groups 6 "
+                                    "--val_fraction 0.05)"}),
+    "num_shards": ("--merge", {"nargs": "+", "metavar": "SHARD_DIR",
+                               "help": "merge the shard outputs into --output (no "
+                                       "re-tokenization)"}),
 }
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line: PrepConfig's options (config.cli_options) plus --sample and --merge."""
     p = argparse.ArgumentParser(
-        description="Clean text, train/reuse a SentencePiece tokenizer and write disjoint "
-                    "token shards (val + G groups).")
+        description="Clean text, train/reuse a SentencePiece tokenizer (or use a Hugging Face "
+                    "one) and write disjoint token shards (val + G groups).")
     groups = {None: p, **{k: p.add_argument_group(title, description)
                           for k, (title, description) in OPTION_GROUPS.items()}}
     for name, group, flag, kw in cli_options():

@@ -1,14 +1,14 @@
 """The on-disk dataset format, writing side (dataset.py is the reading side).
 
-A prepared directory holds tokenizer.model, per split (val, group_0 .. group_{G-1}) the
-flat token memmap <split>.bin (uint16 when vocab < 65536, else uint32; documents back to
-back, each ending in EOS), <split>.idx.npy (int64 document end offsets, starting with 0)
-and <split>.hashes.npy (uint64 doc hashes), and manifest.json. It is built in a temporary
+A prepared directory holds its tokenizer (tokenizer.model, or a Hugging Face tokenizer in
+tokenizer/: tokenizer.json + tokenizer_config.json ...; see tokenizer.py), per split (val,
+group_0 .. group_{G-1}) the flat token memmap <split>.bin (uint16 when vocab < 65536, else
+uint32; documents back to back, each ending in EOS), <split>.idx.npy (int64 document end
+offsets, starting with 0) and <split>.hashes.npy (uint64 doc hashes), and manifest.json. It is built in a temporary
 sibling directory and renamed into place, so DIR is either complete or absent.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -16,10 +16,9 @@ import uuid
 from contextlib import contextmanager
 from pathlib import Path
 
-from codistill import files
-
 import numpy as np
 
+from codistill import files
 from data_prep.report import OutputExistsError
 
 FORMAT_VERSION = 1
@@ -38,7 +37,7 @@ def is_prepared(path) -> bool:
     path = Path(path)
     try:
         m = json.loads((path / "manifest.json").read_text())
-        if m.get("format_version") != FORMAT_VERSION or not (path / m["tokenizer"]).is_file():
+        if m.get("format_version") != FORMAT_VERSION or not (path / m["tokenizer"]).exists():
             return False
         return all((path / s["tokens"]).is_file() and (path / s["doc_index"]).is_file()
                    for s in m["splits"].values())
@@ -52,9 +51,10 @@ class ShardWriter:
 
     def __init__(self, root: Path, names: list[str], dtype: str):
         self.root, self.names, self.dtype = root, names, np.dtype(dtype)
-        self.bins = [open(root / f"{n}.bin", "wb", buffering=1 << 20) for n in names]
-        self.offs = [open(root / f"{n}.idx.raw", "wb", buffering=1 << 16) for n in names]
-        self.hashes = [open(root / f"{n}.hashes.raw", "wb", buffering=1 << 16) for n in names]
+        # open until close()/abort() (the writer outlives any one block)
+        self.bins = [open(root / f"{n}.bin", "wb", buffering=1 << 20) for n in names]  # noqa: SIM115
+        self.offs = [open(root / f"{n}.idx.raw", "wb", buffering=1 << 16) for n in names]  # noqa: SIM115
+        self.hashes = [open(root / f"{n}.hashes.raw", "wb", buffering=1 << 16) for n in names]  # noqa: SIM115
         self.ntok = [0] * len(names)
         self.ndoc = [0] * len(names)
 
@@ -121,12 +121,12 @@ def write_json(path: Path, obj) -> None:
     files.write_json(path, obj, indent=1, sort_keys=False)
 
 
-def make_manifest(*, tok_proto, trained, vocab, dtype, eos_id, num_groups, seed, val_fraction,
+def make_manifest(*, tok, trained, vocab, dtype, eos_id, num_groups, seed, val_fraction,
                   cleaning, splits, dropped, documents_in, filters, sources) -> dict:
+    """manifest.json; ``tok``: the tokenizer.TokenizerFiles written beside it."""
     return {
         "format_version": FORMAT_VERSION,
-        "tokenizer": "tokenizer.model",
-        "tokenizer_sha256": hashlib.sha256(tok_proto).hexdigest(),
+        **tok.manifest_fields(),
         "tokenizer_trained": trained,
         "vocab_size": vocab,
         "dtype": dtype,
@@ -148,11 +148,10 @@ def make_manifest(*, tok_proto, trained, vocab, dtype, eos_id, num_groups, seed,
     }
 
 
-def tokenizer_manifest(tok_proto, stats, documents_kept: int) -> dict:
+def tokenizer_manifest(tok, stats, documents_kept: int) -> dict:
     """manifest.json of a --tokenizer_only run (a tokenizer.model and no splits)."""
     return {"format_version": FORMAT_VERSION, "tokenizer_only": True,
-            "tokenizer": "tokenizer.model",
-            "tokenizer_sha256": hashlib.sha256(tok_proto).hexdigest(),
+            **tok.manifest_fields(),
             "documents_in": stats.documents_in, "documents_kept": documents_kept,
             "dropped": dict(sorted(stats.dropped.items())),
             "sources": stats.sources.summary()}
@@ -160,11 +159,10 @@ def tokenizer_manifest(tok_proto, stats, documents_kept: int) -> dict:
 
 # ----------------------------------------------------------------------------- atomic output
 def check_output(output: Path, overwrite: bool) -> None:
-    if output.exists() and not overwrite:
-        if not output.is_dir() or any(output.iterdir()):
-            raise OutputExistsError(
-                f"--output {output} already exists and is not empty; pass --overwrite to "
-                "replace it, or choose another --output")
+    if output.exists() and not overwrite and (not output.is_dir() or any(output.iterdir())):
+        raise OutputExistsError(
+            f"--output {output} already exists and is not empty; pass --overwrite to "
+            "replace it, or choose another --output")
 
 
 @contextmanager

@@ -10,7 +10,6 @@ tokens, so its output is byte-identical to one process over the whole input.
 from __future__ import annotations
 
 import collections
-import hashlib
 import json
 import struct
 from pathlib import Path
@@ -23,8 +22,17 @@ from data_prep.filters import NearDupIndex
 from data_prep.provenance import SourceSummary
 from data_prep.readers import Stats
 from data_prep.report import DataPrepError, check_kept, say, summary
-from data_prep.shard_format import (FORMAT_VERSION, ShardWriter, check_output, fsync_tokens,
-                                    make_manifest, split_names, staged_output, write_json)
+from data_prep.shard_format import (
+    FORMAT_VERSION,
+    ShardWriter,
+    check_output,
+    fsync_tokens,
+    make_manifest,
+    split_names,
+    staged_output,
+    write_json,
+)
+from data_prep.tokenizer import TokenizerFiles
 
 SHARD_MANIFEST = "shard_manifest.json"
 ORDER_HEAD = struct.Struct("<HB")  # per kept document, in order: split, has band keys
@@ -51,7 +59,7 @@ class OrderWriter:
     """Writes a shard's order.bin: one ORDER_HEAD + ``bands`` uint64 record per kept document."""
 
     def __init__(self, path: Path, bands: int):
-        self.f = open(path, "wb", buffering=1 << 20)
+        self.f = open(path, "wb", buffering=1 << 20)  # noqa: SIM115 - open until close()
         self.no_keys = bytes(8 * bands)
 
     def write(self, split: int, keys) -> None:
@@ -67,8 +75,8 @@ def shard_manifest(shard, *, inputs, common, filters, splits, stats, bands,
     """shard_manifest.json: what --merge needs to check the shards and replay the run."""
     return {"format_version": FORMAT_VERSION, "shard": True,
             "shard_index": shard["index"], "num_shards": shard["num_shards"],
-            "inputs": [str(i) for i in inputs], "common": {**common, "tok_proto": None},
-            "tokenizer_sha256": hashlib.sha256(common["tok_proto"]).hexdigest(),
+            "inputs": [str(i) for i in inputs], "common": {**common, "tok": None},
+            **common["tok"].manifest_fields(),
             "filters": filters, "splits": splits,
             "dropped": dict(sorted(stats.dropped.items())), "documents_in": stats.documents_in,
             "order_record": {"format": ORDER_HEAD.format + f"{bands}Q",
@@ -124,10 +132,14 @@ def merge(shard_dirs, output, overwrite: bool = False, quiet: bool = False) -> P
     output = Path(output)
     check_output(output, overwrite)
     common = dict(ms[0]["common"])
-    tok_proto = (dirs[0] / "tokenizer.model").read_bytes()
-    if hashlib.sha256(tok_proto).hexdigest() != ms[0]["tokenizer_sha256"]:
-        raise DataPrepError(f"--merge: {dirs[0] / 'tokenizer.model'} does not match its manifest")
-    common["tok_proto"] = tok_proto
+    try:
+        tok = TokenizerFiles.read(dirs[0], ms[0])
+    except OSError as e:
+        raise DataPrepError(f"--merge: cannot read the tokenizer of {dirs[0]} ({e}); re-run "
+                            "shard 0") from None
+    if tok.sha256 != ms[0]["tokenizer_sha256"]:
+        raise DataPrepError(f"--merge: {dirs[0] / tok.entry} does not match its manifest")
+    common["tok"] = tok
     names = split_names(common["num_groups"])
     filters = json.loads(json.dumps(ms[0]["filters"]))
     nd = filters.get("near_dup")
@@ -142,7 +154,7 @@ def merge(shard_dirs, output, overwrite: bool = False, quiet: bool = False) -> P
     keep = [_replay(d, m, names, rec, dedup) for d, m in zip(dirs, ms)]
     dedup.clear()
     with staged_output(output, overwrite) as tmp:
-        (tmp / "tokenizer.model").write_bytes(tok_proto)
+        tok.write(tmp)
         splits = _copy_kept(tmp, dirs, ms, keep, names, common["dtype"])
         manifest = _merged_manifest(tmp, ms, splits, common, dropped, filters, index)
     say(quiet, f"merged {ms[0]['num_shards']} shards")

@@ -2,9 +2,9 @@
 
     python data_prep/verify.py DIR
 
-Checks: manifest fields; tokenizer.model sha256 and that it loads with the manifest's vocab
-size and EOS id; dtype fits the vocab (uint16 iff vocab < 65536); for every split: the .bin
-length matches num_tokens, the offsets are int64, num_docs+1 long, start at 0, end at the
+Checks: manifest fields; the tokenizer's sha256 (tokenizer.model, or the files of a Hugging
+Face tokenizer/ directory) and that it loads with the manifest's vocab size and EOS id; dtype
+fits the vocab (uint16 iff vocab < 65536); for every split: the .bin length matches num_tokens, the offsets are int64, num_docs+1 long, start at 0, end at the
 file length and strictly increase; every document ends with EOS and contains no other EOS;
 every token id < vocab_size; the stored document hashes have the right length, no
 duplicates inside a split and no hash shared by two splits (disjointness); the split names
@@ -13,11 +13,10 @@ Exit status 0 with a one-line OK summary, 1 with the first violation found.
 """
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import hashlib
 import json
+import sys
+from pathlib import Path
 
 import numpy as np
 
@@ -40,7 +39,14 @@ def verify(path) -> dict:
     m = _manifest(root / "manifest.json")
     vocab, eos, g = int(m["vocab_size"]), int(m["eos_id"]), int(m["num_groups"])
     dtype = np.dtype(m["dtype"])
-    _check_tokenizer(root / m["tokenizer"], m, vocab, eos)
+    if m.get("tokenizer_kind", "sentencepiece") == "hf":
+        from data_prep.hf_tokenizer import check_hf
+
+        problem = check_hf(root, m)
+        if problem:
+            _fail(problem)
+    else:
+        _check_tokenizer(root / m["tokenizer"], m, vocab, eos)
     names = ["val"] + [f"group_{i}" for i in range(g)]
     if sorted(m["splits"]) != sorted(names):
         _fail(f"splits {sorted(m['splits'])} but num_groups={g} requires {names}")

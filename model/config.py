@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 @dataclass
 class ModelConfig:
-    arch: str = "lstm"             # "lstm" | "transformer"
+    arch: str = "lstm"             # "lstm" | "transformer" | "hf" (any transformers causal LM: hf_config)
     vocab_size: int = 8000
     d_model: int = 256             # LSTM hidden size / Transformer width
     n_layers: int = 1
@@ -24,11 +24,14 @@ class ModelConfig:
     n_heads: int = 4               # Transformer only
     d_ff: int = 0                  # Transformer MLP width (0 = 4 * d_model)
     max_seq_len: int = 1024        # Transformer only (RoPE cache size)
+    hf_config: dict | None = None  # arch "hf": the transformers config dict (model/hf.py)
     preset: str = field(default="", compare=False)  # informational, not part of the identity
 
     def __post_init__(self):
-        if self.arch not in ("lstm", "transformer"):
-            raise ValueError(f"model arch must be 'lstm' or 'transformer', got {self.arch!r}")
+        if self.arch not in ("lstm", "transformer", "hf"):
+            raise ValueError(f"model arch must be 'lstm', 'transformer' or 'hf', got {self.arch!r}")
+        if (self.arch == "hf") != isinstance(self.hf_config, dict):
+            raise ValueError("model arch 'hf' needs hf_config (a transformers config dict), and only it has one")
         if self.vocab_size < 2 or self.d_model < 1 or self.n_layers < 1:
             raise ValueError(f"invalid model config: {self}")
         if self.arch == "transformer" and self.d_model % self.n_heads:
@@ -53,7 +56,12 @@ class ModelConfig:
     def config_hash(self) -> str:
         """Hash of everything that determines the weights' shapes and the function computed."""
         d = self.to_dict()
+        if self.arch == "hf":
+            from model.hf import identity
+            d = {"arch": "hf", "hf_config": identity(self.hf_config)}
+            return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
         d.pop("preset")
+        d.pop("hf_config")
         d.pop("dropout")  # dropout is off at inference; a teacher may differ in it
         d.pop("max_seq_len")  # RoPE tables are computed on the fly; no weight depends on it
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
@@ -85,3 +93,12 @@ def preset_config(arch: str, size: str, vocab_size: int, max_seq_len: int = 1024
     kw = dict(PRESETS[arch][size])
     kw.update({k: v for k, v in overrides.items() if v is not None})
     return ModelConfig(arch=arch, vocab_size=vocab_size, max_seq_len=max_seq_len, preset=size, **kw)
+
+
+def hf_model_config(hf_config: dict, max_seq_len: int = 1024, dropout: float | None = None) -> ModelConfig:
+    """``--model hf``: the config of any transformers causal LM (model/hf.py read_hf_config)."""
+    from model.hf import shape_summary, with_dropout
+    if dropout is not None:
+        hf_config = with_dropout(hf_config, dropout)
+    return ModelConfig(arch="hf", hf_config=hf_config, max_seq_len=max_seq_len, preset=hf_config.get("model_type", ""),
+                       dropout=dropout or 0.0, **shape_summary(hf_config))

@@ -18,7 +18,7 @@ first is predicted exactly once, each window from a fresh state (as in training'
 --max_tokens keeps the first floor(max_tokens/T) windows. Deterministic.
 
 Word perplexity = exp(total NLL / words), words = whitespace-separated words (str.split) of
-the evaluated target tokens decoded with the data's SentencePiece model, document by document
+the evaluated target tokens decoded with the data's tokenizer (SentencePiece or Hugging Face), document by document
 (the span is cut at EOS tokens; EOS tokens are not words). The JSON also gives
 word_ppl_with_eos, which counts each EOS as one more word (the Penn Treebank convention when
 documents are sentences).
@@ -123,7 +123,7 @@ def load_weights(gdir: Path, weights: str, data: TokenData) -> tuple[ModelConfig
         cfg = ModelConfig.from_dict(cfg_dict)
     except (TypeError, ValueError) as e:
         raise EvalError(f"{gdir}: invalid model config ({e})") from None
-    if cfg.vocab_size != data.vocab_size:
+    if cfg.vocab_size < data.vocab_size or (cfg.arch != "hf" and cfg.vocab_size != data.vocab_size):
         raise EvalError(f"{gdir} was trained with vocab_size {cfg.vocab_size} but the tokenizer of {data.dir} has "
                         f"{data.vocab_size} pieces: evaluate it on the data it was trained on (--data)")
     return cfg, sd, info
@@ -270,10 +270,9 @@ def main(argv=None) -> dict:
 
     n_windows = windows(tokens, seq_len, args.max_tokens)
     n_tok = n_windows * seq_len
-    import sentencepiece as spm
-    sp = spm.SentencePieceProcessor()
-    sp.Load(str(data.tokenizer_path))
-    words, eos = count_words_in_tokens(np.asarray(tokens[1:n_tok + 1]), data.eos_id, sp.DecodeIds)
+    from data_prep.tokenizer import load_text_tokenizer
+    words, eos = count_words_in_tokens(np.asarray(tokens[1:n_tok + 1]), data.eos_id,
+                                       load_text_tokenizer(data.dir).decode)
 
     res = evaluate(runs, tokens, seq_len, n_windows, args.batch_size, device)
     out = {

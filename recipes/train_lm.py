@@ -40,7 +40,7 @@ from codistill.student import Student
 from codistill.teacher import read_fixed_teacher
 from codistill.topology import TopologyError, build_mpus, plan as plan_topology
 from data_prep.dataset import DataError, TokenData
-from model import ModelConfig, preset_config
+from model import ModelConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -126,7 +126,7 @@ def load_inputs(p: Plan, log):
     data.check_tokenizer()
     for g in p.topo.hosted:
         data.group_shards(g, args.num_groups)
-    model_cfg = preset_config(args.model, args.model_size, data.vocab_size, max(1024, args.seq_len), dropout=args.dropout)
+    model_cfg = flags.model_config(args, data.vocab_size)
     if args.resume == "auto" and p.run.config.is_file():
         try:
             prev = json.loads(p.run.config.read_text())["model"]
@@ -172,7 +172,7 @@ def banner(p: Plan, students, exchange, fixed, log) -> None:
         "bf16 with fp32 gradient accumulation)" if s0.zero_stage > asked else
         "one rank per group has nothing to partition)") if asked != s0.zero_stage else "")
     dtype = str(s0.engine.get_data_types()[0]).removeprefix("torch.")
-    log(f"model {a.model}/{a.model_size}: {s0.num_params / 1e6:.2f}M params | world {p.world} | "
+    log(f"model {a.model}/{s0.model_cfg.preset}: {s0.num_params / 1e6:.2f}M params | world {p.world} | "
         f"groups {a.num_groups} (this rank: {p.topo.hosted}, {s0.dp_size} rank(s) each) | "
         f"batch {s0.global_batch}x{a.seq_len} tokens/group | {zero} | {dtype} on {p.device.type} | "
         + ("every group reads all the data (--data_split shared) | " if a.data_split == "shared" and a.num_groups > 1 else "")
@@ -275,7 +275,7 @@ def finish(p: Plan, students, exchange, ckpt, model_cfg, start, step, t_start, l
     for s in students:
         sd = s.full_state_dict()  # a collective of the group under ZeRO-3
         if s.leader:
-            runlog.save_final(s, sd, exchange.metadata(s), model_cfg, step, wall, exchange.teacher_steps(s.id))
+            runlog.save_final(s, sd, exchange.metadata(s), model_cfg, step, wall, exchange.teacher_steps(s.id), log)
     dist.barrier()
     if p.rank == 0:
         runlog.print_table(runlog.merge_summaries(p.run.root, p.args.num_groups), p.run.root, log)

@@ -61,6 +61,17 @@ def run_python(args: list[str], timeout: int = 300, gpu: bool = False, **kw) -> 
                           timeout=timeout, **kw)
 
 
+def load_script(name: str):
+    """A script of recipes/ (e.g. "generate") as a module: the recipes are scripts, not a package."""
+    import importlib.util
+    key = f"_script_{name}"
+    if key not in sys.modules:
+        spec = importlib.util.spec_from_file_location(key, ROOT / "recipes" / f"{name}.py")
+        mod = sys.modules[key] = importlib.util.module_from_spec(spec)  # dataclasses need it registered
+        spec.loader.exec_module(mod)
+    return sys.modules[key]
+
+
 def scalar_tags(tb_dir: Path) -> set[str]:
     return set(read_events(tb_dir))
 

@@ -4,7 +4,6 @@ Metrics are checked against numbers computed by hand; the scripts run on two tin
 2-group runs (different seeds) shared by all tests of this module (one session fixture,
 two launches).
 """
-import importlib.util
 import json
 import math
 import shutil
@@ -14,16 +13,9 @@ import torch
 
 from codistill.metrics import (Totals, churn_sums, count_words, count_words_in_tokens, ensemble_log_probs,
                                nll_sum, ppl)
-from conftest import ROOT, launch, run_python
+from conftest import launch, load_script, run_python
 
 pytestmark = pytest.mark.slow
-
-
-def load_script(name):
-    spec = importlib.util.spec_from_file_location(f"_script_{name}", ROOT / "recipes" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 evaluate = load_script("evaluate")

@@ -5,23 +5,17 @@ start nothing), so every case is checked in-process; one real launch per kind pr
 line's contract (exit 2, "error: ..." on stderr, nothing written)."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 
 import pytest
 
 from codistill import flags
-from conftest import ROOT, e2e_args, run_python
+from conftest import e2e_args, load_script, run_python
 
 
 def train_lm():
-    import sys
-    if "_train_lm_for_tests" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("_train_lm_for_tests", ROOT / "recipes" / "train_lm.py")
-        mod = sys.modules["_train_lm_for_tests"] = importlib.util.module_from_spec(spec)  # dataclasses need it
-        spec.loader.exec_module(mod)
-    return sys.modules["_train_lm_for_tests"]
+    return load_script("train_lm")
 
 
 class Log:
