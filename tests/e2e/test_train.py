@@ -57,6 +57,22 @@ def test_main_command_codistills(main_run):
     assert "teacher step in use" in out and "tensorboard --logdir" in out
 
 
+def test_generate_samples_from_an_lstm_final_and_export(main_run):
+    run_dir, _ = main_run
+    args = ["recipes/generate.py", "--prompt", "The company said", "--max_new_tokens", "12", "--seed", "7",
+            "--top_p", "0.9", "--num_samples", "2"]
+    proc = run_python([*args, "--model", run_dir / "group_1"])  # final/; the tokenizer from the run's config.json
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    samples = proc.stdout.split("--- sample 2 ---")
+    assert len(samples) == 2 and all("The company said" in x for x in samples)
+    assert run_python([*args, "--model", run_dir / "group_1"]).stdout == proc.stdout  # seeded
+    greedy = run_python(["recipes/generate.py", "--model", run_dir / "group_0" / "exports" / "step_000020.json",
+                         "--temperature", "0", "--max_new_tokens", "5"])
+    assert greedy.returncode == 0 and greedy.stdout.strip(), greedy.stderr[-2000:]
+    bad = run_python(["recipes/generate.py", "--model", run_dir / "group_0" / "nope"])
+    assert bad.returncode == 2 and "--model" in bad.stderr and "no such file" in bad.stderr
+
+
 def test_world_split_two_ranks_matches_one_process(main_run, sample_data, tmp_path):
     """2 ranks, 2 groups: the same groups, the same deterministic teachers, the same losses."""
     run_dir = tmp_path / "split"
