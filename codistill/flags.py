@@ -38,6 +38,11 @@ def parse_args(argv=None, description: str | None = None):
                         "the file holds")
     p.add_argument("--dropout", type=float, default=None, help="override the preset's (or HF config's) dropout")
     p.add_argument("--seq_len", type=int, default=64)
+    p.add_argument("--noise_scale", action="store_true",
+                   help="measure the gradient noise scale (the data-parallel limit, in tokens) on each group's "
+                        "leader: train/noise_scale in TensorBoard and a console line (ZeRO 0-2)")
+    p.add_argument("--noise_scale_every", type=int, default=50, help="steps between noise-scale measurements "
+                   "(each costs one more forward and backward pass of one micro-batch)")
     p.add_argument("--run_dir", default="runs/codistill")
     p.add_argument("--max_steps", type=int, default=300)
     p.add_argument("--lr", type=float, default=None, help="peak LR (default: the ds_config optimizer's)")
@@ -101,7 +106,8 @@ def parse_args(argv=None, description: str | None = None):
             p.error(f"--config {pre.config}: unknown keys {sorted(unknown)}")
         p.set_defaults(**defaults)
     args = p.parse_args(argv)
-    for name in ("max_steps", "seq_len", "eval_every", "eval_batches", "save_every", "export_every", "log_every"):
+    for name in ("max_steps", "seq_len", "eval_every", "eval_batches", "save_every", "export_every", "log_every",
+                 "noise_scale_every"):
         if getattr(args, name) < 1:
             p.error(f"--{name} must be >= 1")
     if args.resume not in ("auto", "never") and not Path(args.resume).is_dir():

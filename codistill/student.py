@@ -18,6 +18,9 @@ from codistill import faults, runlog
 from codistill.comm import GroupComm, sum_over
 from codistill.layout import RunLayout
 from codistill.loss import codistill_loss, distill_alpha
+from codistill.noise import NoiseScale
+from codistill.noise import measure as measure_gradients
+from codistill.noise import reading as noise_reading
 from codistill.skip import skip_step
 from data_prep.dataset import GroupStream, eval_batches
 from model import build_model, count_params
@@ -61,6 +64,9 @@ class Student:
             args=device_rank, model=model, model_parameters=model.parameters(), optimizer=optimizer, config=ds_cfg,
             mpu=mpu, lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, self.lr_factor))
         self.zero_stage = self.engine.zero_optimization_stage()
+        if getattr(args, "noise_scale", False) and self.zero_stage == 3:  # every rank: they all stop
+            raise ValueError("--noise_scale needs the full parameters on the group's leader, which ZeRO-3 "
+                             "partitions; measure it with ZeRO-1/2 (ds_configs/zero2.json)")
         self.dp_group = mpu.get_data_parallel_group() if mpu else None
         self.comm = GroupComm(device, topo.group_ranks[gid][0], self.dp_group, self.dp_size, self.leader)
         self.tokens_seen = 0
@@ -70,6 +76,9 @@ class Student:
         self.skipped_steps = 0  # steps skipped for a non-finite loss
         self._pending = None    # forward_backward's device results, consumed by finish_step
         self._norm = None       # (step, device tensor) of the last update's gradient norm, logged a step late
+        self.log = log
+        self.noise = NoiseScale() if getattr(args, "noise_scale", False) and self.leader else None
+        self._noise_batch = None  # (x, y) of this step's first micro-batch when the noise scale is due
 
     def lr_factor(self, step: int) -> float:
         a = self.args
@@ -99,6 +108,8 @@ class Student:
                 batch = batch.pin_memory()
             batch = batch.to(self.device, non_blocking=True)
             x, y = batch[:, :-1], batch[:, 1:]
+            if self.noise is not None and micro == 0 and step % a.noise_scale_every == 0:
+                self._noise_batch = (x, y)
             q, h = pool.probs(peers, x, a.temperature, y, use, G) if peers else (None, None)
             if h is not None:
                 health += h / self.accum
@@ -159,12 +170,29 @@ class Student:
             grad_norm = torch.full((), float(grad_norm), device=self.device)
         self._norm = None if grad_norm is None else (step, grad_norm)
         self.tokens_seen += self.step_tokens
+        if self._noise_batch is not None:
+            self.measure_noise(step, *self._noise_batch)
+            self._noise_batch = None
         nan = float("nan")
         return runlog.StepStats(
             loss=host[0], ce=nan if skip else host[1], distill=nan if skip else host[2], agreement=host[3],
             distill_ce=nan if skip else host[4], alpha=alpha, peers=use, skipped=skip, skipped_steps=self.skipped_steps,
             step_time=fb_s + sync_s + time.perf_counter() - t0, lr=self.engine.get_lr()[0],
             teacher_ce={p: host[5 + slot] for p, slot in slots}, teacher_nonfinite={p: host[6 + G + slot] > 0 for p, slot in slots})
+
+    def measure_noise(self, step: int, x: torch.Tensor, y: torch.Tensor) -> None:
+        """--noise_scale, on the group's leader every --noise_scale_every steps: the gradient noise
+        scale of the next-token loss on this step's first micro-batch (codistill/noise.py; one
+        more forward and backward pass, and one host sync), in tokens, to TensorBoard and the
+        console, read against the group's batch."""
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):  # dropout draws
+            small, big, b, B = measure_gradients(self.engine.module, x, y)  # leave training's RNG stream as it was
+        self.noise.update(small, big, b, B)
+        value = self.noise.value
+        if self.writer and value is not None and math.isfinite(value):
+            self.writer.scalar("train/noise_scale", value, step)
+        self.log(f"[group {self.id}] step {step}: {noise_reading(self.step_tokens, value)} "
+                 f"({self.noise.n} measurement{'s' if self.noise.n > 1 else ''})", force=True)
 
     def close(self) -> None:
         """Log the last update's gradient norm (there is no next sync) and close the writer."""

@@ -117,13 +117,20 @@ def test_separate_launches_per_group_share_a_run_dir(sample_data, tmp_path):
     assert set(json.loads((run_dir / "summary.json").read_text())["groups"]) <= {"group_0", "group_1"}
 
 
-def test_three_groups_average_two_teachers(sample_data, tmp_path):
+def test_three_groups_average_two_teachers_and_measure_the_noise_scale(sample_data, tmp_path):
     run_dir = tmp_path / "three"
-    launch(common(sample_data, run_dir, num_groups=3, max_steps=32))
+    proc = launch([*common(sample_data, run_dir, num_groups=3, max_steps=32), "--noise_scale",
+                   "--noise_scale_every", "8"])
     for g in range(3):
         assert losses(run_dir, g, "teacher/num_peers")[32] == 2
         peers = [p for p in range(3) if p != g]
         assert all(losses(run_dir, g, f"teacher/step/group_{p}")[32] == 20 for p in peers)
+        noise = losses(run_dir, g, "train/noise_scale")
+        assert sorted(noise) == [8, 16, 24, 32] and all(v > 0 for v in noise.values()), noise
+        assert f"[group {g}] step 32: batch 512 tokens, noise scale ~" in proc.stdout
+    refused = launch([*common(sample_data, tmp_path / "z3"), "--noise_scale", "--ds_config", "ds_configs/zero3.json"],
+                     num_ranks=2, check=False)
+    assert refused.returncode != 0 and "--noise_scale needs the full parameters" in refused.stdout + refused.stderr
 
 
 def test_zero3_two_ranks_exports_full_weights_and_trains_alone(sample_data, tmp_path):

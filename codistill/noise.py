@@ -1,0 +1,94 @@
+"""The gradient noise scale (McCandlish et al. 2018, "An Empirical Model of Large-Batch
+Training", appendix A): when codistillation can pay.
+
+B_simple = tr(Sigma) / |G|^2, with G the true gradient and Sigma the per-example gradient
+covariance, is the batch (here in tokens) past which a larger batch stops cutting the number
+of steps: the data-parallel limit. From the squared norms of two gradient estimates at batch
+sizes b < B, E|g_b|^2 = |G|^2 + tr(Sigma)/b, so
+
+    |G|^2       ~ (B |g_B|^2 - b |g_b|^2) / (B - b)
+    tr(Sigma)   ~ (|g_b|^2 - |g_B|^2) / (1/b - 1/B)
+
+each noisy; both are smoothed (an exponential moving average) before their ratio is taken.
+
+``measure`` gets both from one micro-batch, beside training: the micro-batch is cut into
+``parts`` pieces, the gradient of the mean next-token cross-entropy on each (b = one piece)
+and their mean (B = the micro-batch) - the cost of one forward and backward pass. The
+gradients are taken with respect to detached copies of the module's parameters
+(torch.func.functional_call), so DeepSpeed's gradient hooks and buffers never see them. ZeRO-3
+partitions the parameters themselves, so it is not supported (the flag check says so).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch.func import functional_call
+
+
+def estimate(g2_small: float, g2_big: float, b_small: float, b_big: float) -> tuple[float, float]:
+    """(tr(Sigma), |G|^2) from the squared gradient norms at batch sizes b_small < b_big."""
+    if not 0 < b_small < b_big:
+        raise ValueError(f"need 0 < b_small < b_big, got {b_small}, {b_big}")
+    g2 = (b_big * g2_big - b_small * g2_small) / (b_big - b_small)
+    trace = (g2_small - g2_big) / (1 / b_small - 1 / b_big)
+    return trace, g2
+
+
+class NoiseScale:
+    """B_simple, smoothed: EMAs of tr(Sigma) and |G|^2, then their ratio (the two EMAs share
+    their weights, so the ratio needs no bias correction)."""
+
+    def __init__(self, beta: float = 0.9):
+        self.beta, self.n, self._trace, self._g2 = beta, 0, 0.0, 0.0
+
+    def update(self, g2_small: float, g2_big: float, b_small: float, b_big: float) -> None:
+        trace, g2 = estimate(g2_small, g2_big, b_small, b_big)
+        self.n += 1
+        self._trace = self.beta * self._trace + (1 - self.beta) * trace
+        self._g2 = self.beta * self._g2 + (1 - self.beta) * g2
+
+    @property
+    def value(self) -> float | None:
+        """The smoothed B_simple, in the units of b (None before a measurement, inf when the
+        true gradient is not resolved yet: |G|^2 <= 0)."""
+        if self.n == 0:
+            return None
+        return self._trace / self._g2 if self._g2 > 0 else math.inf
+
+
+def measure(module: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, parts: int = 4) -> tuple[float, float, int, int]:
+    """(|g_b|^2 averaged over the parts, |g_B|^2, b, B), b and B in target tokens, of the mean
+    cross-entropy of ``module`` on the micro-batch (x, y) cut into ``parts`` row blocks."""
+    rows = x.shape[0] // parts * parts
+    if rows < parts:
+        raise ValueError(f"a micro-batch of {x.shape[0]} sequences cannot be cut into {parts} parts")
+    params = {k: p.detach().float().requires_grad_(True) for k, p in module.named_parameters()}
+    buffers = dict(module.named_buffers())
+    total, small = None, 0.0
+    for xs, ys in zip(x[:rows].chunk(parts), y[:rows].chunk(parts)):
+        logits = functional_call(module, {**params, **buffers}, (xs,))
+        loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), ys.flatten())
+        grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
+        flat = torch.cat([g.flatten() for g in grads if g is not None])
+        small += float(flat.square().sum())
+        total = flat if total is None else total + flat
+    big = float((total / parts).square().sum())
+    tokens = ys.numel()
+    return small / parts, big, tokens, tokens * parts
+
+
+def reading(batch_tokens: int, noise: float | None) -> str:
+    """A sentence for the console: the batch against the noise scale."""
+    if noise is None:
+        return "noise scale: not measured yet"
+    if not math.isfinite(noise) or noise <= 0:
+        return "noise scale: not resolved yet (the true gradient is below the measurement's noise)"
+    verdict = ("far below the limit; more data-parallel ranks still help" if batch_tokens < noise / 4 else
+               "near the limit; more data-parallel ranks help less and less" if batch_tokens < 2 * noise else
+               "past the limit; more data-parallel ranks barely help - where codistillation can pay")
+    return f"batch {_k(batch_tokens)} tokens, noise scale ~ {_k(noise)} tokens: {verdict}"
+
+
+def _k(n: float) -> str:
+    return f"{n / 1e6:.1f} M" if n >= 1e6 else f"{n / 1e3:.1f} k" if n >= 1e3 else f"{n:.0f}"
