@@ -32,9 +32,8 @@ import torch
 
 from codistill import faults
 from codistill.files import atomic_write_bytes, fsync_dir
-from codistill.weights_file import (ExportError, ReadBuffers, all_finite, check_safetensors_header,  # noqa: F401
-                                    digest_fields, digest_matches, file_digest, parse_safetensors,
-                                    read_safetensors, write_weights)
+from codistill.weights_file import (ExportError, ReadBuffers, digest_fields, digest_matches,  # noqa: F401
+                                    file_digest, parse_safetensors, read_safetensors, write_weights)
 
 EXPORT_NAME = re.compile(r"^step_(\d{6,})$")
 

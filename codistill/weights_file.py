@@ -144,12 +144,6 @@ def digest_fields(meta: dict) -> tuple[str, ...]:
 
 
 # ---- the header ---------------------------------------------------------------------------
-def check_safetensors_header(blob, where: str) -> None:
-    """Reject anything that is not a safetensors file before it is parsed further (``blob``: the
-    whole file's bytes)."""
-    _header_len(blob[:16], len(blob), where)
-
-
 def _header_len(prefix, size: int, where: str) -> int:
     """The header length a file of ``size`` bytes starting with ``prefix`` declares, checked.
     A safetensors file starts with an 8-byte little-endian header length followed by a JSON
