@@ -87,7 +87,23 @@ def parse_args(argv=None, description: str | None = None):
                         "codistill/health.py)")
     p.add_argument("--teacher_guard_window", type=int, default=5, help="steps the teacher guard averages over")
     p.add_argument("--poll_interval", type=float, default=1.0)
-    p.add_argument("--loss_chunk_tokens", type=int, default=4096)
+    # teachers that do not fit (codistill/placement.py says what each costs)
+    p.add_argument("--teacher_partition", action="store_true",
+                   help="each peer teacher is a ZeRO-3 inference engine partitioned over the group's own ranks: "
+                        "~1/ranks of its weights per rank, gathered layer by layer for its forward; needs groups "
+                        "of >= 2 ranks")
+    p.add_argument("--teacher_offload", default="none", choices=["none", "cpu"],
+                   help="cpu: teacher weights live in (pinned) host memory and are copied to the device one "
+                        "submodule at a time for the forward (device memory ~ one layer; P x 2 bytes over PCIe "
+                        "per teacher forward)")
+    p.add_argument("--teacher_topk", type=int, default=0, metavar="K",
+                   help="keep the averaged teacher distribution as its top K probabilities per token plus the rest "
+                        "of the mass spread uniformly (B x T x K instead of B x T x V; K >= vocab = the dense "
+                        "loss); 0: dense")
+    p.add_argument("--loss_chunk_mb", type=float, default=32.0,
+                   help="the loss (and top-K teacher probabilities) run over chunks of tokens holding this many "
+                        "MiB of fp32 [tokens, vocab] values")
+    p.add_argument("--loss_chunk_tokens", type=int, default=None, help="a fixed chunk in tokens instead of MiB")
     # faults
     p.add_argument("--max_bad_steps", type=int, default=5,
                    help="a step with a NaN/Inf loss is skipped (no update) and counted; stop after this many in a row")
@@ -150,7 +166,13 @@ def check(a) -> tuple[list[str], list[str]]:
         need(a.lr > 0, f"--lr must be > 0 (got {a.lr})")
     if a.dropout is not None:
         need(0 <= a.dropout < 1, f"--dropout must be in [0, 1) (got {a.dropout})")
-    need(a.loss_chunk_tokens >= 1, f"--loss_chunk_tokens must be >= 1 (got {a.loss_chunk_tokens})")
+    if a.loss_chunk_tokens is not None:
+        need(a.loss_chunk_tokens >= 1, f"--loss_chunk_tokens must be >= 1 (got {a.loss_chunk_tokens})")
+    need(a.loss_chunk_mb > 0, f"--loss_chunk_mb must be > 0 (got {a.loss_chunk_mb})")
+    need(a.teacher_topk >= 0, f"--teacher_topk must be >= 0 (got {a.teacher_topk}); 0 keeps the dense distribution")
+    need(not (a.teacher_partition and a.teacher_offload != "none"),
+         "--teacher_partition and --teacher_offload cpu are alternatives: partition spreads a teacher over the "
+         "group's devices, offload keeps it in host memory; pick one")
     need(a.poll_interval > 0, f"--poll_interval must be > 0 seconds (got {a.poll_interval})")
     need(a.teacher_timeout >= 0, f"--teacher_timeout must be >= 0 seconds (got {a.teacher_timeout})")
     need(a.max_bad_steps >= 1, f"--max_bad_steps must be >= 1 (got {a.max_bad_steps})")

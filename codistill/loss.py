@@ -41,6 +41,41 @@ class LossStats:
         return float(self.values[3])
 
 
+@dataclass
+class TopK:
+    """The averaged teacher distribution kept sparse (``--teacher_topk K``): per token the K
+    most likely tokens' probabilities (``values``, fp32, descending) and ids (``indices``,
+    int64), and the ``rest`` of the mass, 1 - sum(values), spread uniformly over the V - K other
+    tokens (the one choice that adds no information the teachers did not give). Memory is
+    B x T x (K x 12 + 4) bytes instead of B x T x V x 4. A token whose teachers were all left
+    out (non-finite) has values and rest 0: no distillation for it, as in the dense form.
+    K = V holds the whole distribution (rest 0)."""
+    values: torch.Tensor
+    indices: torch.Tensor
+    rest: torch.Tensor
+
+    def flat(self) -> "TopK":
+        k = self.values.shape[-1]
+        return TopK(self.values.reshape(-1, k), self.indices.reshape(-1, k), self.rest.reshape(-1))
+
+    def rows(self, i: int, n: int) -> "TopK":
+        return TopK(self.values[i:i + n], self.indices[i:i + n], self.rest[i:i + n])
+
+
+def topk_of(q: torch.Tensor, k: int) -> TopK:
+    """``q`` [N, V] (rows summing to 1, or all zero) kept as its top ``k`` entries per row."""
+    v = q.shape[-1]
+    values, indices = torch.topk(q, min(k, v), dim=-1)
+    rest = (q.sum(-1) - values.sum(-1)).clamp_min_(0.0) if k < v else q.new_zeros(q.shape[0])
+    return TopK(values, indices, rest)
+
+
+def chunk_rows(vocab: int, chunk_mb: float) -> int:
+    """Tokens per loss chunk: one fp32 [tokens, V] chunk of ``chunk_mb`` MiB (--loss_chunk_mb).
+    A fixed token count is not a memory bound: 4096 tokens at a 50 k vocabulary are 0.8 GB."""
+    return max(1, int(chunk_mb * 2**20) // (4 * vocab))
+
+
 class _CodistillLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, targets, teacher_probs, alpha, temperature, label_smoothing, chunk):
@@ -56,7 +91,13 @@ class _CodistillLoss(torch.autograd.Function):
             ce -= logp.gather(1, targets[i:i + chunk, None]).sum()
             if label_smoothing:
                 smooth -= logp.mean(dim=-1).sum()
-            if teacher_probs is not None:
+            if isinstance(teacher_probs, TopK):
+                logp_t = logp if temperature == 1.0 else F.log_softmax(s / temperature, dim=-1)
+                d, a, h = _sparse_terms(teacher_probs.rows(i, chunk), logp_t, s, v)
+                distill -= d * temperature ** 2
+                agree += a
+                entropy += h * temperature ** 2
+            elif teacher_probs is not None:
                 q = teacher_probs[i:i + chunk].float()
                 logp_t = logp if temperature == 1.0 else F.log_softmax(s / temperature, dim=-1)
                 distill -= torch.dot(q.reshape(-1), logp_t.reshape(-1)) * temperature ** 2
@@ -103,7 +144,13 @@ class _CodistillLoss(torch.autograd.Function):
             if distilling:                                         # d psi / d s = T * (p_T - q)
                 if temperature != 1.0:
                     g.add_(F.softmax(s / temperature, dim=-1), alpha=a)
-                g.sub_(q_all[i:i + chunk].float(), alpha=a / k)
+                if isinstance(q_all, TopK):                        # q = u off the top K, values on it
+                    t = q_all.rows(i, chunk)
+                    u = _uniform_rest(t, v)
+                    g.sub_(u[:, None], alpha=a / k)
+                    g.scatter_add_(1, t.indices, (t.values - u[:, None]).mul_(-a / k))
+                else:
+                    g.sub_(q_all[i:i + chunk].float(), alpha=a / k)
             if label_smoothing:
                 g.sub_(label_smoothing / v / k)
             g.scatter_add_(1, targets[i:i + chunk, None],
@@ -112,6 +159,23 @@ class _CodistillLoss(torch.autograd.Function):
             if g is not rows:
                 rows.copy_(g)
         return grad, None, None, None, None, None, None
+
+
+def _uniform_rest(t: TopK, v: int) -> torch.Tensor:
+    """The probability of each token off the top K: rest / (V - K) (0 when K = V)."""
+    k = t.values.shape[-1]
+    return t.rest / (v - k) if v > k else torch.zeros_like(t.rest)
+
+
+def _sparse_terms(t: TopK, logp: torch.Tensor, s: torch.Tensor, v: int):
+    """For a chunk: sum_v q_v log p_v, the top-1 agreements and sum_v -q_v log q_v, with q the
+    sparse distribution: sum_v q_v log p_v = sum_K (values - u) log p_K + u sum_v log p_v."""
+    u = _uniform_rest(t, v)
+    cross = ((t.values - u[:, None]) * logp.gather(1, t.indices)).sum() + (u * logp.sum(-1)).sum()
+    agree = (row_argmax(s) == t.indices[:, 0]).sum()
+    tiny = torch.finfo(t.values.dtype).tiny
+    entropy = -(t.values * t.values.clamp_min(tiny).log()).sum() - (t.rest * u.clamp_min(tiny).log()).sum()
+    return cross, agree, entropy
 
 
 def row_argmax(x: torch.Tensor, block: int = 64) -> torch.Tensor:
@@ -142,12 +206,16 @@ def codistill_loss(logits: torch.Tensor, targets: torch.Tensor, teacher_probs: t
     """Mean over tokens of CE(y, p) + alpha * psi(q, p).
 
     logits: [..., V] student logits; targets: [...] token ids; teacher_probs: [..., V] the
-    averaged teacher distribution (at ``temperature``) or None for plain CE. Returns the loss
+    averaged teacher distribution (at ``temperature``), the same kept sparse (``TopK``: the loss
+    and its gradient use the sparse form, no [..., V] teacher tensor), or None for plain CE. Returns the loss
     (differentiable w.r.t. logits only) and detached statistics, both on the logits' device:
     nothing here waits for the device.
     """
     v = logits.shape[-1]
-    q = None if teacher_probs is None else teacher_probs.reshape(-1, v)
+    if isinstance(teacher_probs, TopK):
+        q = teacher_probs.flat()
+    else:
+        q = None if teacher_probs is None else teacher_probs.reshape(-1, v)
     loss, stats = _CodistillLoss.apply(logits.reshape(-1, v), targets.reshape(-1), q, float(alpha),
                                        float(temperature), float(label_smoothing), int(chunk_tokens))
     return loss, LossStats(stats)

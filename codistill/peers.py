@@ -110,7 +110,9 @@ class Exchange:
         # teachers get the student's dtypes on the student's device; a group of several ranks has
         # one reader (its leader), whose exports reach the other ranks by broadcast (TeacherPool.swap)
         self.pool = TeacherPool(model_cfg, device, like=students[0].engine.module,
-                                comm=students[0].comm if len(students) == 1 else None)
+                                comm=students[0].comm if len(students) == 1 else None,
+                                placement=self.placement(args, students, log), mpu=students[0].mpu,
+                                ds_config=students[0].ds_cfg, topk=args.teacher_topk, chunk_mb=args.loss_chunk_mb)
         self.pool.reserve(self.peers)
         if fixed is not None:
             self.pool.load(FIXED_TEACHER, fixed, fixed=True)
@@ -130,6 +132,20 @@ class Exchange:
             if s.leader:
                 for name in clean_temp_files(self.run.group(s.id).exports):
                     log(f"[group {s.id}] removed {name}, a temp file of an export interrupted in an earlier run")
+
+    @staticmethod
+    def placement(args, students, log) -> str:
+        """Where teachers' weights live (codistill/placement.py), from --teacher_partition and
+        --teacher_offload; partitioning needs one group per rank, of 2 or more ranks."""
+        if args.teacher_offload == "cpu":
+            return "offload"
+        if not args.teacher_partition:
+            return "full"
+        if len(students) == 1 and students[0].dp_size > 1:
+            return "partition"
+        log("WARNING: --teacher_partition: each group here has one rank, so there is nothing to partition a "
+            "teacher over; teachers are kept whole (start >= 2 ranks per group to partition them)")
+        return "full"
 
     @property
     def mode(self) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import subprocess
 import sys
@@ -138,7 +139,7 @@ def git_sha(root: Path) -> str | None:
 
 
 def save_final(s, state_dict, meta: dict, model_cfg, step: int, wall: float, teacher_steps: dict,
-               log=None) -> None:
+               log=None, rss_start_mib: float = 0.0) -> None:
     """group_i/final/: model.safetensors + config.json + meta.json (the metadata of an export, so
     that ``--teacher`` and evaluate.py read it like one) (+ hf/ for Transformers), and
     group_i/summary.json. The directory appears complete or not at all."""
@@ -162,7 +163,7 @@ def save_final(s, state_dict, meta: dict, model_cfg, step: int, wall: float, tea
     loss, ppl = s.last_val
     write_json(s.paths.summary, {
         "group": s.id, "steps": step, "tokens_seen": s.tokens_seen, "val_loss": loss, "val_ppl": ppl,
-        "wall_time_s": round(wall, 2), "num_params": s.num_params, **peak_memory(s.device),
+        "wall_time_s": round(wall, 2), "num_params": s.num_params, **peak_memory(s.device, rss_start_mib),
         "teacher_steps": {str(p): t for p, t in teacher_steps.items()}})
 
 
@@ -203,13 +204,30 @@ def save_hf(model_cfg, tensors: dict, data_dir, out) -> str | None:
     return None
 
 
-def peak_memory(device) -> dict:
-    """The process's peak memory: allocated on its CUDA device, else the host's peak RSS."""
+def rss_mib() -> float:
+    """This process's resident memory now, MiB (Linux /proc; 0 where there is none)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
+def peak_memory(device, rss_start_mib: float = 0.0) -> dict:
+    """The process's peak memory: allocated on its CUDA device, else the host's peak RSS; and
+    ``memory``: RSS before the students were built (``rss_start_mib``, after imports and the
+    process group), peak RSS (VmHWM) and peak CUDA allocation, MiB (benchmarks/teacher_memory.py)."""
+    import resource
+    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    cuda = 0.0
     if device.type == "cuda":
         import torch
-        return {"peak_memory_bytes": torch.cuda.max_memory_allocated(device), "peak_memory_of": str(device)}
-    import resource
-    return {"peak_memory_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "peak_memory_of": "host RSS"}
+        cuda = torch.cuda.max_memory_allocated(device) / 2**20
+    out = {"peak_memory_bytes": int(cuda * 2**20) if device.type == "cuda" else int(peak_rss * 2**20),
+           "peak_memory_of": str(device) if device.type == "cuda" else "host RSS"}
+    out["memory"] = {"rss_start_mib": round(rss_start_mib, 1), "rss_peak_mib": round(peak_rss, 1),
+                     "cuda_peak_mib": round(cuda, 1)}
+    return out
 
 
 def merge_summaries(run_dir: Path, num_groups: int) -> dict:

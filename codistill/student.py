@@ -17,7 +17,7 @@ import torch
 from codistill import faults, runlog
 from codistill.comm import GroupComm, sum_over
 from codistill.layout import RunLayout
-from codistill.loss import codistill_loss, distill_alpha
+from codistill.loss import chunk_rows, codistill_loss, distill_alpha
 from codistill.noise import NoiseScale
 from codistill.noise import measure as measure_gradients
 from codistill.noise import reading as noise_reading
@@ -67,6 +67,7 @@ class Student:
         if getattr(args, "noise_scale", False) and self.zero_stage == 3:  # every rank: they all stop
             raise ValueError("--noise_scale needs the full parameters on the group's leader, which ZeRO-3 "
                              "partitions; measure it with ZeRO-1/2 (ds_configs/zero2.json)")
+        self.mpu, self.ds_cfg = mpu, ds_cfg  # a partitioned teacher (--teacher_partition) uses the group's too
         self.dp_group = mpu.get_data_parallel_group() if mpu else None
         self.comm = GroupComm(device, topo.group_ranks[gid][0], self.dp_group, self.dp_size, self.leader)
         self.tokens_seen = 0
@@ -115,7 +116,8 @@ class Student:
                 health += h / self.accum
             logits = self.engine(x)
             faults.sigkill("sigkill", step)  # test-only hook: a crash in the middle of a step
-            loss, st = codistill_loss(logits, y, q, alpha, a.temperature, a.label_smoothing, a.loss_chunk_tokens)
+            chunk = a.loss_chunk_tokens or chunk_rows(logits.shape[-1], a.loss_chunk_mb)
+            loss, st = codistill_loss(logits, y, q, alpha, a.temperature, a.label_smoothing, chunk)
             if faults.active("nan_loss", step):
                 loss = loss * float("nan")
             bad |= ~torch.isfinite(loss.detach())

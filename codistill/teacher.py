@@ -20,6 +20,7 @@ A missing, dead, corrupt or hostile peer never stops training: the last good tea
 """
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from pathlib import Path
@@ -29,6 +30,8 @@ import torch
 
 from codistill.comm import GroupComm
 from codistill.layout import exports_dir
+from codistill.loss import TopK, chunk_rows, topk_of
+from codistill.placement import FullTeacher, OffloadedTeacher, PartitionedTeacher, teacher_ds_config
 from codistill.exchange import (EXPORT_NAME, Export, ExportError, ReadBuffers, export_name, read_export, read_final,
                                 read_latest)
 from model import ModelConfig, build_model
@@ -206,23 +209,28 @@ class TeacherLoader:
                 self._lock.wait(self.poll_interval)
 
 
+def working_dtypes(like: torch.nn.Module | None, dtype: torch.dtype = torch.float32):
+    """(the dtype most of ``like``'s parameters have, name -> dtype of each of its tensors)."""
+    if like is None:
+        return dtype, {}
+    dtypes = {n: t.dtype for n, t in [*like.named_parameters(), *like.named_buffers()]}
+    counts: dict[torch.dtype, int] = {}
+    for n, t in like.named_parameters():
+        counts[t.dtype] = counts.get(t.dtype, 0) + t.numel() + getattr(t, "ds_numel", 0)
+    return (max(counts, key=counts.get) if counts else dtype), dtypes
+
+
 def build_frozen(model_config: ModelConfig, device: torch.device, like: torch.nn.Module | None = None,
-                 dtype: torch.dtype = torch.float32) -> torch.nn.Module:
-    """A frozen copy of the architecture, built directly on ``device`` in its working dtype.
+                 dtype: torch.dtype = torch.float32, pin: bool = False) -> torch.nn.Module:
+    """A frozen copy of the architecture, built directly on ``device`` in its working dtype
+    (``pin``: on the CPU in pinned memory, for a teacher offloaded from a CUDA device).
 
     With ``like`` (the student's module, as its DeepSpeed engine holds it) every parameter and
     buffer gets the dtype the student's tensor of the same name has: DeepSpeed's bf16 casts
     parameters and leaves buffers (the Transformer's RoPE ``inv_freq``) in fp32, and a teacher
     must compute what the student computes. ``module.to(dtype)`` would cast both.
     """
-    if like is not None:
-        dtypes = {n: t.dtype for n, t in [*like.named_parameters(), *like.named_buffers()]}
-        counts: dict[torch.dtype, int] = {}
-        for n, t in like.named_parameters():
-            counts[t.dtype] = counts.get(t.dtype, 0) + t.numel() + getattr(t, "ds_numel", 0)
-        dtype = max(counts, key=counts.get) if counts else dtype
-    else:
-        dtypes = {}
+    dtype, dtypes = working_dtypes(like, dtype)
     prev = torch.get_default_dtype()
     torch.set_default_dtype(dtype)  # parameters are created in ``dtype``; buffers computed in fp32 stay fp32
     try:
@@ -232,56 +240,82 @@ def build_frozen(model_config: ModelConfig, device: torch.device, like: torch.nn
         torch.set_default_dtype(prev)
     for n, t in [*module.named_parameters(), *module.named_buffers()]:
         want = dtypes.get(n, dtype if isinstance(t, torch.nn.Parameter) else t.dtype)
-        if t.dtype != want and t.is_floating_point():
-            t.data = t.data.to(want)
+        if (t.dtype != want and t.is_floating_point()) or pin:
+            t.data = t.data.to(want).pin_memory() if pin else t.data.to(want)
     return module.eval().requires_grad_(False)
 
 
 class TeacherPool:
-    """One frozen module per peer on this rank, shared by every student this rank hosts.
+    """One frozen teacher per peer on this rank, shared by every student this rank hosts.
 
-    Teachers live on the student's device with the student's dtypes (``build_frozen``). In a
-    group of several ranks only the group's leader reads exports; ``swap`` hands the weights to
-    the other ranks by a broadcast over the group (``comm``), so every rank of a group uses the
-    same teacher at the same step and a shared filesystem sees one read per group and export.
+    Teachers compute with the student's dtypes on the student's device (``build_frozen``); where
+    their weights live is the ``placement`` (codistill/placement.py): "full" on the device,
+    "partition" (ZeRO-3 over the group's ranks; needs ``mpu`` and the student's ``ds_config``)
+    or "offload" (host memory, streamed). In a group of several ranks only the group's leader
+    reads exports; ``swap`` hands the weights to the other ranks over the group (``comm``), so
+    every rank of a group uses the same teacher at the same step and a shared filesystem sees
+    one read per group and export. With ``topk`` > 0 the averaged distribution is kept as its
+    top K per token (codistill/loss.py TopK), computed ``chunk_mb`` MiB of probabilities at a time.
     """
 
     def __init__(self, model_config: ModelConfig, device: torch.device, dtype: torch.dtype = torch.float32,
-                 like: torch.nn.Module | None = None, comm: GroupComm | None = None):
+                 like: torch.nn.Module | None = None, comm: GroupComm | None = None, placement: str = "full",
+                 mpu=None, ds_config: dict | None = None, topk: int = 0, chunk_mb: float = 32.0):
+        if placement not in ("full", "partition", "offload"):
+            raise ValueError(f"teacher placement must be full, partition or offload, got {placement!r}")
         self.model_config, self.device, self.dtype, self.like = model_config, device, dtype, like
         self.comm = comm or GroupComm.single(device)
-        self.modules: dict[int, torch.nn.Module] = {}  # peers with weights loaded
+        self.placement, self.mpu, self.ds_config = placement, mpu, ds_config
+        self.topk, self.chunk_mb = topk, chunk_mb
+        self.teachers: dict[int, object] = {}  # peers with weights loaded: their placement objects
         self.steps: dict[int, int] = {}
-        self._spare: dict[int, torch.nn.Module] = {}
+        self._spare: dict[int, object] = {}
         self._buffers: dict[str, torch.Tensor] = {}
         self._warned: set[tuple] = set()
         self.fixed: set[int] = set()
+
+    @property
+    def modules(self) -> dict[int, torch.nn.Module]:
+        """Peer -> its teacher's module (a ZeRO-3 one holds only this rank's partitions)."""
+        return {p: t.module for p, t in self.teachers.items()}
 
     def expected_shapes(self) -> dict[str, tuple]:
         """Tensor name -> shape an export must have to be swapped in (for the loader)."""
         module = build_frozen(self.model_config, torch.device("meta"))
         return {k: tuple(v.shape) for k, v in module.state_dict().items()}
 
+    def _build(self):
+        if self.placement == "partition":
+            t = PartitionedTeacher(lambda: build_model(self.model_config), teacher_ds_config(self.ds_config), self.mpu)
+        elif self.placement == "offload":
+            t = OffloadedTeacher(build_frozen(self.model_config, torch.device("cpu"), self.like, self.dtype,
+                                              pin=self.device.type == "cuda"), self.device)
+        else:
+            t = FullTeacher(build_frozen(self.model_config, self.device, self.like, self.dtype))
+        if self.topk and self.model_config.arch == "hf":
+            check_head_only(t, self.model_config, self.device)
+        return t
+
     def reserve(self, peers: list[int]) -> None:
-        """Build the peers' modules up front, so that a swap is only a copy of weights."""
+        """Build the peers' teachers up front, so that a swap is only a copy of weights."""
         for peer in peers:
             if peer not in self._spare:
-                self._spare[peer] = build_frozen(self.model_config, self.device, self.like, self.dtype)
+                self._spare[peer] = self._build()
 
     def load(self, peer: int, export: Export, fixed: bool = False) -> float:
-        """Swap ``export`` into the peer's module on this rank alone; returns the milliseconds it
-        took. A ``fixed`` teacher (``--teacher PATH``) is never stale: it is not a peer that
-        stopped publishing."""
+        """Swap ``export`` into the peer's teacher; returns the milliseconds it took. On this rank
+        alone, except for a partitioned teacher (collective over the group: every rank calls it,
+        the leader's weights are used). A ``fixed`` teacher (``--teacher PATH``) is never stale:
+        it is not a peer that stopped publishing."""
         t0 = time.perf_counter()
         if fixed:
             self.fixed.add(peer)
         self.reserve([peer])
-        module = self._spare[peer]
-        src = export.state_dict  # names and shapes checked by the reader (check_usable)
+        teacher = self._spare[peer]
+        comm = self.comm if self.placement == "partition" else GroupComm.single(self.device)
         with torch.no_grad():
-            for k, t in module.state_dict(keep_vars=True).items():
-                t.data.copy_(src[k], non_blocking=True)  # from pinned memory on a GPU: no wait
-        self.modules[peer] = module
+            teacher.receive(export.state_dict, comm)  # names and shapes checked by the reader (check_usable)
+        self.teachers[peer] = teacher
         self.steps[peer] = export.step
         return (time.perf_counter() - t0) * 1e3
 
@@ -304,14 +338,16 @@ class TeacherPool:
             if step < 0:
                 continue
             exp = updates[p][1]
-            if exp is not None:
-                self.load(p, exp)
-            if self.comm.size > 1:
-                self.reserve([p])
-                module = self._spare[p]
-                self.comm.broadcast(_unique_tensors(module))
-                self.modules[p], self.steps[p] = module, step
+            self.reserve([p])
+            teacher = self._spare[p]
+            with torch.no_grad():
+                teacher.receive(exp.state_dict if exp is not None else None, self.comm)
+            self.teachers[p], self.steps[p] = teacher, step
         return (time.perf_counter() - t0) * 1e3
+
+    def resident_bytes(self) -> int:
+        """Bytes of teacher weights this rank holds on its device (every reserved teacher)."""
+        return sum(t.resident_bytes() for t in self._spare.values())
 
     def active(self, student: int, step: int, max_staleness: int | None, warn_after: int | None = None,
                log: Callable[[str], None] | None = None) -> list[int]:
@@ -346,9 +382,17 @@ class TeacherPool:
             self._warned.add(key)
             log(f"WARNING: {msg}")
 
-    @torch.inference_mode()
     def probs(self, peers: list[int], input_ids: torch.Tensor, temperature: float = 1.0,
               targets: torch.Tensor | None = None, use: list[int] | None = None, num_groups: int = 0):
+        """The averaged teacher distribution on the student's batch and each teacher's health:
+        dense (``_dense``) or top-K (``_topk``). A partitioned teacher runs under no_grad (its
+        ZeRO-3 hooks gather parameters into tensors that must outlive inference mode)."""
+        use = list(peers) if use is None else use
+        fn = self._topk if self.topk else self._dense
+        with torch.no_grad() if self.placement == "partition" else torch.inference_mode():
+            return fn(peers, input_ids, temperature, targets, use, num_groups)
+
+    def _dense(self, peers, input_ids, temperature, targets, use, num_groups):
         """The averaged teacher distribution on the student's batch (fp32), and each teacher's health.
 
         Every peer in ``peers`` runs; the average is over those in ``use`` (default: all) whose
@@ -363,10 +407,9 @@ class TeacherPool:
         student's backward, before asking again): allocating B*T*V floats afresh every step costs
         more than the softmax itself on CPU.
         """
-        use = list(peers) if use is None else use
         out, count, health = None, None, None
         for p in peers:
-            logits = self.modules[p](input_ids)
+            logits = self.teachers[p](input_ids)
             if temperature != 1.0:
                 logits = logits / temperature
             shape = (*logits.shape[:-1], logits.shape[-1])
@@ -393,18 +436,74 @@ class TeacherPool:
             out.div_(count.clamp_min(1.0))
         return out, health
 
-    def _buffer(self, name: str, shape: tuple, device: torch.device) -> torch.Tensor:
+    def _topk(self, peers, input_ids, temperature, targets, use, num_groups):
+        """``_dense``'s result with q kept as TopK: every teacher runs its body once (states
+        before the output head, [B, T, D]), then for ``chunk_mb`` MiB of tokens at a time each
+        teacher's head, softmax and the average, of which the top K per token are kept. No
+        [B, T, V] tensor exists. A teacher is left out of the average for each token where its
+        probabilities are not finite (the dense form leaves it out of the whole batch)."""
+        n = input_ids.numel()
+        hidden = [self.teachers[p](input_ids, hidden_only=True).reshape(n, -1) for p in peers]
+        health = torch.zeros(2 * (num_groups + 1), device=input_ids.device)
+        with contextlib.ExitStack() as stack:
+            heads = [stack.enter_context(self.teachers[p].head_weight()) for p in peers]
+            v = heads[0].shape[0]
+            k = min(self.topk, v)
+            q = TopK(self._buffer("topk_values", (n, k)), self._buffer("topk_indices", (n, k), dtype=torch.int64),
+                     self._buffer("topk_rest", (n,)))
+            rows = chunk_rows(v, self.chunk_mb)
+            for i in range(0, n, rows):
+                acc, count = None, None
+                for p, h, w in zip(peers, hidden, heads):
+                    z = torch.nn.functional.linear(h[i:i + rows], w).float()
+                    if temperature != 1.0:
+                        z = z / temperature
+                    probs = torch.softmax(z, dim=-1)
+                    ok = torch.isfinite(probs.sum(-1))
+                    if targets is not None and num_groups:
+                        slot = p if p >= 0 else num_groups  # the fixed teacher (--teacher) after the peers
+                        p_y = probs.gather(-1, targets.reshape(-1)[i:i + rows, None]).clamp_min(torch.finfo(probs.dtype).tiny)
+                        health[slot] -= p_y.log().sum() / n
+                        health[num_groups + 1 + slot] = torch.maximum(health[num_groups + 1 + slot], (~ok).any().float())
+                    if p not in use:
+                        continue
+                    probs = torch.where(ok[:, None], probs, probs.new_zeros(()))
+                    acc = probs if acc is None else acc.add_(probs)
+                    count = ok.float() if count is None else count + ok.float()
+                if acc is None:
+                    return None, health
+                if len(use) > 1:
+                    acc.div_(count.clamp_min(1.0)[:, None])
+                t = topk_of(acc, k)
+                q.values[i:i + rows], q.indices[i:i + rows], q.rest[i:i + rows] = t.values, t.indices, t.rest
+        shape = input_ids.shape
+        return TopK(q.values.unflatten(0, shape), q.indices.unflatten(0, shape), q.rest.unflatten(0, shape)), health
+
+    def _buffer(self, name: str, shape: tuple, device: torch.device | None = None,
+                dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        device = device or self.device
         buf = self._buffers.get(name)
         if buf is None or buf.shape != shape or buf.device != device:
-            buf = self._buffers[name] = torch.empty(shape, dtype=torch.float32, device=device)
+            buf = self._buffers[name] = torch.empty(shape, dtype=dtype, device=device)
         return buf
 
 
-def _unique_tensors(module: torch.nn.Module) -> list[torch.Tensor]:
-    """The module's persistent state, each storage once (tied embeddings are one tensor)."""
-    seen, out = set(), []
-    for t in module.state_dict(keep_vars=True).values():
-        if t.data_ptr() not in seen:
-            seen.add(t.data_ptr())
-            out.append(t.data)
-    return out
+# config keys of transformers models that change logits after the output head (a value other than
+# None / 1.0): Gemma 2/3 soft-capping, Cohere's logit_scale, Granite's logits_scaling, ...
+AFTER_HEAD = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+
+
+def check_head_only(teacher, config: ModelConfig, device: torch.device) -> None:
+    """--teacher_topk computes teachers' logits as head(hidden states) chunk by chunk; refuse an
+    architecture whose logits are more than that: a known post-head scaling in its config, or
+    logits that differ from head(hidden) on a probe input."""
+    bad = [k for k in AFTER_HEAD if (config.hf_config or {}).get(k) not in (None, 1, 1.0)]
+    x = torch.arange(8, device=device)[None] % config.vocab_size
+    with torch.no_grad():
+        full = teacher(x).float()
+        with teacher.head_weight() as w:
+            mine = torch.nn.functional.linear(teacher(x, hidden_only=True), w).float()
+    if bad or not torch.allclose(full, mine, rtol=1e-3, atol=1e-3):
+        why = f" ({', '.join(bad)} in its config)" if bad else ""
+        raise ValueError(f"--teacher_topk: this model's logits are not its output head applied to its last hidden "
+                         f"states{why}: its architecture changes them after the head; run it without --teacher_topk")

@@ -86,8 +86,16 @@ class HFCausalLM(nn.Module):
         self.config = cfg
         self.hf = AutoModelForCausalLM.from_config(pretrained_config(cfg.hf_config))
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, hidden_only: bool = False) -> torch.Tensor:
+        """Logits [B, T, V]; with ``hidden_only`` the base model's last hidden states [B, T, D]
+        (architectures that scale or cap logits after the head differ from head(hidden): the
+        teacher pool checks that once before using it, codistill/teacher.py)."""
+        if hidden_only:
+            return self.hf.base_model(input_ids=input_ids, use_cache=False).last_hidden_state
         return self.hf(input_ids=input_ids, use_cache=False).logits
+
+    def output_head(self) -> nn.Linear:
+        return self.hf.get_output_embeddings()
 
 
 def pretrained_weights(path, trust_pickle: bool = False) -> dict[str, torch.Tensor]:

@@ -25,8 +25,13 @@ class LSTMLM(nn.Module):
         if not cfg.tie_embeddings:
             nn.init.normal_(self.head.weight, std=cfg.d_model ** -0.5)
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, hidden_only: bool = False) -> torch.Tensor:
+        """Logits [B, T, V]; with ``hidden_only`` the states the output head takes [B, T, D]."""
         x = self.drop(self.embed(input_ids))
         x, _ = self.lstm(x)
-        return project(self.head, self.drop(self.norm(x)))
+        x = self.drop(self.norm(x))
+        return x if hidden_only else project(self.head, x)
+
+    def output_head(self) -> nn.Linear:
+        return self.head
 

@@ -27,6 +27,10 @@ class TransformerLM(nn.Module):
         self.config = cfg
         self.hf = LlamaForCausalLM(hf_config(cfg))
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, hidden_only: bool = False) -> torch.Tensor:
+        """Logits [B, T, V]; with ``hidden_only`` the states the output head takes [B, T, D]."""
         h = self.hf.model(input_ids=input_ids, use_cache=False).last_hidden_state
-        return project(self.hf.lm_head, h)
+        return h if hidden_only else project(self.hf.lm_head, h)
+
+    def output_head(self) -> nn.Linear:
+        return self.hf.lm_head

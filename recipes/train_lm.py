@@ -66,6 +66,7 @@ class Plan:
     ds_base: dict
     ds_cfgs: dict
     run: RunLayout
+    rss_start_mib: float = 0.0  # before the students are built (summary.json "memory")
 
 
 def plan_run(args, log) -> Plan:
@@ -177,10 +178,16 @@ def banner(p: Plan, students, exchange, fixed, log) -> None:
         f"batch {s0.global_batch}x{a.seq_len} tokens/group | {zero} | {dtype} on {p.device.type} | "
         + ("every group reads all the data (--data_split shared) | " if a.data_split == "shared" and a.num_groups > 1 else "")
         + f"codistillation {'on' if exchange.exporting else 'off'}"
-        + (f" ({exchange.mode} teachers)" if exchange.exporting else "")
+        + (f" ({exchange.mode} teachers{teacher_modes(exchange.pool)})" if exchange.exporting else "")
         + (" | fixed teacher (offline distillation)" if fixed is not None else ""))
     if fixed is not None:
         log(f"fixed teacher (--teacher): {a.teacher}, step {fixed.step}, {fixed.meta.get('tokens_seen', '?')} tokens seen")
+
+
+def teacher_modes(pool) -> str:
+    """", partitioned, top-64" and the like, for the banner (codistill/placement.py)."""
+    where = {"partition": "partitioned (ZeRO-3)", "offload": "offloaded to host memory"}.get(pool.placement)
+    return "".join(f", {m}" for m in (where, f"top-{pool.topk} probabilities" if pool.topk else None) if m)
 
 
 class StopFlag:
@@ -275,7 +282,8 @@ def finish(p: Plan, students, exchange, ckpt, model_cfg, start, step, t_start, l
     for s in students:
         sd = s.full_state_dict()  # a collective of the group under ZeRO-3
         if s.leader:
-            runlog.save_final(s, sd, exchange.metadata(s), model_cfg, step, wall, exchange.teacher_steps(s.id), log)
+            runlog.save_final(s, sd, exchange.metadata(s), model_cfg, step, wall, exchange.teacher_steps(s.id), log,
+                              p.rss_start_mib)
     dist.barrier()
     if p.rank == 0:
         runlog.print_table(runlog.merge_summaries(p.run.root, p.args.num_groups), p.run.root, log)
@@ -295,6 +303,7 @@ def main(argv=None):
     students, exchange, outcome = [], None, "done"
     try:
         mpus = build_mpus(p.topo)
+        p.rss_start_mib = runlog.rss_mib()
         students = [Student(g, args, p.topo, mpus[g], data, model_cfg, p.ds_cfgs[g], p.device, log) for g in p.topo.hosted]
         exchange = Exchange(args, p.topo, students, model_cfg, data.tokenizer_sha256, p.device, log, fixed)
         if p.rank == 0:
