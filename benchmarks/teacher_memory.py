@@ -60,11 +60,11 @@ tokens) and a probabilities-dominated one (1.5 M parameters, 32 x 256 tokens). O
 and the host are the same RAM, so the prediction is the states (device and host) plus the
 largest of the teachers' forward, the step, an export being written and the end of training
 (an export's write, shorter than a step here, falls between two steps' peaks), against the
-growth of the group leader's RSS
-(summary.json "memory": VmHWM at the end minus RSS before the students are built). glibc keeps
-freed heap memory resident, so the runs set MALLOC_MMAP_THRESHOLD_=65536: tensors' pages go back
-to the kernel when freed and peak RSS follows peak live bytes (as torch.cuda.max_memory_allocated
-does on a GPU). Each case is compared absolutely and, against a reference case, by its
+growth of the group leader's RSS (summary.json "memory": VmHWM at the end minus RSS before the
+students are built). A one-rank group runs zero2.json as stage 0, a two-rank one as ZeRO-2.
+glibc keeps freed heap memory resident, so the runs set MALLOC_MMAP_THRESHOLD_=65536: tensors'
+pages go back to the kernel when freed and peak RSS follows peak live bytes (as
+torch.cuda.max_memory_allocated does on a GPU). Each case is compared absolutely and, against a reference case, by its
 difference (which cancels the framework's own overhead, reported by the baseline rows); PASS
 within 20%. Results: benchmarks/results/teacher_memory.json.
 """
@@ -155,10 +155,6 @@ class Memory:
     host: dict
     export: dict
     end: dict
-
-    @property
-    def device(self) -> dict:
-        return {**self.state, **self.teacher, **self.step}
 
     @property
     def device_peak(self) -> int:
