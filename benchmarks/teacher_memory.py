@@ -3,7 +3,7 @@
 an analytic model, its table for Llama shapes of 125M to 70B parameters, and a check of the
 model against the real trainer's peak memory on CPU.
 
-    python benchmarks/teacher_memory.py                  # tables + measured check (~6 min on 2 cores)
+    python benchmarks/teacher_memory.py                  # tables + measured check (6-10 min, 2 cores)
     python benchmarks/teacher_memory.py --no-measure     # tables only (instant)
     python benchmarks/teacher_memory.py --no-measure --activation_checkpointing --micro_batches 1   # what-ifs
 
