@@ -38,7 +38,8 @@ PRESETS = {
 
 
 def evaluate(a: Path, b: Path, out: Path, max_tokens) -> dict:
-    cmd = [PY, str(ROOT / "recipes" / "evaluate.py"), "--run_dir", str(a), "--compare", str(b), "--json", str(out)]
+    cmd = [PY, str(ROOT / "recipes" / "evaluate.py"), "--run_dir", str(a), "--compare", str(b), "--json", str(out),
+           "--state", "fresh"]  # every window from zeros, as these results were measured
     if max_tokens:
         cmd += ["--max_tokens", str(max_tokens)]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)

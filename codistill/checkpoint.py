@@ -191,8 +191,9 @@ class Checkpointer:
     engine, this carries the rest).
 
     client_state: step, tokens seen, skipped steps, samples, the CPU and CUDA generators (dropout,
-    data-free randomness) and the exchange's state (the teachers in use), so that resume continues
-    exactly. Written every --save_every steps, at the last step, on a stop request and at a
+    data-free randomness), the exchange's state (the teachers in use) and, with --carry_state,
+    every rank's carried LSTM states (Student.carry_checkpoint), so that resume continues exactly.
+    Written every --save_every steps, at the last step, on a stop request and at a
     --stop_after_steps slice; before each, the exports in flight are settled (a checkpoint never
     follows an export whose write failed unnoticed).
     """
@@ -219,7 +220,8 @@ class Checkpointer:
             try:
                 save(s.engine, s.paths.checkpoints, step, {
                     "step": step, "tokens_seen": s.tokens_seen, "skipped_steps": s.skipped_steps,
-                    "samples": step * s.global_batch, **self.rng_state(), **self.exchange.state()},
+                    "samples": step * s.global_batch, **self.rng_state(), **self.exchange.state(),
+                    **s.carry_checkpoint()},
                     s.leader, self.args.keep_checkpoints)
             except OSError as e:
                 ok = False
@@ -244,6 +246,8 @@ class Checkpointer:
             starts.add(state.get("step", 0))
             s.tokens_seen = state.get("tokens_seen", 0)
             s.skipped_steps = state.get("skipped_steps", 0)
+            if tag is not None:
+                s.restore_carry(state, state.get("step", 0))
             if state.get("torch_rng") is not None:
                 torch.set_rng_state(state["torch_rng"])
             if self.device.type == "cuda" and state.get("cuda_rng") is not None:

@@ -38,6 +38,13 @@ def parse_args(argv=None, description: str | None = None):
                         "the file holds")
     p.add_argument("--dropout", type=float, default=None, help="override the preset's (or HF config's) dropout")
     p.add_argument("--seq_len", type=int, default=64)
+    p.add_argument("--carry_state", action="store_true",
+                   help="--model lstm: truncated BPTT - each row of the batch is a contiguous stream through the "
+                        "group's shard and the LSTM state is carried (detached) from step to step, teachers' too "
+                        "(data_prep/dataset.py); off: every window starts from a zero state")
+    p.add_argument("--eval_state", default="fresh", choices=["fresh", "carried"],
+                   help="periodic validation: fresh (each window from a zero state) or carried (--model lstm: the "
+                        "validation windows as contiguous rows, the state carried across them)")
     p.add_argument("--noise_scale", action="store_true",
                    help="measure the gradient noise scale (the data-parallel limit, in tokens) on each group's "
                         "leader: train/noise_scale in TensorBoard and a console line (ZeRO 0-2)")
@@ -206,6 +213,10 @@ def check(a) -> tuple[list[str], list[str]]:
              f"of a finished run (e.g. runs/teacher/group_0) or one of its exports")
         need(a.distill_weight > 0, f"--teacher {a.teacher} with --distill_weight 0: the teacher would never be used; "
              f"leave --teacher out for the baseline, or set --distill_weight > 0")
+    if a.carry_state or a.eval_state == "carried":
+        which = "--carry_state" if a.carry_state else "--eval_state carried"
+        need(a.model == "lstm", f"{which} needs --model lstm (got --model {a.model}): only the LSTM has a state to "
+             "carry from one window to the next; a Transformer sees each window on its own")
     if a.warmup_steps >= a.max_steps:
         warnings.append(f"--warmup_steps {a.warmup_steps} >= --max_steps {a.max_steps}: the LR never leaves warmup")
     return errors, warnings

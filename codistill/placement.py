@@ -9,8 +9,9 @@ own batch. Each placement answers the same four questions for TeacherPool:
   leader - by a broadcast of every tensor (full, offloaded), or submodule by submodule inside
   ``deepspeed.zero.GatheredParameters(modifier_rank=0)`` (partitioned: a rank never holds more
   of the teacher than its own partition plus one submodule gathered);
-- ``__call__(input_ids, hidden_only=False)``: the forward (logits, or the states before the
-  output head for top-K teacher probabilities, which apply the head chunk by chunk);
+- ``__call__(input_ids, hidden_only=False, **kw)``: the forward (logits, or the states before the
+  output head for top-K teacher probabilities, which apply the head chunk by chunk); ``kw`` go
+  to the model (an LSTM teacher's carried ``state``, model/lstm.py);
 - ``head_weight()``: a context yielding the output head's weight on the device;
 - ``resident_bytes()``: the bytes of teacher weights this rank holds on its device between
   forwards (for logs, tests and benchmarks/teacher_memory.py).
@@ -58,8 +59,8 @@ class FullTeacher:
     def __init__(self, module: nn.Module):
         self.module = module
 
-    def __call__(self, input_ids, hidden_only: bool = False):
-        return self.module(input_ids, hidden_only=hidden_only)
+    def __call__(self, input_ids, hidden_only: bool = False, **kw):
+        return self.module(input_ids, hidden_only=hidden_only, **kw)
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         return {k: t.data for k, t in self.module.state_dict(keep_vars=True).items()}
@@ -162,8 +163,8 @@ class PartitionedTeacher:
         self.module = self.engine.module.requires_grad_(False)
         self.keys = set(self.module.state_dict().keys())
 
-    def __call__(self, input_ids, hidden_only: bool = False):
-        return self.engine(input_ids, hidden_only=hidden_only)
+    def __call__(self, input_ids, hidden_only: bool = False, **kw):
+        return self.engine(input_ids, hidden_only=hidden_only, **kw)
 
     def receive(self, state_dict: dict | None, comm: GroupComm) -> None:
         """Leader's weights into every rank's partitions, one submodule at a time: DeepSpeed

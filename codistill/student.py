@@ -22,8 +22,9 @@ from codistill.noise import NoiseScale
 from codistill.noise import measure as measure_gradients
 from codistill.noise import reading as noise_reading
 from codistill.skip import skip_step
-from data_prep.dataset import GroupStream, eval_batches
+from data_prep.dataset import GroupStream, eval_batches, eval_streams
 from model import build_model, count_params
+from model.lstm import CarriedState
 
 
 
@@ -48,7 +49,17 @@ class Student:
         self.accum = ds_cfg.get("gradient_accumulation_steps", 1)
         self.global_batch = ds_cfg["train_batch_size"]
         self.stream = GroupStream(data, gid, topo.num_groups, args.seq_len, args.seed, args.data_split == "shared")
-        self.val = eval_batches(data, args.seq_len, self.micro, args.eval_batches, self.dp_rank, self.dp_size)
+        self.carried_eval = getattr(args, "eval_state", "fresh") == "carried"
+        self.val = (eval_streams if self.carried_eval else eval_batches)(
+            data, args.seq_len, self.micro, args.eval_batches, self.dp_rank, self.dp_size)
+        # --carry_state: per micro-batch of a step, the student's LSTM state and its teachers' (peer ->
+        # state, tagged with the teacher's export step) carried from one step to the next
+        self.carry = self.teacher_carry = None
+        if getattr(args, "carry_state", False):
+            self.num_streams = self.dp_size * self.accum * self.micro
+            self.stream.streams(self.num_streams)  # a shard too short for the streams fails here
+            self.carry = [CarriedState() for _ in range(self.accum)]
+            self.teacher_carry = [{} for _ in range(self.accum)]
         torch.manual_seed(args.seed + 7919 * gid)  # independent initialisation per group
         self.model_cfg = model_cfg
         model = build_model(model_cfg)
@@ -104,17 +115,17 @@ class Student:
         bad = torch.zeros((), dtype=torch.bool, device=self.device)
         self.engine.train()
         for micro in range(self.accum):
-            batch = self.stream.batch(step - 1, micro, self.accum, self.dp_rank, self.dp_size, self.micro)
+            batch, model_kw, teacher_kw = self.micro_batch(step, micro, peers)
             if self.device.type == "cuda":  # a copy from pageable memory may wait for the device
                 batch = batch.pin_memory()
             batch = batch.to(self.device, non_blocking=True)
             x, y = batch[:, :-1], batch[:, 1:]
             if self.noise is not None and micro == 0 and step % a.noise_scale_every == 0:
                 self._noise_batch = (x, y)
-            q, h = pool.probs(peers, x, a.temperature, y, use, G) if peers else (None, None)
+            q, h = pool.probs(peers, x, a.temperature, y, use, G, **teacher_kw) if peers else (None, None)
             if h is not None:
                 health += h / self.accum
-            logits = self.engine(x)
+            logits = self.engine(x, **model_kw)
             faults.sigkill("sigkill", step)  # test-only hook: a crash in the middle of a step
             chunk = a.loss_chunk_tokens or chunk_rows(logits.shape[-1], a.loss_chunk_mb)
             loss, st = codistill_loss(logits, y, q, alpha, a.temperature, a.label_smoothing, chunk)
@@ -129,6 +140,68 @@ class Student:
             stats += torch.stack([shown, ce, kl, agree, distill]) / self.accum
         self._pending = (alpha, use, peers, torch.cat([stats, health]), time.perf_counter() - t0)
         return bad
+
+    def micro_batch(self, step: int, micro: int, peers: list[int]) -> tuple[torch.Tensor, dict, dict]:
+        """Micro-batch ``micro`` of ``step`` (host tensor [micro, seq_len+1]) and the keyword
+        arguments of the student's and the teachers' forwards: {} and {} unless --carry_state,
+        where they carry this micro-batch's states. At the streams' start every state is reset; a
+        teacher not run this step loses its state (it would be stale when it comes back), a
+        swapped one too (TeacherPool.probs: its state is tagged with another export step)."""
+        if self.carry is None:
+            return self.stream.batch(step - 1, micro, self.accum, self.dp_rank, self.dp_size, self.micro), {}, {}
+        batch, fresh = self.stream.stream_batch(step - 1, micro, self.accum, self.dp_rank, self.dp_size, self.micro)
+        teachers = self.teacher_carry[micro]
+        if fresh:
+            self.carry[micro].reset()
+            teachers.clear()
+        for p in [p for p in teachers if p not in peers]:
+            del teachers[p]
+        return batch, {"state": self.carry[micro]}, {"states": teachers}
+
+    def reset_carry(self) -> None:
+        """Forget every carried state (after a skipped step: a non-finite loss may come with a
+        non-finite state)."""
+        for st, teachers in zip(self.carry or [], self.teacher_carry or []):
+            st.reset()
+            teachers.clear()
+
+    def carry_checkpoint(self) -> dict:
+        """--carry_state: every rank's carried states for the checkpoint's client_state, which
+        only the group's leader writes (collective over the group: one all_gather_object of a few
+        host tensors per rank, at checkpoints only). {} without --carry_state."""
+        if self.carry is None:
+            return {}
+        def host(hc):
+            return None if hc is None else tuple(t.detach().cpu() for t in hc)
+        mine = {"student": [host(st.hc) for st in self.carry],
+                "teachers": [{p: (st.tag, host(st.hc)) for p, st in d.items()} for d in self.teacher_carry]}
+        ranks = [mine]
+        if self.dp_size > 1:
+            ranks = [None] * self.dp_size
+            torch.distributed.all_gather_object(ranks, mine, group=self.dp_group)
+        return {"carry_state": {"streams": self.num_streams, "dp_size": self.dp_size, "grad_accum": self.accum,
+                                "ranks": ranks}}
+
+    def restore_carry(self, state: dict, step: int) -> None:
+        """The carried states of checkpoint ``state`` (client_state) for this rank; from zeros,
+        with a warning, when it has none for this layout of streams."""
+        if self.carry is None:
+            return
+        saved = state.get("carry_state")
+        layout = (self.num_streams, self.dp_size, self.accum)
+        if not saved or (saved["streams"], saved["dp_size"], saved["grad_accum"]) != layout:
+            got = "none" if not saved else f"{saved['streams']} streams over {saved['dp_size']} rank(s)"
+            self.log(f"WARNING: [group {self.id}] the checkpoint of step {step} holds no carried LSTM state for "
+                     f"{self.num_streams} streams over {self.dp_size} rank(s) (it has {got}): the states start from "
+                     "zeros", force=self.leader)
+            return
+        mine = saved["ranks"][self.dp_rank]
+        for st, hc in zip(self.carry, mine["student"]):
+            st.hc = None if hc is None else tuple(t.to(self.device) for t in hc)
+        for d, teachers in zip(self.teacher_carry, mine["teachers"]):
+            d.clear()
+            d.update({p: CarriedState(None if hc is None else tuple(t.to(self.device) for t in hc), tag)
+                      for p, (tag, hc) in teachers.items()})
 
     def stats_for_sync(self) -> torch.Tensor:
         """This group's part of the step's sync (rank-local, not reduced; ``sync_width`` values):
@@ -157,6 +230,7 @@ class Student:
         if skip:
             skip_step(self.engine, self.accum - 1)
             self.skipped_steps += 1
+            self.reset_carry()
         else:
             if self.zero_stage == 0:  # the plain optimizer keeps no norm; DeepSpeed's own do
                 grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
@@ -208,12 +282,14 @@ class Student:
     @torch.no_grad()
     def evaluate(self):
         """Validation loss/perplexity over the group's ranks: totals summed on the device, one
-        all-reduce over the group and one host sync at the end."""
+        all-reduce over the group and one host sync at the end. --eval_state carried: the LSTM
+        carries its state across the batches (data_prep/dataset.py eval_streams)."""
         self.engine.eval()
         tot = torch.zeros(2, dtype=torch.float64, device=self.device)
+        kw = {"state": CarriedState()} if self.carried_eval else {}  # --eval_state carried: rows, in order
         for batch in self.val:
             batch = batch.to(self.device)
-            logits = self.engine(batch[:, :-1]).float()
+            logits = self.engine(batch[:, :-1], **kw).float()
             tot[0] += torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten(), reduction="sum")
             tot[1] += batch[:, 1:].numel()
         sum_over(tot, self.dp_group)

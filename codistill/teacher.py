@@ -35,6 +35,7 @@ from codistill.placement import FullTeacher, OffloadedTeacher, PartitionedTeache
 from codistill.exchange import (EXPORT_NAME, Export, ExportError, ReadBuffers, export_name, read_export, read_final,
                                 read_latest)
 from model import ModelConfig, build_model
+from model.lstm import CarriedState
 
 
 FIXED_TEACHER = -1  # the pool slot of --teacher PATH (peers are groups 0..G-1)
@@ -383,16 +384,29 @@ class TeacherPool:
             log(f"WARNING: {msg}")
 
     def probs(self, peers: list[int], input_ids: torch.Tensor, temperature: float = 1.0,
-              targets: torch.Tensor | None = None, use: list[int] | None = None, num_groups: int = 0):
+              targets: torch.Tensor | None = None, use: list[int] | None = None, num_groups: int = 0,
+              states: dict | None = None):
         """The averaged teacher distribution on the student's batch and each teacher's health:
         dense (``_dense``) or top-K (``_topk``). A partitioned teacher runs under no_grad (its
-        ZeRO-3 hooks gather parameters into tensors that must outlive inference mode)."""
+        ZeRO-3 hooks gather parameters into tensors that must outlive inference mode).
+
+        ``states`` (--carry_state, LSTM teachers): peer -> model.lstm.CarriedState, the student's
+        per-teacher states for these rows, carried in and updated. A state is tagged with the export
+        step of the teacher that computed it; a swapped-in teacher starts from zeros (its weights
+        are hundreds of steps newer: the old state is another network's)."""
         use = list(peers) if use is None else use
         fn = self._topk if self.topk else self._dense
+        kw = {p: self._carried(p, states) for p in peers} if states is not None else {p: {} for p in peers}
         with torch.no_grad() if self.placement == "partition" else torch.inference_mode():
-            return fn(peers, input_ids, temperature, targets, use, num_groups)
+            return fn(peers, input_ids, temperature, targets, use, num_groups, kw)
 
-    def _dense(self, peers, input_ids, temperature, targets, use, num_groups):
+    def _carried(self, peer: int, states: dict) -> dict:
+        st = states.get(peer)
+        if st is None or st.tag != self.steps.get(peer):
+            st = states[peer] = CarriedState(tag=self.steps.get(peer))
+        return {"state": st}
+
+    def _dense(self, peers, input_ids, temperature, targets, use, num_groups, kw):
         """The averaged teacher distribution on the student's batch (fp32), and each teacher's health.
 
         Every peer in ``peers`` runs; the average is over those in ``use`` (default: all) whose
@@ -409,7 +423,7 @@ class TeacherPool:
         """
         out, count, health = None, None, None
         for p in peers:
-            logits = self.teachers[p](input_ids)
+            logits = self.teachers[p](input_ids, **kw[p])
             if temperature != 1.0:
                 logits = logits / temperature
             shape = (*logits.shape[:-1], logits.shape[-1])
@@ -436,14 +450,14 @@ class TeacherPool:
             out.div_(count.clamp_min(1.0))
         return out, health
 
-    def _topk(self, peers, input_ids, temperature, targets, use, num_groups):
+    def _topk(self, peers, input_ids, temperature, targets, use, num_groups, kw):
         """``_dense``'s result with q kept as TopK: every teacher runs its body once (states
         before the output head, [B, T, D]), then for ``chunk_mb`` MiB of tokens at a time each
         teacher's head, softmax and the average, of which the top K per token are kept. No
         [B, T, V] tensor exists. A teacher is left out of the average for each token where its
         probabilities are not finite (the dense form leaves it out of the whole batch)."""
         n = input_ids.numel()
-        hidden = [self.teachers[p](input_ids, hidden_only=True).reshape(n, -1) for p in peers]
+        hidden = [self.teachers[p](input_ids, hidden_only=True, **kw[p]).reshape(n, -1) for p in peers]
         health = torch.zeros(2 * (num_groups + 1), device=input_ids.device)
         with contextlib.ExitStack() as stack:
             heads = [stack.enter_context(self.teachers[p].head_weight()) for p in peers]

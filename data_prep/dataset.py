@@ -6,6 +6,12 @@ window chosen by a seeded permutation per epoch, so:
 - a group sees every window of its data once before any repeats (one pass, as in the paper);
 - batch (step, micro_step, dp_rank) is a pure function of (seed, group, step, ...), so a
   resumed run continues the exact same stream, and no two ranks of a group share a sample.
+With --carry_state (an LSTM carrying its state across steps, truncated BPTT) the group's
+tokens are instead cut into S = dp_size x grad_accum x micro_batch contiguous streams of equal
+length, one per row of the group's batch: row b of micro-batch m on data-parallel rank r reads
+stream (m x dp_size + r) x micro_batch + b, and step t (0-based) reads window t mod W of every
+stream (W windows per stream; at t mod W == 0 every stream starts over, the carried state is
+reset). The streams partition the group's shard, so no two rows, ranks or groups share one.
 If the data was prepared with more shards than the run has groups (a multiple of them),
 group i reads shards i*m .. i*m+m-1: a 1-group baseline on 2-group data reads everything.
 """
@@ -131,6 +137,27 @@ class GroupStream:
         base = ((step * grad_accum + micro_step) * dp_size + dp_rank) * micro_batch
         return torch.from_numpy(np.stack([self.window(base + b) for b in range(micro_batch)]).astype(np.int64))
 
+    def streams(self, num_streams: int) -> tuple[int, int]:
+        """(tokens per stream, windows per stream) when the shard is cut into ``num_streams``."""
+        length = len(self.tokens) // num_streams
+        windows = (length - 1) // self.seq_len
+        if windows < 1:
+            raise DataError(f"--carry_state cuts group {self.group}'s {len(self.tokens)} tokens into {num_streams} "
+                            f"streams (ranks x --grad_accum x micro batch) of {length} tokens, fewer than "
+                            f"--seq_len+1={self.seq_len + 1}: use a smaller batch, a shorter --seq_len or more data")
+        return length, windows
+
+    def stream_batch(self, step: int, micro_step: int, grad_accum: int, dp_rank: int, dp_size: int,
+                     micro_batch: int) -> tuple[torch.Tensor, bool]:
+        """--carry_state: ([micro_batch, seq_len+1] int64, whether the streams start over) for
+        0-based ``step``: window step mod W of this micro-batch's streams (module docstring)."""
+        length, windows = self.streams(dp_size * grad_accum * micro_batch)
+        w = step % windows
+        first = (micro_step * dp_size + dp_rank) * micro_batch
+        rows = [self.tokens[s * length + w * self.seq_len:s * length + (w + 1) * self.seq_len + 1]
+                for s in range(first, first + micro_batch)]
+        return torch.from_numpy(np.stack(rows).astype(np.int64)), w == 0
+
 
 def eval_batches(data: TokenData, seq_len: int, micro_batch: int, num_batches: int, dp_rank: int,
                  dp_size: int, split: str = "val") -> list[torch.Tensor]:
@@ -147,3 +174,22 @@ def eval_batches(data: TokenData, seq_len: int, micro_batch: int, num_batches: i
         w = [toks[k * seq_len:k * seq_len + seq_len + 1] for k in mine[i:i + micro_batch]]
         out.append(torch.from_numpy(np.stack(w).astype(np.int64)))
     return out
+
+
+def eval_streams(data: TokenData, seq_len: int, micro_batch: int, num_batches: int, dp_rank: int,
+                 dp_size: int, split: str = "val") -> list[torch.Tensor]:
+    """eval_batches' tokens read as contiguous rows, for an LSTM that carries its state from one
+    batch to the next (stateful validation): the first num_batches x micro_batch x dp_size
+    windows of the split are cut into micro_batch x dp_size rows of whole windows; batch j of a
+    rank holds window j of its micro_batch rows. The state starts from zeros at each row's start."""
+    toks = data.tokens(split)
+    n = (len(toks) - 1) // seq_len
+    if n < 1:
+        raise DataError(f"the {split} split of {data.dir} has {len(toks)} tokens, fewer than --seq_len+1")
+    num_rows = micro_batch * dp_size
+    per_row = max(1, min(n, num_batches * num_rows) // num_rows)
+    mine = [r for r in range(dp_rank * micro_batch, (dp_rank + 1) * micro_batch) if (r + 1) * per_row <= n]
+    if not mine:
+        return []
+    return [torch.from_numpy(np.stack([toks[(r * per_row + j) * seq_len:(r * per_row + j + 1) * seq_len + 1]
+                                       for r in mine]).astype(np.int64)) for j in range(per_row)]

@@ -14,8 +14,17 @@ B, and between the ensemble of A and the ensemble of B.
 
 The split is cut into consecutive non-overlapping windows of seq_len+1 tokens that share
 their boundary token (window k: tokens k*T .. k*T+T), so every token of the split but the
-first is predicted exactly once, each window from a fresh state (as in training's eval).
---max_tokens keeps the first floor(max_tokens/T) windows. Deterministic.
+first is predicted exactly once. --max_tokens keeps the first floor(max_tokens/T) windows.
+Deterministic. How a model sees them (--state; the JSON's "state"):
+
+- carried (the default for LSTMs, --state auto): the windows' tokens are cut into --batch_size
+  contiguous rows and each LSTM runs along its rows window by window, carrying its state
+  across windows, as Zaremba et al. (2014) and the LSTM literature measure perplexity; the
+  result equals one call over each whole row (tests/test_carry.py). Only each row's first
+  token is predicted without context (--batch_size 1: one row, the whole split).
+- fresh (the default as soon as a model is not an LSTM; Transformers have no state to carry):
+  every window from a zero state / an empty context, batches of --batch_size windows - the
+  number training's periodic validation reports (--eval_state fresh).
 
 Word perplexity = exp(total NLL / words), words = whitespace-separated words (str.split) of
 the evaluated target tokens decoded with the data's tokenizer (SentencePiece or Hugging Face), document by document
@@ -47,6 +56,7 @@ from codistill.files import write_json
 from codistill.runlog import git_sha
 from data_prep.dataset import DataError, TokenData
 from model import ModelConfig, build_model
+from model.lstm import CarriedState
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -67,6 +77,9 @@ def parse_args(argv=None):
     p.add_argument("--batch_size", type=int, default=16)
     p.add_argument("--seq_len", type=int, default=None, help="window length (default: run A's --seq_len)")
     p.add_argument("--device", default=None, help="cpu | cuda (default: cuda if available)")
+    p.add_argument("--state", default="auto", choices=["auto", "carried", "fresh"],
+                   help="carried: LSTMs carry their state across windows along --batch_size rows; fresh: every "
+                        "window from scratch; auto: carried when every model is an LSTM")
     return p.parse_args(argv)
 
 
@@ -166,10 +179,31 @@ def windows(tokens: np.ndarray, seq_len: int, max_tokens: int | None) -> int:
     return n
 
 
+def carried_rows(n_tokens: int, batch_size: int) -> tuple[int, int]:
+    """--state carried: (rows, tokens per row) of ``n_tokens`` predicted tokens."""
+    rows = min(batch_size, n_tokens)
+    return rows, n_tokens // rows
+
+
+def batches(tokens: np.ndarray, seq_len: int, n_windows: int, batch_size: int, carried: bool):
+    """Host batches [B, <= seq_len+1] of the evaluated tokens: --batch_size windows at a time
+    (fresh), or window t of every row (carried; module docstring)."""
+    if not carried:
+        for start in range(0, n_windows, batch_size):
+            idx = range(start, min(n_windows, start + batch_size))
+            yield np.stack([tokens[k * seq_len:k * seq_len + seq_len + 1] for k in idx])
+        return
+    rows, length = carried_rows(n_windows * seq_len, batch_size)
+    for t in range(0, length, seq_len):
+        end = min(t + seq_len, length)
+        yield np.stack([tokens[r * length + t:r * length + end + 1] for r in range(rows)])
+
+
 def evaluate(runs: dict[str, list[tuple[str, torch.nn.Module]]], tokens: np.ndarray, seq_len: int, n_windows: int,
-             batch_size: int, device) -> dict:
-    """One pass over the windows; every model's log-probs of a batch are computed once and
-    reused for its own NLL, the ensembles and all churn pairs."""
+             batch_size: int, device, carried: bool = False) -> dict:
+    """One pass over the batches; every model's log-probs of a batch are computed once and
+    reused for its own NLL, the ensembles and all churn pairs. ``carried``: every model (an
+    LSTM) carries its state from one batch to the next."""
     names = [n for members in runs.values() for n, _ in members]
     models = {n: m for members in runs.values() for n, m in members}
     single = {n: Totals() for n in names}
@@ -186,13 +220,12 @@ def evaluate(runs: dict[str, list[tuple[str, torch.nn.Module]]], tokens: np.ndar
         ens_pair = None
     churn = {p: Totals() for p in pairs}
     ens_churn = Totals()
+    kw = {n: {"state": CarriedState()} if carried else {} for n in names}
     with torch.no_grad():
-        for start in range(0, n_windows, batch_size):
-            idx = range(start, min(n_windows, start + batch_size))
-            batch = torch.from_numpy(np.stack([tokens[k * seq_len:k * seq_len + seq_len + 1] for k in idx])
-                                     .astype(np.int64)).to(device)
+        for rows in batches(tokens, seq_len, n_windows, batch_size, carried):
+            batch = torch.from_numpy(rows.astype(np.int64)).to(device)
             x, y = batch[:, :-1], batch[:, 1:]
-            lp = {n: log_probs(models[n](x)) for n in names}
+            lp = {n: log_probs(models[n](x, **kw[n])) for n in names}
             for n in names:
                 single[n].add_nll(lp[n], y)
             ens_lp = {r: ensemble_log_probs([lp[n] for n, _ in runs[r]]) for r in runs}
@@ -269,19 +302,30 @@ def main(argv=None) -> dict:
                         "over the same tokens")
 
     n_windows = windows(tokens, seq_len, args.max_tokens)
+    lstm = all(info["model"]["arch"] == "lstm" for info in infos.values())
+    if args.state == "carried" and not lstm:
+        raise EvalError("--state carried needs LSTMs: a Transformer has no state to carry across windows "
+                        "(use --state fresh or auto)")
+    carried = args.state == "carried" or (args.state == "auto" and lstm)
     n_tok = n_windows * seq_len
+    if carried:
+        rows, length = carried_rows(n_tok, args.batch_size)
+        n_tok = rows * length
     from data_prep.tokenizer import load_text_tokenizer
     words, eos = count_words_in_tokens(np.asarray(tokens[1:n_tok + 1]), data.eos_id,
                                        load_text_tokenizer(data.dir).decode)
 
-    res = evaluate(runs, tokens, seq_len, n_windows, args.batch_size, device)
+    res = evaluate(runs, tokens, seq_len, n_windows, args.batch_size, device, carried)
     out = {
         "command": " ".join(["python", "recipes/evaluate.py", *(sys.argv[1:] if argv is None else argv)]),
         "git_commit": git_sha(ROOT), "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "run_dir": str(run_a), "compare": str(run_b) if run_b else None,
         "runs": {labels[r]: str(r) for r in groups},
         "data": str(data.dir), "split": args.split, "weights": args.weights, "seq_len": seq_len,
-        "windows": n_windows, "tokens": n_tok, "words": words, "eos": eos, "device": str(device),
+        "windows": n_windows, "tokens": n_tok,
+        "state": (f"carried: the LSTM state carried across windows along {rows} contiguous rows of {length} tokens"
+                  if carried else "fresh: every window from a zero state"),
+        "state_mode": "carried" if carried else "fresh", "batch_size": args.batch_size, "words": words, "eos": eos, "device": str(device),
         "word_count": "whitespace words (str.split) of the evaluated target tokens decoded per document "
                       "with the data's SentencePiece model; EOS not counted (word_ppl_with_eos counts it)",
         "sym_kl": "(KL(a||b) + KL(b||a)) / 2, nats per token",
@@ -303,7 +347,7 @@ def main(argv=None) -> dict:
     out["eval_seconds"] = round(time.time() - t0, 3)
 
     print(f"{args.split} split of {data.dir}: {n_tok} tokens ({n_windows} windows of {seq_len}), {words} words; "
-          f"weights: {args.weights}; device {device}")
+          f"weights: {args.weights}; state {out['state']}; device {device}")
     rows = [[n, g["loss"], g["ppl"], g.get("word_ppl", float("nan"))] for n, g in out["groups"].items()]
     rows += [[f"{r}/ensemble({len(e['members'])})", e["loss"], e["ppl"], e.get("word_ppl", float("nan"))]
              for r, e in out["ensembles"].items()]

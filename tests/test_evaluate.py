@@ -93,11 +93,12 @@ def test_evaluate_compare_runs(two_runs, tmp_path):
     a, b = two_runs
     out_json = tmp_path / "sub" / "eval.json"
     proc = run_python(["recipes/evaluate.py", "--run_dir", a, "--compare", b, "--max_tokens", 1024,
-                       "--json", out_json])
+                       "--state", "fresh", "--json", out_json])
     assert proc.returncode == 0, proc.stderr
     assert "prediction churn" in proc.stdout and "seed1/group_0 vs seed2/group_0" in proc.stdout
     res = json.loads(out_json.read_text())
     assert res["tokens"] == 1024 and res["windows"] == 1024 // SEQ and res["words"] > 100
+    assert res["state_mode"] == "fresh"
     assert res["git_commit"] and "recipes/evaluate.py" in res["command"]
     assert set(res["groups"]) == {"seed1/group_0", "seed1/group_1", "seed2/group_0", "seed2/group_1"}
     # the first 1024 tokens in windows of 32 are exactly training's eval set (2 batches x 16):
@@ -137,6 +138,31 @@ def test_self_churn_is_zero_and_self_ensemble_is_the_model(two_runs, tmp_path):
         assert c["top1_disagreement"] == 0
         assert c["sym_kl"] == pytest.approx(0, abs=1e-7)
     assert pairs[("same/group_1", "seed1/group_1")]["sym_kl"] > 0   # group_1 of A is another model
+
+
+def test_carried_state_evaluation_is_one_call_over_each_row(two_runs):
+    """The LSTM default (--state auto = carried): the windows' tokens as --batch_size contiguous
+    rows, the state carried across windows - the same NLL as one forward over each whole row,
+    and (the model having context at every window start) not the fresh-window number."""
+    import numpy as np
+    from data_prep.dataset import TokenData
+    a, _ = two_runs
+    common = ["--run_dir", str(a), "--max_tokens", 1024, "--batch_size", 3]
+    carried, fresh = evaluate.main(common), evaluate.main(common + ["--state", "fresh"])
+    assert carried["state_mode"] == "carried" and fresh["state_mode"] == "fresh"
+    assert carried["tokens"] == 3 * (1024 // 3) and "3 contiguous rows of 341 tokens" in carried["state"]
+    data = TokenData(json.loads((a / "config.json").read_text())["args"]["data"])
+    toks = torch.from_numpy(np.asarray(data.tokens("val")[:3 * 341 + 1]).astype(np.int64))
+    rows = torch.stack([toks[r * 341:(r + 1) * 341 + 1] for r in range(3)])
+    for g in (0, 1):
+        cfg, sd, _ = evaluate.load_weights(a / f"group_{g}", "final", data)
+        model = evaluate.build(cfg, sd, "cpu", a)
+        with torch.no_grad():
+            logits = model(rows[:, :-1])  # one call over each whole row
+        nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1).double(), rows[:, 1:].flatten(), reduction="sum")
+        m = carried["groups"][f"seed1/group_{g}"]
+        assert m["loss"] == pytest.approx(float(nll) / carried["tokens"], rel=1e-5)
+        assert abs(m["loss"] - fresh["groups"][f"seed1/group_{g}"]["loss"]) > 1e-4
 
 
 def test_evaluate_exports_match_final(two_runs):

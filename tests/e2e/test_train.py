@@ -280,3 +280,27 @@ def test_offline_distillation_from_a_fixed_teacher(main_run, sample_data, tmp_pa
                                                       teacher=teacher_dir)], timeout=120)
     assert proc.returncode == 2 and "model config differs" in proc.stderr, proc.stderr
     assert not (tmp_path / "bad").exists()
+
+
+def test_carried_state_training_resumes_exactly_with_its_teacher(main_run, sample_data, tmp_path):
+    """--carry_state on a group of 2 ranks with a fixed teacher (main_run's group 0): the LSTM
+    state (and the teacher's, over the student's streams) is carried from step to step; a run
+    stopped at step 6 and resumed gives the uninterrupted run's losses, because the checkpoint
+    holds every rank's carried states (gathered to the leader's client_state)."""
+    kw = dict(num_groups=1, max_steps=12, burn_in_steps=3, eval_every=6, save_every=6, warmup_steps=2,
+              teacher=main_run[0] / "group_0", eval_state="carried")
+    straight, sliced = tmp_path / "straight", tmp_path / "sliced"
+    launch(common(sample_data, straight, **kw) + ["--carry_state"], num_ranks=2)
+    launch(common(sample_data, sliced, stop_after_steps=6, **kw) + ["--carry_state"], num_ranks=2)
+    out = launch(common(sample_data, sliced, **kw) + ["--carry_state"], num_ranks=2).stdout
+    assert "resumed from step 6" in out and "carried LSTM state" not in out, out  # no "starts from zeros" warning
+    for tag in ("train/loss", "train/distill", "val/loss"):
+        a, b = losses(straight, 0, tag), losses(sliced, 0, tag)
+        assert sorted(a) == sorted(b) and max(abs(a[s] - b[s]) for s in a) < 1e-5, tag
+    assert losses(straight, 0, "train/distill")[12] > 0
+    saved = torch.load(sliced / "group_0" / "checkpoints" / "global_step6" / "mp_rank_00_model_states.pt",
+                       weights_only=False)["carry_state"]
+    (h0, _), (h1, _) = (r["student"][0] for r in saved["ranks"])
+    assert h0.shape == h1.shape == (1, 16, 256) and not torch.equal(h0, h1)  # each rank's own 16 streams
+    assert saved["dp_size"] == 2 and saved["streams"] == 32
+    assert all(-1 in r["teachers"][0] for r in saved["ranks"])  # the fixed teacher's carried state
