@@ -151,13 +151,13 @@ def _header_len(prefix, size: int, where: str) -> int:
     prefix = bytes(prefix)
     if size < 10 or len(prefix) < 10:
         raise ExportError(f"{where}: file too short to be safetensors ({size} bytes)")
+    (n,) = struct.unpack("<Q", prefix[:8])
+    if n <= MAX_HEADER and 8 + n <= size and prefix[8:9] == b"{":
+        return n  # a header length of 0x380 starts with 0x80 too: the safetensors reading goes first
     if prefix[:2] == b"PK" or prefix[:1] == b"\x80":
         raise ExportError(f"{where}: this is a pickle / torch.save file, not safetensors; "
                           "peer exports are never unpickled - refusing it")
-    (n,) = struct.unpack("<Q", prefix[:8])
-    if n > MAX_HEADER or 8 + n > size or prefix[8:9] != b"{":
-        raise ExportError(f"{where}: not a valid safetensors file (bad header)")
-    return n
+    raise ExportError(f"{where}: not a valid safetensors file (bad header)")
 
 
 def _parse_header(raw: bytes, data_start: int, size: int, where: str) -> list[tuple]:

@@ -68,13 +68,20 @@ class ModelConfig:
 
 
 # Size presets. "paper" approximates the paper's LSTM LM (2 x 1024 units; the paper's exact
-# embedding size and vocabulary are not reproduced). "gpt2-small" is GPT-2-small-like
+# embedding size and vocabulary are not reproduced); "zaremba-small", "medium" and "large" are
+# the regularised LSTMs of Zaremba et al. (2014). "gpt2-small" is GPT-2-small-like
 # (12 x 768, 12 heads) built as a Llama-style decoder (RoPE, RMSNorm, SwiGLU).
 PRESETS: dict[str, dict[str, dict]] = {
     "lstm": {
         "tiny": dict(d_model=256, d_embed=128, n_layers=1),
         "small": dict(d_model=512, n_layers=2, dropout=0.1, tie_embeddings=True, layer_norm=True),
         "paper": dict(d_model=1024, n_layers=2, dropout=0.1, tie_embeddings=True, layer_norm=True),
+        # Zaremba et al. (2014) on the Penn Treebank: small (no dropout), medium and large with dropout on
+        # the embedding, between the layers and before the softmax; medium/large tie the embeddings
+        # (Press & Wolf 2017). Train them with --carry_state (benchmarks/ptb.py, docs/ptb.md).
+        "zaremba-small": dict(d_model=200, n_layers=2),
+        "medium": dict(d_model=650, n_layers=2, dropout=0.5, tie_embeddings=True),
+        "large": dict(d_model=1500, n_layers=2, dropout=0.65, tie_embeddings=True),
     },
     "transformer": {
         "tiny": dict(d_model=128, n_layers=2, n_heads=4, d_ff=512, tie_embeddings=True),

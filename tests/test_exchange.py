@@ -76,6 +76,22 @@ def test_reader_polling_during_writes_never_sees_a_partial_export(tmp_path):
     assert len(seen) >= 2
 
 
+def test_a_safetensors_header_whose_length_starts_with_0x80_is_not_taken_for_a_pickle(tmp_path):
+    """A header of 0x380 bytes (or any length = 0x80 mod 256) makes the file's first byte 0x80,
+    a pickle's first byte: the safetensors reading must be tried first (a real export of the
+    2 x 200 LSTM was refused that way)."""
+    from codistill.exchange import write_export
+    sd = build_model(CFG).state_dict()
+    for k in range(300):
+        path = write_export(tmp_path / f"e{k}", 10, {**sd, "pad" + "x" * k: torch.zeros(1)}, _meta(1))
+        if path.read_bytes()[:1] == b"\x80":
+            break
+    else:
+        raise AssertionError("no header length = 0x80 mod 256 found")
+    exp = read_export(path.parent, 10)
+    assert torch.equal(exp.state_dict["embed.weight"], sd["embed.weight"])
+
+
 def test_pickle_named_safetensors_is_refused_and_not_executed(tmp_path):
     _export(tmp_path, 1, 10)
     d = exports_dir(tmp_path, 1)
