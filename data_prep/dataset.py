@@ -143,7 +143,7 @@ class GroupStream:
         windows = (length - 1) // self.seq_len
         if windows < 1:
             raise DataError(f"--carry_state cuts group {self.group}'s {len(self.tokens)} tokens into {num_streams} "
-                            f"streams (ranks x --grad_accum x micro batch) of {length} tokens, fewer than "
+                            f"streams (ranks x gradient_accumulation_steps x micro batch) of {length} tokens, fewer than "
                             f"--seq_len+1={self.seq_len + 1}: use a smaller batch, a shorter --seq_len or more data")
         return length, windows
 

