@@ -251,7 +251,7 @@ def main() -> None:
                 val = scalars(run / f"group_{g}" / "tb", "val/ppl")
                 results[key] = dict(m, preset=p["name"], arm=arm, steps=p["steps"], micro_batch=p["micro"],
                                     seq_len=p["seq_len"], lr=p["lr"], epochs=round(p["steps"] * p["micro"] * p["seq_len"] / 929589, 2),
-                                    train_wall_s=round(wall, 1), params=summary.get("groups", {}).get(f"group_{g}", {}).get("params"),
+                                    train_wall_s=round(wall, 1), params=summary.get("groups", {}).get(f"group_{g}", {}).get("num_params"),
                                     val_ppl_curve={int(k): v for k, v in val.items()},
                                     test_tokens=evals[("test", "carried")]["tokens"])
                 rows.append([key, m["val_carried_ppl"], m["test_carried_ppl"], m["test_fresh_ppl"], round(wall / 60, 1)])
