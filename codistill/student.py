@@ -171,10 +171,8 @@ class Student:
         host tensors per rank, at checkpoints only). {} without --carry_state."""
         if self.carry is None:
             return {}
-        def host(hc):
-            return None if hc is None else tuple(t.detach().cpu() for t in hc)
-        mine = {"student": [host(st.hc) for st in self.carry],
-                "teachers": [{p: (st.tag, host(st.hc)) for p, st in d.items()} for d in self.teacher_carry]}
+        mine = {"student": [st.to("cpu").hc for st in self.carry],
+                "teachers": [{p: (st.tag, st.to("cpu").hc) for p, st in d.items()} for d in self.teacher_carry]}
         ranks = [mine]
         if self.dp_size > 1:
             ranks = [None] * self.dp_size
@@ -196,12 +194,9 @@ class Student:
                      "zeros", force=self.leader)
             return
         mine = saved["ranks"][self.dp_rank]
-        for st, hc in zip(self.carry, mine["student"]):
-            st.hc = None if hc is None else tuple(t.to(self.device) for t in hc)
-        for d, teachers in zip(self.teacher_carry, mine["teachers"]):
-            d.clear()
-            d.update({p: CarriedState(None if hc is None else tuple(t.to(self.device) for t in hc), tag)
-                      for p, (tag, hc) in teachers.items()})
+        self.carry = [CarriedState(hc).to(self.device) for hc in mine["student"]]
+        self.teacher_carry = [{p: CarriedState(hc, tag).to(self.device) for p, (tag, hc) in teachers.items()}
+                              for teachers in mine["teachers"]]
 
     def stats_for_sync(self) -> torch.Tensor:
         """This group's part of the step's sync (rank-local, not reduced; ``sync_width`` values):
