@@ -159,14 +159,20 @@ class GroupStream:
         return torch.from_numpy(np.stack(rows).astype(np.int64)), w == 0
 
 
-def eval_batches(data: TokenData, seq_len: int, micro_batch: int, num_batches: int, dp_rank: int,
-                 dp_size: int, split: str = "val") -> list[torch.Tensor]:
-    """The same fixed validation batches every time: consecutive windows from the start of the
-    split, spread over the group's ranks (fewer if the split is short)."""
+def split_windows(data: TokenData, split: str, seq_len: int) -> tuple[np.ndarray, int]:
+    """The split's tokens and how many whole windows of seq_len+1 (sharing boundaries) it holds."""
     toks = data.tokens(split)
     n = (len(toks) - 1) // seq_len
     if n < 1:
         raise DataError(f"the {split} split of {data.dir} has {len(toks)} tokens, fewer than --seq_len+1")
+    return toks, n
+
+
+def eval_batches(data: TokenData, seq_len: int, micro_batch: int, num_batches: int, dp_rank: int,
+                 dp_size: int, split: str = "val") -> list[torch.Tensor]:
+    """The same fixed validation batches every time: consecutive windows from the start of the
+    split, spread over the group's ranks (fewer if the split is short)."""
+    toks, n = split_windows(data, split, seq_len)
     total = min(n, num_batches * micro_batch * dp_size)
     mine = list(range(dp_rank, total, dp_size))
     out = []
@@ -182,10 +188,7 @@ def eval_streams(data: TokenData, seq_len: int, micro_batch: int, num_batches: i
     batch to the next (stateful validation): the first num_batches x micro_batch x dp_size
     windows of the split are cut into micro_batch x dp_size rows of whole windows; batch j of a
     rank holds window j of its micro_batch rows. The state starts from zeros at each row's start."""
-    toks = data.tokens(split)
-    n = (len(toks) - 1) // seq_len
-    if n < 1:
-        raise DataError(f"the {split} split of {data.dir} has {len(toks)} tokens, fewer than --seq_len+1")
+    toks, n = split_windows(data, split, seq_len)
     num_rows = micro_batch * dp_size
     per_row = max(1, min(n, num_batches * num_rows) // num_rows)
     mine = [r for r in range(dp_rank * micro_batch, (dp_rank + 1) * micro_batch) if (r + 1) * per_row <= n]
