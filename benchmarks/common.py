@@ -25,10 +25,12 @@ def bench_data(vocab_size: int = 8000) -> Path:
     return prepare_sample(ROOT / "data" / f"bench_sample_v{vocab_size}", num_groups=6, vocab_size=vocab_size, quiet=True)
 
 
-def train(run_dir: Path, args: list, num_ranks: int = 1) -> float:
+def train(run_dir: Path, args: list, num_ranks: int = 1, resume: bool = False) -> float:
     """Run recipes/train_lm.py (under the deepspeed launcher for several ranks; one rank is the
-    same 1-rank world without the launcher's two extra Python start-ups); returns wall seconds."""
-    script = [str(ROOT / "recipes" / "train_lm.py"), "--run_dir", str(run_dir), "--resume", "never", *map(str, args)]
+    same 1-rank world without the launcher's two extra Python start-ups); returns wall seconds.
+    resume: continue from the run's own checkpoint if it has one (--resume auto)."""
+    script = [str(ROOT / "recipes" / "train_lm.py"), "--run_dir", str(run_dir), "--resume",
+              "auto" if resume else "never", *map(str, args)]
     cmd = [DEEPSPEED, "--num_gpus", str(num_ranks), "--master_port", str(free_port()), *script] if num_ranks > 1 \
         else [PY, *script]
     env = dict(os.environ, PYTHONUNBUFFERED="1")

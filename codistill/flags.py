@@ -56,6 +56,9 @@ def parse_args(argv=None, description: str | None = None):
     p.add_argument("--min_lr_ratio", type=float, default=0.1, help="cosine decay ends at lr * this")
     p.add_argument("--warmup_steps", type=int, default=20)
     p.add_argument("--eval_every", type=int, default=50)
+    p.add_argument("--target_val_loss", type=float, default=None, metavar="LOSS",
+                   help="finish (checkpoint, final/, summary) at the first validation where every group's val loss "
+                        "is <= LOSS, before --max_steps (steps-to-target studies: benchmarks/batch_scaling.py)")
     p.add_argument("--eval_batches", type=int, default=20)
     p.add_argument("--save_every", type=int, default=100)
     p.add_argument("--stop_after_steps", type=int, default=None,
@@ -169,6 +172,8 @@ def check(a) -> tuple[list[str], list[str]]:
     for name in ("burn_in_steps", "warmup_steps", "distill_ramp_steps"):
         need(getattr(a, name) >= 0, f"--{name} must be >= 0 (got {getattr(a, name)})")
     need(0 <= a.min_lr_ratio <= 1, f"--min_lr_ratio must be in [0, 1] (got {a.min_lr_ratio})")
+    if a.target_val_loss is not None:
+        need(a.target_val_loss > 0, f"--target_val_loss must be > 0 nats (got {a.target_val_loss})")
     if a.lr is not None:
         need(a.lr > 0, f"--lr must be > 0 (got {a.lr})")
     if a.dropout is not None:

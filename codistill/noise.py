@@ -42,11 +42,13 @@ class NoiseScale:
     def __init__(self, beta: float = 0.9):
         self.beta, self.n, self._trace, self._g2 = beta, 0, 0.0, 0.0
 
-    def update(self, g2_small: float, g2_big: float, b_small: float, b_big: float) -> None:
+    def update(self, g2_small: float, g2_big: float, b_small: float, b_big: float) -> tuple[float, float]:
+        """Add one measurement; returns its own (unsmoothed) (tr(Sigma), |G|^2)."""
         trace, g2 = estimate(g2_small, g2_big, b_small, b_big)
         self.n += 1
         self._trace = self.beta * self._trace + (1 - self.beta) * trace
         self._g2 = self.beta * self._g2 + (1 - self.beta) * g2
+        return trace, g2
 
     @property
     def value(self) -> float | None:

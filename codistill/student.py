@@ -259,10 +259,13 @@ class Student:
         against the group's batch."""
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):  # dropout draws
             small, big, b, B = measure_gradients(self.engine.module, x, y)  # leave training's RNG stream as it was
-        self.noise.update(small, big, b, B)
+        trace, g2 = self.noise.update(small, big, b, B)
         value = self.noise.value
-        if self.writer and value is not None and math.isfinite(value):
-            self.writer.scalar("train/noise_scale", value, step)
+        if self.writer:  # the raw estimates too: a study pools them over a stretch of the loss curve
+            self.writer.scalar("train/noise_trace", trace, step)
+            self.writer.scalar("train/noise_grad_sq", g2, step)
+            if value is not None and math.isfinite(value):
+                self.writer.scalar("train/noise_scale", value, step)
         self.log(f"[group {self.id}] step {step}: {noise_reading(self.step_tokens, value)} "
                  f"({self.noise.n} measurement{'s' if self.noise.n > 1 else ''})", force=True)
 

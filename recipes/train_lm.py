@@ -225,9 +225,15 @@ def train_step(step, students, exchange, control, stop, bad_in_a_row, log, clock
     return out
 
 
+def target_reached(students, target: float) -> bool:
+    """Whether every group of the run (all ranks agree: one all-reduce) has val loss <= target."""
+    missed = any(not s.last_val[0] <= target for s in students)  # NaN: not reached
+    return not flags_any([missed], students[0].device)[0]
+
+
 def train(args, students, exchange, ckpt, control, start, log) -> tuple[str, int]:
-    """The loop: steps until --max_steps, an export/checkpoint failure, divergence, a stop
-    request or the --stop_after_steps slice; returns (outcome, last step)."""
+    """The loop: steps until --max_steps (or --target_val_loss), an export/checkpoint failure,
+    divergence, a stop request or the --stop_after_steps slice; returns (outcome, last step)."""
     stop, bad_in_a_row, clock, step = StopFlag(), [0] * args.num_groups, (time.time(), start), start
     for step in range(start + 1, args.max_steps + 1):
         out = train_step(step, students, exchange, control, stop, bad_in_a_row, log, clock)
@@ -249,6 +255,9 @@ def train(args, students, exchange, ckpt, control, start, log) -> tuple[str, int
         if step % args.eval_every == 0 or step == args.max_steps:
             for s in students:
                 runlog.log_eval(s, step, *s.evaluate(), log)
+            if args.target_val_loss is not None and target_reached(students, args.target_val_loss):
+                log(f"step {step}: every group's val loss is <= --target_val_loss {args.target_val_loss}; finishing")
+                return "done", step
         sliced = step == args.stop_after_steps
         if ckpt.due(step, forced=out.stop or sliced):
             outcome = exchange.settle()
