@@ -93,7 +93,7 @@ def fit(batches: list[float], steps: list[float]) -> tuple[float, float] | None:
     b, s = np.asarray(batches, float), np.asarray(steps, float)
     A = np.stack([np.ones_like(b), 1 / b], axis=1) / s[:, None]
     (s_min, c), *_ = np.linalg.lstsq(A, np.ones_like(s), rcond=None)
-    if s_min <= 0:
+    if s_min <= 0 or c <= 0:  # steps that grow with the batch (or a negative floor): not this curve
         return None
     return float(s_min), float(c / s_min)
 

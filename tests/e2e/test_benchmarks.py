@@ -117,3 +117,23 @@ def test_ptb_tiny_builds_word_level_data_and_runs_both_arms(tmp_path):
     assert res["published_test_ppl"]["Zaremba et al. 2014, medium: 2 x 650, dropout 0.5"] == 82.7
     assert (out / "ptb_tiny.png").read_bytes()[:4] == b"\x89PNG"
     assert "published (test ppl per word)" in proc.stdout
+
+
+def test_batch_scaling_tiny_stops_at_the_target_and_fits_the_curve(sample_data, tmp_path):
+    """Each batch trains until --target_val_loss (the lowest target), measuring the noise scale on
+    the way; steps to each target are read back from TensorBoard, fitted, and the noise
+    measurements pooled near each target. Resumable: a second call reuses the finished runs."""
+    res, out, runs = bench("batch_scaling.py", sample_data, tmp_path)
+    lowest = min(res["settings"]["targets"])
+    for b, r in res["runs"].items():
+        assert r["final_val_loss"] <= lowest < res["curves"][b][-2][1]  # stopped at the first evaluation past it
+        assert r["final_step"] < res["settings"]["max_steps"] and r["summary"]["steps"] == r["final_step"]
+        args = json.loads((runs / f"batch_{b}" / "config.json").read_text())["args"]
+        assert args["target_val_loss"] == lowest and args["min_lr_ratio"] == 1 and args["noise_scale"]
+    for t, r in res["targets"].items():
+        steps = r["steps"]
+        assert all(steps) and steps == sorted(steps, reverse=True)  # a larger batch needs fewer steps
+        assert r["fit"]["s_min"] > 0 and r["fit"]["b_noise"] > 0 and r["noise_measurements"] > 0 and r["b_simple"] > 0
+    assert "B_noise (fit)" in out
+    again, out2, _ = bench("batch_scaling.py", sample_data, tmp_path)  # finished runs are reused, not retrained
+    assert "training to val loss" not in out2 and again["targets"] == res["targets"]
