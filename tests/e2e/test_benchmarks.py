@@ -30,7 +30,8 @@ def test_convergence_tiny_runs_every_arm(sample_data, tmp_path):
     r = res["results"]
     assert set(r) == {"a_baseline_B/group_0", "b_baseline_2B/group_0", "c_codistill_2xB/group_0",
                       "c_codistill_2xB/group_1", "d_codistill_same/group_0", "d_codistill_same/group_1",
-                      "e_offline_distill/group_0", "f_label_smoothing/group_0"}
+                      "e_offline_distill/group_0", "f_label_smoothing/group_0", "g_codistill_no_wd/group_0",
+                      "g_codistill_no_wd/group_1"}
     assert res["target_ppl"] == r["a_baseline_B/group_0"]["final_val_ppl"]
     assert r["a_baseline_B/group_0"]["steps_to_target"] == 16  # its own final value, reached at the end
     assert r["b_baseline_2B/group_0"]["micro_batch"] == 2 * r["a_baseline_B/group_0"]["micro_batch"]
@@ -39,6 +40,8 @@ def test_convergence_tiny_runs_every_arm(sample_data, tmp_path):
     assert cfg["d_codistill_same"]["data_split"] == "shared" and cfg["c_codistill_2xB"]["data_split"] == "disjoint"
     assert cfg["e_offline_distill"]["teacher"].endswith("a_baseline_B/group_0")
     assert cfg["f_label_smoothing"]["label_smoothing"] == 0.1
+    ds = {n: json.loads((runs / n / "config.json").read_text())["ds_config"]["optimizer"]["params"] for n in res["runs"]}
+    assert ds["g_codistill_no_wd"]["weight_decay"] == 0 and ds["c_codistill_2xB"]["weight_decay"] > 0
     assert (runs / "c_codistill_2xB" / "group_1" / "exports" / "LATEST").is_file()
     assert all(v["final_val_ppl"] > 1 for v in r.values())
     assert "steps to ppl" in out
