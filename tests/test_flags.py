@@ -9,6 +9,7 @@ import json
 import shutil
 
 import pytest
+import torch
 
 from codistill import flags
 from conftest import e2e_args, load_script, run_python
@@ -35,6 +36,7 @@ class Log:
     (["--distill_weight", "-1"], "--distill_weight must be >= 0"),
     (["--temperature", "0"], "--temperature must be > 0"),
     (["--label_smoothing", "1.0"], "--label_smoothing must be in [0, 1)"),
+    (["--target_val_loss", "0"], "--target_val_loss must be > 0 nats"),
     (["--teacher_sync", "on", "--group_id", "0"], "--teacher_sync on needs every group"),
     (["--num_groups", "1", "--group_id", "1"], "--group_id 1 is outside 0..0"),
     (["--max_teacher_staleness", "5"], "--max_teacher_staleness 5 < 2 x --export_every"),
@@ -105,3 +107,13 @@ def test_the_command_line_exits_2_and_writes_nothing(sample_data, tmp_path, extr
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert f"error: {msg}" in proc.stderr or (msg in proc.stderr and "error:" in proc.stderr), proc.stderr
     assert "Traceback" not in proc.stderr and not (tmp_path / "run").exists()
+
+
+def test_target_val_loss_needs_every_hosted_group_at_or_below_it():
+    """--target_val_loss finishes the run only when every group has reached it (a NaN has not)."""
+    from types import SimpleNamespace
+    tl = train_lm()
+    groups = lambda *losses: [SimpleNamespace(last_val=(v, 0.0), device=torch.device("cpu")) for v in losses]  # noqa: E731
+    assert tl.target_reached(groups(4.0, 4.5), 4.5)
+    assert not tl.target_reached(groups(4.0, 4.6), 4.5)
+    assert not tl.target_reached(groups(float("nan")), 4.5)
