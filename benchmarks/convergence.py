@@ -41,8 +41,8 @@ PRESETS = {
     "cpu": dict(model="lstm", model_size="tiny", seq_len=64, micro=16, steps=600, export_every=25,
                 burn_in=100, eval_every=25, lr=3e-3, eval_batches=20),
     # claim 1 at the data-parallel limit measured by benchmarks/batch_scaling.py (docs/results.md)
-    "limit": dict(model="lstm", model_size="tiny", seq_len=64, micro=256, steps=200, export_every=10,
-                  burn_in=40, eval_every=8, lr=1.2e-2, eval_batches=8, data="registry", min_lr_ratio=1.0,
+    "limit": dict(model="lstm", model_size="tiny", seq_len=64, micro=512, steps=200, export_every=10,
+                  burn_in=40, eval_every=10, lr=3e-3 * 32 ** 0.5, eval_batches=4, data="registry", min_lr_ratio=1.0,
                   warmup=20, lr_2B=2 ** 0.5),
     "gpu": dict(model="lstm", model_size="paper", seq_len=256, micro=64, steps=20000, export_every=200,
                 burn_in=2000, eval_every=250, lr=1e-3, eval_batches=50),
@@ -97,7 +97,8 @@ def main():
                            "--model_size", p["model_size"], "--seq_len", p["seq_len"], "--max_steps", p["steps"],
                            "--lr", lr, "--warmup_steps", p.get("warmup", max(1, p["steps"] // 20)),
                            "--min_lr_ratio", p.get("min_lr_ratio", 0.1),
-                           "--eval_every", p["eval_every"], "--eval_batches", p["eval_batches"],
+                           "--eval_every", p["eval_every"],  # the same validation tokens for B and 2B:
+                           "--eval_batches", max(1, p["eval_batches"] // factor),  # it counts micro-batches
                            "--save_every", 10 ** 9, "--export_every", p["export_every"],
                            "--burn_in_steps", p["burn_in"], "--seed", a.seed, *extra])
         print(f"trained {name} in {wall:.0f}s")

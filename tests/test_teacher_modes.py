@@ -42,7 +42,9 @@ def test_top_k_with_k_equal_to_v_is_the_dense_loss(temperature):
     g_dense, = torch.autograd.grad(dense, s)
     sparse, st_s = codistill_loss(s, y, topk_of(q, 50), 0.7, temperature, 0.1, chunk_tokens=8)
     g_sparse, = torch.autograd.grad(sparse, s)
-    assert sparse.item() == dense.item()
+    # equal up to float32 rounding: the two paths sum in another order, which vectorised kernels
+    # (AVX2 vs AVX-512) may or may not make bit-identical (1 ulp apart on some CPUs)
+    torch.testing.assert_close(sparse, dense, rtol=2e-7, atol=0)
     torch.testing.assert_close(g_sparse, g_dense, rtol=0, atol=1e-8)
     torch.testing.assert_close(st_s.values[:3], st_d.values[:3], rtol=0, atol=1e-6)  # ce, psi, agreement
 
