@@ -41,7 +41,7 @@ PRESETS = {
     "cpu": dict(model="lstm", model_size="tiny", seq_len=64, micro=16, steps=600, export_every=25,
                 burn_in=100, eval_every=25, lr=3e-3, eval_batches=20),
     # claim 1 at the data-parallel limit measured by benchmarks/batch_scaling.py (docs/results.md)
-    "limit": dict(model="lstm", model_size="tiny", seq_len=64, micro=512, steps=200, export_every=10,
+    "limit": dict(model="lstm", model_size="tiny", seq_len=64, micro=512, steps=160, export_every=10,
                   burn_in=40, eval_every=10, lr=3e-3 * 32 ** 0.5, eval_batches=4, data="registry", min_lr_ratio=1.0,
                   warmup=20, lr_2B=2 ** 0.5),
     "gpu": dict(model="lstm", model_size="paper", seq_len=256, micro=64, steps=20000, export_every=200,
