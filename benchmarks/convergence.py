@@ -74,6 +74,9 @@ def main():
     ap.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS))
     ap.add_argument("--target_ppl", type=float, help="default: the final val ppl of a_baseline_B")
     ap.add_argument("--seed", type=int, default=1234)
+    ap.add_argument("--export_every", type=int, help="override the preset's export interval K (sync teachers are "
+                    "K..2K steps old); the results get the suffix _export<K>")
+    ap.add_argument("--burn_in", type=int, help="override the preset's burn-in; the results get the suffix _burnin<N>")
     add_run_args(ap)
     a = ap.parse_args()
     names = [n for n in RUNS if n in a.runs]
@@ -84,6 +87,11 @@ def main():
     p = dict(PRESETS[a.preset])
     if a.steps:
         p["steps"] = a.steps
+    variant = ""
+    for key in ("export_every", "burn_in"):
+        if getattr(a, key) is not None:
+            p[key] = getattr(a, key)
+            variant += f"_{key.replace('_every', '').replace('_', '')}{p[key]}"
     if p.get("needs_data") and not a.data:
         ap.error(f"--preset {a.preset} needs --data: a corpus of at least {p['steps'] * p['micro'] * p['seq_len'] / 1e9:.2f} "
                  "B tokens (steps x batch, one pass), e.g. Common Crawl (data_prep/fetch_common_crawl.py, docs/data.md)")
@@ -126,11 +134,11 @@ def main():
                      "-" if compute is None else round(compute, 1)])
     print(table(rows, ["run", "batch (seqs/group)", "final val ppl", f"steps to ppl {target:.1f}",
                        "compute s to target (per group)"]))
-    suffix = "" if a.preset == "cpu" else f"_{a.preset}"
+    suffix = ("" if a.preset == "cpu" else f"_{a.preset}") + variant
     png = plot([root / n for n in names], Path(a.results_dir) / f"convergence{suffix}.png",
                title=f"validation perplexity ({a.preset} preset)")
     print(f"wrote {png}")
-    out = save_results(f"convergence_{a.preset}", {"preset": p, "runs": names, "data": str(data), "seed": a.seed,
+    out = save_results(f"convergence_{a.preset}{variant}", {"preset": p, "runs": names, "data": str(data), "seed": a.seed,
                                                     "target_ppl": target, "results": results}, a.results_dir)
     print(f"wrote {out}")
 
