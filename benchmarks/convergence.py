@@ -46,8 +46,9 @@ PRESETS = {
                   warmup=20, lr_2B=2 ** 0.5),
     # past the limit that benchmarks/batch_scaling.py predicts for a longer run: the fitted B_noise
     # grew as L^-4.1 (10.7 k tokens at val loss 5.0, 18 k at 4.4), i.e. ~58 k at 3.3 (limit 88 k);
-    # 512 x 256 = 131 k tokens per step stays past it down to ~3.1. LR: the study's square-root
-    # rule from 1e-3 at 16 k. Needs --data of >= 5000 x 131 k = 0.66 B tokens (one pass).
+    # 512 x 256 = 131 k tokens per step stays past it down to ~3.0 (nats of that study's 2,000-piece
+    # vocabulary: measure your own data's with --noise_scale). LR: the study's square-root rule
+    # from 1e-3 at 16 k. Needs --data of >= 5000 x 131 k = 0.66 B tokens (one pass).
     "gpu": dict(model="lstm", model_size="paper", seq_len=256, micro=512, steps=5000, export_every=100,
                 burn_in=500, eval_every=100, lr=1e-3 * 8 ** 0.5, eval_batches=8, lr_2B=2 ** 0.5, needs_data=True),
 }
