@@ -55,5 +55,6 @@ def test_reading_names_the_regime():
     assert "far below the limit" in reading(1000, 35_000)
     assert "near the limit" in reading(20_000, 35_000)
     assert "past the limit" in reading(100_000, 35_000)
+    assert "near the limit" in reading(52_000, 35_000) and "past the limit" in reading(53_000, 35_000)  # 1.5x
     assert "not resolved" in reading(1000, math.inf) and "not measured" in reading(1000, None)
     assert "35.0 k tokens" in reading(1000, 35_000)
