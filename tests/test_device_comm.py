@@ -129,6 +129,7 @@ def _two_ranks(rank, port, result_dir):
         refused = pool.swap({1: (40, None)})                           # the leader has none: nobody swaps
         with open(os.path.join(result_dir, f"r{rank}"), "w") as f:
             f.write(repr((out.stop, out.bad, out.swaps, out.local, same, pool.steps[1], refused >= 0)))
+        torch.distributed.barrier()  # neither rank tears gloo down while the other is still in a collective
     finally:
         torch.distributed.destroy_process_group()
 
