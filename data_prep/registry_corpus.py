@@ -119,7 +119,12 @@ def download(src: Source, cache: Path, allow_other_versions: bool = False) -> Pa
                 cmd = ["apt-get", "download", "-q", spec]
                 if allow_other_versions:
                     cmd[-1] = src.package
-            r = subprocess.run(cmd, cwd=tmp, capture_output=True, text=True)
+            try:
+                r = subprocess.run(cmd, cwd=tmp, capture_output=True, text=True)
+            except FileNotFoundError:
+                raise SourceError(f"{src.name}: {cmd[0]} not found - the Debian sources need a Debian or Ubuntu "
+                                  f"machine (build the corpus there and copy --output), or leave them out with "
+                                  f"--sources") from None
             if r.returncode:
                 hint = (" (a newer Debian point release may have replaced it: --allow_other_versions takes the "
                         "mirror's version)") if src.registry == "debian" else ""

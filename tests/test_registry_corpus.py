@@ -116,3 +116,10 @@ def test_real_sources_from_the_registries(tmp_path):
 
 def s_name(m, s):
     return next(k for k, v in m["sources"].items() if v is s)
+
+
+def test_a_machine_without_apt_get_is_told_what_to_do(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    austen = next(s for s in rc.SOURCES if s.name == "austen")
+    with pytest.raises(rc.SourceError, match="apt-get not found .* Debian or Ubuntu .* --sources"):
+        rc.download(austen, tmp_path / "cache")
