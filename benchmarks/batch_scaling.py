@@ -198,11 +198,8 @@ def main() -> None:
                             "doubling_ratio": {b: (1 + b_noise / (2 * b)) / (1 + b_noise / b) for b in p["batches"]}}
             if b_simple:
                 entry["b_simple_over_b_noise"] = b_simple / b_noise
-        measured = {b: steps[i + 1] / steps[i] for i, b in enumerate(p["batches"][:-1])
-                    if steps[i] and steps[i + 1] and p["batches"][i + 1] == 2 * b}
         entry["measured_ratio_next_batch"] = {b: steps[i + 1] / steps[i] for i, b in enumerate(p["batches"][:-1])
                                               if steps[i] and steps[i + 1]}
-        entry["measured_doubling_ratio"] = measured
         results["targets"][str(target)] = entry
         rows.append([target, *[f"{s:.0f}" if s else "-" for s in steps],
                      f"{f[0]:.0f}" if f else "-", f"{f[1] / 1e3:.1f} k" if f else "-",
