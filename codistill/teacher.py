@@ -287,7 +287,8 @@ class TeacherPool:
 
     def _build(self):
         if self.placement == "partition":
-            t = PartitionedTeacher(lambda: build_model(self.model_config), teacher_ds_config(self.ds_config), self.mpu)
+            t = PartitionedTeacher(lambda: build_model(self.model_config), teacher_ds_config(self.ds_config), self.mpu,
+                                   dtypes=working_dtypes(self.like, self.dtype)[1])
         elif self.placement == "offload":
             t = OffloadedTeacher(build_frozen(self.model_config, torch.device("cpu"), self.like, self.dtype,
                                               pin=self.device.type == "cuda"), self.device)
@@ -515,8 +516,9 @@ def check_head_only(teacher, config: ModelConfig, device: torch.device) -> None:
     x = torch.arange(8, device=device)[None] % config.vocab_size
     with torch.no_grad():
         full = teacher(x).float()
-        with teacher.head_weight() as w:
-            mine = torch.nn.functional.linear(teacher(x, hidden_only=True), w).float()
+        hidden = teacher(x, hidden_only=True)  # before gathering the head: a ZeRO-3 forward releases a tied
+        with teacher.head_weight() as w:      # embedding's weight (the head's) when the embedding is done
+            mine = torch.nn.functional.linear(hidden, w).float()
     if bad or not torch.allclose(full, mine, rtol=1e-3, atol=1e-3):
         why = f" ({', '.join(bad)} in its config)" if bad else ""
         raise ValueError(f"--teacher_topk: this model's logits are not its output head applied to its last hidden "

@@ -1,8 +1,9 @@
 """Teachers that do not fit (issue 17), on one rank: top-K teacher distributions (the sparse loss
 and its gradient against a dense reference), the pool's chunked top-K against its dense
 average, and an offloaded teacher (weights in host memory, on the device only during a
-submodule's forward). The partitioned (ZeRO-3) teacher needs a group of ranks:
-tests/scripts/teacher_modes.py, run by tests/e2e/test_train.py."""
+submodule's forward, every parameter moved once per forward). The partitioned (ZeRO-3) teacher
+and the matrix of placements x dtypes x architectures need a group of ranks:
+tests/scripts/teacher_modes.py, run by tests/e2e/test_teacher_placement.py."""
 from __future__ import annotations
 
 import pytest
@@ -17,6 +18,14 @@ from model import build_model, preset_config
 V = 40
 CFG = preset_config("lstm", "tiny", vocab_size=V)
 TCFG = preset_config("transformer", "tiny", vocab_size=V)
+
+
+def _llama(tied: bool):
+    from model import hf_model_config
+    from transformers import LlamaConfig
+    return hf_model_config(LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                       tie_word_embeddings=tied).to_dict(), max_seq_len=64)
 
 
 def _dense_of(t: TopK, v: int) -> torch.Tensor:
@@ -158,3 +167,39 @@ def test_top_k_refuses_an_hf_model_whose_logits_are_not_its_head(tmp_path):
     cfg_path.write_text(json.dumps({"model_type": "gpt2", "vocab_size": V, "n_embd": 16, "n_layer": 1, "n_head": 2}))
     ok = ModelConfig(arch="hf", vocab_size=V, hf_config=read_hf_config(cfg_path))
     TeacherPool(ok, torch.device("cpu"), topk=4).reserve([1])
+
+
+@pytest.mark.parametrize("arch", ["lstm", "transformer_untied", "transformer_tied", "llama_tied", "llama_untied"])
+@pytest.mark.parametrize("topk", [0, 5], ids=["dense", "topk"])
+def test_offloaded_teacher_moves_each_parameter_to_the_device_once_per_forward(arch, topk):
+    """Bytes copied to the device per probs() call = the unique parameter bytes: a tied
+    embedding/head matrix once (it was fetched by the embedding and again by the head), and with
+    top-K the head's weight once between the body-only forward and the chunked heads."""
+    cfg = {"lstm": CFG, "transformer_untied": preset_config("transformer", "tiny", V, tie_embeddings=False),
+           "transformer_tied": TCFG, "llama_tied": _llama(True), "llama_untied": _llama(False)}[arch]
+    x, y = torch.randint(0, V, (2, 6)), torch.randint(0, V, (2, 6))
+    full = _pool(topk=topk, cfg=cfg)
+    unique = sum(p.numel() * p.element_size() for p in full.modules[1].parameters())  # tied: one Parameter
+    tied = cfg.tie_embeddings or (cfg.hf_config or {}).get("tie_word_embeddings", False)
+    assert (len(list(full.modules[1].parameters())) < len(full.modules[1].state_dict())) == tied
+    q_full, h_full = full.probs([1], x, targets=y, num_groups=3)
+    q_full = q_full.clone() if not topk else TopK(q_full.values.clone(), q_full.indices.clone(), q_full.rest.clone())
+    # prefetch: the CUDA side-stream bookkeeping (the next submodule's copy queued during the current
+    # one's forward, in the order the last forward of the kind ran), with synchronous copies on the CPU
+    for prefetch in (False, True):
+        off = _pool("offload", topk=topk, cfg=cfg)
+        teacher = off.teachers[1]
+        teacher.prefetch = prefetch
+        for i in range(3):
+            before, ahead = teacher.bytes_moved, teacher.prefetched_bytes
+            q_off, h_off = off.probs([1], x, targets=y, num_groups=3)
+            assert teacher.bytes_moved - before == unique, (prefetch, i)
+            # once the order is known (a forward of the kind ran), most weights are copied ahead
+            if i > 0:
+                assert (teacher.prefetched_bytes - ahead > unique // 2) == prefetch, (prefetch, i)
+            assert all(p.numel() == 0 for p in off.modules[1].parameters())  # nothing left on the device
+            if topk:
+                assert torch.equal(q_off.values, q_full.values) and torch.equal(q_off.indices, q_full.indices)
+            else:
+                assert torch.equal(q_off, q_full)
+            assert torch.equal(h_off, h_full)

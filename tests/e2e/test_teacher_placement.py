@@ -1,7 +1,12 @@
-"""Teachers that do not fit (issue 17) on 2 groups x 2 ranks with ZeRO-3: partitioned, offloaded
-and top-K teachers give the student the teacher the full one gives, a rank holds about half of
-a partitioned teacher, and a refused or late export keeps the previous teacher in every mode
-(tests/scripts/teacher_modes.py); the trainer runs with partitioned top-K teachers."""
+"""Teachers that do not fit (issues 17 and 28) on 2 groups x 2 ranks with ZeRO-3, as a matrix
+(tests/scripts/teacher_modes.py, one launch): mode {full, partition, offload} x {dense, top-K}
+x dtype {fp32, bf16} x arch {LSTM, the repo's Transformer (RoPE), a tied HF Llama}. Every
+combination builds, receives the weights from the group's leader, keeps its teacher when the
+leader has none to offer, and gives the probabilities of a full teacher this rank loads itself;
+its buffers keep the student's dtype (a RoPE inv_freq built inside zero.Init was bf16);
+torch.nn.functional.linear is still torch's afterwards (zero.Init replaced it); a rank holds
+about half of a partitioned teacher; an offloaded one moves every parameter to the device once
+per forward (a tied matrix once). The trainer runs with partitioned top-K teachers."""
 from __future__ import annotations
 
 import json
@@ -11,37 +16,69 @@ from pathlib import Path
 
 from conftest import DEEPSPEED, ROOT, e2e_args, env_for_runs, free_port, launch, read_scalars
 
-MODES = ("full", "partition", "offload", "topk_v", "partition_topk", "full_topk")
+ARCHS = ("lstm", "transformer", "llama_tied")
+# bf16 is held to exactness too (measured: 0 on every rank): each placement runs the same bf16
+# kernels on the same bf16 weights in the same order on one CPU. A tolerance wide enough for a
+# real reordering of bf16 sums (an ulp of a logit, 2^-8 relative, through the softmax of these
+# peaked distributions: ~1e-2) would also pass the bug it is here for: a partitioned teacher
+# whose RoPE inv_freq was built in bf16 differs from the full one by 3e-3 to 8e-3 in probability
+# at 48 positions (issue 28 item 1). On a GPU, where kernels may differ by layout, allow that ulp.
+BF16_TOL = 0.0
 
 
-def test_every_teacher_placement_gives_the_full_teachers_loss(tmp_path):
+def check_matrix(ranks: list[dict]) -> list[str]:
+    """Every failed expectation of the matrix, named by rank and combination."""
+    bad = []
+    for r in ranks:
+        combos = r["combos"]
+        want = {f"{a}/{d}/{m}/{k}" for a in ARCHS for d in ("fp32", "bf16")
+                for m in ("full", "partition", "offload") for k in ("dense", "topk")}
+        if set(combos) != want:
+            bad.append(f"rank {r['rank']}: combinations {sorted(want ^ set(combos))} missing or extra")
+        for name, c in sorted(combos.items()):
+            where = f"rank {r['rank']} {name}"
+            if "error" in c:
+                bad.append(f"{where}: {c['error']}")
+                continue
+            tol = 0.0 if "/fp32/" in name else BF16_TOL  # fp32: exact
+            if c["ref_ce"][0] == c["ref_ce"][1]:
+                bad.append(f"{where}: the two exports give the same teacher: the swap is not tested")
+            if not c["linear_is_original"]:
+                bad.append(f"{where}: torch.nn.functional.linear was replaced")
+            for when, step in (("first", 10), ("kept", 10), ("second", 20)):
+                m = c[when]
+                if m["step"] != step:
+                    bad.append(f"{where} {when}: teacher step {m['step']} != {step}")
+                if not (m["q_diff"] <= tol and m["ce_diff"] <= tol):
+                    bad.append(f"{where} {when}: probabilities differ from the full teacher's by {m['q_diff']:.3g} "
+                               f"(teacher CE by {m['ce_diff']:.3g}; allowed {tol})")
+                if m.get("indices_equal") is False:
+                    bad.append(f"{where} {when}: other top-K tokens than the full teacher's")
+                if "bytes_moved" in m and m["bytes_moved"] != c["param_bytes"]:
+                    bad.append(f"{where} {when}: {m['bytes_moved']} bytes moved to the device in a forward, "
+                               f"the parameters are {c['param_bytes']}")
+            for n, b in c["buffers"].items():
+                if b["dtype"] != b["student"]:
+                    bad.append(f"{where}: buffer {n} is {b['dtype']}, the student's is {b['student']}")
+                if b["diff"] is None or b["diff"] != 0:
+                    bad.append(f"{where}: buffer {n} differs from the full teacher's by {b['diff']}")
+            whole = c["full_bytes"]
+            if "/partition/" in name and abs(c["resident_bytes"] - whole / 2) > 0.05 * whole:
+                bad.append(f"{where}: holds {c['resident_bytes']} of {whole} bytes, not about half")
+            if "/offload/" in name and c["resident_bytes"] > 0.05 * whole:
+                bad.append(f"{where}: holds {c['resident_bytes']} of {whole} bytes between forwards")
+    return bad
+
+
+def test_every_teacher_placement_dtype_and_architecture_gives_the_full_teachers_probabilities(tmp_path):
     cmd = [DEEPSPEED, "--num_gpus", "4", "--master_port", str(free_port()),
            str(ROOT / "tests" / "scripts" / "teacher_modes.py"), "--out", str(tmp_path)]
     proc = subprocess.run(cmd, cwd=ROOT, env=env_for_runs(), capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     ranks = [json.loads((tmp_path / f"rank_{r}.json").read_text()) for r in range(4)]
     assert [r["group"] for r in ranks] == [0, 0, 1, 1] and [r["leader"] for r in ranks] == [True, False, True, False]
-    for r in ranks:
-        full = r["full"]
-        assert full["first"]["teacher_ce"] != full["second"]["teacher_ce"]  # the two exports are different teachers
-        for mode in MODES:
-            m = r[mode]
-            # a refused or late export (the leader has none to offer): the previous teacher stays
-            assert m["kept"]["step"] == 10 and m["kept"]["loss"] == m["first"]["loss"], (mode, m)
-            assert m["second"]["step"] == 20
-            ref = r["full_topk"] if mode == "partition_topk" else full
-            for when in ("first", "second"):
-                assert abs(m[when]["loss"] - ref[when]["loss"]) <= 1e-5, (mode, when, m[when], ref[when])
-                assert math.isclose(m[when]["teacher_ce"], full[when]["teacher_ce"], rel_tol=1e-5)
-                if m[when]["q_max_diff_vs_full"] is not None:
-                    assert m[when]["q_max_diff_vs_full"] <= 1e-6, (mode, when)
-        # K = V: the dense loss (float32 summation order aside); K < V: not the dense loss
-        assert abs(r["topk_v"]["first"]["loss"] - full["first"]["loss"]) <= 1e-5
-        # each rank of a 2-rank group holds half of a partitioned teacher (+ its unpartitioned buffers)
-        whole = r["partition_full_bytes"]
-        assert whole == full["resident_bytes"]
-        assert abs(r["partition"]["resident_bytes"] - whole / 2) <= 0.01 * whole, r["partition"]["resident_bytes"]
-        assert r["offload"]["resident_bytes"] <= 0.01 * whole  # parameters are on the device only in their forward
+    bad = check_matrix(ranks)
+    assert not bad, f"{len(bad)} failures:\n" + "\n".join(bad[:60])
 
 
 def test_trainer_runs_partitioned_top_k_teachers(sample_data, tmp_path):

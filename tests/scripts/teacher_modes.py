@@ -1,22 +1,31 @@
 #!/usr/bin/env python
-"""Every teacher placement gives the student the same teacher, on 2 groups x 2 ranks.
+"""The CPU matrix of teacher placements, on 2 groups x 2 ranks (ZeRO-3 partitions over 2 ranks):
 
     deepspeed --num_gpus 4 tests/scripts/teacher_modes.py --out DIR
 
-Each rank builds one TeacherPool per mode - full, partitioned (ZeRO-3 over its group's 2
-ranks), offloaded, and top-K (K = V, and K < V on the partitioned teacher) - and swaps the
-same peer exports into all of them the way the trainer does (only the group's leader has read
-the export; TeacherPool.swap hands it to the other rank). On one batch per rank it records the
-distillation loss (codistill_loss on fixed student logits) of every mode, the bytes of teacher
-weights the rank holds, and what happens when the leader has no export to offer (a corrupt,
-refused or late export: the loader hands over None) - the previous teacher must stay in every
-mode. Writes DIR/rank_R.json; tests/e2e/test_train.py asserts on them.
+mode {full, partition, offload} x {dense, top-K} x dtype {fp32, bf16} x arch {LSTM, the repo's
+Transformer (RoPE, untied head), an HF Llama config with tie_word_embeddings}. For each
+(arch, dtype) rank 0 writes two peer exports; every combination builds a TeacherPool the way
+the trainer does (``like``: a student module with DeepSpeed's bf16 - parameters cast, buffers
+fp32) and swaps the exports in as the trainer does (only the group's leader has read the
+export, TeacherPool.swap hands it to the other rank; once the leader has nothing to offer - a
+refused or late export - and the previous teacher must stay). Each is measured against a
+reference: a full teacher of the same dtype that this rank loads from the file itself.
+
+Per combination DIR/rank_R.json records: an error (a build or forward that raised), the largest
+difference of q (dense probabilities, or top-K values and rest, and whether the top-K indices are
+equal) and of the teacher's cross entropy against the reference, for both exports and the kept
+one; each buffer's dtype next to the student's and its largest difference from the reference's;
+whether torch.nn.functional.linear is still the original function; the teacher bytes the rank
+holds; and for the offloaded teacher the bytes copied to the device per probs() call next to the
+unique parameter bytes. tests/e2e/test_teacher_placement.py asserts on them.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+import traceback
 from pathlib import Path
 
 import torch
@@ -24,20 +33,65 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
+V = 64
+ORIGINAL_LINEAR = torch.nn.functional.linear
+LLAMA_TIED = {"model_type": "llama", "vocab_size": V, "hidden_size": 32, "intermediate_size": 64,
+              "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+              "max_position_embeddings": 64, "tie_word_embeddings": True}
+
+
+def configs(tmp: Path) -> dict:
+    from model import hf_model_config, preset_config
+    from model.hf import read_hf_config
+    tmp.mkdir(parents=True, exist_ok=True)
+    (tmp / "llama_tied.json").write_text(json.dumps(LLAMA_TIED))
+    return {"lstm": preset_config("lstm", "tiny", V, d_model=64, d_embed=32),
+            "transformer": preset_config("transformer", "tiny", V, max_seq_len=64, d_model=64, d_ff=128,
+                                         tie_embeddings=False),
+            "llama_tied": hf_model_config(read_hf_config(tmp / "llama_tied.json"), max_seq_len=64)}
+
+
+def student_like(cfg, dtype):
+    """The student module as its DeepSpeed engine holds it: bf16 casts parameters, not buffers."""
+    from model import build_model
+    m = build_model(cfg)
+    for p in m.parameters():
+        p.data = p.data.to(dtype)
+    return m
+
+
+def diff(a, b) -> float:
+    return (a.float() - b.float()).abs().max().item()
+
+
+def compare(q, ref, h, h_ref, peer) -> dict:
+    out = {"ce_diff": abs(h[peer].item() - h_ref[peer].item())}
+    if isinstance(q, torch.Tensor):
+        out["q_diff"] = diff(q, ref)
+    else:
+        out["q_diff"] = max(diff(q.values, ref.values), diff(q.rest, ref.rest))
+        out["indices_equal"] = bool(torch.equal(q.indices, ref.indices))
+    return out
+
+
+def snapshot(q):
+    return q.clone() if isinstance(q, torch.Tensor) else type(q)(q.values.clone(), q.indices.clone(), q.rest.clone())
+
 
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--out", required=True)
+    p.add_argument("--arch", nargs="*", default=["lstm", "transformer", "llama_tied"])
     a = p.parse_args([x for x in sys.argv[1:] if not x.startswith("--local_rank")])
     import deepspeed
     import deepspeed.comm as dist
     from codistill.comm import GroupComm, rendezvous_defaults
     from codistill.ds_config import load_ds_config, resolve_ds_config
-    from codistill.exchange import read_export, write_export
-    from codistill.loss import codistill_loss
+    from codistill.exchange import Export, read_export, write_export
+    from codistill.placement import unique_tensors
     from codistill.teacher import TeacherPool
     from codistill.topology import build_mpus, plan
-    from model import build_model, preset_config
+    from model import build_model
 
     rendezvous_defaults()
     deepspeed.init_distributed(dist_backend="gloo", verbose=False)
@@ -51,55 +105,74 @@ def main() -> None:
     comm = GroupComm(device, topo.group_ranks[gid][0], mpu.get_data_parallel_group(), topo.dp_size(gid), leader)
     base = load_ds_config(ROOT / "ds_configs" / "zero3.json")
     base["zero_optimization"]["stage3_param_persistence_threshold"] = 0  # partition even tiny tensors
-    ds_cfg = resolve_ds_config(base, topo.dp_size(gid), None, device)
-    cfg = preset_config("transformer", "tiny", 512)
-    v = cfg.vocab_size
-
-    exports = Path(a.out) / "exports"
-    if rank == 0:
-        for step, seed in ((10, 1), (20, 2)):
-            torch.manual_seed(seed)
-            sd = build_model(cfg).state_dict()
-            w = sd["hf.lm_head.weight"] * 8   # peaked distributions, so that differences show (tied: both names)
-            sd["hf.lm_head.weight"] = sd["hf.model.embed_tokens.weight"] = w
-            write_export(exports, step, sd, {"group": peer})
-    dist.barrier()
-
-    def export(step):  # only the group's leader reads; the other rank receives by the swap
-        return read_export(exports, step) if leader else None
-
-    modes = {"full": {}, "partition": {"placement": "partition"}, "offload": {"placement": "offload"},
-             "topk_v": {"topk": v}, "partition_topk": {"placement": "partition", "topk": 16},
-             "full_topk": {"topk": 16}}
-    pools = {m: TeacherPool(cfg, device, comm=comm, mpu=mpu, ds_config=ds_cfg, **kw) for m, kw in modes.items()}
+    ds_fp32 = resolve_ds_config(base, topo.dp_size(gid), None, device)
+    ds_bf16 = dict(ds_fp32, bf16={"enabled": True})  # bf16 on CPU, as a bf16 GPU run has it
+    cfgs = configs(Path(a.out) / "configs")
+    out = {"rank": rank, "group": gid, "leader": leader, "combos": {}}
     g = torch.Generator().manual_seed(100 + rank)
-    x = torch.randint(0, v, (2, 24), generator=g)
-    y = torch.randint(0, v, (2, 24), generator=g)
-    s = torch.randn(2, 24, v, generator=g)
+    x = torch.randint(0, V, (2, 48), generator=g)
+    y = torch.randint(0, V, (2, 48), generator=g)
 
-    def measure(pool):
-        q, health = pool.probs([peer], x, 1.0, y, num_groups=2)
-        loss, st = codistill_loss(s, y, q, 1.0)
-        dense = q if isinstance(q, torch.Tensor) else None
-        return {"loss": loss.item(), "distill": st.distill, "teacher_ce": health[peer].item(),
-                "step": pool.steps.get(peer), "q": dense.clone() if dense is not None else None}
-
-    out = {"rank": rank, "group": gid, "leader": leader}
-    for name, pool in pools.items():
-        pool.swap({peer: (10, export(10))})
-        first = measure(pool)
-        pool.swap({peer: (20, None)})      # the leader has nothing (refused / late): keep the teacher
-        kept = measure(pool)
-        pool.swap({peer: (20, export(20))})
-        second = measure(pool)
-        if name == "full":
-            ref = {"first": first["q"], "second": second["q"]}
-        for r in (first, kept, second):
-            q = r.pop("q")
-            r["q_max_diff_vs_full"] = None if q is None else (q - ref["second" if r is second else "first"]).abs().max().item()
-        out[name] = {"first": first, "kept": kept, "second": second, "resident_bytes": pool.resident_bytes()}
-    part = pools["partition"].teachers[peer]
-    out["partition_full_bytes"] = part.full_bytes()
+    for arch in a.arch:
+        cfg = cfgs[arch]
+        for dname, dtype, ds_cfg in (("fp32", torch.float32, ds_fp32), ("bf16", torch.bfloat16, ds_bf16)):
+            exports = Path(a.out) / f"exports_{arch}_{dname}"
+            if rank == 0:
+                for step, seed in ((10, 1), (20, 2)):
+                    torch.manual_seed(seed)
+                    sd = build_model(cfg).state_dict()
+                    head = next(k for k in sd if k.endswith(("head.weight", "lm_head.weight")))
+                    tied = [k for k in sd if sd[k].data_ptr() == sd[head].data_ptr()]
+                    w = sd[head] * 8  # peaked distributions, so that differences show (tied: every name)
+                    for k in tied:
+                        sd[k] = w
+                    write_export(exports, step, sd, {"group": peer})
+            dist.barrier()
+            like = student_like(cfg, dtype)
+            student_buffers = {n: b.dtype for n, b in like.named_buffers()}
+            for topk in (0, 16):
+                # the reference: a full teacher this rank loads from the file itself
+                ref_pool = TeacherPool(cfg, device, dtype, like=like, topk=topk)
+                refs = {}
+                for step in (10, 20):
+                    ref_pool.load(peer, read_export(exports, step))
+                    q, h = ref_pool.probs([peer], x, 1.0, y, num_groups=2)
+                    refs[step] = (snapshot(q), h.clone())
+                ref_module = ref_pool.teachers[peer].module
+                ref_buffers = dict(ref_module.named_buffers())
+                param_bytes = sum(t.numel() * t.element_size() for t in unique_tensors(ref_module)
+                                  if not any(t is b.data for b in ref_module.buffers()))
+                for mode in ("full", "partition", "offload"):
+                    name = f"{arch}/{dname}/{mode}/{'topk' if topk else 'dense'}"
+                    rec = out["combos"][name] = {}
+                    try:
+                        pool = TeacherPool(cfg, device, dtype, like=like, comm=comm, placement=mode, mpu=mpu,
+                                           ds_config=ds_cfg, topk=topk)
+                        pool.reserve([peer])
+                        rec["linear_is_original"] = torch.nn.functional.linear is ORIGINAL_LINEAR
+                        for when, step, has in (("first", 10, True), ("kept", 20, False), ("second", 20, True)):
+                            pool.swap({peer: (step, read_export(exports, step) if leader and has else None)})
+                            teacher = pool.teachers[peer]
+                            moved0 = getattr(teacher, "bytes_moved", 0)
+                            q, h = pool.probs([peer], x, 1.0, y, num_groups=2)
+                            ref_step = 10 if when == "kept" else step
+                            rec[when] = dict(compare(q, refs[ref_step][0], h, refs[ref_step][1], peer),
+                                             step=pool.steps[peer])
+                            if mode == "offload":
+                                rec[when]["bytes_moved"] = teacher.bytes_moved - moved0
+                        rec["param_bytes"] = param_bytes
+                        rec["ref_ce"] = [refs[s][1][peer].item() for s in (10, 20)]  # two different teachers
+                        rec["buffers"] = {n: {"dtype": str(b.dtype), "student": str(student_buffers.get(n)),
+                                              "diff": diff(b, ref_buffers[n]) if n in ref_buffers else None}
+                                          for n, b in teacher.module.named_buffers()}
+                        rec["resident_bytes"] = pool.resident_bytes()
+                        rec["full_bytes"] = ref_pool.resident_bytes()
+                    except Exception as e:  # recorded: the test names every failing combination
+                        rec["error"] = f"{type(e).__name__}: {e}"
+                        rec["traceback"] = traceback.format_exc()[-3000:]
+                    finally:
+                        torch.nn.functional.linear = ORIGINAL_LINEAR  # one combination's leak stays its own
+                    dist.barrier()
     Path(a.out, f"rank_{rank}.json").write_text(json.dumps(out, indent=1))
     dist.barrier()
 
