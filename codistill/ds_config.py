@@ -30,17 +30,67 @@ class ConfigError(ValueError):
     pass
 
 
+# The top-level keys DeepSpeed 0.19.8 reads, from DeepSpeedConfig._initialize_params
+# (deepspeed/runtime/config.py) and the sub-configs it calls: get_zero_config, get_monitor_config
+# (tensorboard, wandb, csv_monitor, comet), get_aio_config (runtime/swap_tensor/constants.py),
+# FLOPS_PROFILER (profiling/constants.py), AUTOTUNING (autotuning/constants.py), get_timers_config,
+# get_tensor_parallel_config, get_data_efficiency_config, get_hybrid_engine_config, ... DeepSpeed
+# itself ignores any other key, so a typo would silently drop a setting: load_ds_config refuses it.
+DEEPSPEED_KEYS = frozenset({
+    "train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+    "managed_gradient_accumulation", "steps_per_print", "dump_state", "disable_python_gc", "disable_allgather",
+    "communication_data_type", "seq_parallel_communication_data_type", "prescale_gradients",
+    "gradient_predivide_factor", "gradient_allreduce_op", "gradient_clipping", "optimizer", "scheduler",
+    "zero_optimization", "zero_allow_untested_optimizer", "zero_force_ds_cpu_optimizer", "fp16", "bf16",
+    "bfloat16", "torch_autocast", "data_types", "wall_clock_breakdown", "memory_breakdown", "timers",
+    "activation_checkpointing", "flops_profiler", "comms_logger", "tensorboard", "wandb", "csv_monitor", "comet",
+    "aio", "autotuning", "checkpoint", "pipeline", "data_efficiency", "weight_quantization", "vocabulary_size",
+    "hybrid_engine", "compile", "tensor_parallel", "expert_parallel", "use_data_before_expert_parallelism",
+    "sequence_parallel_size", "dataloader_drop_last", "log_level",
+})
+# keys whose value DeepSpeed (and resolve_ds_config) reads as a JSON object
+OBJECT_KEYS = ("optimizer", "scheduler", "zero_optimization", "fp16", "bf16", "bfloat16", "torch_autocast",
+               "data_types", "activation_checkpointing", "flops_profiler", "comms_logger", "tensorboard", "wandb",
+               "csv_monitor", "comet", "aio", "autotuning", "checkpoint", "pipeline", "data_efficiency",
+               "hybrid_engine", "compile", "tensor_parallel", "timers")
+
+
 def load_ds_config(path: str | Path) -> dict:
+    """The JSON object of ``path`` without its "_comment"-style keys; ConfigError (naming the
+    file and the fix) for a file that is missing, not UTF-8 JSON, not an object, has a top-level
+    key DeepSpeed does not know (the closest known key suggested) or a block that is no object."""
+    import difflib
     path = Path(path)
+    where = f"--ds_config {path}"
     if not path.is_file():
-        raise ConfigError(f"--ds_config {path} does not exist (see ds_configs/ for examples)")
+        raise ConfigError(f"{where} does not exist (see ds_configs/ for examples)")
     try:
-        cfg = json.loads(path.read_text())
+        cfg = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{where} is not UTF-8 text (byte {e.start}): save it as UTF-8 JSON") from None
     except json.JSONDecodeError as e:
-        raise ConfigError(f"--ds_config {path} is not valid JSON: {e}") from None
+        raise ConfigError(f"{where} is not valid JSON: {e}") from None
+    except OSError as e:
+        raise ConfigError(f"{where} cannot be read: {e}") from None
     if not isinstance(cfg, dict):
-        raise ConfigError(f"--ds_config {path} must hold a JSON object")
-    return {k: v for k, v in cfg.items() if not k.startswith("_")}
+        raise ConfigError(f"{where} must hold a JSON object")
+    cfg = {k: v for k, v in cfg.items() if not k.startswith("_")}
+    for key in cfg:
+        if key not in DEEPSPEED_KEYS:
+            from deepspeed.runtime.config import _REMOVED_TOP_LEVEL_CONFIG_KEYS as removed
+            close = difflib.get_close_matches(key, DEEPSPEED_KEYS, n=1)
+            raise ConfigError(f"{where}: {key!r} is not a DeepSpeed config key"
+                              + (f" ({removed[key]})" if key in removed else "")
+                              + (f"; did you mean {close[0]!r}?" if close else "")
+                              + " (DeepSpeed would ignore it; prefix it with '_' for a comment)")
+    for key in OBJECT_KEYS:
+        if key in cfg and not isinstance(cfg[key], dict):
+            raise ConfigError(f"{where}: {key!r} must be a JSON object, e.g. \"{key}\": {{...}} "
+                              f"(got {json.dumps(cfg[key])})")
+    params = cfg.get("optimizer", {}).get("params", {})
+    if not isinstance(params, dict):
+        raise ConfigError(f"{where}: optimizer.params must be a JSON object (got {json.dumps(params)})")
+    return cfg
 
 
 def resolve_ds_config(cfg: dict, dp_size: int, lr: float | None, device: torch.device, where: str = "--ds_config") -> dict:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 from model import PRESETS
@@ -120,17 +121,14 @@ def parse_args(argv=None, description: str | None = None):
     p.add_argument("--on_write_error", default="warn", choices=["warn", "stop"],
                    help="an export or checkpoint write fails (disk full): warn and keep training on the previous "
                         "one, or stop (exit 4); either way LATEST/latest keep naming the previous complete one")
+    p.add_argument("--dist_timeout", type=float, default=600.0, metavar="SECONDS",
+                   help="a collective that waits longer than this for another rank (one that died or hangs) "
+                        "fails and the rank exits 1 naming it; the process-group timeout of "
+                        "init_process_group (docs/fault_tolerance.md)")
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the deepspeed launcher
     pre, _ = p.parse_known_args(argv)
     if pre.config:
-        try:
-            defaults = json.loads(Path(pre.config).read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            p.error(f"--config {pre.config}: {e}")
-        unknown = set(defaults) - {a.dest for a in p._actions}
-        if unknown:
-            p.error(f"--config {pre.config}: unknown keys {sorted(unknown)}")
-        p.set_defaults(**defaults)
+        p.set_defaults(**config_defaults(p, pre.config))
     args = p.parse_args(argv)
     for name in ("max_steps", "seq_len", "eval_every", "eval_batches", "save_every", "export_every", "log_every",
                  "noise_scale_every"):
@@ -149,6 +147,41 @@ def parse_args(argv=None, description: str | None = None):
     return args
 
 
+def config_defaults(p: argparse.ArgumentParser, path: str) -> dict:
+    """The flag defaults of the --config JSON file ``path``, each checked as the command line
+    would check it (its type and choices: argparse applies neither to set_defaults values);
+    ``p.error`` (exit 2, naming the file and the key) otherwise."""
+    try:
+        defaults = json.loads(Path(path).read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        p.error(f"--config {path}: not UTF-8 text (byte {e.start}); save it as UTF-8 JSON")
+    except (OSError, json.JSONDecodeError) as e:
+        p.error(f"--config {path}: {e}")
+    if not isinstance(defaults, dict):
+        p.error(f"--config {path}: must hold a JSON object of flag defaults, e.g. {{\"max_steps\": 100}}")
+    actions = {a.dest: a for a in p._actions}
+    unknown = set(defaults) - set(actions)
+    if unknown:
+        p.error(f"--config {path}: unknown keys {sorted(unknown)}")
+    for key, value in defaults.items():
+        a, bad = actions[key], None
+        if isinstance(value, str) and a.type is not None:
+            continue  # argparse converts (and checks) string defaults itself
+        if a.nargs == 0:  # store_true / store_false
+            bad = not isinstance(value, bool) and "true or false"
+        elif a.type in (int, float):
+            ok = isinstance(value, int) if a.type is int else isinstance(value, (int, float))
+            ok = (value is None and a.default is None) or (ok and not isinstance(value, bool))
+            bad = not ok and f"a{'n integer' if a.type is int else ' number'}"
+        elif a.type is None and value is not None and not isinstance(value, str):
+            bad = "a string"
+        if not bad and a.choices is not None and value not in a.choices:
+            bad = f"one of {list(a.choices)}"
+        if bad:
+            p.error(f"--config {path}: {key!r} must be {bad} (got {json.dumps(value)})")
+    return defaults
+
+
 def check(a) -> tuple[list[str], list[str]]:
     errors, warnings = [], []
 
@@ -156,6 +189,9 @@ def check(a) -> tuple[list[str], list[str]]:
         if not cond:
             errors.append(msg)
 
+    for name, value in sorted(vars(a).items()):  # inf passes every ">= 0" below (and diverges)
+        if isinstance(value, float) and not math.isfinite(value):
+            errors.append(f"--{name} must be a finite number (got {value})")
     codistill = a.num_groups > 1 and a.distill_weight > 0
     need(a.num_groups >= 1, f"--num_groups must be >= 1 (got {a.num_groups})")
     if a.group_id is not None:
@@ -187,6 +223,7 @@ def check(a) -> tuple[list[str], list[str]]:
          "group's devices, offload keeps it in host memory; pick one")
     need(a.poll_interval > 0, f"--poll_interval must be > 0 seconds (got {a.poll_interval})")
     need(a.teacher_timeout >= 0, f"--teacher_timeout must be >= 0 seconds (got {a.teacher_timeout})")
+    need(a.dist_timeout > 0, f"--dist_timeout must be > 0 seconds (got {a.dist_timeout})")
     need(a.max_bad_steps >= 1, f"--max_bad_steps must be >= 1 (got {a.max_bad_steps})")
     need(a.teacher_max_ppl_ratio == 0 or a.teacher_max_ppl_ratio > 1, f"--teacher_max_ppl_ratio must be > 1, or 0 "
          f"to switch the teacher guard off (got {a.teacher_max_ppl_ratio})")

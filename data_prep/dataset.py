@@ -85,13 +85,58 @@ class TokenData:
             raise DataError(f"tokenizer {self.tokenizer_path} has {sp.GetPieceSize()} pieces but "
                             f"{self.dir}/manifest.json says vocab_size={self.vocab_size}; re-run data prep")
 
-    def tokens(self, split: str) -> np.ndarray:
+    def token_path(self, split: str) -> Path:
         if split not in self.splits:
             raise DataError(f"split {split!r} is not in {self.dir}/manifest.json (has {sorted(self.splits)})")
-        path = self.dir / self.splits[split]["tokens"]
+        try:
+            return self.dir / self.splits[split]["tokens"]
+        except (KeyError, TypeError):
+            raise DataError(f"{self.dir}/manifest.json names no token file for split {split!r}; "
+                            "re-run data_prep/prepare.py") from None
+
+    def tokens(self, split: str) -> np.ndarray:
+        """The split's tokens as a read-only memmap; DataError naming the file if it is missing,
+        not a regular file, or not the manifest's num_tokens whole tokens (truncated/foreign)."""
+        path = self.token_path(split)
+        if path.is_dir() or (path.exists() and not path.is_file()):
+            raise DataError(f"{path} (split {split}) is not a regular file: restore it or re-run data_prep/prepare.py")
         if not path.is_file():
             raise DataError(f"{path} (split {split}) is missing")
+        size, width = path.stat().st_size, self.dtype.itemsize
+        expected = self.splits[split].get("num_tokens")
+        if size % width or (expected is not None and size // width != int(expected)):
+            raise DataError(f"{path} (split {split}) has {size} bytes, but {self.dir}/manifest.json says "
+                            f"{expected} {self.dtype} tokens ({width} bytes each): the file is truncated or "
+                            "from another dataset; restore it or re-run data_prep/prepare.py")
+        if size == 0:
+            return np.empty(0, self.dtype)  # np.memmap refuses an empty file
         return np.memmap(path, dtype=self.dtype, mode="r")
+
+    def check_ids(self, split: str, chunk: int = 1 << 24) -> None:
+        """Every token id of ``split`` is < vocab_size (else the embedding's index error at the
+        first window that holds one): a max over the memmap, ``chunk`` tokens at a time."""
+        toks = self.tokens(split)
+        for lo in range(0, len(toks), chunk):
+            part = toks[lo:lo + chunk]
+            if int(part.max()) >= self.vocab_size:
+                at = lo + int(np.argmax(part >= self.vocab_size))
+                raise DataError(f"{self.token_path(split)} (split {split}) holds token id {int(toks[at])} at token "
+                                f"offset {at} (byte {at * self.dtype.itemsize}), but {self.dir}/manifest.json says "
+                                f"vocab_size={self.vocab_size}: the file is corrupt or from another tokenizer; "
+                                "re-run data_prep/prepare.py")
+
+    def check_run(self, groups, num_groups: int, seq_len: int, shared: bool = False, val: str = "val") -> None:
+        """Before any compute: every split a run hosting ``groups`` reads (their shards, all of
+        them if ``shared``, and ``val``) is readable, holds only ids < vocab_size and at least
+        one window of seq_len+1 tokens."""
+        for g in groups:
+            own = self.group_shards(g, num_groups)  # validates group / num_groups either way
+            shards = self.group_shards(0, 1) if shared else own
+            for s in shards:
+                self.check_ids(s)
+            need_windows(sum(len(self.tokens(s)) for s in shards), seq_len, f"group {g}'s shard")
+        self.check_ids(val)
+        need_windows(len(self.tokens(val)), seq_len, f"the {val} split of {self.dir}")
 
     def group_shards(self, group: int, num_groups: int) -> list[str]:
         if num_groups < 1 or self.num_shards % num_groups:
@@ -115,11 +160,8 @@ class GroupStream:
         parts = [data.tokens(s) for s in shards]
         self.tokens = parts[0] if len(parts) == 1 else np.concatenate(parts)
         self.seq_len, self.seed, self.group = seq_len, seed, group
-        self.num_windows = (len(self.tokens) - 1) // seq_len
+        self.num_windows = need_windows(len(self.tokens), seq_len, f"group {group}'s shard")
         self._perm_cache: tuple[int, np.ndarray | None] = (-1, None)
-        if self.num_windows < 1:
-            raise DataError(f"group {group}'s shard has {len(self.tokens)} tokens, fewer than --seq_len+1="
-                            f"{seq_len + 1}: use a shorter --seq_len or more data")
 
     def _perm(self, epoch: int) -> np.ndarray:
         if self._perm_cache[0] != epoch:
@@ -159,13 +201,19 @@ class GroupStream:
         return torch.from_numpy(np.stack(rows).astype(np.int64)), w == 0
 
 
+def need_windows(num_tokens: int, seq_len: int, what: str) -> int:
+    """How many windows of seq_len+1 tokens (sharing boundaries) ``num_tokens`` hold; DataError if none."""
+    n = (num_tokens - 1) // seq_len
+    if n < 1:
+        raise DataError(f"{what} has {num_tokens} tokens, fewer than --seq_len+1={seq_len + 1}: use "
+                        f"--seq_len {max(1, num_tokens - 1)} or less, or more data")
+    return n
+
+
 def split_windows(data: TokenData, split: str, seq_len: int) -> tuple[np.ndarray, int]:
     """The split's tokens and how many whole windows of seq_len+1 (sharing boundaries) it holds."""
     toks = data.tokens(split)
-    n = (len(toks) - 1) // seq_len
-    if n < 1:
-        raise DataError(f"the {split} split of {data.dir} has {len(toks)} tokens, fewer than --seq_len+1")
-    return toks, n
+    return toks, need_windows(len(toks), seq_len, f"the {split} split of {data.dir}")
 
 
 def eval_batches(data: TokenData, seq_len: int, micro_batch: int, num_batches: int, dp_rank: int,

@@ -87,6 +87,10 @@ def file_kind(path) -> str | None:
     return None
 
 
+# a device, FIFO or socket (behind a symlink or not) may never end: reading it would hang
+NOT_REGULAR = "not a regular file (a device, FIFO or socket, e.g. a link to /dev/zero: it may never end)"
+
+
 def discover(paths, stats: Stats) -> list[str]:
     """Expand input paths into a sorted list of supported files (directories recursively)."""
     out: list[str] = []
@@ -116,12 +120,16 @@ def discover(paths, stats: Stats) -> list[str]:
                     continue
                 if file_kind(f) is None:
                     stats.drop_file("unsupported_file", f, "unknown extension")
+                elif os.path.exists(f) and not os.path.isfile(f):
+                    stats.drop_file("unsupported_file", f, NOT_REGULAR)
                 else:
                     out.append(f)
         elif p.exists() or p.is_symlink():
             if file_kind(p) is None:
                 stats.drop_file("unsupported_file", p,
                                 "use .txt/.jsonl/.warc.wet[.gz]/.parquet/.json names")
+            elif p.exists() and not p.is_file():
+                stats.drop_file("unsupported_file", p, NOT_REGULAR)
             else:
                 out.append(str(p))
         else:

@@ -599,3 +599,19 @@ def test_prepare_sample_concurrent(tmp_path):
     assert all(s["num_docs"] > 50 for s in m["splits"].values())
     verify(out)
     assert prepare_sample(out) == out  # already there: returns at once
+
+
+def test_a_device_or_fifo_input_is_skipped_not_read_forever(texts, tok, tmp_path):
+    """A .txt name that is a link to /dev/zero (or a FIFO, in a directory) would be read
+    forever: it is skipped and counted like any unusable input file, with the reason."""
+    (tmp_path / "zero.txt").symlink_to("/dev/zero")
+    t0 = time.monotonic()
+    with pytest.raises(DataPrepError, match=r"no input file found.*zero\.txt.*unsupported_file=1"):
+        _run([tmp_path / "zero.txt"], tmp_path / "out")
+    d = tmp_path / "dir"
+    d.mkdir()
+    (d / "a.txt").write_text("\n\n".join(texts[:20]))
+    os.mkfifo(d / "pipe.txt")  # nobody ever writes to it: opening it would block
+    out = _run([d], tmp_path / "out2", tokenizer=tok)
+    assert json.loads((out / "manifest.json").read_text())["dropped"]["unsupported_file"] == 1
+    assert time.monotonic() - t0 < 120

@@ -45,6 +45,9 @@ class Log:
     (["--lr", "-0.1"], "--lr must be > 0"),
     (["--burn_in_steps", "-1"], "--burn_in_steps must be >= 0"),
     (["--dropout", "1.5"], "--dropout must be in [0, 1)"),
+    (["--distill_weight", "inf"], "--distill_weight must be a finite number (got inf)"),
+    (["--lr", "nan"], "--lr must be a finite number (got nan)"),
+    (["--dist_timeout", "0"], "--dist_timeout must be > 0 seconds"),
 ])
 def test_bad_flag_combinations_name_the_flag(sample_data, tmp_path, extra, msg):
     errors, _ = flags.check(flags.parse_args([*e2e_args(sample_data, tmp_path / "run"), *extra]))
@@ -117,3 +120,91 @@ def test_target_val_loss_needs_every_hosted_group_at_or_below_it():
     assert tl.target_reached(groups(4.0, 4.5), 4.5)
     assert not tl.target_reached(groups(4.0, 4.6), 4.5)
     assert not tl.target_reached(groups(float("nan")), 4.5)
+
+
+@pytest.mark.parametrize("content,msg", [
+    (b"\xff\xfe{}", "not UTF-8 text"),
+    (b"[1, 2]", "must hold a JSON object"),
+    (b'{"max_steps": null}', "'max_steps' must be an integer (got null)"),
+    (b'{"distill_weight": "heavy"}', "invalid float value"),  # argparse converts string defaults
+    (b'{"model": "rnn"}', "'model' must be one of"),
+    (b'{"carry_state": "yes"}', "'carry_state' must be true or false"),
+    (b'{"optimizer": "AdamW"}', "unknown keys ['optimizer']"),
+])
+def test_a_bad_config_file_exits_2_naming_it(tmp_path, capsys, content, msg):
+    bad = tmp_path / "flags.json"
+    bad.write_bytes(content)
+    with pytest.raises(SystemExit) as e:
+        flags.parse_args(["--config", str(bad)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and msg in err and (str(bad) in err or "distill_weight" in err), err
+
+
+@pytest.mark.parametrize("content,msg", [
+    (b'{"train_micro_batch_size_per_gpu": 4, "optimizer": "AdamW"}',
+     "'optimizer' must be a JSON object, e.g. \"optimizer\": {...} (got \"AdamW\")"),
+    (b'{"optimizer": {"type": "AdamW", "params": 0.1}}', "optimizer.params must be a JSON object"),
+    (b'{"zero_optimisation": {"stage": 2}}', "'zero_optimisation' is not a DeepSpeed config key; "
+                                             "did you mean 'zero_optimization'?"),
+    (b'{"gradient_acumulation_steps": 2}', "did you mean 'gradient_accumulation_steps'?"),
+    (b'{"amp": {"enabled": true}}', "NVIDIA Apex AMP integration has been removed"),
+    (b'{"bf16": {"enabled": "auto"}, "_comment": "\xe9t\xe9"}', "is not UTF-8 text (byte 43)"),
+    (b"[]", "must hold a JSON object"),
+])
+def test_a_bad_ds_config_is_refused_naming_the_file(tmp_path, content, msg):
+    from codistill.ds_config import ConfigError, load_ds_config
+    bad = tmp_path / "ds.json"
+    bad.write_bytes(content)
+    with pytest.raises(ConfigError) as e:
+        load_ds_config(bad)
+    assert msg in str(e.value) and f"--ds_config {bad}" in str(e.value), str(e.value)
+
+
+def test_every_shipped_config_passes_the_checks():
+    from pathlib import Path
+    from codistill.ds_config import load_ds_config
+    root = Path(__file__).resolve().parents[1]
+    configs = sorted((root / "ds_configs").glob("*.json"))
+    assert len(configs) == 3
+    for f in configs:
+        assert "_comment" not in load_ds_config(f) and "zero_optimization" in load_ds_config(f)
+    for f in sorted((root / "recipes" / "configs").glob("*.json")):
+        assert flags.check(flags.parse_args(["--config", str(f)]))[0] == [], f
+
+
+def _break_data(sample_data, tmp_path, how):
+    import numpy as np
+    d = tmp_path / "data"
+    shutil.copytree(sample_data, d)
+    if how == "id":
+        m = np.memmap(d / "group_1.bin", dtype=np.uint16, mode="r+")
+        m[77] = 65000
+        m.flush()
+    elif how == "dir":
+        (d / "group_0.bin").unlink()
+        (d / "group_0.bin").mkdir()
+    return d
+
+
+@pytest.mark.parametrize("how,extra,msg", [
+    ("id", [], r"group_1\.bin \(split group_1\) holds token id 65000 at token offset 77"),
+    ("dir", [], r"group_0\.bin \(split group_0\) is not a regular file"),
+    (None, ["--seq_len", "1000000"], r"fewer than --seq_len\+1=1000001"),
+])
+def test_broken_data_is_refused_by_the_plan(sample_data, tmp_path, how, extra, msg):
+    """Before deepspeed.init_distributed (today's alternative: a traceback at the first batch)."""
+    tl = train_lm()
+    data = _break_data(sample_data, tmp_path, how) if how else sample_data
+    with pytest.raises(tl.SETUP_ERRORS, match=msg):
+        tl.plan_run(tl.parse_args([*e2e_args(data, tmp_path / "run"), *extra]), Log())
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_command_line_exits_2_on_a_ds_config_typo_and_broken_data(sample_data, tmp_path):
+    bad = tmp_path / "ds.json"
+    bad.write_text(json.dumps({"train_micro_batch_size_per_gpu": 4, "optimizer": {"type": "AdamW"},
+                               "wall_clock_breakdwn": False}))
+    proc = run_python(["recipes/train_lm.py", *e2e_args(sample_data, tmp_path / "run"), "--ds_config", bad],
+                      timeout=120)
+    assert proc.returncode == 2 and "did you mean 'wall_clock_breakdown'?" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "run").exists()

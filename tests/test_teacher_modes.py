@@ -91,8 +91,8 @@ def test_chunks_are_sized_in_bytes():
     assert chunk_rows(10**9, 1) == 1
 
 
-def _pool(placement="full", topk=0, cfg=CFG, chunk_mb=32.0, nan_peers=()):
-    pool = TeacherPool(cfg, torch.device("cpu"), placement=placement, topk=topk, chunk_mb=chunk_mb)
+def _pool(placement="full", topk=0, cfg=CFG, chunk_mb=32.0, nan_peers=(), device="cpu"):
+    pool = TeacherPool(cfg, torch.device(device), placement=placement, topk=topk, chunk_mb=chunk_mb)
     for peer in (1, 2):
         torch.manual_seed(peer)
         sd = build_model(cfg).state_dict()
@@ -203,3 +203,33 @@ def test_offloaded_teacher_moves_each_parameter_to_the_device_once_per_forward(a
             else:
                 assert torch.equal(q_off, q_full)
             assert torch.equal(h_off, h_full)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: run `pytest -m gpu` on a GPU node")
+@pytest.mark.parametrize("arch", ["lstm", "llama_tied", "llama_untied"])
+@pytest.mark.parametrize("topk", [0, 5], ids=["dense", "topk"])
+def test_offloaded_teacher_prefetches_on_a_side_stream_and_computes_what_the_full_teacher_does(arch, topk):
+    """On CUDA: pinned host weights, the next submodule copied on a side stream while the current
+    one computes; many forwards and a swap in between (the allocator reusing the copies' memory,
+    receive writing the host copies) give the full teacher's probabilities, moving each parameter once."""
+    cfg = {"lstm": CFG, "llama_tied": _llama(True), "llama_untied": _llama(False)}[arch]
+    x, y = torch.randint(0, V, (4, 32), device="cuda"), torch.randint(0, V, (4, 32), device="cuda")
+    full, off = _pool(topk=topk, cfg=cfg, device="cuda"), _pool("offload", topk=topk, cfg=cfg, device="cuda")
+    teacher = off.teachers[1]
+    assert teacher.stream is not None and all(t.is_pinned() for t in teacher.host.values())
+    unique = sum(p.numel() * p.element_size() for p in full.modules[1].parameters())
+    for i in range(12):
+        if i == 6:  # a new export into the host copies while earlier copies may still be queued
+            torch.manual_seed(9)
+            sd = build_model(cfg).state_dict()
+            for pool in (full, off):
+                pool.load(1, Export(step=20, meta={}, state_dict=sd))
+        before = teacher.bytes_moved
+        q_off, h_off = off.probs([1], x, targets=y, num_groups=3)
+        q_off = q_off.values.clone() if topk else q_off.clone()
+        assert teacher.bytes_moved - before == unique
+        q_full, h_full = full.probs([1], x, targets=y, num_groups=3)
+        torch.testing.assert_close(q_off, q_full.values if topk else q_full, rtol=0, atol=1e-6)
+        torch.testing.assert_close(h_off, h_full, rtol=0, atol=1e-5)
+    assert teacher.prefetched_bytes > 0

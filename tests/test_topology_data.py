@@ -96,3 +96,57 @@ def test_recipe_config_files_parse_and_command_line_wins():
         assert args.model in ("lstm", "transformer")
     args = flags.parse_args(["--config", str(root / "lstm_paper.json"), "--max_steps", "7"])
     assert args.model_size == "paper" and args.max_steps == 7
+
+
+def _copy(sample_data, tmp_path):
+    import shutil
+    d = tmp_path / "data"
+    shutil.copytree(sample_data, d)
+    return d, TokenData(d)
+
+
+def test_token_ids_beyond_the_vocab_are_refused_naming_shard_and_offset(sample_data, tmp_path):
+    """Found before any compute by a chunked max over the memmap (without it, the embedding's
+    index error at the first window that draws the bad id)."""
+    d, data = _copy(sample_data, tmp_path)
+    data.check_run([1], 2, seq_len=32)  # a good dataset passes
+    toks = np.memmap(d / "group_4.bin", dtype=data.dtype, mode="r+")
+    toks[1234] = data.vocab_size  # one id out of range, in a shard group 1 reads
+    toks.flush()
+    del toks
+    data.check_run([0], 2, seq_len=32)  # group 0 never reads group_4
+    for chunk in (7, 1 << 24):  # found in any chunk
+        with pytest.raises(DataError, match=rf"group_4\.bin \(split group_4\) holds token id {data.vocab_size} at "
+                                            r"token offset 1234 .*vocab_size=2000"):
+            data.check_ids("group_4", chunk=chunk)
+    with pytest.raises(DataError, match="group_4.bin"):
+        data.check_run([1], 2, seq_len=32)
+    with pytest.raises(DataError, match="group_4.bin"):
+        data.check_run([0], 2, seq_len=32, shared=True)  # shared: every group reads every shard
+
+
+def test_broken_split_files_name_the_file(sample_data, tmp_path):
+    d, data = _copy(sample_data, tmp_path)
+    with open(d / "group_2.bin", "r+b") as f:  # truncated to an odd byte count
+        f.truncate(f.seek(0, 2) - 1)
+    with pytest.raises(DataError, match=r"group_2\.bin \(split group_2\) has \d+ bytes.*truncated"):
+        data.tokens("group_2")
+    with open(d / "group_3.bin", "r+b") as f:  # truncated by whole tokens: the manifest's count tells
+        f.truncate(f.seek(0, 2) - 2)
+    with pytest.raises(DataError, match=r"group_3\.bin .*truncated"):
+        data.tokens("group_3")
+    (d / "val.bin").unlink()
+    (d / "val.bin").mkdir()
+    with pytest.raises(DataError, match=r"val\.bin \(split val\) is not a regular file"):
+        data.check_run([5], 6, seq_len=32)  # group 5's shard is fine; val is read by every group
+
+
+def test_seq_len_longer_than_a_split_is_found_at_plan_time(sample_data):
+    data = TokenData(sample_data)
+    val = data.splits["val"]["num_tokens"]
+    smallest = min(sum(data.splits[s]["num_tokens"] for s in data.group_shards(g, 2)) for g in (0, 1))
+    assert val < smallest  # the val split is the shortest: a seq_len between them fails on val only
+    with pytest.raises(DataError, match=rf"the val split of .* has {val} tokens, fewer than --seq_len\+1"):
+        data.check_run([0, 1], 2, seq_len=val)
+    with pytest.raises(DataError, match=r"group 1's shard has \d+ tokens, fewer than --seq_len\+1"):
+        data.check_run([1], 2, seq_len=10 ** 8)

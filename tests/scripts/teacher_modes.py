@@ -87,7 +87,7 @@ def main() -> None:
     import deepspeed.comm as dist
     from codistill.comm import GroupComm, rendezvous_defaults
     from codistill.ds_config import load_ds_config, resolve_ds_config
-    from codistill.exchange import Export, read_export, write_export
+    from codistill.exchange import read_export, write_export
     from codistill.placement import unique_tensors
     from codistill.teacher import TeacherPool
     from codistill.topology import build_mpus, plan
