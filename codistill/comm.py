@@ -11,6 +11,7 @@ caller needs the answer on the host); ``sum_over`` and ``broadcast_tensors`` do 
 """
 from __future__ import annotations
 
+import datetime
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -32,6 +33,45 @@ def rendezvous_defaults() -> None:
     for k, v in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
         os.environ.setdefault(k, v)
     os.environ.setdefault("MASTER_PORT", str(free_port()))
+
+
+def collective_timeout(seconds: float) -> datetime.timedelta:
+    """``seconds`` (--dist_timeout) as the timeout of every process group made from now on,
+    returned for init_process_group. A group made without a timeout takes the backend's default
+    (torch/distributed/distributed_c10d.py _get_default_timeout: the module globals
+    default_pg_timeout, 30 min for gloo, and default_pg_nccl_timeout, 10 min), not the world's,
+    and DeepSpeed makes its groups that way (deepspeed/utils/groups.py _clone_world_group, the
+    data-parallel group of a run whose group is the whole world; comm/torch.py new_group), as
+    does topology.build_mpus: so the defaults themselves are set."""
+    from torch.distributed import distributed_c10d as c10d
+    timeout = datetime.timedelta(seconds=seconds)
+    c10d.default_pg_timeout = timeout
+    if isinstance(getattr(c10d, "default_pg_nccl_timeout", None), datetime.timedelta):
+        c10d.default_pg_nccl_timeout = timeout
+    return timeout
+
+
+# What a collective raises on a rank whose peer died or hung past the process-group timeout:
+# gloo's transport errors are plain RuntimeErrors ("[.../gloo/transport/tcp/pair.cc:553]
+# Connection closed by peer ...", "Timed out waiting ... for recv"); NCCL's are DistBackendError
+# (torch/distributed/__init__.py: torch._C._DistBackendError, a DistError). Under NCCL the
+# watchdog may instead abort the process after the timeout (init_process_group's docstring in
+# torch/distributed/distributed_c10d.py): non-zero either way, and within --dist_timeout.
+_LOST_PEER = ("connection closed by peer", "connection reset by peer", "broken pipe", "timed out", "timeout",
+              "/gloo/")
+
+
+def lost_rank_message(e: BaseException, rank: int, timeout_s: float) -> str | None:
+    """The error line for a collective that failed because another rank of the launch died or
+    stopped answering (None if ``e`` is something else)."""
+    text = str(e).strip()
+    if not (isinstance(e, dist.DistError) or (isinstance(e, RuntimeError)
+                                              and any(m in text.lower() for m in _LOST_PEER))):
+        return None
+    first = text.splitlines()[0] if text else type(e).__name__
+    return (f"rank {rank}: a collective failed ({first[:300]}): another rank of this launch died or did not answer "
+            f"within --dist_timeout {timeout_s:g} s; see that rank's log. Exiting 1: training can continue from "
+            "the last complete checkpoint with --resume auto")
 
 
 def device_tensor(values, device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:

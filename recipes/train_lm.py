@@ -29,7 +29,7 @@ import torch
 
 from codistill import faults, flags, runlog
 from codistill.checkpoint import Checkpointer, read_latest as read_latest_checkpoint
-from codistill.comm import StepControl, flags_any, rendezvous_defaults
+from codistill.comm import StepControl, collective_timeout, flags_any, lost_rank_message, rendezvous_defaults
 from codistill.device import DeviceError, train_device
 from codistill.ds_config import ConfigError, load_ds_config, resolve_ds_config
 from codistill.exchange import ExportError
@@ -89,28 +89,28 @@ def plan_run(args, log) -> Plan:
     if Path(args.data).exists() or Path(args.data).resolve() != flags.DEFAULT_DATA.resolve():  # fail fast
         early = TokenData(args.data)
         early.check_tokenizer()
-        for g in topo.hosted:
-            early.group_shards(g, args.num_groups)
+        early.check_run(topo.hosted, args.num_groups, args.seq_len, shared=args.data_split == "shared")
     return Plan(args, rank, world, device, topo, ds_base, ds_cfgs, RunLayout(args.run_dir))
 
 
-def init_distributed(device: torch.device) -> None:
+def init_distributed(device: torch.device, timeout_s: float = 600.0) -> None:
     """env:// rendezvous; defaults make plain `python recipes/train_lm.py` a 1-rank world.
+    A collective waits at most ``timeout_s`` (--dist_timeout) for a rank that died or hangs.
 
     On CUDA the NCCL process group is bound to this rank's device (``device_id``) here, before
     DeepSpeed would bind it to cuda:LOCAL_RANK - the wrong device (or none) when each task sees
     only its own GPU (codistill/device.py)."""
-    import datetime
     import deepspeed
     rendezvous_defaults()
+    timeout = collective_timeout(timeout_s)  # also every process group DeepSpeed and build_mpus make
     if device.type == "cuda":
         torch.cuda.set_device(device)
         if int(os.environ["WORLD_SIZE"]) > 1 and not torch.distributed.is_initialized():
-            torch.distributed.init_process_group("nccl", device_id=device, timeout=datetime.timedelta(minutes=30))
+            torch.distributed.init_process_group("nccl", device_id=device, timeout=timeout)
     elif "OMP_NUM_THREADS" not in os.environ:  # share the cores among this node's ranks
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"]))
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_world)))
-    deepspeed.init_distributed(verbose=False)
+    deepspeed.init_distributed(verbose=False, timeout=timeout)
 
 
 def load_inputs(p: Plan, log):
@@ -303,7 +303,7 @@ def main(argv=None):
     log = runlog.Console(int(os.environ.get("RANK", 0)))
     try:
         p = plan_run(args, log)
-        init_distributed(p.device)
+        init_distributed(p.device, args.dist_timeout)
         data, model_cfg, fixed = load_inputs(p, log)
     except SETUP_ERRORS as e:
         log.error(str(e))
@@ -337,6 +337,11 @@ def main(argv=None):
         outcome, step = train(args, students, exchange, ckpt, control, start, log)
         if outcome == "done":
             finish(p, students, exchange, ckpt, model_cfg, start, step, t_start, log)
+    except RuntimeError as e:  # a peer rank died or hung (codistill/comm.py lost_rank_message)
+        if (msg := lost_rank_message(e, p.rank, args.dist_timeout)) is None:
+            raise
+        print(f"error: {msg}", file=sys.stderr, flush=True)
+        sys.exit(1)
     finally:
         if exchange is not None:
             exchange.close()

@@ -169,3 +169,70 @@ def test_teacher_from_an_export_gives_the_students_logits(tmp_path, bf16):
     if bf16:
         assert res["transformer"]["buffer_dtypes"] == ["torch.float32"]
         assert res["transformer"]["naive_cast_max_abs_diff_late_positions"] > 4 * res["transformer"]["max_abs_diff"]
+
+
+def _hung_peer(rank, port, result_dir):
+    import time
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=2, timeout=comm.collective_timeout(2))
+    group = torch.distributed.new_group([0, 1])  # no timeout given: as DeepSpeed makes its groups
+    if rank == 1:
+        time.sleep(12)  # a hung rank
+    t0, outcome = time.monotonic(), "ok"
+    try:
+        torch.distributed.all_reduce(torch.ones(3), group=group)
+    except RuntimeError as e:
+        outcome = comm.lost_rank_message(e, rank, 2) or repr(e)
+    with open(os.path.join(result_dir, f"r{rank}"), "w") as f:
+        f.write(repr((time.monotonic() - t0, outcome)))
+
+
+def test_dist_timeout_bounds_every_process_group_not_only_the_world(tmp_path):
+    """A rank that hangs: the other's collective on a group made without a timeout (DeepSpeed's
+    clone of the world, build_mpus' groups) fails after --dist_timeout, not gloo's 30 minutes."""
+    from conftest import free_port
+    mp.start_processes(_hung_peer, args=(free_port(), str(tmp_path)), nprocs=2, start_method="spawn")
+    waited, outcome = eval((tmp_path / "r0").read_text())
+    assert 1.5 < waited < 9 and outcome.startswith("rank 0: a collective failed") and "Timed out" in outcome, outcome
+
+
+def test_lost_rank_message_recognises_a_dead_peer_only():
+    gloo = RuntimeError("[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection closed "
+                        "by peer [127.0.0.1]:10150. This is typically caused by a remote worker crashing.")
+    msg = comm.lost_rank_message(gloo, 0, 600)
+    assert msg.startswith("rank 0: a collective failed") and "--dist_timeout 600 s" in msg and "--resume auto" in msg
+    assert comm.lost_rank_message(RuntimeError("mat1 and mat2 shapes cannot be multiplied"), 0, 600) is None
+    assert comm.lost_rank_message(torch.distributed.DistBackendError("NCCL watchdog"), 1, 5).startswith("rank 1")
+
+
+def test_a_rank_killed_mid_training_ends_the_other_within_a_bounded_time(sample_data, tmp_path):
+    """Two ranks of one group started as srun/torchrun start them (no deepspeed launcher, which
+    would kill the survivor itself: deepspeed/launcher/launch.py main's sigkill_handler): rank 1
+    is SIGKILLed in step 3 (CODISTILL_FAULT_INJECT); rank 0's next collective fails, and it exits
+    1 with one error line naming the cause, not a traceback, well within --dist_timeout."""
+    import subprocess
+    import sys
+    import time
+    from conftest import ROOT, e2e_args, env_for_runs, free_port
+    port, procs, logs = free_port(), [], [tmp_path / "rank0.log", tmp_path / "rank1.log"]
+    argv = e2e_args(sample_data, tmp_path / "run", num_groups=1, max_steps=20, dist_timeout=30)
+    for r in (0, 1):
+        env = dict(env_for_runs(), RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), CODISTILL_FAULT_INJECT="sigkill:1@3")
+        with open(logs[r], "w") as f:
+            procs.append(subprocess.Popen([sys.executable, "recipes/train_lm.py", *argv], cwd=ROOT, env=env,
+                                          stdout=f, stderr=subprocess.STDOUT))
+    try:
+        procs[1].wait(timeout=120)
+        killed = time.monotonic()
+        procs[0].wait(timeout=60)
+        survived_s = time.monotonic() - killed
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+    out = logs[0].read_text()
+    assert procs[1].returncode == -9 and procs[0].returncode == 1, out[-4000:]
+    assert "error: rank 0: a collective failed" in out and "--resume auto" in out, out[-4000:]
+    assert "Traceback" not in out, out[-4000:]
+    assert survived_s < 30  # gloo sees the closed connection at once; a hung peer: --dist_timeout
