@@ -117,7 +117,8 @@ def load_inputs(p: Plan, log):
     """The data (the embedded corpus prepared on first use), the model config, the --teacher."""
     import deepspeed.comm as dist
     args, data_dir = p.args, Path(p.args.data)
-    if not (data_dir / "manifest.json").exists() and data_dir.resolve() == flags.DEFAULT_DATA.resolve():
+    fresh = not (data_dir / "manifest.json").exists() and data_dir.resolve() == flags.DEFAULT_DATA.resolve()
+    if fresh:
         if p.rank == 0:
             from data_prep.prepare import prepare_sample
             print(f"preparing the embedded corpus into {data_dir} (first run only)", flush=True)
@@ -125,6 +126,8 @@ def load_inputs(p: Plan, log):
         dist.barrier()
     data = TokenData(data_dir)
     data.check_tokenizer()
+    if fresh:  # prepared just now: plan_run had nothing to check
+        data.check_run(p.topo.hosted, args.num_groups, args.seq_len, shared=args.data_split == "shared")
     for g in p.topo.hosted:
         data.group_shards(g, args.num_groups)
     model_cfg = flags.model_config(args, data.vocab_size)
