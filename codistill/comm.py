@@ -57,8 +57,7 @@ def collective_timeout(seconds: float) -> datetime.timedelta:
 # (torch/distributed/__init__.py: torch._C._DistBackendError, a DistError). Under NCCL the
 # watchdog may instead abort the process after the timeout (init_process_group's docstring in
 # torch/distributed/distributed_c10d.py): non-zero either way, and within --dist_timeout.
-_LOST_PEER = ("connection closed by peer", "connection reset by peer", "broken pipe", "timed out", "timeout",
-              "/gloo/")
+_LOST_PEER = ("connection closed by peer", "connection reset by peer", "broken pipe", "timed out", "/gloo/")
 
 
 def lost_rank_message(e: BaseException, rank: int, timeout_s: float) -> str | None:
