@@ -1,7 +1,7 @@
 """Peers' stale checkpoints as teachers: a background loader and the in-memory teacher modules.
 
-TeacherLoader (a thread beside the training loop) reads peers' exports from disk into CPU
-memory - file read, size/checksum check, safetensors parse, shape and finiteness checks - so
+TeacherLoader (a reader thread per peer beside the training loop) reads peers' exports from disk
+into CPU memory - file read, size/checksum check, safetensors parse, shape and finiteness checks - so
 the trainer only pays for copying ready tensors into its teacher modules between steps
 (TeacherPool.load; from pinned memory without blocking on a GPU).
 
@@ -16,11 +16,14 @@ Two ways to choose which export a student uses:
   from an older checkpoint (or joins late, or rewrites a refused export) is picked up at its
   next export without restarting anyone else.
 A missing, dead, corrupt or hostile peer never stops training: the last good teacher stays
-(or plain CE is used), and the problem is logged once per peer and kind.
+(or plain CE is used), and the problem is logged once per peer and kind. Nor does a stuck one
+(its files block or crawl): its read is abandoned after a deadline, other peers are read by
+their own threads, and the training loop never waits for a read (TeacherLoader).
 """
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 import time
 from pathlib import Path
@@ -68,11 +71,24 @@ def read_fixed_teacher(path: Path, config_hash: str | None = None, tokenizer_sha
     raise ExportError(f"{flag} {path}: not a group directory, final/ or exports/ directory, or export file{hint}")
 
 
-def _mtime_ns(path: Path) -> int | None:
+READ_TIMEOUT_S = 60.0  # a read of a peer's files not done by then is abandoned (TeacherLoader)
+
+
+def file_identity(path: Path) -> tuple | None:
+    """(path, inode, size, mtime_ns) of ``path`` itself (a symlink is not followed; stat never
+    opens, so a FIFO cannot block it), or None when it does not exist: a file rewritten or
+    replaced by the peer has another identity."""
     try:
-        return path.stat().st_mtime_ns
+        st = os.lstat(path)
     except OSError:
         return None
+    return (str(path), st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def describe(e: Exception, path: Path) -> str:
+    """An error of a reader of a peer's files as one line naming the file (ExportError's
+    messages already do)."""
+    return str(e) if isinstance(e, ExportError) else f"{path}: cannot be read ({type(e).__name__}: {e})"
 
 
 def check_usable(exp: Export, expect: dict[str, tuple] | None) -> None:
@@ -90,10 +106,51 @@ def check_usable(exp: Export, expect: dict[str, tuple] | None) -> None:
                               f"{tuple(expect[bad[0]])}")
 
 
+class _Reader:
+    """One peer's reads, on a daemon thread of their own (``TeacherLoader``): ``busy`` says what
+    it is reading and since when, for the loader's watchdog; ``abandoned`` is set by the watchdog
+    when that read passed its deadline (the thread then ends after the read, if it ever returns)."""
+
+    def __init__(self, loader: "TeacherLoader", peer: int):
+        self.peer, self.abandoned = peer, False
+        self.busy: tuple[str, float, tuple, int | None] | None = None  # (what, since, identities, step)
+        self.thread = threading.Thread(target=loader._serve, args=(self,), name=f"teacher-loader-{peer}",
+                                       daemon=True)
+
+    @contextlib.contextmanager
+    def doing(self, what: str, keys: tuple, step: int | None = None):
+        self.busy = (what, time.monotonic(), keys, step)
+        try:
+            yield
+        finally:
+            self.busy = None
+
+
 class TeacherLoader:
+    """Peers' exports read into CPU memory off the training thread (see the module docstring).
+
+    Threads: one reader per peer, so a peer whose files block or crawl (a FIFO or a device named
+    LATEST or step_N.*, a hung filesystem) delays no other peer; a watchdog. The training loop's
+    calls (``take``, ``want``, ``wait``) take ``_lock``, which a reader holds only to hand over a
+    finished Export or record a refusal - never during I/O - so they never wait for a read.
+
+    A read that has not returned after ``read_timeout`` seconds is abandoned by the watchdog and
+    logged once: the training loop goes on with that peer's last good teacher (or plain CE), a
+    sync-mode ``wait`` for it returns None at once, and a new reader follows the peer, but reads
+    no file the stuck thread is still blocked on (the same path, inode, size and mtime; a file
+    the peer rewrites is read again). At most ``max_stuck`` stuck threads per peer: past that the
+    peer is no longer read (logged). A stuck read that returns hands its export over only if
+    nothing newer of its peer was handed over meanwhile.
+
+    A refused export (any error of the readers, ExportError or not) is warned about once and
+    remembered by the identity of its two files: it is not read again until one of them changes
+    (a file replaced while it was being read is simply read again).
+    """
+
     def __init__(self, run_dir: Path, peers: list[int], config_hash: str, tokenizer_sha256: str,
                  mode: str = "latest", poll_interval: float = 1.0, log: Callable[[str], None] = print,
-                 pin_memory: bool = False, expect: dict[str, tuple] | None = None):
+                 pin_memory: bool = False, expect: dict[str, tuple] | None = None,
+                 read_timeout: float = READ_TIMEOUT_S, max_stuck: int = 4):
         """``pin_memory``: read into pinned host memory (a CUDA student copies from it without
         blocking); ``expect``: tensor name -> shape the student's teachers have (an export with
         other names or shapes is refused here, not when it is swapped in)."""
@@ -103,19 +160,27 @@ class TeacherLoader:
         self.config_hash, self.tokenizer_sha256 = config_hash, tokenizer_sha256
         self.poll_interval, self.log = poll_interval, log
         self.pin_memory, self.expect = pin_memory, expect
+        self.read_timeout, self.max_stuck = read_timeout, max_stuck
         self.buffers = ReadBuffers(keep=len(self.peers))  # the trainer gives swapped-in exports back
-        self._lock = threading.Condition()
+        self._lock = threading.Condition()        # the training loop's: dict operations only under it
         self._want: dict[int, int] = {}           # sync mode: peer -> step to prefetch
         self._ready: dict[int, Export] = {}       # peer -> loaded, not yet taken
-        self._seen: dict[int, int] = {}           # peer -> newest step loaded (or refused)
-        self._seen_sig: dict[int, tuple] = {}     # latest mode: peer -> (step, metadata mtime) last tried
-        self._warned: set[tuple[int, str]] = set()
+        self._seen: dict[int, int] = {}           # peer -> newest step loaded (or refused, or stuck)
+        self._seen_sig: dict[int, tuple] = {}     # latest mode: peer -> identities of the export last tried
+        self._refused: dict[int, set] = {p: set() for p in self.peers}  # peer -> identities of refused exports
+        self._events: dict[int, int] = {p: 0 for p in self.peers}       # peer -> hand-overs and refusals so far
+        self._warned: set[tuple] = set()
+        self._warn_lock = threading.Lock()
         self.read_ms: list[float] = []
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="teacher-loader", daemon=True)
+        self._readers: dict[int, _Reader] = {}
+        self._stuck: dict[int, list[_Reader]] = {p: [] for p in self.peers}
+        for peer in self.peers:
+            self._start_reader(peer)
+        self._thread = threading.Thread(target=self._watch, name="teacher-loader-watchdog", daemon=True)
         self._thread.start()
 
-    # -- trainer side ---------------------------------------------------------------------
+    # -- trainer side: never blocks on a read ------------------------------------------------
     def want(self, peer: int, step: int) -> None:
         with self._lock:
             self._want[peer] = step
@@ -127,7 +192,8 @@ class TeacherLoader:
             return self._ready.pop(peer, None)
 
     def wait(self, peer: int, step: int, timeout: float) -> Export | None:
-        """Sync mode: the export of ``peer`` at ``step``, waiting at most ``timeout`` seconds."""
+        """Sync mode: the export of ``peer`` at ``step``, waiting at most ``timeout`` seconds
+        (None at once when it was refused or its read is stuck)."""
         deadline = time.monotonic() + timeout
         with self._lock:
             while True:
@@ -135,79 +201,137 @@ class TeacherLoader:
                 if exp is not None and exp.step == step:
                     return self._ready.pop(peer)
                 if self._seen.get(peer, -1) >= step or self._stop.is_set():
-                    return None  # refused (already warned) or superseded
+                    return None  # refused or stuck (already warned) or superseded
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    self.warn_once(peer, "timeout", f"peer group {peer}: export of step {step} did not "
-                                   f"arrive within {timeout:.0f}s; keeping the previous teacher")
-                    return None
+                    break
                 self._lock.wait(min(left, self.poll_interval))
+        self.warn_once(peer, "timeout", f"peer group {peer}: export of step {step} did not arrive within "
+                       f"{timeout:.0f}s; keeping the previous teacher")
+        return None
 
-    def close(self) -> None:
+    def close(self, timeout: float = 2.0) -> None:
+        """Stop every thread; waits at most ``timeout`` seconds for reads in progress (a stuck
+        one is left behind: the threads are daemons)."""
         self._stop.set()
         with self._lock:
             self._lock.notify_all()
-        self._thread.join(timeout=10)
+        deadline = time.monotonic() + timeout
+        self._thread.join(timeout)  # the watchdog first: it starts readers
+        for r in list(self._readers.values()):
+            r.thread.join(max(0.0, deadline - time.monotonic()))
 
-    def warn_once(self, peer: int, kind: str, msg: str) -> None:
-        if (peer, kind) not in self._warned:
+    def warn_once(self, peer: int, kind, msg: str) -> None:
+        with self._warn_lock:
+            if (peer, kind) in self._warned:
+                return
             self._warned.add((peer, kind))
-            self.log(f"WARNING: {msg}")
+        self.log(f"WARNING: {msg}")
 
-    # -- background thread ----------------------------------------------------------------
-    def _target(self, peer: int) -> int | None:
-        if self.mode == "sync":
-            return self._want.get(peer)
-        try:
-            return read_latest(exports_dir(self.run_dir, peer), missing_ok=True)
-        except ExportError as e:
-            self.warn_once(peer, "latest", f"peer group {peer}: {e}")
-            return None
+    # -- the readers ---------------------------------------------------------------------------
+    def _start_reader(self, peer: int) -> None:
+        r = self._readers[peer] = _Reader(self, peer)
+        r.thread.start()
 
-    def _run(self) -> None:
-        failures: dict[tuple, int] = {}
-        while not self._stop.is_set():
-            for peer in self.peers:
-                with self._lock:
-                    target = self._target(peer)
-                    if target is None:
-                        continue
-                    if self.mode == "sync" and target <= self._seen.get(peer, -1):
-                        continue
-                sig = None
-                if self.mode == "latest":  # any new export counts, even an older step (a peer restarted)
-                    sig = (target, _mtime_ns(exports_dir(self.run_dir, peer) / f"{export_name(target)}.json"))
-                    if sig == self._seen_sig.get(peer):
-                        continue
-                if self.mode == "sync" and not (exports_dir(self.run_dir, peer) / f"{export_name(target)}.json").exists():
-                    continue  # not exported yet: wait for it (the trainer's wait() has the timeout)
-                t0 = time.perf_counter()
-                try:
-                    exp = read_export(exports_dir(self.run_dir, peer), target, self.config_hash,
-                                      self.tokenizer_sha256, pin_memory=self.pin_memory, buffers=self.buffers)
-                    check_usable(exp, self.expect)
-                except ExportError as e:
-                    n = failures[(peer, target, sig)] = failures.get((peer, target, sig), 0) + 1
-                    if n < 3:  # a file being replaced can fail once; retry before refusing
-                        continue
-                    self.warn_once(peer, f"bad-{target}", f"peer group {peer}: refusing export step "
-                                   f"{target}: {e}; keeping the last good teacher")
-                    with self._lock:
-                        self._seen[peer] = target
-                        self._seen_sig[peer] = sig
-                        self._lock.notify_all()
-                    continue
-                except Exception as e:  # never let the loader thread die
-                    self.warn_once(peer, "unexpected", f"peer group {peer}: loader error {e!r}")
-                    continue
-                self.read_ms.append((time.perf_counter() - t0) * 1e3)
-                with self._lock:
-                    self._ready[peer] = exp
-                    self._seen[peer] = target
-                    self._seen_sig[peer] = sig
-                    self._lock.notify_all()
+    def _serve(self, me: _Reader) -> None:
+        while not self._stop.is_set() and not me.abandoned:
+            try:
+                self._poll(me)
+            except Exception as e:  # never let a reader die
+                self.warn_once(me.peer, "unexpected", f"peer group {me.peer}: loader error {e!r}")
             with self._lock:
-                self._lock.wait(self.poll_interval)
+                if not self._stop.is_set() and not me.abandoned:
+                    self._lock.wait(self.poll_interval)
+
+    def _stuck_on(self, peer: int, keys) -> bool:
+        """Whether a stuck thread of ``peer`` is still blocked on one of these files."""
+        keys = {k for k in keys if k is not None}
+        return any(z.thread.is_alive() and (b := z.busy) is not None and keys & set(b[2]) for z in self._stuck[peer])
+
+    def _poll(self, me: _Reader) -> None:
+        """One look at the peer: which export is due, and if it is new, read and hand it over."""
+        peer = me.peer
+        d = exports_dir(self.run_dir, peer)
+        if self.mode == "sync":
+            with self._lock:
+                target = self._want.get(peer)
+                if target is None or target <= self._seen.get(peer, -1):
+                    return
+        else:
+            latest = (file_identity(d / "LATEST"),)
+            if self._stuck_on(peer, latest):
+                return
+            try:
+                with me.doing(str(d / "LATEST"), latest):
+                    target = read_latest(d, missing_ok=True)
+            except Exception as e:  # ExportError, or whatever a reader let escape: never a dead thread
+                self.warn_once(peer, ("latest", latest), f"peer group {peer}: {describe(e, d / 'LATEST')}")
+                return
+            if target is None:
+                return
+        name = export_name(target)
+        files = (d / f"{name}.json", d / f"{name}.safetensors")
+        ident = tuple(file_identity(f) for f in files)
+        if self.mode == "sync" and ident[0] is None:
+            return  # not exported yet: wait for it (the trainer's wait() has the timeout)
+        with self._lock:
+            if ident in self._refused[peer] or (self.mode == "latest" and ident == self._seen_sig.get(peer)):
+                return  # any new export counts in latest mode, even an older step (a peer restarted)
+            events = self._events[peer]
+        if self._stuck_on(peer, ident):
+            return
+        t0 = time.perf_counter()
+        try:
+            with me.doing(f"{files[0]} + {files[1].name}", ident, target):
+                exp = read_export(d, target, self.config_hash, self.tokenizer_sha256,
+                                  pin_memory=self.pin_memory, buffers=self.buffers)
+                check_usable(exp, self.expect)
+        except Exception as e:  # ExportError, or whatever a reader let escape (a refusal all the same)
+            if tuple(file_identity(f) for f in files) != ident:
+                return  # replaced while being read: read it again at the next poll
+            self.warn_once(peer, ("bad", ident), f"peer group {peer}: refusing export step {target}: "
+                           f"{describe(e, files[0])}; keeping the last good teacher")
+            with self._lock:
+                self._refused[peer].add(ident)
+                self._handed(peer, target, ident)
+            return
+        self.read_ms.append((time.perf_counter() - t0) * 1e3)
+        with self._lock:
+            if me.abandoned and self._events[peer] != events:
+                return  # a stuck read that came back after its peer moved on
+            self._ready[peer] = exp
+            self._handed(peer, target, ident)
+
+    def _handed(self, peer: int, target: int, ident: tuple) -> None:
+        """Record a hand-over or refusal (under ``_lock``)."""
+        self._seen[peer], self._seen_sig[peer] = target, ident
+        self._events[peer] += 1
+        self._lock.notify_all()
+
+    # -- the watchdog ----------------------------------------------------------------------------
+    def _watch(self) -> None:
+        while not self._stop.wait(min(self.poll_interval, self.read_timeout / 4)):
+            for peer, r in list(self._readers.items()):
+                busy = r.busy
+                if busy is None or time.monotonic() - busy[1] <= self.read_timeout:
+                    continue
+                what, _, _, step = busy
+                r.abandoned = True
+                self._stuck[peer] = [z for z in self._stuck[peer] if z.thread.is_alive()] + [r]
+                self.warn_once(peer, ("stuck", what), f"peer group {peer}: reading {what} has not returned "
+                               f"after {self.read_timeout:.0f}s (a FIFO or device file, or a hung filesystem?); "
+                               "abandoned: training goes on with this peer's last good teacher, the other peers "
+                               "are read as usual, and the file is not read again while that read is stuck")
+                if step is not None and self.mode == "sync":
+                    with self._lock:  # wait() for it returns at once
+                        self._seen[peer] = max(self._seen.get(peer, -1), step)
+                        self._lock.notify_all()
+                if len(self._stuck[peer]) >= self.max_stuck:
+                    self.warn_once(peer, "given-up", f"peer group {peer}: {len(self._stuck[peer])} reads of its "
+                                   "files are stuck; not reading this peer any more in this run")
+                    del self._readers[peer]
+                    continue
+                self._start_reader(peer)
 
 
 def working_dtypes(like: torch.nn.Module | None, dtype: torch.dtype = torch.float32):
