@@ -1,122 +1,444 @@
 #!/usr/bin/env python
-"""One command for a GPU node: does the recipe run there, and what does codistillation cost?
+"""The GPU tier as one prepared command: does what users run work on this node, and what does
+codistillation cost here?
 
-    python benchmarks/gpu_smoke.py [--data DIR] [--minutes 9]
+    python benchmarks/gpu_smoke.py [--data DIR] [--minutes 9] [--out DIR] [--only a,b] [--devices N]
+    python benchmarks/gpu_smoke.py --dry_run             # the plan: what would run, what would be skipped and why
 
-Runs, each as the real trainer under the real deepspeed launcher (no internet needed; --data
-defaults to the embedded corpus, prepared on first use, or bring a prepared directory):
+Every check is the real trainer (recipes/train_lm.py, the deepspeed launcher where a check has
+several ranks) or a real script, on bf16 where the GPU has it natively (bf16 "auto"):
 
-    main         the README's main command (2 groups in one process, ZeRO-2, bf16 "auto")
-    split        2 ranks, one group each (NCCL world split) - where 2 GPUs exist
-    zero3        ZeRO-3: 2 ranks (world split) where 2 GPUs exist, else 2 groups in one process
-    transformer  the Transformer "small" preset, 2 groups
-    resume       stop at step 30, --resume auto, compare with an uninterrupted run
-    parity       a teacher built from an export gives the student's logits (both architectures)
-    throughput   tokens/s of the baseline (1 group) and of codistillation with 1 peer (2 groups,
-                 one process), the overhead ratio next to the FLOP floor 1 + F/(F+B) (F, B measured
-                 on the same model and batch in plain PyTorch with CUDA syncs)
+    main                     the README's main command (2 groups in one process, ZeRO-2)
+    teachers/A/M             A in {lstm, transformer, llama_tied (an HF Llama config with
+                             tie_word_embeddings, written here)}, M in {full, offload (--teacher_offload
+                             cpu), topk (--teacher_topk 16)}: 2 groups in one process, teachers used
+    teachers/A/partition     2+ GPUs: --teacher_partition, ZeRO-3, group 0 on 2 ranks (its teachers,
+                             exports and final weights gathered over its 2 ranks, its leader's teacher
+                             reaching rank 1 by NCCL), group 1 a separate launch; latest teachers, no race:
+                             group 0 starts only once group 1's export is on disk (polled with a deadline)
+    zero3                    ZeRO-3, 2 groups in one process
+    split                    2+ GPUs: 2 ranks, one group each (NCCL world split)
+    carry_state, noise_scale --carry_state (LSTM), --noise_scale (LSTM, ZeRO-2)
+    init_from                --model hf --init_from a tied Llama saved here: step 1's loss is that model's
+    resume                   stop at half, --resume auto, against an uninterrupted run: bitwise equal, both
+                             runs under torch.use_deterministic_algorithms + CUBLAS_WORKSPACE_CONFIG
+    parity                   tests/scripts/teacher_parity.py: a teacher built from an export gives the
+                             student's bf16 logits (LSTM, Transformer, tied Llama)
+    throughput               tokens/s of the baseline and of codistillation with 1 peer, the overhead ratio
+                             next to the FLOP floor 1 + F/(F+B) (a measurement; always PASS when it runs)
 
-and prints a pass/fail table with tokens/s and peak GPU memory per run; writes
-benchmarks/results/gpu_smoke_<gpu>.json. Stops by itself: each run has a time limit and runs
-that would start after --minutes are skipped (reported as such).
-`--device cpu --only main,throughput --quick` checks the script's plumbing on a CPU.
+Each check has its own time limit. A check is SKIP, with the reason, when it cannot run here: it
+needs more GPUs than the node has (or than --devices allows), or the --minutes budget is spent
+(before it starts, or while it runs: then it is killed and reported as SKIP, not FAIL). A check that
+exceeds its own limit is FAIL. Results (JSON + a text table) are rewritten after every check under
+--out (default: $OUT if set, else benchmarks/results): gpu_smoke_<gpu>.json / .txt. Exit status 1
+when a check failed, else 0. Every process a check starts is killed (its whole process group) when
+its time is up, so the command stops by itself within --minutes plus a few seconds.
+`--device cpu --quick` runs the same checks on CPU ranks with tiny sizes (plumbing).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
-from common import DEEPSPEED, PY, ROOT, RESULTS, free_port, median, save_results, scalars, table
-from codistill.layout import RunLayout
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # common.py, when imported by the tests
+from common import DEEPSPEED, PY, ROOT, RESULTS, free_port, median, save_results, scalars, table  # noqa: E402
+from codistill.files import atomic_write_bytes  # noqa: E402
+from codistill.layout import RunLayout  # noqa: E402
 
+import torch  # noqa: E402
+
+ARCHS = ("lstm", "transformer", "llama_tied")
+MODES = ("full", "offload", "topk")
+TOPK = 16
+# the banner's words for each teacher mode (recipes/train_lm.py teacher_modes)
+MODE_FLAGS = {"full": ([], None), "offload": (["--teacher_offload", "cpu"], "offloaded to host memory"),
+              "topk": (["--teacher_topk", str(TOPK)], f"top-{TOPK} probabilities"),
+              "partition": (["--teacher_partition"], "partitioned (ZeRO-3)")}
+DETERMINISTIC_SITE = '''"""Written by benchmarks/gpu_smoke.py for its resume check: deterministic kernels in every
+process of the run (cuBLAS needs CUBLAS_WORKSPACE_CONFIG; torch.use_deterministic_algorithms also
+sets cudnn.deterministic). warn_only: an op without a deterministic kernel warns (the check
+reports it) instead of raising."""
 import torch
+torch.use_deterministic_algorithms(True, warn_only=True)
+'''
 
-CHECKS = ["main", "split", "zero3", "transformer", "resume", "parity", "throughput"]
+
+class Skip(Exception):
+    """The check cannot run here (too few GPUs, budget spent): SKIP with this reason."""
+
+
+class Failed(Exception):
+    """The check ran and an expectation failed: FAIL with this message."""
+
+
+def need(cond: bool, msg: str) -> None:
+    if not cond:
+        raise Failed(msg)
+
+
+@dataclass
+class Check:
+    name: str
+    fn: Callable[["Smoke"], dict]  # returns {"detail": str, **numbers}; raises Failed / Skip
+    gpus: int = 1                  # GPUs needed (CPU ranks with --device cpu)
+    timeout: float = 120           # its own limit, seconds, for all its processes together
+    estimate: float = 30           # seconds it needs at least: not started with less budget left
 
 
 class Smoke:
-    def __init__(self, a):
-        self.a, self.deadline = a, time.time() + a.minutes * 60
-        self.root = Path(tempfile.mkdtemp(prefix="gpu_smoke_"))
+    """The state of one gpu_smoke command: the budget, where runs go, the processes of the check
+    in progress (killed when its time is up)."""
+
+    def __init__(self, device: str = "cuda", data: str | None = None, minutes: float = 9.0, quick: bool = False,
+                 devices: int | None = None, root: Path | None = None):
+        self.device, self.quick = device, quick
+        self.deadline = time.time() + minutes * 60
+        self.root = Path(root) if root else Path(tempfile.mkdtemp(prefix="gpu_smoke_"))
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.data = Path(data) if data else ROOT / "data" / "sample"
         self.env = dict(os.environ, PYTHONUNBUFFERED="1")
-        if a.device == "cpu":
+        self.env["PATH"] = f"{Path(PY).parent}{os.pathsep}{self.env.get('PATH', '')}"
+        if device == "cpu":
             self.env["DS_ACCELERATOR"] = "cpu"
         else:
             self.env.pop("DS_ACCELERATOR", None)
-        self.gpus = torch.cuda.device_count() if a.device == "cuda" else 2
-        self.rows, self.results = [], {}
+        have = torch.cuda.device_count() if device == "cuda" else 4
+        self.gpus = min(have, devices) if devices is not None else have
+        self.bf16 = device == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
+        self.dtype = "bfloat16" if self.bf16 else "float32"
+        self.check_deadline = self.deadline
+        self.procs: list[subprocess.Popen] = []
 
-    def steps(self, n: int) -> int:
-        return max(12, n // 10) if self.a.quick else n
+    # ---- processes: each in its own process group, killed with the check's time ----------
+    def start(self, cmd: list, env: dict | None = None) -> subprocess.Popen:
+        p = subprocess.Popen(list(map(str, cmd)), cwd=ROOT, env=env or self.env, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        self.procs.append(p)
+        return p
 
-    def train(self, name: str, flags: list, ranks: int = 1, timeout: float = 240) -> tuple[Path, str]:
-        run = self.root / name
-        flags = list(map(str, flags))
-        if self.a.quick:  # plumbing only: small models, teachers early (later flags win)
-            flags = [{"small": "tiny", "256": "64"}.get(f, f) for f in flags]
-            flags += ["--export_every", "4", "--burn_in_steps", "4"]
-        cmd = [DEEPSPEED, "--num_gpus", str(ranks), "--master_port", str(free_port()),
-               str(ROOT / "recipes" / "train_lm.py"), "--run_dir", str(run), *map(str, flags)]
-        if self.a.data:
-            cmd += ["--data", self.a.data]
-        left = self.deadline - time.time()
-        if left < 20:
-            raise TimeoutError("skipped: --minutes reached")
-        proc = subprocess.run(cmd, cwd=ROOT, env=self.env, capture_output=True, text=True, timeout=min(timeout, left))
-        if proc.returncode:
-            raise RuntimeError(f"exit {proc.returncode}: {(proc.stdout + proc.stderr)[-1500:]}")
-        return run, proc.stdout
-
-    def record(self, name: str, ok: bool, detail: str, **extra) -> None:
-        self.rows.append([name, "PASS" if ok else "FAIL", detail])
-        self.results[name] = {"ok": ok, "detail": detail, **extra}
-        print(f"{name:12s} {'PASS' if ok else 'FAIL'}  {detail}", flush=True)
-
-    def run(self, name: str, fn) -> None:
-        t0 = time.time()
+    def finish(self, p: subprocess.Popen, check: bool = True) -> str:
+        """Wait for ``p`` until the check's deadline; its output. Past the deadline: Skip if the
+        --minutes budget ran out, Failed if the check's own limit did."""
         try:
-            fn()
-        except TimeoutError as e:
-            self.rows.append([name, "SKIP", str(e)])
-            self.results[name] = {"ok": None, "detail": str(e)}
-            print(f"{name:12s} SKIP  {e}", flush=True)
-        except (subprocess.TimeoutExpired, RuntimeError, AssertionError, KeyError, ValueError) as e:
-            self.record(name, False, f"{type(e).__name__}: {str(e)[-600:]}")
-        self.results.setdefault(name, {})["seconds"] = round(time.time() - t0, 1)
+            out, _ = p.communicate(timeout=max(0.0, self.check_deadline - time.time()))
+        except subprocess.TimeoutExpired:
+            self.kill(p)
+            try:
+                out, _ = p.communicate(timeout=5)
+            except subprocess.TimeoutExpired:  # a process outside the group holds the pipe
+                out = ""
+            if self.check_deadline >= self.deadline:
+                raise Skip(f"budget exhausted: killed at the --minutes deadline while running ({self.tail(out, 300)})")
+            raise Failed(f"timed out: past the check's own limit ({self.tail(out, 600)})")
+        if check and p.returncode:
+            raise Failed(f"{' '.join(p.args[:2])} ... exit {p.returncode}: {self.tail(out)}")
+        return out
+
+    def call(self, cmd: list, env: dict | None = None, check: bool = True) -> str:
+        return self.finish(self.start(cmd, env), check)
+
+    @staticmethod
+    def kill(p: subprocess.Popen) -> None:
+        """The whole process group (the deepspeed launcher's workers too, even where the launcher
+        itself has exited): SIGTERM (the trainer checkpoints and exits), SIGKILL 10 s later."""
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.killpg(p.pid, sig)
+            except ProcessLookupError:
+                return
+            t = time.time() + (10 if sig == signal.SIGTERM else 5)
+            while time.time() < t:
+                p.poll()
+                try:
+                    os.killpg(p.pid, 0)
+                except ProcessLookupError:
+                    return
+                time.sleep(0.1)
+
+    @staticmethod
+    def tail(s: str, n: int = 1500) -> str:
+        return (s or "")[-n:].strip()
+
+    # ---- the trainer -------------------------------------------------------------------------
+    def run_dir(self, name: str) -> Path:
+        return self.root / name.replace("/", "_")
+
+    def train_cmd(self, run: Path, flags: list, ranks: int = 1) -> list:
+        script = [ROOT / "recipes" / "train_lm.py", "--run_dir", run, "--data", self.data, *flags]
+        return [DEEPSPEED, "--num_gpus", ranks, "--master_port", free_port(), *script]
+
+    def train(self, name: str, flags: list, ranks: int = 1, env: dict | None = None) -> tuple[Path, str]:
+        run = self.run_dir(name)
+        return run, self.call(self.train_cmd(run, flags, ranks), env)
+
+    def tiny(self, steps: int = 30, k: int = 5, burn: int = 10) -> list:
+        """Flags of a short run with teachers on early (tiny sizes)."""
+        if self.quick:
+            steps, k, burn = 12, 4, 4
+        return ["--max_steps", steps, "--export_every", k, "--burn_in_steps", burn, "--eval_every", steps,
+                "--save_every", steps, "--eval_batches", 4, "--seq_len", 32, "--log_every", 10]
+
+    def vocab(self) -> int:
+        man = self.data / "manifest.json"
+        if not man.exists():  # the embedded corpus, prepared on first use (as the trainer would)
+            from data_prep.prepare import prepare_sample
+            prepare_sample(self.data, quiet=True)
+        return json.loads(man.read_text())["vocab_size"]
+
+    def model_flags(self, arch: str) -> list:
+        if arch == "llama_tied":
+            return ["--model", "hf", "--hf_config", self.tied_llama()]
+        return ["--model", arch, "--model_size", "tiny"]
+
+    def tied_llama(self, save_weights: bool = False) -> Path:
+        """A tiny Llama config with tie_word_embeddings, written as a user writes one
+        (tests/test_hf_models.py); with ``save_weights``, a pretrained directory of it."""
+        from transformers import LlamaConfig
+        d = self.root / ("llama_pretrained" if save_weights else "llama_tied")
+        if not (d / "config.json").exists():
+            c = LlamaConfig(vocab_size=self.vocab(), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                            tie_word_embeddings=True)
+            if save_weights:
+                from transformers import AutoModelForCausalLM
+                torch.manual_seed(5)
+                m = AutoModelForCausalLM.from_config(c)
+                with torch.no_grad():  # peaked predictions: a loss far from ln(V), which any other init gives
+                    m.get_input_embeddings().weight.mul_(30)
+                m.save_pretrained(d)
+            else:
+                c.save_pretrained(d)
+        return d
 
 
-def tok_s(run: Path) -> float:
+# ---- what the checks read from a run -------------------------------------------------------
+def tb(run: Path, g: int, tag: str) -> dict:
+    return scalars(RunLayout(run).group(g).tb, tag)
+
+
+def tok_s(run: Path, g: int = 0) -> float:
     """Median tokens/s of one group's steps after the first 10 (start-up excluded)."""
-    v = scalars(RunLayout(run).group(0).tb, "perf/tokens_per_s")
+    v = tb(run, g, "perf/tokens_per_s")
     return median([x for s, x in v.items() if s > 10]) if v else float("nan")
 
 
 def peak_gb(run: Path) -> float:
-    s = json.loads((run / "summary.json").read_text())["groups"]
-    return max(g.get("peak_memory_bytes", 0) for g in s.values()) / 2**30
+    peaks = []
+    for g in (0, 1):
+        f = RunLayout(run).group(g).summary
+        if f.exists():  # summary.json "memory": cuda_peak_mib on a GPU, the process's peak RSS elsewhere
+            mem = json.loads(f.read_text()).get("memory", {})
+            peaks.append(mem.get("cuda_peak_mib") or mem.get("rss_peak_mib", 0))
+    return max(peaks, default=0) / 1024
 
 
-def codistilled(run: Path, groups=(0, 1)) -> bool:
-    return all(max(scalars(RunLayout(run).group(g).tb, "train/distill").values(), default=0) > 0 for g in groups)
+def expect_codistilled(sm: Smoke, run: Path, out: str | None, groups=(0, 1), words: str | None = None) -> None:
+    """The banner names the device's dtype (and ``words``); every group's losses are finite, its
+    distillation term on and a peer's export in use; its exports are in the training dtype."""
+    if out is not None:
+        need(f"{sm.dtype} on {sm.device}" in out, f"banner lacks '{sm.dtype} on {sm.device}': {sm.tail(out, 800)}")
+        if words:
+            need(words in out, f"banner lacks '{words}': {sm.tail(out, 800)}")
+    from safetensors.torch import load_file
+    for g in groups:
+        loss = tb(run, g, "train/loss")
+        need(bool(loss) and all(math.isfinite(v) for v in loss.values()), f"group {g}: losses {loss}")
+        need(max(tb(run, g, "train/distill").values(), default=0) > 0, f"group {g}: no distillation term")
+        used = [max((e[2] for e in v), default=0) for v in scalars_with_prefix(run, g, "teacher/step/").values()]
+        need(any(s > 0 for s in used), f"group {g}: no peer's export was used as a teacher")
+        exp = RunLayout(run).group(g).exports
+        files = sorted(exp.glob("step_*.safetensors"))
+        need(bool(files), f"group {g}: no exports in {exp}")
+        dtypes = {str(t.dtype) for t in load_file(files[-1]).values()}
+        need(dtypes == {f"torch.{sm.dtype}"}, f"group {g}: export {files[-1].name} holds {dtypes}, not {sm.dtype}")
+
+
+def scalars_with_prefix(run: Path, g: int, prefix: str) -> dict:
+    from codistill.runlog import read_events
+    return {t: v for t, v in read_events(RunLayout(run).group(g).tb).items() if t.startswith(prefix)}
+
+
+# ---- the checks ----------------------------------------------------------------------------
+def check_main(sm: Smoke) -> dict:
+    steps = 12 if sm.quick else 300
+    run, out = sm.train("main", ["--ds_config", "ds_configs/zero2.json", "--max_steps", steps, "--eval_batches", 10,
+                                 "--log_every", 50] + (["--export_every", 4, "--burn_in_steps", 4] if sm.quick else []))
+    expect_codistilled(sm, run, out)
+    return {"detail": f"{tok_s(run) / 1e3:.1f}k tok/s/group, peak {peak_gb(run):.2f} GiB",
+            "tokens_per_s": tok_s(run), "peak_gib": peak_gb(run)}
+
+
+def teacher_check(arch: str, mode: str) -> Callable[[Smoke], dict]:
+    flags, words = MODE_FLAGS[mode]
+
+    def fn(sm: Smoke) -> dict:
+        run, out = sm.train(f"teachers/{arch}/{mode}", [*sm.model_flags(arch), *flags, *sm.tiny()])
+        expect_codistilled(sm, run, out, words=words)
+        return {"detail": f"distill {tb(run, 0, 'train/distill')[max(tb(run, 0, 'train/distill'))]:.3f}, "
+                          f"peak {peak_gb(run):.2f} GiB", "peak_gib": peak_gb(run)}
+    return fn
+
+
+def wait_for_export(sm: Smoke, run: Path, g: int, step: int, proc: subprocess.Popen) -> None:
+    """Poll (with the check's deadline) until group ``g``'s LATEST names an export >= ``step``."""
+    latest = RunLayout(run).group(g).exports / "LATEST"
+    while True:
+        if latest.exists():
+            m = re.search(r"(\d+)", latest.read_text())
+            if m and int(m.group(1)) >= step:
+                return
+        if proc.poll() is not None:
+            raise Failed(f"group {g} exited {proc.returncode} before exporting step {step}: "
+                         f"{sm.tail(proc.stdout.read())}")
+        if time.time() > sm.check_deadline:
+            sm.finish(proc)  # raises Skip / Failed as the deadline says
+        time.sleep(0.5)
+
+
+def partition_check(arch: str) -> Callable[[Smoke], dict]:
+    flags, words = MODE_FLAGS["partition"]
+
+    def fn(sm: Smoke) -> dict:
+        """Group 1 (1 rank) starts first; group 0 (2 ranks, ZeRO-3, partitioned teachers) starts
+        once group 1's first export is complete, so its leader finds a teacher at its burn-in."""
+        run = sm.run_dir(f"teachers/{arch}/partition")
+        k = 4 if sm.quick else 5
+        common = [*sm.model_flags(arch), *flags, "--ds_config", "ds_configs/zero3.json", "--num_groups", 2,
+                  "--poll_interval", 0.2, *sm.tiny()]
+        g1 = sm.start(sm.train_cmd(run, [*common, "--group_id", 1]))
+        wait_for_export(sm, run, 1, k, g1)
+        out = sm.call(sm.train_cmd(run, [*common, "--group_id", 0], ranks=2))
+        sm.finish(g1)
+        need("this rank: [0], 2 rank(s) each" in out, f"group 0 is not 2 ranks: {sm.tail(out, 800)}")
+        expect_codistilled(sm, run, out, groups=(0,), words=words)
+        from safetensors.torch import load_file
+        mine, peer = (load_file(RunLayout(run).group(g).final / "model.safetensors") for g in (0, 1))
+        shapes = {n: tuple(t.shape) for n, t in mine.items()}
+        need(shapes == {n: tuple(t.shape) for n, t in peer.items()} and all(t.numel() for t in mine.values()),
+             "group 0's final weights (gathered over its 2 ZeRO-3 ranks) are not the full model")
+        return {"detail": f"group 0 on 2 ranks, teacher step {max(tb(run, 0, 'teacher/step/group_1').values())}, "
+                          f"peak {peak_gb(run):.2f} GiB", "peak_gib": peak_gb(run)}
+    return fn
+
+
+def check_zero3(sm: Smoke) -> dict:
+    run, out = sm.train("zero3", ["--ds_config", "ds_configs/zero3.json", *sm.tiny()])
+    need("ZeRO-3" in out, f"banner lacks ZeRO-3: {sm.tail(out, 800)}")
+    expect_codistilled(sm, run, out)
+    return {"detail": f"2 groups in one process, peak {peak_gb(run):.2f} GiB", "peak_gib": peak_gb(run)}
+
+
+def check_split(sm: Smoke) -> dict:
+    run, out = sm.train("split", sm.tiny(), ranks=2)
+    need("this rank: [0], 1 rank(s) each" in out, f"not a world split: {sm.tail(out, 800)}")
+    expect_codistilled(sm, run, out)
+    return {"detail": f"2 ranks, 1 group each, peak {peak_gb(run):.2f} GiB", "peak_gib": peak_gb(run)}
+
+
+def check_carry_state(sm: Smoke) -> dict:
+    run, out = sm.train("carry_state", ["--model", "lstm", "--carry_state", *sm.tiny()])
+    expect_codistilled(sm, run, out)
+    return {"detail": f"final train loss {tb(run, 0, 'train/loss')[max(tb(run, 0, 'train/loss'))]:.3f}"}
+
+
+def check_noise_scale(sm: Smoke) -> dict:
+    run, out = sm.train("noise_scale", ["--model", "lstm", "--noise_scale", "--noise_scale_every", 4, *sm.tiny()])
+    expect_codistilled(sm, run, out)
+    noise = tb(run, 0, "train/noise_scale")
+    need(bool(noise) and all(math.isfinite(v) for v in noise.values()), f"train/noise_scale: {noise}")
+    return {"detail": f"B_simple {list(noise.values())[-1]:.3g} tokens", "noise_scale": list(noise.values())[-1]}
+
+
+def check_init_from(sm: Smoke) -> dict:
+    """Step 1's cross entropy is the pretrained model's on the same batch (computed here with the
+    trainer's dtypes on its device: bf16 parameters, fp32 buffers, as DeepSpeed casts); the
+    pretrained embeddings are scaled x30 so any other start is far off."""
+    from transformers import AutoModelForCausalLM
+    from data_prep.dataset import GroupStream, TokenData
+    pre_dir = sm.tied_llama(save_weights=True)
+    run, out = sm.train("init_from", ["--model", "hf", "--init_from", pre_dir, "--dropout", 0, *sm.tiny()])
+    expect_codistilled(sm, run, out)
+    dev = torch.device(sm.device)
+    pre = AutoModelForCausalLM.from_pretrained(pre_dir, local_files_only=True).to(dev).eval()
+    if sm.bf16:
+        for p in pre.parameters():
+            p.data = p.data.to(torch.bfloat16)
+    batch = GroupStream(TokenData(sm.data), 0, 2, 32, 1234).batch(0, 0, 1, 0, 1, 16).to(dev)
+    with torch.no_grad():
+        logits = pre(batch[:, :-1]).logits.float()
+    want = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten()).item()
+    got = tb(run, 0, "train/ce")[1]
+    # bf16: the trainer's kernels may round differently (fused vs unfused paths); 2 bf16 epsilons
+    # (2 * 2^-7) of the loss, far below the gap to a fresh init's ln(V)
+    tol = 2 * 2 ** -7 if sm.bf16 else 1e-4
+    need(abs(got - want) <= tol * abs(want), f"step 1 CE {got:.4f}, the pretrained model's {want:.4f}")
+    return {"detail": f"step 1 CE {got:.3f} = pretrained {want:.3f}", "ce_step1": got, "ce_pretrained": want}
+
+
+def check_resume(sm: Smoke) -> dict:
+    """Deterministic kernels in both runs, so a resumed run equals the uninterrupted one bitwise
+    (otherwise two GPU runs differ by the order of float sums, a difference no fixed bound captures)."""
+    site = sm.root / "deterministic_site"
+    site.mkdir(exist_ok=True)
+    (site / "sitecustomize.py").write_text(DETERMINISTIC_SITE)
+    env = dict(sm.env, CUBLAS_WORKSPACE_CONFIG=":4096:8",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(site), sm.env.get("PYTHONPATH")])))
+    steps = 12 if sm.quick else 40
+    kw = ["--model", "transformer", "--model_size", "tiny", "--dropout", 0.1, *sm.tiny(steps),
+          "--save_every", steps // 2]
+    a_run, a_out = sm.train("resume_straight", kw, env=env)
+    _, s_out = sm.train("resume_sliced", [*kw, "--stop_after_steps", steps // 2], env=env)
+    b_run, out = sm.train("resume_sliced", kw, env=env)
+    need(f"resumed from step {steps // 2}" in out, f"did not resume: {sm.tail(out, 800)}")
+    warned = sorted(set(re.findall(r"(\w+) does not have a deterministic implementation", a_out + s_out + out)))
+    diffs = []
+    for g in (0, 1):
+        x, y = tb(a_run, g, "train/loss"), tb(b_run, g, "train/loss")
+        need(sorted(x) == sorted(y) == list(range(1, steps + 1)), f"group {g}: steps {sorted(x)} vs {sorted(y)}")
+        diffs.append(max(abs(x[s] - y[s]) for s in x))
+    need(max(diffs) == 0, f"max |loss diff| {max(diffs):.3g} after resume under deterministic algorithms"
+         + (f"; ops without a deterministic kernel: {warned}" if warned else ""))
+    return {"detail": f"resumed at {steps // 2}: losses bitwise equal", "max_loss_diff": max(diffs),
+            "nondeterministic_ops": warned}
+
+
+def check_parity(sm: Smoke) -> dict:
+    out = sm.root / "parity.json"
+    cmd = [PY, ROOT / "tests" / "scripts" / "teacher_parity.py", "--device", sm.device, "--out", out]
+    sm.call(cmd + (["--bf16"] if sm.bf16 else []) + (["--seq_len", 256] if sm.quick else []))
+    r = json.loads(out.read_text())
+    for arch, v in r.items():
+        # the same weights, dtypes and device: what may differ is a kernel's choice (cuDNN's
+        # flattened LSTM weights, another GEMM layout) rounding a bf16 output: 1 bf16 epsilon
+        # (2^-7) of the largest logit; fp32: exact
+        need(v["max_abs_diff"] <= (2 ** -7 * v["logit_scale"] if sm.bf16 else 0.0), f"{arch}: {v}")
+    if sm.bf16:  # the measure can fail: a teacher cast with module.to(bf16) (RoPE table too) drifts
+        t = r["transformer"]
+        need(t["naive_cast_max_abs_diff_late_positions"] > t["max_abs_diff_late_positions"], f"transformer: {t}")
+    return {"detail": ", ".join(f"{k} {v['max_abs_diff']:.1e}" for k, v in r.items()), "results": r}
 
 
 def fwd_share(device: str, size: str, micro: int, seq_len: int, vocab: int, reps: int = 20) -> float:
-    """F / (F + B) of one student step in plain PyTorch on ``device`` (bf16 autocast where native)."""
+    """F / (F + B) of one student step in plain PyTorch on ``device`` (bf16 where native)."""
     from model import build_model, preset_config
     dev = torch.device(device)
     torch.manual_seed(0)
     model = build_model(preset_config("transformer", size, vocab)).to(dev)
     x = torch.randint(0, vocab, (micro, seq_len + 1), device=dev)
-    bf16 = dev.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
-    if bf16:
+    if dev.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False):
         model = model.to(torch.bfloat16)
 
     def timed(fn):
@@ -140,115 +462,124 @@ def fwd_share(device: str, size: str, micro: int, seq_len: int, vocab: int, reps
     return median(f[3:]) / median(fb[3:])
 
 
-def main() -> None:
+def check_throughput(sm: Smoke) -> dict:
+    size, seq = ("tiny", 64) if sm.quick else ("small", 256)
+    steps, k = (12, 4) if sm.quick else (120, 20)
+    flags = ["--model", "transformer", "--model_size", size, "--seq_len", seq, "--max_steps", steps,
+             "--export_every", k, "--burn_in_steps", 0, "--eval_every", 1000, "--save_every", 100000,
+             "--eval_batches", 10, "--log_every", 50]
+    base, _ = sm.train("tp_base", [*flags, "--num_groups", 1])
+    cod, _ = sm.train("tp_codistill", [*flags, "--num_groups", 2])
+    t0 = tb(base, 0, "perf/step_time")
+    t1 = [v for s, v in tb(cod, 0, "perf/step_time").items() if s > 2 * k]  # teachers on from 2K + 1
+    ratio = median(t1) / median([v for s, v in t0.items() if s > min(10, steps // 2)])
+    floor = 1 + fwd_share(sm.device, size, 16, seq, sm.vocab())
+    return {"detail": f"baseline {tok_s(base) / 1e3:.1f}k tok/s, 1 peer {tok_s(cod) / 1e3:.1f}k tok/s/group: "
+                      f"ratio {ratio:.2f} vs floor {floor:.2f} ({ratio / floor:.2f} of it)",
+            "baseline_tokens_per_s": tok_s(base), "codistill_tokens_per_s": tok_s(cod), "ratio": ratio,
+            "flop_floor": floor, "ratio_over_floor": ratio / floor, "peak_gib_baseline": peak_gb(base),
+            "peak_gib_codistill": peak_gb(cod)}
+
+
+# In priority order: when the budget runs short, the later ones are the ones skipped.
+CHECKS = [Check("main", check_main, timeout=150, estimate=40),
+          *[Check(f"teachers/{a}/{m}", teacher_check(a, m), timeout=100, estimate=25) for a in ARCHS for m in MODES],
+          *[Check(f"teachers/{a}/partition", partition_check(a), gpus=2, timeout=150, estimate=45) for a in ARCHS],
+          Check("zero3", check_zero3, timeout=100, estimate=25),
+          Check("split", check_split, gpus=2, timeout=100, estimate=30),
+          Check("carry_state", check_carry_state, timeout=100, estimate=25),
+          Check("noise_scale", check_noise_scale, timeout=100, estimate=25),
+          Check("init_from", check_init_from, timeout=100, estimate=30),
+          Check("resume", check_resume, timeout=200, estimate=75),
+          Check("parity", check_parity, timeout=150, estimate=30),
+          Check("throughput", check_throughput, timeout=200, estimate=60)]
+BY_NAME = {c.name: c for c in CHECKS}
+
+
+def run_check(sm: Smoke, c: Check) -> dict:
+    """One check: {"result": PASS | FAIL | SKIP, "ok": True | False | None, "detail", "seconds", ...}."""
+    t0 = time.time()
+    left = sm.deadline - t0
+    try:
+        if sm.gpus < c.gpus:
+            raise Skip(f"needs {c.gpus} {'GPUs' if sm.device == 'cuda' else 'ranks'}, "
+                       f"{sm.gpus} available{' (--devices)' if sm.device == 'cuda' else ''}")
+        if left < c.estimate:
+            raise Skip(f"budget exhausted: {max(0, left):.0f} s of --minutes left, the check needs ~{c.estimate:.0f} s")
+        sm.check_deadline = min(t0 + c.timeout, sm.deadline)
+        r = {"result": "PASS", "ok": True, **c.fn(sm)}
+    except Skip as e:
+        r = {"result": "SKIP", "ok": None, "detail": str(e)}
+    except (Failed, AssertionError, KeyError, ValueError, OSError, RuntimeError) as e:
+        r = {"result": "FAIL", "ok": False, "detail": f"{type(e).__name__}: {str(e)[-1500:]}"}
+    finally:
+        for p in sm.procs:
+            sm.kill(p)
+        sm.procs.clear()
+    r["seconds"] = round(time.time() - t0, 1)
+    return r
+
+
+def select(only: str | None) -> list[Check]:
+    """--only: names or prefixes ("teachers/lstm" = its 3-4 checks), comma separated."""
+    if not only:
+        return CHECKS
+    want = [w.strip() for w in only.split(",") if w.strip()]
+    bad = [w for w in want if not any(c.name == w or c.name.startswith(w + "/") for c in CHECKS)]
+    if bad:
+        sys.exit(f"gpu_smoke --only: unknown checks {bad}; choose from {[c.name for c in CHECKS]}")
+    return [c for c in CHECKS if any(c.name == w or c.name.startswith(w + "/") for w in want)]
+
+
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", help="a prepared data directory (default: the embedded corpus)")
-    ap.add_argument("--minutes", type=float, default=9.0, help="start no run after this (default 9)")
+    ap.add_argument("--data", help="a prepared data directory (default: the embedded corpus, prepared on first use)")
+    ap.add_argument("--minutes", type=float, default=9.0, help="the budget: no check runs past it (default 9)")
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
-    ap.add_argument("--only", help=f"comma list of {CHECKS}")
-    ap.add_argument("--quick", action="store_true", help="a tenth of the steps (plumbing check)")
-    ap.add_argument("--results_dir", default=str(RESULTS))
-    a = ap.parse_args()
-    if a.device == "cuda" and not torch.cuda.is_available():
-        sys.exit("gpu_smoke: no CUDA device here (use --device cpu for a plumbing check)")
-    todo = a.only.split(",") if a.only else CHECKS
-    unknown = set(todo) - set(CHECKS)
-    if unknown:
-        sys.exit(f"--only: unknown checks {sorted(unknown)}; choose from {CHECKS}")
-    sm = Smoke(a)
-    gpu = torch.cuda.get_device_name(0) if a.device == "cuda" else "cpu"
-    dtype = "bfloat16" if a.device == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False) else "float32"
-    print(f"gpu_smoke on {gpu} ({sm.gpus} device(s)), expecting {dtype}; runs under {sm.root}", flush=True)
-    common = ["--eval_batches", "10", "--log_every", "50"]
-
-    def main_cmd():
-        run, out = sm.train("main", ["--ds_config", "ds_configs/zero2.json", "--max_steps", sm.steps(300), *common])
-        ok = f"{dtype} on {a.device}" in out and codistilled(run)
-        sm.record("main", ok, f"{tok_s(run) / 1e3:.1f}k tok/s/group, peak {peak_gb(run):.2f} GiB",
-                  tokens_per_s=tok_s(run), peak_gib=peak_gb(run))
-
-    def split():
-        if sm.gpus < 2:
-            raise TimeoutError("skipped: needs 2 GPUs")
-        run, out = sm.train("split", ["--max_steps", sm.steps(100), "--export_every", "10", *common], ranks=2)
-        sm.record("split", "1 rank(s) each" in out and codistilled(run), f"peak {peak_gb(run):.2f} GiB",
-                  peak_gib=peak_gb(run))
-
-    def zero3():
-        ranks = 2 if sm.gpus >= 2 else 1
-        run, out = sm.train("zero3", ["--ds_config", "ds_configs/zero3.json", "--max_steps", sm.steps(100),
-                                      "--export_every", "10", *common], ranks=ranks)
-        from safetensors.torch import load_file
-        w = [load_file(RunLayout(run).group(g).final / "model.safetensors") for g in (0, 1)]
-        ok = "ZeRO-3" in out and codistilled(run) and all(v.numel() > 0 for v in w[1].values())
-        sm.record("zero3", ok, f"{ranks} rank(s), peak {peak_gb(run):.2f} GiB", peak_gib=peak_gb(run))
-
-    def transformer():
-        run, out = sm.train("transformer", ["--model", "transformer", "--model_size", "small", "--seq_len", "256",
-                                            "--max_steps", sm.steps(100), "--export_every", "10", *common])
-        sm.record("transformer", codistilled(run), f"{tok_s(run) / 1e3:.1f}k tok/s/group, "
-                  f"peak {peak_gb(run):.2f} GiB", tokens_per_s=tok_s(run), peak_gib=peak_gb(run))
-
-    def resume():
-        kw = ["--model", "transformer", "--dropout", "0.1", "--max_steps", "60", "--export_every", "10",
-              "--save_every", "30", *common]
-        a_run, _ = sm.train("resume_straight", kw)
-        sm.train("resume_sliced", [*kw, "--stop_after_steps", "30"])
-        b_run, out = sm.train("resume_sliced", kw)
-        diffs = []
-        for g in (0, 1):
-            x, y = (scalars(RunLayout(r).group(g).tb, "train/loss") for r in (a_run, b_run))
-            diffs.append(max(abs(x[s] - y[s]) for s in x))
-        sm.record("resume", "resumed from step 30" in out and max(diffs) < 2e-3,
-                  f"max |loss diff| {max(diffs):.2e} after resume", max_loss_diff=max(diffs))
-
-    def parity():
-        out = sm.root / "parity.json"
-        cmd = [PY, str(ROOT / "tests" / "scripts" / "teacher_parity.py"), "--device", a.device, "--out", str(out)]
-        if dtype == "bfloat16":
-            cmd.append("--bf16")
-        proc = subprocess.run(cmd, cwd=ROOT, env=sm.env, capture_output=True, text=True,
-                              timeout=max(20, min(300, sm.deadline - time.time())))
-        if proc.returncode:
-            raise RuntimeError(proc.stderr[-1500:])
-        r = json.loads(out.read_text())
-        ok = all(v["max_abs_diff"] <= 2 ** -7 * v["logit_scale"] for v in r.values())
-        sm.record("parity", ok, ", ".join(f"{k} {v['max_abs_diff']:.1e}" for k, v in r.items()), results=r)
-
-    def throughput():
-        flags = ["--model", "transformer", "--model_size", "small", "--seq_len", "256",
-                 "--max_steps", sm.steps(120), "--export_every", "20", "--burn_in_steps", "0", "--eval_every", "1000",
-                 "--save_every", "100000", *common]
-        base, _ = sm.train("tp_base", [*flags, "--num_groups", "1"])
-        cod, _ = sm.train("tp_codistill", [*flags, "--num_groups", "2"])
-        t0 = scalars(RunLayout(base).group(0).tb, "perf/step_time")
-        k = 4 if a.quick else 20
-        t1 = {s: v for s, v in scalars(RunLayout(cod).group(0).tb, "perf/step_time").items()
-              if s > 2 * k}  # teachers on from 2K + 1
-        ratio = median(list(t1.values())) / median([v for s, v in t0.items() if s > 10])
-        vocab = json.loads(((Path(a.data) if a.data else ROOT / "data" / "sample") / "manifest.json")
-                           .read_text())["vocab_size"]
-        share = fwd_share(a.device, "tiny" if a.quick else "small", 16, 64 if a.quick else 256, vocab)
-        floor = 1 + share
-        sm.record("throughput", True, f"baseline {tok_s(base) / 1e3:.1f}k tok/s, 1 peer {tok_s(cod) / 1e3:.1f}k "
-                  f"tok/s/group: ratio {ratio:.2f} vs floor {floor:.2f} ({ratio / floor:.2f} of it)",
-                  baseline_tokens_per_s=tok_s(base), codistill_tokens_per_s=tok_s(cod), ratio=ratio,
-                  flop_floor=floor, ratio_over_floor=ratio / floor, peak_gib_baseline=peak_gb(base),
-                  peak_gib_codistill=peak_gb(cod))
-
-    for name, fn in [("main", main_cmd), ("split", split), ("zero3", zero3), ("transformer", transformer),
-                     ("resume", resume), ("parity", parity), ("throughput", throughput)]:
-        if name in todo:
-            sm.run(name, fn)
-    print()
-    print(table(sm.rows, ["check", "result", "detail"]))
+    ap.add_argument("--devices", type=int, help="use at most this many GPUs (checks needing more are SKIP)")
+    ap.add_argument("--only", help="comma list of check names or prefixes (e.g. main,teachers/lstm)")
+    ap.add_argument("--quick", action="store_true", help="tiny sizes and a few steps (plumbing check)")
+    ap.add_argument("--dry_run", action="store_true", help="write the plan (SKIP reasons included), run nothing")
+    ap.add_argument("--out", "--results_dir", dest="out", default=os.environ.get("OUT") or str(RESULTS),
+                    help="where gpu_smoke_<gpu>.json/.txt go (default: $OUT, else benchmarks/results)")
+    ap.add_argument("--keep_runs", help="keep the run directories here (default: a temp dir, removed)")
+    a = ap.parse_args(argv)
+    if a.device == "cuda" and not torch.cuda.is_available() and not a.dry_run:
+        sys.exit("gpu_smoke: no CUDA device here (--device cpu --quick checks the plumbing on CPU ranks)")
+    todo = select(a.only)
+    sm = Smoke(a.device, a.data, a.minutes, a.quick, a.devices, a.keep_runs)
+    gpu = torch.cuda.get_device_name(0) if a.device == "cuda" and torch.cuda.is_available() else a.device
+    print(f"gpu_smoke on {gpu} ({sm.gpus} device(s)), expecting {sm.dtype}; budget {a.minutes:g} min; "
+          f"runs under {sm.root}", flush=True)
     tag = re.sub(r"[^A-Za-z0-9]+", "_", gpu).strip("_").lower()
-    path = save_results(f"gpu_smoke_{tag}", {"gpu": gpu, "devices": sm.gpus, "dtype": dtype,
-                                              "torch": torch.__version__, "checks": sm.results}, a.results_dir)
-    print(f"\nresults: {path}")
-    shutil.rmtree(sm.root, ignore_errors=True)
-    sys.exit(0 if all(r.get("ok") is not False for r in sm.results.values()) else 1)
+    results, rows = {}, []
+
+    def save() -> Path:
+        path = save_results(f"gpu_smoke_{tag}", {"gpu": gpu, "devices": sm.gpus, "dtype": sm.dtype,
+                                                  "torch": torch.__version__, "quick": a.quick, "dry_run": a.dry_run,
+                                                  "minutes": a.minutes, "order": list(results), "checks": results}, a.out)
+        atomic_write_bytes(path.with_suffix(".txt"), (table(rows, ["check", "result", "seconds", "detail"]) + "\n")
+                           .encode())
+        return path
+
+    for c in todo:
+        if a.dry_run:
+            r = {"result": "SKIP" if sm.gpus < c.gpus else "PLANNED", "ok": None, "seconds": 0.0,
+                 "detail": (f"needs {c.gpus} GPUs, {sm.gpus} available" if sm.gpus < c.gpus else
+                            f"limit {c.timeout:.0f} s, needs ~{c.estimate:.0f} s")}
+        else:
+            r = run_check(sm, c)
+        results[c.name] = r
+        rows.append([c.name, r["result"], r["seconds"], r["detail"][:200].replace("\n", " ")])
+        print(f"{c.name:28s} {r['result']:4s} {r['seconds']:6.1f} s  {r['detail'][:300]}", flush=True)
+        path = save()
+    print()
+    print(table(rows, ["check", "result", "seconds", "detail"]))
+    print(f"\nresults: {path} (+ .txt)")
+    if not a.keep_runs:
+        shutil.rmtree(sm.root, ignore_errors=True)
+    return 1 if any(r["ok"] is False for r in results.values()) else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

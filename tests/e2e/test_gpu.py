@@ -1,95 +1,137 @@
-"""The GPU tier: `pytest -m gpu` on a node with CUDA (skipped, with the reason, elsewhere).
+"""The GPU tier: `pytest -m gpu` on a node with CUDA runs every check of benchmarks/gpu_smoke.py
+(one home for what the GPU tier checks: the README's main command; bf16 with every teacher mode -
+full, --teacher_offload cpu, --teacher_topk, and on 2+ GPUs --teacher_partition with ZeRO-3 over
+a group's 2 ranks - for the LSTM, the repo's Transformer and a tied HF Llama config; ZeRO-3;
+the NCCL world split; --carry_state; --noise_scale; --init_from; an exact resume under
+deterministic kernels; teacher == student logits in bf16), one test per check, without the
+smoke command's time budget. A check that needs more GPUs than the node has is skipped with
+that reason; on a machine without CUDA every GPU test is skipped ("needs CUDA").
 
-What CPU tests cannot show: NCCL collectives on device tensors, bf16 "auto" switching on,
-cuDNN LSTMs and bf16 teachers, the CUDA RNG in checkpoints, ZeRO-3 gathering on GPUs. Each run
-is the real trainer under the real deepspeed launcher, 2 groups in one process on one GPU
-(the main command's mapping), and a 2-rank world split where a second GPU exists.
+What runs on CPU here (not marked gpu): the smoke command's plumbing - its plan and SKIP reasons
+with no GPU, and the classification of a check that cannot finish (the --minutes budget ran out:
+SKIP; its own limit: FAIL; its processes killed, the deepspeed launcher's children included).
 """
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from conftest import e2e_args, launch, read_scalars
-from test_device_comm import run_teacher_parity
+from conftest import PY, ROOT
 
-pytestmark = [pytest.mark.gpu,
+sys.path.insert(0, str(ROOT / "benchmarks"))  # gpu_smoke imports its sibling common.py
+_spec = importlib.util.spec_from_file_location("gpu_smoke", ROOT / "benchmarks" / "gpu_smoke.py")
+gpu_smoke = sys.modules["gpu_smoke"] = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(gpu_smoke)
+
+needs_cuda = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: run `pytest -m gpu` on a GPU node")]
 
 
-def losses(run_dir, g, tag="train/loss"):
-    return read_scalars(run_dir / f"group_{g}" / "tb", tag)
+def with_marks(marks):
+    def deco(fn):
+        for m in reversed(marks):
+            fn = m(fn)
+        return fn
+    return deco
 
 
-def native_bf16() -> bool:
-    return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
+# ---- the GPU tier ------------------------------------------------------------------------------
+@with_marks(needs_cuda)
+@pytest.mark.parametrize("name", [c.name for c in gpu_smoke.CHECKS if c.name != "throughput"])
+def test_gpu_check(name, sample_data, tmp_path):
+    """One check of benchmarks/gpu_smoke.py (throughput is a measurement, left to the command)."""
+    sm = gpu_smoke.Smoke("cuda", str(sample_data), minutes=60, root=tmp_path)
+    r = gpu_smoke.run_check(sm, gpu_smoke.BY_NAME[name])
+    if r["result"] == "SKIP":
+        pytest.skip(r["detail"])
+    assert r["result"] == "PASS", r["detail"]
 
 
-@pytest.mark.parametrize("ds_config,model", [("zero2", "lstm"), ("zero2", "transformer"),
-                                             ("zero3", "lstm"), ("zero3", "transformer")])
-def test_two_groups_on_one_gpu_codistill_in_bf16(sample_data, tmp_path, ds_config, model):
-    run_dir = tmp_path / f"{ds_config}_{model}"
-    out = launch(e2e_args(sample_data, run_dir, ds_config=f"ds_configs/{ds_config}.json", model=model), gpu=True).stdout
-    dtype = "bfloat16" if native_bf16() else "float32"
-    assert f"{dtype} on cuda" in out, out
-    for g in (0, 1):
-        loss, ce = losses(run_dir, g), losses(run_dir, g, "train/ce")
-        assert sum(loss[s] for s in range(1, 6)) / 5 > sum(ce[s] for s in range(36, 41)) / 5 + 0.3
-        assert losses(run_dir, g, "train/distill")[40] > 0
-        exp = load_file(run_dir / f"group_{g}" / "exports" / "step_000040.safetensors")
-        assert {v.dtype for v in exp.values()} == {getattr(torch, dtype)}
-        s = json.loads((run_dir / f"group_{g}" / "summary.json").read_text())
-        assert s["peak_memory_of"].startswith("cuda") and s["peak_memory_bytes"] > 0
+# ---- the smoke command's plumbing, on CPU ------------------------------------------------------
+def smoke_cli(tmp_path, *args, timeout=120) -> tuple[subprocess.CompletedProcess, dict, str]:
+    out = tmp_path / "out"
+    proc = subprocess.run([PY, str(ROOT / "benchmarks" / "gpu_smoke.py"), "--out", str(out), *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout, env=dict(os.environ, DS_ACCELERATOR="cpu"))
+    files = sorted(out.glob("gpu_smoke_*.json"))
+    assert proc.returncode == 0 and len(files) == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc, json.loads(files[0].read_text()), files[0].with_suffix(".txt").read_text()
 
 
-def test_resume_on_gpu_is_exact_and_checkpoints_the_cuda_rng(sample_data, tmp_path):
-    """Dropout on (transformer tiny + --dropout 0.1) so that the CUDA generator matters."""
-    straight, sliced = tmp_path / "straight", tmp_path / "sliced"
-    kw = dict(model="transformer", dropout=0.1, max_steps=16, export_every=4, burn_in_steps=4, eval_every=8,
-              save_every=8)
-    launch(e2e_args(sample_data, straight, **kw), gpu=True)
-    launch(e2e_args(sample_data, sliced, stop_after_steps=8, **kw), gpu=True)
-    state = torch.load(sliced / "group_0" / "checkpoints" / "global_step8" / "mp_rank_00_model_states.pt",
-                       weights_only=False)  # our own checkpoint
-    assert state["cuda_rng"].dtype == torch.uint8 and state["torch_rng"].dtype == torch.uint8
-    launch(e2e_args(sample_data, sliced, **kw), gpu=True)
-    for g in (0, 1):
-        a, b = losses(straight, g), losses(sliced, g)
-        assert sorted(a) == sorted(b) == list(range(1, 17))
-        # cuDNN/atomics may reorder float sums: close, not bitwise (README: what stays nondeterministic)
-        assert max(abs(a[s] - b[s]) for s in a) < 2e-3
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the no-GPU plan is checked where there is no GPU")
+def test_the_smoke_plan_names_every_check_and_why_it_cannot_run_here(tmp_path):
+    _, res, txt = smoke_cli(tmp_path, "--dry_run")
+    names = [c.name for c in gpu_smoke.CHECKS]
+    assert res["order"] == names and set(res["checks"]) == set(names) and res["dry_run"] is True
+    for arch in gpu_smoke.ARCHS:  # every teacher mode for every architecture
+        assert {f"teachers/{arch}/{m}" for m in ("full", "offload", "topk", "partition")} <= set(names)
+    assert {"main", "zero3", "split", "carry_state", "noise_scale", "init_from", "resume", "parity"} <= set(names)
+    for name, c in res["checks"].items():
+        need = gpu_smoke.BY_NAME[name].gpus
+        assert c["result"] == "SKIP" and c["detail"] == f"needs {need} GPUs, 0 available", (name, c)
+    assert "check | result" in txt and "teachers/llama_tied/partition" in txt
+    # on CPU ranks with one "device" allowed: the 2-GPU checks are the ones skipped
+    _, res, _ = smoke_cli(tmp_path / "cpu", "--dry_run", "--device", "cpu", "--devices", "1", "--only",
+                          "teachers/lstm,split")
+    assert {n: c["result"] for n, c in res["checks"].items()} == {
+        "teachers/lstm/full": "PLANNED", "teachers/lstm/offload": "PLANNED", "teachers/lstm/topk": "PLANNED",
+        "teachers/lstm/partition": "SKIP", "split": "SKIP"}
 
 
-def test_teacher_from_an_export_gives_the_students_logits_on_gpu(tmp_path):
-    res = run_teacher_parity(tmp_path, "cuda", native_bf16())
-    for arch, r in res.items():
-        assert r["max_abs_diff"] <= 2 ** -7 * r["logit_scale"], (arch, r)
-    assert res["transformer"]["buffer_dtypes"] == ["torch.float32"]
+def sleeper_check(sm, pid_file) -> dict:
+    """A check whose process starts a child and sleeps: as a deepspeed launcher does."""
+    code = ("import subprocess, sys, time, pathlib; "
+            "c = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)']); "
+            f"pathlib.Path({str(pid_file)!r}).write_text(str(c.pid)); time.sleep(120)")
+    sm.call([PY, "-c", code])
+    return {"detail": "finished"}
 
 
-@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
-@pytest.mark.parametrize("ds_config", ["zero2", "zero3"])
-def test_world_split_over_two_gpus_with_nccl(sample_data, tmp_path, ds_config):
-    run_dir = tmp_path / ds_config
-    out = launch(e2e_args(sample_data, run_dir, ds_config=f"ds_configs/{ds_config}.json"), num_ranks=2, gpu=True).stdout
-    assert "this rank: [0], 1 rank(s) each" in out
-    for g in (0, 1):
-        assert losses(run_dir, g, f"teacher/step/group_{1 - g}")[40] == 20
-        assert (run_dir / f"group_{g}" / "final" / "model.safetensors").is_file()
+def gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    with open(f"/proc/{pid}/stat") as f:  # a zombie (killed, not yet reaped by init) is gone too
+        return f.read().split(")")[-1].split()[0] == "Z"
 
 
-@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
-def test_one_group_of_two_gpus_follows_its_leaders_latest_teachers(sample_data, tmp_path):
-    """--group_id launches (latest teachers): group 0 on 2 GPUs; only its leader reads exports and
-    the weights reach rank 1 by an NCCL broadcast."""
-    run_dir = tmp_path / "latest"
-    procs = [launch(e2e_args(sample_data, run_dir, group_id=0, poll_interval=0.2, max_steps=50), num_ranks=2,
-                    background=True, gpu=True),
-             launch(e2e_args(sample_data, run_dir, group_id=1, poll_interval=0.2, max_steps=50), background=True,
-                    gpu=True)]
-    outs = [p.communicate(timeout=600)[0] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], outs
-    assert max(losses(run_dir, 0, "teacher/step/group_1").values()) >= 20
+@pytest.mark.parametrize("case", ["budget", "own_limit"])
+def test_a_check_that_cannot_finish_is_skip_when_the_budget_ran_out_and_fail_at_its_own_limit(tmp_path, case):
+    """The issue's 'last run times out as FAIL rather than SKIP': the budget cut is SKIP; a check
+    past its own limit is FAIL. Either way the whole process group is gone within seconds."""
+    sm = gpu_smoke.Smoke("cpu", minutes=3 / 60 if case == "budget" else 10, root=tmp_path)
+    check = gpu_smoke.Check("sleeper", lambda s: sleeper_check(s, tmp_path / "child.pid"),
+                            timeout=100 if case == "budget" else 3, estimate=1)
+    t0 = time.time()
+    r = gpu_smoke.run_check(sm, check)
+    assert time.time() - t0 < 25
+    if case == "budget":
+        assert r["result"] == "SKIP" and r["ok"] is None and r["detail"].startswith("budget exhausted: killed"), r
+    else:
+        assert r["result"] == "FAIL" and r["ok"] is False and "past the check's own limit" in r["detail"], r
+    child = int((tmp_path / "child.pid").read_text())
+    deadline = time.time() + 10
+    while not gone(child) and time.time() < deadline:
+        time.sleep(0.2)
+    assert gone(child), "the check's grandchild outlived it"
+
+
+def test_checks_that_cannot_start_are_skip_with_the_reason(tmp_path):
+    sm = gpu_smoke.Smoke("cpu", minutes=0.5, devices=1, root=tmp_path)
+    ran = []
+    r = gpu_smoke.run_check(sm, gpu_smoke.Check("two", lambda s: ran.append(1) or {"detail": ""}, gpus=2))
+    assert r["result"] == "SKIP" and r["detail"] == "needs 2 ranks, 1 available", r
+    r = gpu_smoke.run_check(sm, gpu_smoke.Check("long", lambda s: ran.append(1) or {"detail": ""}, estimate=60))
+    assert r["result"] == "SKIP" and r["detail"].startswith("budget exhausted:") and "needs ~60 s" in r["detail"], r
+    r = gpu_smoke.run_check(sm, gpu_smoke.Check("ok", lambda s: ran.append(1) or {"detail": "ran"}, estimate=1))
+    assert r["result"] == "PASS" and r["ok"] is True and ran == [1], r
+    bad = gpu_smoke.Check("bad", lambda s: gpu_smoke.need(False, "expected x, got y"), estimate=1)
+    r = gpu_smoke.run_check(sm, bad)
+    assert r["result"] == "FAIL" and r["detail"] == "Failed: expected x, got y", r
