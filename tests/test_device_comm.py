@@ -159,13 +159,16 @@ def run_teacher_parity(tmp_path, device: str, bf16: bool) -> dict:
 @pytest.mark.slow
 @pytest.mark.parametrize("bf16", [False, True])
 def test_teacher_from_an_export_gives_the_students_logits(tmp_path, bf16):
-    """Both architectures, positions 0..1023, a real DeepSpeed engine as the student: fp32 exact;
-    bf16 (forced on CPU) equal too, while a teacher cast with module.to(bf16) - buffers included -
-    drifts on the Transformer's late positions (what the trainer did before)."""
+    """Every architecture, positions 0..1023, a real DeepSpeed engine as the student: fp32 equal to
+    fp32 rounding (1e-5 of the logit scale: oneDNN/MKL GEMMs may round differently for the
+    teacher's freshly allocated weights - alignment and the CPU's ISA pick the kernel - while a
+    bf16 RoPE table or buffer is off by ~1e-2); bf16 (forced on CPU) within bf16's rounding, while
+    a teacher cast with module.to(bf16) - buffers included - drifts on the Transformer's late
+    positions (what the trainer did before)."""
     res = run_teacher_parity(tmp_path, "cpu", bf16)
     for arch, r in res.items():
         assert r["dtype"] == ("torch.bfloat16" if bf16 else "torch.float32")
-        assert r["max_abs_diff"] <= (2 ** -8 * r["logit_scale"] if bf16 else 0.0), (arch, r)
+        assert r["max_abs_diff"] <= (2 ** -8 if bf16 else 1e-5) * r["logit_scale"], (arch, r)
     if bf16:
         assert res["transformer"]["buffer_dtypes"] == ["torch.float32"]
         assert res["transformer"]["naive_cast_max_abs_diff_late_positions"] > 4 * res["transformer"]["max_abs_diff"]
