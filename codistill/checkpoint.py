@@ -10,23 +10,36 @@ written leaves it empty. So here:
   closing barrier passed) the group leader fsyncs the tag's files, writes
   ``global_stepN/codistill_complete.json`` (the completion marker) and only then moves
   ``latest`` to the tag (temp file + fsync + os.replace).
-- Resume picks the newest tag that has the marker (normally the one ``latest`` names) and
-  whose files still have the sizes the marker lists; when ``latest`` names anything else (a
-  partial tag, a missing one, garbage, a truncated one) it warns and falls back. A tag that
-  DeepSpeed cannot load is skipped the same way. Checkpoints written before
-  the marker existed (no tag has one) are loaded through ``latest`` as before.
+- The marker lists every file of the tag with its size and xxh3-64 digest (read back from disk
+  after the fsync). Resume picks the newest marked tag (normally the one ``latest`` names) whose
+  directory holds exactly the files its marker lists - no file missing, none extra - each with
+  its recorded size and digest; only then does DeepSpeed open it. When ``latest`` names anything
+  else (a partial tag, a missing one, garbage, a truncated or tampered one) it warns and falls
+  back. A tag without a marker, or with a marker from before digests, is never loaded.
+- DeepSpeed 0.19.8 loads every checkpoint file through ``engine.checkpoint_engine.load``
+  (deepspeed/runtime/checkpoint_engine/torch_checkpoint_engine.py, TorchCheckpointEngine.load:
+  ``torch.load(weights_only=False)``, called from engine._load_checkpoint, state_dict_factory's
+  SDLoader and engine._load_zero_checkpoint). For the duration of ``load`` that method is
+  replaced by a ``torch.load(weights_only=True)`` that allows only the few DeepSpeed classes its
+  checkpoints hold (``SAFE_GLOBALS``): a pickle payload in a tag is refused, never run, even
+  when a forged marker matches it.
 - Pruning removes a tag's marker before its files, so a kill during pruning never leaves a
   marked, half-deleted tag. Unmarked tags (interrupted saves) are removed at the next save.
-- A write error (disk full) during a save leaves ``latest`` on the previous complete tag; the
-  partial tag is removed and the error is raised to the caller, which warns or stops
-  (``--on_write_error``).
+- A write error (disk full, a read-only or vanished directory) during a save leaves ``latest``
+  on the previous complete tag; the partial tag is removed and ``CheckpointWriteError`` (an
+  OSError) is raised to the caller, which warns or stops (``--on_write_error``). torch.save
+  reports ENOSPC as a RuntimeError (PytorchStreamWriter "file write failed") and a tag directory
+  DeepSpeed could not create as a RuntimeError ("Parent directory ... does not exist"; engine.
+  _create_checkpoint_file only logs its OSError): ``_WriteGuard`` catches whatever the checkpoint
+  engine's ``save``/``makedirs`` raise on each rank, lets DeepSpeed's barriers pass, and the ranks
+  of the group agree (``any_rank``) so that all of them see the same outcome.
 
-Resume uses DeepSpeed's own loader (``engine.load_checkpoint``, a full ``torch.load``) on the
-run's own checkpoint directory only; nothing a peer group wrote is ever unpickled (peers'
-exports are safetensors, read by codistill/exchange.py).
+Resume reads the run's own checkpoint directory only; nothing a peer group wrote is ever
+unpickled (peers' exports are safetensors, read by codistill/exchange.py).
 """
 from __future__ import annotations
 
+import gc
 import json
 import re
 import shutil
@@ -35,10 +48,22 @@ from pathlib import Path
 from typing import Callable
 
 from codistill import faults
+from codistill.comm import flags_any
 from codistill.files import atomic_write_bytes, fsync_dir, fsync_tree
+from codistill.weights_file import file_digest
 
 COMPLETE = "codistill_complete.json"
 TAG = re.compile(r"^global_step(\d+)$")
+# what torch.save / DeepSpeed say when a file cannot be written (torch/csrc/jit/serialization/
+# inline_container.cc PyTorchStreamWriter: "file write failed", "open file failed", "Parent directory
+# ... does not exist"; the errno text when it has one)
+WRITE_FAILURE = re.compile(r"file write failed|open file failed|Parent directory .* does not exist|unexpected pos|"
+                           r"No space left|Read-only file system|Permission denied|Disk quota exceeded|"
+                           r"Input/output error", re.S)
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written on some rank of the group (disk full, read-only directory)."""
 
 
 def tag_name(step: int) -> str:
@@ -59,19 +84,44 @@ def is_complete(tag_dir: Path) -> bool:
     return (Path(tag_dir) / COMPLETE).is_file()
 
 
-def damage(tag_dir: Path) -> str | None:
-    """Why a complete tag cannot be trusted (a file listed in its marker is missing or has
-    another size: deleted or truncated since), or None. Cheap: sizes only, nothing is read."""
+def tag_files(tag_dir: Path) -> list[str]:
+    """Every file under ``tag_dir`` but the marker, relative, sorted (symlinks count as files)."""
+    tag_dir = Path(tag_dir)
+    return sorted(str(p.relative_to(tag_dir)) for p in tag_dir.rglob("*")
+                  if (p.is_file() or p.is_symlink()) and p.name != COMPLETE)
+
+
+def manifest(tag_dir: Path) -> dict:
+    """name -> {"bytes", "xxh3_64"} of every file of a tag: what its marker records."""
+    out = {}
+    for name in tag_files(tag_dir):
+        d = file_digest(Path(tag_dir) / name)
+        out[name] = {"bytes": d["weights_bytes"], "xxh3_64": d["weights_xxh3_64"]}
+    return out
+
+
+def damage(tag_dir: Path, digests: bool = True) -> str | None:
+    """Why a marked tag must not be loaded, or None: its marker is unreadable or from before
+    digests, a file it lists is missing or has another size or digest (truncated, replaced), or
+    the tag holds a file it does not list (planted). ``digests=False``: names and sizes only."""
+    tag_dir = Path(tag_dir)
     try:
-        files = json.loads((Path(tag_dir) / COMPLETE).read_text())["files"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
+        files = json.loads((tag_dir / COMPLETE).read_text())["files"]
+        if not all(isinstance(v, dict) and {"bytes", "xxh3_64"} <= v.keys() for v in files.values()):
+            return f"its {COMPLETE} lists no digests (written by an older version: resume with --resume never)"
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         return f"unreadable {COMPLETE} ({e})"
-    for name, size in files.items():
-        f = Path(tag_dir) / name
-        if not f.is_file():
+    extra = sorted(set(tag_files(tag_dir)) - set(files))
+    if extra:
+        return f"{extra[0]} was not written by this run's save (not in {COMPLETE})"
+    for name, rec in files.items():
+        f = tag_dir / name
+        if not f.is_file() or f.is_symlink():
             return f"{name} is missing"
-        if f.stat().st_size != size:
-            return f"{name} has {f.stat().st_size} bytes, {size} when saved"
+        if f.stat().st_size != rec["bytes"]:
+            return f"{name} has {f.stat().st_size} bytes, {rec['bytes']} when saved"
+        if digests and file_digest(f)["weights_xxh3_64"] != rec["xxh3_64"]:
+            return f"{name} does not match the digest recorded when it was saved (modified since)"
     return None
 
 
@@ -83,33 +133,99 @@ def read_latest(ckpt_dir: Path) -> str | None:
     return raw
 
 
-def save(engine, ckpt_dir: Path, step: int, client_state: dict, leader: bool, keep: int) -> None:
+def is_write_failure(e: BaseException) -> bool:
+    """An OSError, or the RuntimeError torch.save / DeepSpeed raise for a file they cannot write."""
+    return isinstance(e, OSError) or (isinstance(e, RuntimeError) and WRITE_FAILURE.search(str(e)) is not None)
+
+
+class _WriteGuard:
+    """Context manager over ``engine.checkpoint_engine``'s ``save`` and ``makedirs``: the first write
+    failure is kept in ``error`` and every later write of this save is skipped, so that the rank
+    goes on through DeepSpeed's barriers instead of leaving its peers waiting in them. Anything
+    that is not a write failure propagates."""
+
+    def __init__(self, engine, step: int):
+        self.ce, self.step, self.error, self.saved = engine.checkpoint_engine, step, None, {}
+
+    def _wrap(self, name):
+        inner = getattr(self.ce, name)
+
+        def guarded(*a, **kw):
+            if self.error is not None:
+                return None
+            try:
+                if name == "save":
+                    faults.oserror("ckpt_oserror", self.step)  # test-only hook: a disk full on the first file
+                return inner(*a, **kw)
+            except Exception as e:
+                if not is_write_failure(e):
+                    raise
+                # only the text is kept: the exception's frames hold torch.save's file writer,
+                # whose open file keeps the tag's space (and blocks a read-only remount)
+                self.error = f"{type(e).__name__}: {e}"
+        return guarded
+
+    def __enter__(self):
+        for name in ("save", "makedirs"):
+            if hasattr(self.ce, name):
+                self.saved[name] = self.ce.__dict__.get(name)
+                setattr(self.ce, name, self._wrap(name))
+        return self
+
+    def __exit__(self, *exc):
+        for name, was in self.saved.items():
+            if was is None:
+                delattr(self.ce, name)
+            else:
+                setattr(self.ce, name, was)
+        return False
+
+
+def save(engine, ckpt_dir: Path, step: int, client_state: dict, leader: bool, keep: int,
+         any_rank: Callable[[bool], bool] = bool) -> None:
     """Save ``engine`` as tag global_step{step}; ``latest`` moves only once it is complete.
 
-    Raises OSError (after cleaning up the partial tag) when the checkpoint cannot be written.
+    ``any_rank(failed)``: True on every rank of the group when ``failed`` is True on any of them
+    (a collective: every rank of the group calls save). Raises CheckpointWriteError on every rank
+    (after the leader removed the partial tag) when the checkpoint could not be written.
     """
     ckpt_dir = Path(ckpt_dir)
     tag = tag_name(step)
     tag_dir = ckpt_dir / tag
-    if leader and tag_dir.exists() and read_latest(ckpt_dir) != tag:
-        _remove_tag(tag_dir)  # leftovers of an interrupted save of this step: never overwrite in place
+    error: str | None = None
     try:
-        with faults.checkpoint_write_error(engine, step):
+        if leader and tag_dir.exists() and read_latest(ckpt_dir) != tag:
+            _remove_tag(tag_dir)  # leftovers of an interrupted save of this step: never overwrite in place
+        with _WriteGuard(engine, step) as guard:
             engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
-        faults.sigkill("sigkill_in_save", step)
+        error = guard.error
+    except Exception as e:  # DeepSpeed's own writes (its makedirs of save_dir: rank 0 only)
+        if not is_write_failure(e):
+            raise
+        error = f"{type(e).__name__}: {e}"
+    faults.sigkill("sigkill_in_save", step)
+    if not any_rank(error is not None):
         if leader:
-            fsync_tree(tag_dir)
-            files = {str(p.relative_to(tag_dir)): p.stat().st_size for p in sorted(tag_dir.rglob("*")) if p.is_file()}
-            atomic_write_bytes(tag_dir / COMPLETE, json.dumps(
-                {"tag": tag, "step": step, "time": time.time(), "files": files}, indent=1).encode())
-            atomic_write_bytes(ckpt_dir / "latest", tag.encode())
-            fsync_dir(ckpt_dir)
-    except OSError:
-        if leader and read_latest(ckpt_dir) != tag:
-            _remove_tag(tag_dir)
-        raise
-    if leader:
-        prune(ckpt_dir, keep)
+            try:
+                fsync_tree(tag_dir)
+                files = manifest(tag_dir)
+                atomic_write_bytes(tag_dir / COMPLETE, json.dumps(
+                    {"tag": tag, "step": step, "time": time.time(), "files": files}, indent=1).encode())
+                atomic_write_bytes(ckpt_dir / "latest", tag.encode())
+                fsync_dir(ckpt_dir)
+            except OSError as e:
+                error = f"{type(e).__name__}: {e}"
+        if not any_rank(error is not None):
+            if leader:
+                prune(ckpt_dir, keep)
+            return
+    # torch.save's failed zip writer sits in a reference cycle with its open file: collect it now,
+    # or the removed partial tag keeps its disk space (and blocks a read-only remount) until later
+    gc.collect()
+    if leader and read_latest(ckpt_dir) != tag:
+        _remove_tag(tag_dir)
+    why = error or "another rank of the group could not write its part"
+    raise CheckpointWriteError(f"checkpoint {tag_dir} could not be written ({why})")
 
 
 def _remove_tag(tag_dir: Path) -> None:
@@ -137,20 +253,23 @@ def prune(ckpt_dir: Path, keep: int) -> None:
 
 
 def candidates(ckpt_dir: Path, log: Callable[[str], None] = print) -> list[str]:
-    """Tags to try for resume, best first; warns when ``latest`` is not the newest complete tag."""
+    """Tags to try for resume, best first (marked, the exact files the marker lists, their sizes;
+    digests are checked by ``load``); warns about every other tag and when ``latest`` is not the
+    newest complete tag."""
     ckpt_dir = Path(ckpt_dir)
     tags = list_tags(ckpt_dir)
     latest = read_latest(ckpt_dir)
-    if not any(is_complete(p) for _, p in tags):  # legacy checkpoints (no markers): trust 'latest'
-        return [latest] if latest and TAG.match(latest) and (ckpt_dir / latest).is_dir() else []
     complete = []
     for _, p in reversed(tags):
         if is_complete(p):
-            why = damage(p)
+            why = damage(p, digests=False)
             if why is None:
                 complete.append(p.name)
             else:
-                log(f"WARNING: checkpoint {p} is damaged ({why}); skipping it")
+                log(f"WARNING: checkpoint {p} is refused ({why}); skipping it")
+        elif p.name == latest or not any(is_complete(q) for _, q in tags):
+            log(f"WARNING: checkpoint {p} has no {COMPLETE} (an interrupted save, or not written by this "
+                f"run's trainer); it is never loaded")
     if not complete:
         return []
     if latest != complete[0]:
@@ -162,19 +281,64 @@ def candidates(ckpt_dir: Path, log: Callable[[str], None] = print) -> list[str]:
             why = f"names {latest}, which does not exist"
         elif not is_complete(ckpt_dir / latest):
             why = f"names {latest}, which is incomplete (its save was interrupted: no {COMPLETE})"
-        elif damage(ckpt_dir / latest):
-            why = f"names {latest}, which is damaged"
+        elif latest not in complete:
+            why = f"names {latest}, which is refused"
         else:
             why = f"names {latest}, older than the complete {complete[0]} (interrupted before 'latest' moved)"
         log(f"WARNING: {ckpt_dir / 'latest'} {why}; resuming from {complete[0]}, the newest complete checkpoint")
     return complete
 
 
+# the classes besides tensors and containers that DeepSpeed 0.19.8's checkpoints hold: ZeRO 1/2/3
+# optimizer states (runtime/zero/stage_1_and_2.py state_dict, zero/stage3.py _rigid_state_dict:
+# loss_scaler, zero_stage) and ZeRO 1/2's and bf16_optimizer.py's param_slice_mappings
+def _safe_globals() -> list:
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+class weights_only_loads:
+    """Context manager: ``engine.checkpoint_engine.load`` becomes torch.load(weights_only=True)
+    with only ``_safe_globals()`` allowed; a pickle that would call anything else raises
+    (torch's UnpicklingError) before it runs."""
+
+    def __init__(self, engine):
+        self.ce = engine.checkpoint_engine
+        self.had = "load" in self.ce.__dict__
+
+    def __enter__(self):
+        import torch
+        allowed = _safe_globals()
+        self.saved = self.ce.__dict__.get("load")
+
+        def load(path, map_location=None):
+            with torch.serialization.safe_globals(allowed):
+                return torch.load(path, map_location=map_location, weights_only=True)
+        self.ce.load = load
+        return self
+
+    def __exit__(self, *exc):
+        if self.had:
+            self.ce.load = self.saved
+        else:
+            del self.ce.load
+        return False
+
+
 def load(engine, ckpt_dir: Path, log: Callable[[str], None] = print) -> tuple[str | None, dict]:
-    """Load the newest loadable complete checkpoint into ``engine``: (tag or None, client_state)."""
-    for i, tag in enumerate(candidates(ckpt_dir, log)):
+    """Load the newest verified, loadable complete checkpoint into ``engine``: (tag or None,
+    client_state). Each tag's files are checked against its marker's digests before DeepSpeed
+    opens any of them; DeepSpeed's loads are weights-only."""
+    for tag in candidates(ckpt_dir, log):
+        why = damage(Path(ckpt_dir) / tag)
+        if why is not None:
+            log(f"WARNING: checkpoint {Path(ckpt_dir) / tag} is refused ({why}); trying an older one")
+            continue
         try:
-            path, state = engine.load_checkpoint(str(ckpt_dir), tag=tag)
+            with weights_only_loads(engine):
+                path, state = engine.load_checkpoint(str(ckpt_dir), tag=tag)
         except Exception as e:  # a corrupt file: DeepSpeed raises whatever torch.load raised
             path, state, err = None, None, f"{type(e).__name__}: {e}"
         else:
@@ -222,8 +386,9 @@ class Checkpointer:
                     "step": step, "tokens_seen": s.tokens_seen, "skipped_steps": s.skipped_steps,
                     "samples": step * s.global_batch, **self.rng_state(), **self.exchange.state(),
                     **s.carry_checkpoint()},
-                    s.leader, self.args.keep_checkpoints)
-            except OSError as e:
+                    s.leader, self.args.keep_checkpoints,
+                    any_rank=lambda failed, s=s: flags_any([failed], s.comm.device, s.dp_group)[0])
+            except CheckpointWriteError as e:
                 ok = False
                 self.log(f"WARNING: [group {s.id}] checkpoint of step {step} failed ({e}); 'latest' still names "
                          f"{read_latest(s.paths.checkpoints)}", force=s.leader)

@@ -13,6 +13,7 @@ Kinds (where they fire):
     export_oserror   write_export raises OSError(ENOSPC) after the weights file, before the
                      metadata and LATEST (the worst moment: a half-written export)
     ckpt_oserror     the DeepSpeed checkpoint write raises OSError(ENOSPC) on its first file
+                     (hooked into the checkpoint engine's save by codistill/checkpoint.py)
     sigkill_in_save  SIGKILL to this process after DeepSpeed wrote a checkpoint's files but
                      before it was marked complete and 'latest' was moved to it
     sigkill          SIGKILL to this process in the middle of the step (after the forward
@@ -69,28 +70,6 @@ def oserror(kind: str, step: int) -> None:
 def sigkill(kind: str, step: int) -> None:
     if active(kind, step):
         os.kill(os.getpid(), signal.SIGKILL)
-
-
-class checkpoint_write_error:
-    """Context manager: under ``ckpt_oserror@step`` the engine's checkpoint writer fails."""
-
-    def __init__(self, engine, step: int):
-        self.engine, self.step, self.saved = engine, step, None
-
-    def __enter__(self):
-        if active("ckpt_oserror", self.step):
-            ce = self.engine.checkpoint_engine
-            self.saved = ce.save
-
-            def failing_save(state_dict, path, *a, **kw):
-                oserror("ckpt_oserror", self.step)
-            ce.save = failing_save
-        return self
-
-    def __exit__(self, *exc):
-        if self.saved is not None:
-            self.engine.checkpoint_engine.save = self.saved
-        return False
 
 
 def write_bad_export(exports_dir, step: int, model_config, tokenizer_sha256: str, kind: str, group: int = 1,

@@ -131,15 +131,21 @@ def load_inputs(p: Plan, log):
     for g in p.topo.hosted:
         data.group_shards(g, args.num_groups)
     model_cfg = flags.model_config(args, data.vocab_size)
-    if args.resume == "auto" and p.run.config.is_file():
+    if args.resume == "auto" and p.run.config.is_file():  # config.json is rewritten only after these pass
         try:
-            prev = json.loads(p.run.config.read_text())["model"]
+            recorded = json.loads(p.run.config.read_text())
+            prev = recorded["model"]
         except (json.JSONDecodeError, KeyError, TypeError):
-            prev = None
+            recorded, prev = {}, None
         if prev is not None and ModelConfig.from_dict(prev).config_hash() != model_cfg.config_hash():
             raise ValueError(f"{p.run.config} was written for another model ({prev}) than this run's "
                              f"({model_cfg.to_dict()}), e.g. another --model/--model_size or tokenizer vocabulary; "
                              "use a new --run_dir or --resume never")
+        tok = recorded.get("tokenizer_sha256") if isinstance(recorded, dict) else None
+        if tok is not None and tok != data.tokenizer_sha256:
+            raise ValueError(f"--data {data_dir} was tokenized by another tokenizer (sha256 {data.tokenizer_sha256[:12]}) "
+                             f"than the run in {p.run.root} (config.json: {tok[:12]}), even if the vocabulary size "
+                             "matches; resume with the run's --data, or use a new --run_dir or --resume never")
     fixed = None  # --teacher PATH: read and validated before anything is written
     if args.teacher is not None and args.distill_weight > 0:
         fixed = read_fixed_teacher(args.teacher, model_cfg.config_hash(), data.tokenizer_sha256)
@@ -318,12 +324,6 @@ def main(argv=None):
         p.rss_start_mib = runlog.rss_mib()
         students = [Student(g, args, p.topo, mpus[g], data, model_cfg, p.ds_cfgs[g], p.device, log) for g in p.topo.hosted]
         exchange = Exchange(args, p.topo, students, model_cfg, data.tokenizer_sha256, p.device, log, fixed)
-        if p.rank == 0:
-            p.run.root.mkdir(parents=True, exist_ok=True)
-            runlog.write_json(p.run.config, {
-                "args": vars(args), "model": model_cfg.to_dict(), "ds_config": p.ds_base, "world_size": p.world,
-                "hosted_groups_per_rank": len(p.topo.hosted), "teacher_sync": exchange.sync,
-                "git": runlog.git_sha(ROOT)})
         banner(p, students, exchange, fixed, log)
         ckpt = Checkpointer(students, exchange, args, p.device, log)
         try:
@@ -332,6 +332,12 @@ def main(argv=None):
         except ValueError as e:
             log.error(str(e))
             sys.exit(2)
+        if p.rank == 0:  # after every resume check passed: a refused resume leaves the run's record as it was
+            p.run.root.mkdir(parents=True, exist_ok=True)
+            runlog.write_json(p.run.config, {
+                "args": vars(args), "model": model_cfg.to_dict(), "tokenizer_sha256": data.tokenizer_sha256,
+                "ds_config": p.ds_base, "world_size": p.world, "hosted_groups_per_rank": len(p.topo.hosted),
+                "teacher_sync": exchange.sync, "git": runlog.git_sha(ROOT)})
         if start:
             log(f"resumed from step {start} ({p.run.root if args.resume == 'auto' else args.resume})")
         t_start = time.time()

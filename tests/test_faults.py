@@ -3,6 +3,7 @@
 import pytest
 
 from codistill import faults
+from test_checkpoint import tmpfs  # noqa: F401  (the 2 MiB tmpfs fixture)
 
 
 def test_fault_spec_parses_and_rejects_unknown_kinds():
@@ -14,3 +15,29 @@ def test_fault_spec_parses_and_rejects_unknown_kinds():
     for bad in ("rm_rf@3", "nan_loss", "sigkill:x@3", "nan_loss@a-b"):
         with pytest.raises(ValueError, match="bad"):
             faults.parse(bad)
+
+
+def test_export_writer_on_a_full_then_read_only_disk_raises_oserror_and_keeps_latest(tmpfs):
+    """A real 2 MiB tmpfs: write_export's own writer reports ENOSPC and EROFS as OSError (what
+    ExportWriter catches), removes its half-written export and leaves LATEST on the previous one."""
+    import os
+    import subprocess
+
+    import torch
+
+    from codistill.exchange import list_exports, read_export, read_latest, write_export
+    d = tmpfs / "exports"
+    sd = {"w": torch.randn(256, 256)}
+    write_export(d, 10, sd, {"group": 0})
+    with open(tmpfs / "filler", "wb") as f:
+        st = os.statvfs(tmpfs)
+        f.write(b"\0" * (st.f_bavail * st.f_frsize - 64 * 1024))
+    with pytest.raises(OSError, match="No space left"):
+        write_export(d, 20, sd, {"group": 0})
+    assert read_latest(d) == 10 and list_exports(d) == [10] and sorted(os.listdir(d)) == [
+        "LATEST", "step_000010.json", "step_000010.safetensors"]
+    (tmpfs / "filler").unlink()
+    subprocess.run(["mount", "-o", "remount,ro", str(tmpfs)], check=True)
+    with pytest.raises(OSError, match="Read-only"):
+        write_export(d, 30, sd, {"group": 0})
+    assert read_latest(d) == 10 and torch.equal(read_export(d, 10).state_dict["w"], sd["w"])
