@@ -194,8 +194,8 @@ def save(engine, ckpt_dir: Path, step: int, client_state: dict, leader: bool, ke
     tag_dir = ckpt_dir / tag
     error: str | None = None
     try:
-        if leader and tag_dir.exists() and read_latest(ckpt_dir) != tag:
-            _remove_tag(tag_dir)  # leftovers of an interrupted save of this step: never overwrite in place
+        if leader and tag_dir.exists():  # leftovers of an interrupted save of this step, or planted files:
+            _remove_tag(tag_dir)         # never overwrite in place, the marker lists only what this save wrote
         with _WriteGuard(engine, step) as guard:
             engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
         error = guard.error

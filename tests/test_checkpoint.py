@@ -131,8 +131,12 @@ def test_write_error_during_checkpoint_save_keeps_latest(tmp_path, monkeypatch):
             assert save_latest is False  # 'latest' is ours to move
             self.checkpoint_engine.save({}, os.path.join(d, tag, "model.pt"))
 
+    (ckpt / "global_step10").mkdir(parents=True)  # planted before the save, 'latest' naming it
+    (ckpt / "global_step10" / "planted.pt").write_bytes(b"\x80")
+    (ckpt / "latest").write_text("global_step10")
     checkpoint.save(Engine(), ckpt, 10, {}, leader=True, keep=2)
     assert checkpoint.read_latest(ckpt) == "global_step10" and checkpoint.is_complete(ckpt / "global_step10")
+    assert checkpoint.tag_files(ckpt / "global_step10") == ["model.pt"]  # the marker blesses only what it wrote
     monkeypatch.setenv(faults.ENV, "ckpt_oserror@20")
     with pytest.raises(checkpoint.CheckpointWriteError, match="No space left"):
         checkpoint.save(Engine(), ckpt, 20, {}, leader=True, keep=2)

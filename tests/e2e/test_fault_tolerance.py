@@ -214,11 +214,34 @@ def test_export_write_error_with_stop_exits_4_then_resume_is_exact(main_run, sam
         assert checkpoint.read_latest(gdir / "checkpoints") == "global_step10"
         assert read_latest(gdir / "exports") == 10 and list_exports(gdir / "exports") == [10]
         assert not [p for p in (gdir / "exports").iterdir() if p.name.startswith(".")]
+    # issue 31 item 1: files planted in group 0's own checkpoints/ - a pickle payload in every
+    # file of a newer tag, a marker whose digests match them, 'latest' naming it - are refused by
+    # the weights-only load on this requeue: the payload never runs, step 10 is resumed
+    pwned, ckpt = tmp_path / "pwned", run_dir / "group_0" / "checkpoints"
+    planted = ckpt / "global_step20"
+    planted.mkdir()
+    for f in (ckpt / "global_step10").iterdir():
+        if f.name != checkpoint.COMPLETE:
+            (planted / f.name).write_bytes(pickle.dumps({"module": _Payload(str(pwned))}))
+    (planted / checkpoint.COMPLETE).write_text(json.dumps({"files": checkpoint.manifest(planted)}))
+    (ckpt / "latest").write_text("global_step20")
     proc = run_python(["recipes/train_lm.py", *args], timeout=300)
     assert proc.returncode == 0 and "resumed from step 10" in proc.stdout, proc.stdout + proc.stderr
+    assert not pwned.exists(), "the planted payload ran"
+    assert re.search(r"global_step20 cannot be loaded \(UnpicklingError: Weights only load failed", proc.stdout)
     for g in (0, 1):
         a, b = tb(main_run[0], g, "train/loss"), tb(run_dir, g, "train/loss")
         assert max(abs(a[s] - b[s]) for s in a) < 1e-5
+
+
+class _Payload:
+    """Unpickled, it creates the file ``path`` (what a planted checkpoint would do, harmlessly)."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
 
 
 def _scalars_per_events_file(tb_dir, tag):
