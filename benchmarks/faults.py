@@ -15,6 +15,7 @@ and files written by hand into a peer's exports directory.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import pickle
 import re
@@ -77,8 +78,8 @@ def damage(run_dir: Path, groups, ref: Path | None = None, before: int | None = 
         ckpt = paths.checkpoints
         if ckpt.is_dir():
             latest = checkpoint.read_latest(ckpt)
-            if latest and not checkpoint.is_complete(ckpt / latest):
-                problems.append(f"group {g}: latest names incomplete {latest}")
+            if latest and (not checkpoint.is_complete(ckpt / latest) or checkpoint.damage(ckpt / latest)):
+                problems.append(f"group {g}: latest names incomplete or damaged {latest}")
         exp = paths.exports
         if (exp / "LATEST").is_file():
             for step in list_exports(exp):
@@ -113,6 +114,9 @@ def export(d: Path, step: int, cfg, tok: str, seed: int = 0) -> None:
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_run_args(ap)
+    ap.add_argument("--only", nargs="+", metavar="CASE", choices=sorted(NEW_CASES),
+                    help="run only these cases (and the reference run), e.g. to check a new case; the results "
+                         "file then holds only them")
     a = ap.parse_args()
     data = Path(a.data) if a.data else bench_data(2000)
     root = runs_root(a, "faults_")
@@ -127,6 +131,11 @@ def main():
     ref = root / "reference"
     code, out = run(flags(data, ref))
     assert code == 0, out[-3000:]
+    if a.only:
+        for name in a.only:
+            NEW_CASES[name](data, root, ref, record)
+        finish(rows, data, t0, a, suffix="_only")
+        return
 
     # 1. kill -9 mid-step, then --resume auto
     d = root / "kill9"
@@ -217,7 +226,6 @@ def main():
 
     # 7-8. a peer gone wrong: its export passes every file check but holds NaN weights, or finite
     # garbage (random, std 3); group 0 alone, latest teachers, against the same run without that peer
-    import json
     lone_args = dict(num_groups=2, group_id=0, burn_in_steps=5, poll_interval=0.05, save_every=1000,
                      max_steps=80, eval_every=40)
 
@@ -254,13 +262,93 @@ def main():
            second.returncode == 2 and "already being trained" in second.stderr and first.returncode == 75, 0,
            damage(d, (0,)))
 
+    for case in NEW_CASES.values():
+        case(data, root, ref, record)
+    finish(rows, data, t0, a)
+
+
+def finish(rows, data, t0, a, suffix="") -> None:
     cols = ["case", "injected", "what happened", "survived", "steps lost", "data lost"]
     print(table([[r[c] if c != "survived" else ("yes" if r[c] else "NO") for c in cols] for r in rows], cols))
-    out_path = save_results("faults", {"data": str(data), "steps": STEPS, "flags": BASE, "cases": rows,
+    out_path = save_results("faults" + suffix, {"data": str(data), "steps": STEPS, "flags": BASE, "cases": rows,
                                        "wall_s": round(time.time() - t0, 1)}, a.results_dir)
     print(f"wrote {out_path}")
     if not all(r["survived"] for r in rows):
         sys.exit(1)
+
+
+def planted_checkpoint(data, root, ref, record) -> None:
+    """Issue 31 item 1: a pickle payload planted in a group's own checkpoints/ (a newer tag, a marker
+    whose digests match it, 'latest' naming it) is refused on the requeue, never unpickled."""
+    d = root / "planted_ckpt"
+    code1, _ = run(flags(data, d), {faults.ENV: "sigkill@13"})
+    ckpt, ran = RunLayout(d).group(0).checkpoints, root / "CKPT_PAYLOAD_RAN"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {ran}",))
+
+    planted = ckpt / "global_step15"
+    planted.mkdir()
+    for f in (ckpt / "global_step10").iterdir():
+        if f.name != checkpoint.COMPLETE:
+            (planted / f.name).write_bytes(pickle.dumps({"module": Payload()}))
+    (planted / checkpoint.COMPLETE).write_text(json.dumps({"files": checkpoint.manifest(planted)}))
+    (ckpt / "latest").write_text("global_step15")
+    code2, out = run(flags(data, d))
+    r, refused = resumed_from(out), "global_step15 cannot be loaded (UnpicklingError: Weights only" in out
+    record("pickle planted in checkpoints/", "group 0: a tag global_step15 of pickle payloads, a marker with their "
+           "digests, 'latest' on it; then a requeue", f"exit {code2}; refused by the weights-only load "
+           f"({'reported' if refused else 'NOT reported'}); payload ran: {ran.exists()}; resumed from step {r}",
+           code1 == -9 and code2 == 0 and refused and not ran.exists() and r == 10, 13 - 1 - (r or 0),
+           damage(d, (0, 1), ref))
+
+
+def read_only_checkpoints(data, root, ref, record) -> None:
+    """Issue 31 item 3: group 0's checkpoints/ on a real tmpfs remounted read-only mid-run: torch.save's
+    and DeepSpeed's RuntimeErrors are write failures, so --on_write_error warn goes on."""
+    d = root / "read_only"
+    mnt = RunLayout(d).group(0).checkpoints
+    mnt.mkdir(parents=True)
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(mnt)], capture_output=True).returncode:
+        record("checkpoints/ becomes read-only", "skipped: mounting a tmpfs needs root", "not run", True, 0, "not run")
+        return
+    try:
+        code, out = run(flags(data, d), until=r"\[group 1\] step 12/",
+                        then=lambda p: subprocess.run(["mount", "-o", "remount,ro", str(mnt)], check=True))
+        latest, warned = checkpoint.read_latest(mnt), len(re.findall(r"checkpoint of step \d+ failed", out))
+        lost = damage(d, (0, 1), ref)  # before the tmpfs (group 0's checkpoints) goes
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+    record("checkpoints/ becomes read-only", "group 0's checkpoints/ (a tmpfs) remounted read-only during step ~12",
+           f"exit {code}; {warned} checkpoint failures warned, 'latest' kept {latest}, training went on "
+           "(--on_write_error warn)", code == 0 and latest == "global_step10" and warned >= 3, 0, lost)
+
+
+def stuck_peer(data, root, ref, record) -> None:
+    """A peer whose LATEST is a FIFO (a read that never returns) beside a healthy peer: group 0 alone
+    trains at its usual pace with the healthy teacher and exits cleanly (docs/fault_tolerance.md,
+    "Stuck peers"; the read is abandoned after teacher.READ_TIMEOUT_S, longer than this run)."""
+    from data_prep.dataset import TokenData
+    from model import preset_config
+    cfg, tok = preset_config("lstm", "tiny", TokenData(data).vocab_size, 1024), TokenData(data).tokenizer_sha256
+    d = root / "stuck_peer"
+    exports_dir(d, 1).mkdir(parents=True)
+    os.mkfifo(exports_dir(d, 1) / "LATEST")
+    export(exports_dir(d, 2), 1, cfg, tok)
+    t = time.time()
+    code, out = run(flags(data, d, num_groups=3, group_id=0, burn_in_steps=0, poll_interval=0.05, save_every=1000))
+    wall = time.time() - t
+    peers = scalars(RunLayout(d).group(0).tb, "teacher/num_peers")
+    record("stuck peer (FIFO as LATEST)", "peer 1's LATEST is a FIFO nobody writes; peer 2 healthy",
+           f"exit {code} in {wall:.0f} s; teachers in use at the end: {peers.get(STEPS, float('nan')):.0f} "
+           "(the healthy peer); the loop never waited on the stuck read",
+           code == 0 and peers.get(STEPS) == 1, 0, damage(d, (0,)))
+
+
+# cases added for issue 31 (also run by --only)
+NEW_CASES = {"planted_checkpoint": planted_checkpoint, "read_only_checkpoints": read_only_checkpoints,
+             "stuck_peer": stuck_peer}
 
 
 if __name__ == "__main__":
