@@ -18,9 +18,9 @@ written leaves it empty. So here:
   back. A tag without a marker, or with a marker from before digests, is never loaded.
 - DeepSpeed 0.19.8 loads every checkpoint file through ``engine.checkpoint_engine.load``
   (deepspeed/runtime/checkpoint_engine/torch_checkpoint_engine.py, TorchCheckpointEngine.load:
-  ``torch.load(weights_only=False)``, called from engine._load_checkpoint, state_dict_factory's
+  a torch.load with weights_only=False, called from engine._load_checkpoint, state_dict_factory's
   SDLoader and engine._load_zero_checkpoint). For the duration of ``load`` that method is
-  replaced by a ``torch.load(weights_only=True)`` that allows only the few DeepSpeed classes its
+  replaced by a torch.load with weights_only=True that allows only the few DeepSpeed classes its
   checkpoints hold (``SAFE_GLOBALS``): a pickle payload in a tag is refused, never run, even
   when a forged marker matches it.
 - Pruning removes a tag's marker before its files, so a kill during pruning never leaves a
