@@ -50,6 +50,7 @@ from typing import Callable
 from codistill import faults
 from codistill.comm import flags_any
 from codistill.files import atomic_write_bytes, fsync_dir, fsync_tree
+from codistill.flags import CheckpointFlags
 from codistill.weights_file import file_digest
 
 COMPLETE = "codistill_complete.json"
@@ -362,12 +363,13 @@ class Checkpointer:
     follows an export whose write failed unnoticed).
     """
 
-    def __init__(self, students, exchange, args, device, log):
-        self.students, self.exchange, self.args, self.device, self.log = students, exchange, args, device, log
+    def __init__(self, students, exchange, flags: CheckpointFlags, last_step: int, device, log):
+        self.students, self.exchange, self.flags, self.device, self.log = students, exchange, flags, device, log
+        self.last_step = last_step  # --max_steps: its checkpoint is always written
         self.saved_at: int | None = None
 
     def due(self, step: int, forced: bool = False) -> bool:
-        return forced or step % self.args.save_every == 0 or step == self.args.max_steps
+        return forced or step % self.flags.save_every == 0 or step == self.last_step
 
     def rng_state(self) -> dict:
         import torch
@@ -386,7 +388,7 @@ class Checkpointer:
                     "step": step, "tokens_seen": s.tokens_seen, "skipped_steps": s.skipped_steps,
                     "samples": step * s.global_batch, **self.rng_state(), **self.exchange.state(),
                     **s.carry_checkpoint()},
-                    s.leader, self.args.keep_checkpoints,
+                    s.leader, self.flags.keep_checkpoints,
                     any_rank=lambda failed, s=s: flags_any([failed], s.comm.device, s.dp_group)[0])
             except CheckpointWriteError as e:
                 ok = False

@@ -1,150 +1,463 @@
-"""The trainer's flags: their definition (``parse_args``) and the combinations that cannot
-work, caught before any compute (exit 2 with the fix named).
+"""The trainer's flags, grouped by concern as typed dataclasses: each field is one flag (its
+type, default and help text), each group checks its own fields, and ``Flags.check`` adds the
+combinations across groups. Components receive their own group (``Checkpointer(flags.checkpoint)``),
+never the whole set.
 
-``check(args)`` returns (errors, warnings): each message names the flag and what to do. It
-looks only at the parsed flags; the ds_config, data and topology are checked by their own
-modules, also before deepspeed.init_distributed.
+``parse_args(argv)`` builds the command line from these dataclasses (one argparse group per
+dataclass, so ``--help`` reads by concern) and returns a ``Flags``; ``check()`` returns
+(errors, warnings), each message naming the flag and what to do, and runs before any compute.
+It looks only at the flags: the ds_config, the data and the topology are checked by their own
+modules, also before deepspeed.init_distributed. docs/flags.md is generated from this file
+(``python -m codistill.flags --write-docs``; tests/test_flags.py checks it is current).
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
+import sys
+import typing
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from model import PRESETS
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT / "data" / "sample"  # the embedded corpus, prepared on first use
+DOCS = ROOT / "docs" / "flags.md"
 
 
-def parse_args(argv=None, description: str | None = None):
-    """The flags of recipes/train_lm.py (plus --config defaults), with single-flag checks."""
+def flag(default, help: str, *, choices=None, metavar=None, doc_default=None, hidden=False):
+    """One flag: a dataclass field whose metadata argparse and docs/flags.md read."""
+    return field(default=default, metadata={"help": help, "choices": choices, "metavar": metavar,
+                                            "doc_default": doc_default, "hidden": hidden})
+
+
+class Group:
+    """A dataclass of flags; ``check`` appends its own fields' errors and warnings."""
+    title = ""
+
+    def check(self, errors: list[str], warnings: list[str]) -> None:
+        pass
+
+
+def _at_least(group, errors, minimum: int, *names) -> None:
+    for name in names:
+        value = getattr(group, name)
+        if value < minimum:
+            errors.append(f"--{name} must be >= {minimum} (got {value})")
+
+
+@dataclass
+class RunFlags(Group):
+    """Where the run lives, which groups this launch trains, and the launch-wide settings."""
+    title = "run"
+    run_dir: str = flag("runs/codistill", "the run directory shared by every group: group_i/ (checkpoints, exports, "
+                        "TensorBoard, final/), config.json, summary.json (the layout: docs/design.md)")
+    num_groups: int = flag(2, "G, the number of groups training a copy of the model each on its own shard "
+                           "(1: the plain data-parallel baseline)")
+    group_id: int | None = flag(None, "train only this group (one launch per group, e.g. a SLURM array task); "
+                                "without it this launch trains every group, its ranks split among them")
+    seed: int = flag(1234, "the base seed: group i initialises from seed + 7919 i and draws its own data order")
+    log_every: int = flag(10, "steps between console lines (TensorBoard logs every step)")
+    config: str | None = flag(None, "a JSON file (UTF-8) of flag defaults (see recipes/configs/); flags on the "
+                              "command line win. Each key must be a flag and its value of the flag's type and "
+                              "choices (exit 2 naming the file and key otherwise)", metavar="FILE")
+    local_rank: int | None = flag(None, "set by the deepspeed launcher", hidden=True)
+
+    def check(self, errors, warnings):
+        _at_least(self, errors, 1, "num_groups", "log_every")
+        if self.group_id is not None and not 0 <= self.group_id < max(1, self.num_groups):
+            errors.append(f"--group_id {self.group_id} is outside 0..{self.num_groups - 1} (--num_groups "
+                          f"{self.num_groups}); group ids count from 0, so use --group_id 0..{self.num_groups - 1} "
+                          f"or raise --num_groups")
+
+
+@dataclass
+class ModelFlags(Group):
+    """The architecture every group trains (the same in every group: peers run each other's weights)."""
+    title = "model"
+    model: str = flag("lstm", "lstm | transformer (presets, see --model_size) | hf (any transformers causal LM: "
+                      "--hf_config or --init_from)", choices=[*sorted(PRESETS), "hf"])
+    model_size: str = flag("tiny", "the preset. lstm: tiny (1x256), small (2x512), paper (2x1024, an approximation "
+                           "of the paper's LSTM), and Zaremba et al.'s (2014) Penn Treebank LSTMs zaremba-small "
+                           "(2x200, no dropout), medium (2x650, dropout 0.5, tied) and large "
+                           "(2x1500, dropout 0.65, tied) - train those with --carry_state (docs/ptb.md); "
+                           "transformer (Llama-style, built with transformers from a config, no hub): tiny, "
+                           "small, gpt2-small (12x768)")
+    hf_config: str | None = flag(None, "--model hf: a transformers config.json (or a directory holding one) of any "
+                                 "causal LM (GPT-2, Llama, Mistral, Qwen2, Phi, GPT-NeoX, ...), trained from "
+                                 "scratch; its vocab_size must be >= the data's (larger = padded embeddings); its "
+                                 "identity (what teachers are checked against) is the config without "
+                                 "dropout/version/path keys (docs/models.md)", metavar="PATH")
+    init_from: str | None = flag(None, "--model hf: start every group from this local pretrained directory "
+                                 "(save_pretrained's config.json + model.safetensors); its config is the "
+                                 "architecture", metavar="DIR")
+    trust_pickled_weights: bool = flag(False, "--init_from: also load pickled weights (pytorch_model.bin); "
+                                       "unpickling runs any code the file holds, so they are refused without it")
+    dropout: float | None = flag(None, "override every dropout rate of the preset (--model hf: each config key "
+                                 "ending in dropout/pdrop)", doc_default="the preset's / config's")
+
+    def check(self, errors, warnings):
+        if self.model == "hf":
+            if (self.hf_config is None) == (self.init_from is None):
+                errors.append("--model hf needs exactly one of --hf_config PATH (a new model of that architecture) "
+                              "or --init_from DIR (a local pretrained model, whose config.json is the architecture)")
+        elif self.hf_config is not None or self.init_from is not None:
+            errors.append(f"--hf_config/--init_from need --model hf (got --model {self.model})")
+        elif self.model_size not in PRESETS[self.model]:
+            errors.append(f"--model_size for --model {self.model} must be one of {sorted(PRESETS[self.model])} "
+                          f"(got {self.model_size})")
+        if self.dropout is not None and not 0 <= self.dropout < 1:
+            errors.append(f"--dropout must be in [0, 1) (got {self.dropout})")
+
+
+@dataclass
+class DataFlags(Group):
+    """The tokens: data_prep's output directory, the window length and who reads which shard."""
+    title = "data"
+    data: str = flag(str(DEFAULT_DATA), "the data_prep output directory (manifest.json, tokenizer, shards, val.bin); "
+                     "the default, the embedded corpus, is prepared automatically on first use",
+                     doc_default="data/sample")
+    seq_len: int = flag(64, "tokens per training window (and per validation window)")
+    data_split: str = flag("disjoint", "disjoint: group i reads only its own shards (the method); shared: every "
+                           "group reads all shards, each in its own order (the same-data comparison of the "
+                           "paper's claim 3)", choices=["disjoint", "shared"])
+    carry_state: bool = flag(False, "--model lstm: truncated BPTT as the LSTM literature trains. A group's tokens "
+                             "are cut into (ranks x gradient_accumulation_steps x micro batch) contiguous streams, "
+                             "one per row of the group's batch; step t reads window t mod W of each, and the LSTM's "
+                             "(h, c) is carried (detached) from one step to the next; at the streams' end every "
+                             "stream starts over from a zero state. Teachers carry their own state over the "
+                             "student's streams; a swapped-in teacher and a skipped step (non-finite loss) start "
+                             "from zeros. The checkpoint holds every rank's states, so a resume continues exactly. "
+                             "Off: every window is a random window from a zero state (data_prep/dataset.py)")
+
+    def check(self, errors, warnings):
+        _at_least(self, errors, 1, "seq_len")
+
+
+@dataclass
+class TrainingFlags(Group):
+    """The optimisation: steps, learning-rate schedule, the loss's memory, divergence, measurements."""
+    title = "training"
+    ds_config: str = flag(str(ROOT / "ds_configs" / "zero2.json"), "the DeepSpeed config: zero1.json, zero2.json, "
+                          "zero3.json ship (micro batch 16, no accumulation, clipping 1.0, AdamW lr 3e-3, bf16 "
+                          "\"auto\": on where CUDA supports it, off on CPU); train_batch_size is derived (or checked, "
+                          "with a clear error) from micro x accumulation x ranks per group",
+                          doc_default="ds_configs/zero2.json")
+    max_steps: int = flag(300, "optimizer steps of every group; the LR schedule runs over them")
+    lr: float | None = flag(None, "the peak learning rate (after warmup)", doc_default="the ds_config optimizer's")
+    warmup_steps: int = flag(20, "linear warmup steps, then cosine decay to --lr x --min_lr_ratio at --max_steps")
+    min_lr_ratio: float = flag(0.1, "the cosine decay ends at --lr x this")
+    target_val_loss: float | None = flag(None, "finish (checkpoint, final/, summary) at the first validation where "
+                                         "every group of this launch has val loss <= LOSS, before --max_steps: "
+                                         "steps-to-target studies (benchmarks/batch_scaling.py); the LR schedule "
+                                         "still runs over --max_steps", metavar="LOSS")
+    loss_chunk_mb: float = flag(32.0, "the loss and the top-K teacher probabilities run over chunks of tokens "
+                                "holding this many MiB of fp32 [tokens, vocab] values (4194 tokens at V = 2000, "
+                                "167 at V = 50 k)")
+    loss_chunk_tokens: int | None = flag(None, "a fixed loss chunk in tokens instead of --loss_chunk_mb")
+    noise_scale: bool = flag(False, "measure the gradient noise scale B_simple (McCandlish et al. 2018; "
+                             "codistill/noise.py) on each group's leader, every --noise_scale_every steps, from the "
+                             "gradients of the first micro-batch and of its quarters (detached parameter copies: "
+                             "DeepSpeed never sees them; the RNG stream is restored), EMA-smoothed: "
+                             "train/noise_scale (tokens) in TensorBoard and a console line reading it against the "
+                             "group's batch. ZeRO 0-2 (ZeRO-3 is refused)")
+    noise_scale_every: int = flag(50, "steps between noise-scale measurements (each costs one more forward and "
+                                  "backward pass of one micro-batch, ~1.5 steps)")
+
+    def check(self, errors, warnings):
+        _at_least(self, errors, 1, "max_steps", "noise_scale_every")
+        _at_least(self, errors, 0, "warmup_steps")
+        if not 0 <= self.min_lr_ratio <= 1:
+            errors.append(f"--min_lr_ratio must be in [0, 1] (got {self.min_lr_ratio})")
+        if self.target_val_loss is not None and not self.target_val_loss > 0:
+            errors.append(f"--target_val_loss must be > 0 nats (got {self.target_val_loss})")
+        if self.lr is not None and not self.lr > 0:
+            errors.append(f"--lr must be > 0 (got {self.lr})")
+        if self.loss_chunk_tokens is not None:
+            _at_least(self, errors, 1, "loss_chunk_tokens")
+        if not self.loss_chunk_mb > 0:
+            errors.append(f"--loss_chunk_mb must be > 0 (got {self.loss_chunk_mb})")
+        if self.warmup_steps >= self.max_steps:
+            warnings.append(f"--warmup_steps {self.warmup_steps} >= --max_steps {self.max_steps}: the LR never "
+                            f"leaves warmup")
+
+
+@dataclass
+class EvalFlags(Group):
+    """Periodic validation on the held-out split (val.bin)."""
+    title = "evaluation"
+    eval_every: int = flag(50, "steps between validations (and at --max_steps)")
+    eval_batches: int = flag(20, "micro-batches per validation, split over the group's ranks")
+    eval_state: str = flag("fresh", "fresh: each validation window from a zero state; carried (--model lstm): the "
+                           "same validation tokens cut into micro batch x ranks contiguous rows, the state carried "
+                           "across the batches", choices=["fresh", "carried"])
+
+    def check(self, errors, warnings):
+        _at_least(self, errors, 1, "eval_every", "eval_batches")
+
+
+@dataclass
+class DistillFlags(Group):
+    """The distillation term: its weight and schedule, the soft targets, an offline teacher."""
+    title = "distillation"
+    distill_weight: float = flag(1.0, "alpha, the weight of the distillation term (cross-entropy to the averaged "
+                                 "teachers' distribution) added to the data term; 0 trains the baseline")
+    burn_in_steps: int = flag(50, "steps before the distillation term switches on (the paper's burn-in: teachers "
+                              "must have learnt something first)")
+    distill_ramp_steps: int = flag(0, "after the burn-in, ramp alpha linearly from 0 to --distill_weight over this "
+                                   "many steps (0: switch on at once)")
+    temperature: float = flag(1.0, "softmax temperature of teacher and student in the distillation term (1: the "
+                              "paper's choice)")
+    label_smoothing: float = flag(0.0, "label smoothing of the data term: a baseline the paper compares against")
+    teacher: str | None = flag(None, "offline (two-phase) distillation: a finished, fixed teacher - a group "
+                               "directory of an earlier run (its final/, else its newest export), a final/ or "
+                               "exports/ directory, or one export file - checked like a peer's export (safetensors "
+                               "only, same model config and tokenizer); used from --burn_in_steps on; with "
+                               "--num_groups 1 the only teacher, otherwise averaged with the peers", metavar="PATH")
+
+    def check(self, errors, warnings):
+        if not self.distill_weight >= 0:
+            errors.append(f"--distill_weight must be >= 0 (got {self.distill_weight}); 0 gives the baseline")
+        if not self.temperature > 0:
+            errors.append(f"--temperature must be > 0 (got {self.temperature}); 1 is the paper's choice")
+        if not 0 <= self.label_smoothing < 1:
+            errors.append(f"--label_smoothing must be in [0, 1) (got {self.label_smoothing})")
+        _at_least(self, errors, 0, "burn_in_steps", "distill_ramp_steps")
+        if self.teacher is not None:
+            if not Path(self.teacher).exists():
+                errors.append(f"--teacher {self.teacher}: no such file or directory; name a group directory of a "
+                              f"finished run (e.g. runs/teacher/group_0) or one of its exports")
+            if not self.distill_weight > 0:
+                errors.append(f"--teacher {self.teacher} with --distill_weight 0: the teacher would never be used; "
+                              f"leave --teacher out for the baseline, or set --distill_weight > 0")
+
+
+@dataclass
+class ExchangeFlags(Group):
+    """The exchange of weights between groups: exports every K steps, and when a peer's is read."""
+    title = "exchange"
+    export_every: int = flag(25, "K: every K steps each group exports its weights (exports/, safetensors) for its "
+                             "peers")
+    keep_exports: int = flag(3, "exports kept per group (older ones are pruned); in sync mode at least the exports "
+                             "since the last checkpoint are kept")
+    teacher_sync: str = flag("auto", "on: swap teachers at fixed steps - at step s the peers' exports of step "
+                             "s - K, deterministic, needs every group in this launch; off: follow each peer's "
+                             "LATEST as it appears; auto: on unless --group_id", choices=["auto", "on", "off"])
+    teacher_timeout: float = flag(600.0, "sync mode: seconds to wait for a peer's export of the step a swap needs "
+                                  "before going on without that teacher", metavar="SECONDS")
+    max_teacher_staleness: int | None = flag(None, "drop a teacher whose export is more than this many steps old "
+                                             "(sync teachers are K..2K steps old)")
+    poll_interval: float = flag(1.0, "seconds between looks at a peer's LATEST", metavar="SECONDS")
+
+    def check(self, errors, warnings):
+        _at_least(self, errors, 1, "export_every", "keep_exports")
+        if not self.poll_interval > 0:
+            errors.append(f"--poll_interval must be > 0 seconds (got {self.poll_interval})")
+        if not self.teacher_timeout >= 0:
+            errors.append(f"--teacher_timeout must be >= 0 seconds (got {self.teacher_timeout})")
+        if self.max_teacher_staleness is not None:
+            _at_least(self, errors, 0, "max_teacher_staleness")
+
+    def synchronous(self, group_id: int | None) -> bool:
+        """Whether teachers swap at fixed steps (--teacher_sync, auto: when every group is in this launch)."""
+        return self.teacher_sync == "on" or (self.teacher_sync == "auto" and group_id is None)
+
+
+@dataclass
+class TeacherFlags(Group):
+    """How peers' teachers are held (memory placement, top-K) and when a bad one is dropped."""
+    title = "teachers"
+    teacher_partition: bool = flag(False, "each peer teacher is a ZeRO-3 inference engine (no optimizer) "
+                                   "partitioned over the group's own ranks: ~1/ranks of its weights per rank, "
+                                   "gathered submodule by submodule for its forward; swaps go into the partitions "
+                                   "from the leader's read, one submodule at a time. Needs >= 2 ranks per group "
+                                   "(otherwise warned and kept whole); docs/teacher_memory.md")
+    teacher_offload: str = flag("none", "cpu: teacher weights live in (pinned) host memory and are copied to the "
+                                "device by a forward pre-hook one submodule at a time and dropped after its forward "
+                                "(device memory ~ one layer); exclusive with --teacher_partition",
+                                choices=["none", "cpu"])
+    teacher_topk: int = flag(0, "keep the averaged teacher distribution as its top K probabilities per token plus "
+                             "the rest of the mass spread uniformly over the other V - K tokens (B x T x (12 K + 4) "
+                             "bytes instead of B x T x V x 4); teachers run their body once and their output head "
+                             "chunk by chunk; K >= V is the dense loss; 0: dense. Refused for architectures that "
+                             "change logits after the head (Gemma's soft-capping, ...)", metavar="K")
+    teacher_max_ppl_ratio: float = flag(3.0, "drop a peer's teacher whose perplexity on the student's own data "
+                                        "exceeds the student's by this factor on average over "
+                                        "--teacher_guard_window steps, until a newer export of that peer passes "
+                                        "(0: off; codistill/health.py, docs/fault_tolerance.md)")
+    teacher_guard_window: int = flag(5, "steps the teacher guard averages over")
+
+    def check(self, errors, warnings):
+        _at_least(self, errors, 0, "teacher_topk")
+        _at_least(self, errors, 1, "teacher_guard_window")
+        if self.teacher_partition and self.teacher_offload != "none":
+            errors.append("--teacher_partition and --teacher_offload cpu are alternatives: partition spreads a "
+                          "teacher over the group's devices, offload keeps it in host memory; pick one")
+        if not (self.teacher_max_ppl_ratio == 0 or self.teacher_max_ppl_ratio > 1):
+            errors.append(f"--teacher_max_ppl_ratio must be > 1, or 0 to switch the teacher guard off (got "
+                          f"{self.teacher_max_ppl_ratio})")
+
+
+@dataclass
+class CheckpointFlags(Group):
+    """DeepSpeed checkpoints: when, how many, resuming, and what a failed write does."""
+    title = "checkpoints"
+    save_every: int = flag(100, "steps between checkpoints (and at the last step, a stop request and "
+                           "--stop_after_steps)")
+    keep_checkpoints: int = flag(2, "checkpoints kept per group (older ones are removed after a new one is "
+                                 "complete)")
+    resume: str = flag("auto", "auto: continue from the run directory's newest complete checkpoint (refused, exit "
+                       "2 before anything is written, when its config.json records another model or another "
+                       "tokenizer than --data's; only checkpoints whose marker's digests match their files are "
+                       "loaded, weights-only); never: start over; PATH: start from another run directory's "
+                       "checkpoints (docs/fault_tolerance.md)")
+    stop_after_steps: int | None = flag(None, "checkpoint and exit 0 after this step, keeping "
+                                        "the --max_steps schedule (time-sliced jobs; continue with --resume auto)")
+
+    def check(self, errors, warnings):
+        _at_least(self, errors, 1, "save_every", "keep_checkpoints")
+        if self.resume not in ("auto", "never") and not Path(self.resume).is_dir():
+            errors.append(f"--resume {self.resume}: not 'auto', 'never' or an existing run directory")
+
+
+@dataclass
+class FaultFlags(Group):
+    """What a failure does: divergence, a write that fails, a rank that dies or hangs."""
+    title = "faults"
+    max_bad_steps: int = flag(5, "a NaN/Inf loss skips the step (no update, counted in train/skipped_steps); this "
+                              "many in a row stop the run (exit 3)")
+    on_write_error: str = flag("warn", "a failed export or checkpoint write (disk full, read-only directory, "
+                               "whatever error type torch or DeepSpeed raise): warn and go on with the previous "
+                               "one, or stop (exit 4); either way LATEST/latest keep naming the previous complete "
+                               "one", choices=["warn", "stop"])
+    dist_timeout: float = flag(600.0, "the timeout of every process group (the world's, DeepSpeed's own and the "
+                               "groups'): a collective that waits this long for a rank that died or hangs fails, "
+                               "and the rank exits 1 with one `error:` line (a rank that died is seen at once "
+                               "under gloo). Raise it if one rank may legitimately keep the others waiting "
+                               "longer (e.g. exports of a large model to a slow filesystem); see "
+                               "docs/fault_tolerance.md", metavar="SECONDS")
+
+    def check(self, errors, warnings):
+        _at_least(self, errors, 1, "max_bad_steps")
+        if not self.dist_timeout > 0:
+            errors.append(f"--dist_timeout must be > 0 seconds (got {self.dist_timeout})")
+
+
+GROUPS = {"run": RunFlags, "model": ModelFlags, "data": DataFlags, "training": TrainingFlags, "eval": EvalFlags,
+          "distill": DistillFlags, "exchange": ExchangeFlags, "teachers": TeacherFlags,
+          "checkpoint": CheckpointFlags, "faults": FaultFlags}
+
+
+@dataclass
+class Flags:
+    """Every flag of recipes/train_lm.py, one typed group per concern."""
+    run: RunFlags
+    model: ModelFlags
+    data: DataFlags
+    training: TrainingFlags
+    eval: EvalFlags
+    distill: DistillFlags
+    exchange: ExchangeFlags
+    teachers: TeacherFlags
+    checkpoint: CheckpointFlags
+    faults: FaultFlags
+
+    @property
+    def codistill(self) -> bool:
+        """Whether peers teach each other (G > 1 and a distillation term)."""
+        return self.run.num_groups > 1 and self.distill.distill_weight > 0
+
+    @property
+    def sync_teachers(self) -> bool:
+        return self.exchange.synchronous(self.run.group_id)
+
+    def as_dict(self) -> dict:
+        """Every flag by name (config.json's "args", the --config file's keys)."""
+        return {k: v for g in GROUPS for k, v in dataclasses.asdict(getattr(self, g)).items()}
+
+    def check(self) -> tuple[list[str], list[str]]:
+        """(errors, warnings): each group's own checks, then the combinations across groups."""
+        errors, warnings = [], []
+        for name, value in sorted(self.as_dict().items()):  # inf passes every ">= 0" check (and diverges)
+            if isinstance(value, float) and not math.isfinite(value):
+                errors.append(f"--{name} must be a finite number (got {value})")
+        for g in GROUPS:
+            getattr(self, g).check(errors, warnings)
+        self._check_across(errors, warnings)
+        return errors, warnings
+
+    def _check_across(self, errors, warnings) -> None:
+        run, ex, tr, ck = self.run, self.exchange, self.training, self.checkpoint
+        if run.group_id is not None and ex.teacher_sync == "on":
+            errors.append("--teacher_sync on needs every group in this launch; use --teacher_sync off (or auto) "
+                          "with --group_id")
+        if ck.stop_after_steps is not None and not 1 <= ck.stop_after_steps <= tr.max_steps:
+            errors.append(f"--stop_after_steps must be in 1..--max_steps ({tr.max_steps}) (got "
+                          f"{ck.stop_after_steps}); leave it out to train to --max_steps")
+        if self.codistill and self.sync_teachers and ex.max_teacher_staleness is not None \
+                and 0 <= ex.max_teacher_staleness < 2 * ex.export_every:
+            errors.append(f"--max_teacher_staleness {ex.max_teacher_staleness} < 2 x --export_every "
+                          f"({2 * ex.export_every}): sync teachers are K..2K steps old, so every teacher would be "
+                          f"dropped; raise --max_teacher_staleness or leave it out")
+        if self.codistill:
+            if ex.export_every > tr.max_steps:
+                errors.append(f"--export_every {ex.export_every} > --max_steps {tr.max_steps}: no group would ever "
+                              f"export, so no teacher is ever used; lower --export_every, or set --distill_weight 0 "
+                              f"(or --num_groups 1) for the plain baseline")
+            elif self.distill.burn_in_steps >= tr.max_steps:
+                warnings.append(f"--burn_in_steps {self.distill.burn_in_steps} >= --max_steps {tr.max_steps}: the "
+                                f"distillation term never switches on, this run is the baseline")
+            elif self.sync_teachers and 2 * ex.export_every >= tr.max_steps:
+                warnings.append(f"2 x --export_every ({2 * ex.export_every}) >= --max_steps {tr.max_steps}: sync "
+                                f"teachers (at step s the peers' exports of step s-K) never switch on; lower "
+                                f"--export_every")
+        if self.data.carry_state or self.eval.eval_state == "carried":
+            which = "--carry_state" if self.data.carry_state else "--eval_state carried"
+            if self.model.model != "lstm":
+                errors.append(f"{which} needs --model lstm (got --model {self.model.model}): only the LSTM has a "
+                              "state to carry from one window to the next; a Transformer sees each window on its own")
+
+
+def _fields():
+    """(group name, dataclass field, its type) for every flag, in --help order."""
+    for g, cls in GROUPS.items():
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            yield g, f, hints[f.name]
+
+
+def _scalar(tp):
+    """int for ``int | None``, and so on."""
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    return args[0] if args else tp
+
+
+def build_parser(description: str | None = None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", help="JSON file of flag defaults (see recipes/configs/); flags given here win")
-    p.add_argument("--ds_config", default=str(ROOT / "ds_configs" / "zero2.json"))
-    p.add_argument("--data", default=str(DEFAULT_DATA), help="data_prep output dir (default: the embedded "
-                   "corpus, prepared automatically on first use)")
-    p.add_argument("--model", default="lstm", choices=[*sorted(PRESETS), "hf"],
-                   help="lstm | transformer (presets, --model_size) | hf (any transformers causal LM: --hf_config "
-                        "or --init_from)")
-    p.add_argument("--model_size", default="tiny")
-    p.add_argument("--hf_config", default=None, metavar="PATH",
-                   help="--model hf: a transformers config.json (or a directory holding one); trained from scratch")
-    p.add_argument("--init_from", default=None, metavar="DIR",
-                   help="--model hf: start from this local pretrained directory (save_pretrained's: config.json "
-                        "+ model.safetensors); its config is the architecture")
-    p.add_argument("--trust_pickled_weights", action="store_true",
-                   help="--init_from: also load pickled weights (pytorch_model.bin); unpickling runs any code "
-                        "the file holds")
-    p.add_argument("--dropout", type=float, default=None, help="override the preset's (or HF config's) dropout")
-    p.add_argument("--seq_len", type=int, default=64)
-    p.add_argument("--carry_state", action="store_true",
-                   help="--model lstm: truncated BPTT - each row of the batch is a contiguous stream through the "
-                        "group's shard and the LSTM state is carried (detached) from step to step, teachers' too "
-                        "(data_prep/dataset.py); off: every window starts from a zero state")
-    p.add_argument("--eval_state", default="fresh", choices=["fresh", "carried"],
-                   help="periodic validation: fresh (each window from a zero state) or carried (--model lstm: the "
-                        "validation windows as contiguous rows, the state carried across them)")
-    p.add_argument("--noise_scale", action="store_true",
-                   help="measure the gradient noise scale (the data-parallel limit, in tokens) on each group's "
-                        "leader: train/noise_scale in TensorBoard and a console line (ZeRO 0-2)")
-    p.add_argument("--noise_scale_every", type=int, default=50, help="steps between noise-scale measurements "
-                   "(each costs one more forward and backward pass of one micro-batch)")
-    p.add_argument("--run_dir", default="runs/codistill")
-    p.add_argument("--max_steps", type=int, default=300)
-    p.add_argument("--lr", type=float, default=None, help="peak LR (default: the ds_config optimizer's)")
-    p.add_argument("--min_lr_ratio", type=float, default=0.1, help="cosine decay ends at lr * this")
-    p.add_argument("--warmup_steps", type=int, default=20)
-    p.add_argument("--eval_every", type=int, default=50)
-    p.add_argument("--target_val_loss", type=float, default=None, metavar="LOSS",
-                   help="finish (checkpoint, final/, summary) at the first validation where every group's val loss "
-                        "is <= LOSS, before --max_steps (steps-to-target studies: benchmarks/batch_scaling.py)")
-    p.add_argument("--eval_batches", type=int, default=20)
-    p.add_argument("--save_every", type=int, default=100)
-    p.add_argument("--stop_after_steps", type=int, default=None,
-                   help="checkpoint and exit after this step, keeping the --max_steps schedule (time-sliced jobs)")
-    p.add_argument("--keep_checkpoints", type=int, default=2)
-    p.add_argument("--log_every", type=int, default=10)
-    p.add_argument("--seed", type=int, default=1234)
-    p.add_argument("--resume", default="auto", help="auto | never | PATH of an earlier run directory (DeepSpeed "
-                   "checkpoints are pickles: only resume from run directories you trust)")
-    p.add_argument("--num_groups", type=int, default=2)
-    p.add_argument("--group_id", type=int, default=None, help="train only this group (one launch per group)")
-    p.add_argument("--data_split", default="disjoint", choices=["disjoint", "shared"],
-                   help="disjoint: group i reads only its own shards (the method); shared: every group reads all "
-                        "shards in its own order (the same-data comparison of the paper's claim 3)")
-    # codistillation
-    p.add_argument("--export_every", type=int, default=25)
-    p.add_argument("--keep_exports", type=int, default=3)
-    p.add_argument("--burn_in_steps", type=int, default=50)
-    p.add_argument("--distill_weight", type=float, default=1.0)
-    p.add_argument("--distill_ramp_steps", type=int, default=0)
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--label_smoothing", type=float, default=0.0)
-    p.add_argument("--teacher_sync", default="auto", choices=["auto", "on", "off"],
-                   help="on: swap teachers at fixed steps (deterministic; needs all groups in this launch); "
-                        "off: follow peers' LATEST; auto: on unless --group_id")
-    p.add_argument("--teacher_timeout", type=float, default=600.0)
-    p.add_argument("--max_teacher_staleness", type=int, default=None,
-                   help="drop a teacher whose export is more than this many steps old")
-    p.add_argument("--teacher", default=None, metavar="PATH",
-                   help="offline (two-phase) distillation: a fixed, finished teacher - a group directory of an "
-                        "earlier run (its final/ weights), or an export - used from --burn_in_steps on, averaged "
-                        "with the peers' teachers if any (--num_groups 1: the only teacher)")
-    p.add_argument("--teacher_max_ppl_ratio", type=float, default=3.0,
-                   help="drop a peer's teacher whose perplexity on the student's own data exceeds the student's by "
-                        "this factor over --teacher_guard_window steps, until a newer export passes (0: off; "
-                        "codistill/health.py)")
-    p.add_argument("--teacher_guard_window", type=int, default=5, help="steps the teacher guard averages over")
-    p.add_argument("--poll_interval", type=float, default=1.0)
-    # teachers that do not fit (codistill/placement.py says what each costs)
-    p.add_argument("--teacher_partition", action="store_true",
-                   help="each peer teacher is a ZeRO-3 inference engine partitioned over the group's own ranks: "
-                        "~1/ranks of its weights per rank, gathered layer by layer for its forward; needs groups "
-                        "of >= 2 ranks")
-    p.add_argument("--teacher_offload", default="none", choices=["none", "cpu"],
-                   help="cpu: teacher weights live in (pinned) host memory and are copied to the device one "
-                        "submodule at a time for the forward (device memory ~ one layer; P x 2 bytes over PCIe "
-                        "per teacher forward)")
-    p.add_argument("--teacher_topk", type=int, default=0, metavar="K",
-                   help="keep the averaged teacher distribution as its top K probabilities per token plus the rest "
-                        "of the mass spread uniformly (B x T x K instead of B x T x V; K >= vocab = the dense "
-                        "loss); 0: dense")
-    p.add_argument("--loss_chunk_mb", type=float, default=32.0,
-                   help="the loss (and top-K teacher probabilities) run over chunks of tokens holding this many "
-                        "MiB of fp32 [tokens, vocab] values")
-    p.add_argument("--loss_chunk_tokens", type=int, default=None, help="a fixed chunk in tokens instead of MiB")
-    # faults
-    p.add_argument("--max_bad_steps", type=int, default=5,
-                   help="a step with a NaN/Inf loss is skipped (no update) and counted; stop after this many in a row")
-    p.add_argument("--on_write_error", default="warn", choices=["warn", "stop"],
-                   help="an export or checkpoint write fails (disk full): warn and keep training on the previous "
-                        "one, or stop (exit 4); either way LATEST/latest keep naming the previous complete one")
-    p.add_argument("--dist_timeout", type=float, default=600.0, metavar="SECONDS",
-                   help="a collective that waits longer than this for another rank (one that died or hangs) "
-                        "fails and the rank exits 1 naming it; the process-group timeout of "
-                        "init_process_group (docs/fault_tolerance.md)")
-    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the deepspeed launcher
+    sections = {g: p.add_argument_group(g, cls.__doc__) for g, cls in GROUPS.items()}
+    for g, f, tp in _fields():
+        m, kind = f.metadata, _scalar(tp)
+        help_ = argparse.SUPPRESS if m["hidden"] else m["help"].replace("%", "%%")
+        if kind is bool:
+            sections[g].add_argument(f"--{f.name}", action="store_true", help=help_)
+        else:
+            sections[g].add_argument(f"--{f.name}", type=None if kind is str else kind, default=f.default,
+                                     choices=m["choices"], metavar=m["metavar"], help=help_)
+    return p
+
+
+def parse_args(argv=None, description: str | None = None) -> Flags:
+    """The flags of recipes/train_lm.py (--config's file gives defaults, the command line wins);
+    argparse checks types and choices (exit 2). Everything else: ``Flags.check``."""
+    p = build_parser(description)
     pre, _ = p.parse_known_args(argv)
     if pre.config:
         p.set_defaults(**config_defaults(p, pre.config))
-    args = p.parse_args(argv)
-    for name in ("max_steps", "seq_len", "eval_every", "eval_batches", "save_every", "export_every", "log_every",
-                 "noise_scale_every"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name} must be >= 1")
-    if args.resume not in ("auto", "never") and not Path(args.resume).is_dir():
-        p.error(f"--resume {args.resume}: not 'auto', 'never' or an existing run directory")
-    if args.model == "hf":
-        if (args.hf_config is None) == (args.init_from is None):
-            p.error("--model hf needs exactly one of --hf_config PATH (a new model of that architecture) or "
-                    "--init_from DIR (a local pretrained model, whose config.json is the architecture)")
-    elif args.hf_config is not None or args.init_from is not None:
-        p.error(f"--hf_config/--init_from need --model hf (got --model {args.model})")
-    elif args.model_size not in PRESETS[args.model]:
-        p.error(f"--model_size for --model {args.model} must be one of {sorted(PRESETS[args.model])}")
-    return args
+    ns = vars(p.parse_args(argv))
+    return Flags(**{g: cls(**{f.name: ns[f.name] for f in dataclasses.fields(cls)}) for g, cls in GROUPS.items()})
 
 
 def config_defaults(p: argparse.ArgumentParser, path: str) -> dict:
@@ -182,106 +495,69 @@ def config_defaults(p: argparse.ArgumentParser, path: str) -> dict:
     return defaults
 
 
-def check(a) -> tuple[list[str], list[str]]:
-    errors, warnings = [], []
-
-    def need(cond: bool, msg: str) -> None:
-        if not cond:
-            errors.append(msg)
-
-    for name, value in sorted(vars(a).items()):  # inf passes every ">= 0" below (and diverges)
-        if isinstance(value, float) and not math.isfinite(value):
-            errors.append(f"--{name} must be a finite number (got {value})")
-    codistill = a.num_groups > 1 and a.distill_weight > 0
-    need(a.num_groups >= 1, f"--num_groups must be >= 1 (got {a.num_groups})")
-    if a.group_id is not None:
-        need(0 <= a.group_id < max(1, a.num_groups),
-             f"--group_id {a.group_id} is outside 0..{a.num_groups - 1} (--num_groups {a.num_groups}); "
-             f"group ids count from 0, so use --group_id 0..{a.num_groups - 1} or raise --num_groups")
-        need(a.teacher_sync != "on", "--teacher_sync on needs every group in this launch; "
-             "use --teacher_sync off (or auto) with --group_id")
-    need(a.distill_weight >= 0, f"--distill_weight must be >= 0 (got {a.distill_weight}); 0 gives the baseline")
-    need(a.temperature > 0, f"--temperature must be > 0 (got {a.temperature}); 1 is the paper's choice")
-    need(0 <= a.label_smoothing < 1, f"--label_smoothing must be in [0, 1) (got {a.label_smoothing})")
-    need(a.keep_exports >= 1, f"--keep_exports must be >= 1 (got {a.keep_exports}): peers read the newest export")
-    need(a.keep_checkpoints >= 1, f"--keep_checkpoints must be >= 1 (got {a.keep_checkpoints}): resume needs one")
-    for name in ("burn_in_steps", "warmup_steps", "distill_ramp_steps"):
-        need(getattr(a, name) >= 0, f"--{name} must be >= 0 (got {getattr(a, name)})")
-    need(0 <= a.min_lr_ratio <= 1, f"--min_lr_ratio must be in [0, 1] (got {a.min_lr_ratio})")
-    if a.target_val_loss is not None:
-        need(a.target_val_loss > 0, f"--target_val_loss must be > 0 nats (got {a.target_val_loss})")
-    if a.lr is not None:
-        need(a.lr > 0, f"--lr must be > 0 (got {a.lr})")
-    if a.dropout is not None:
-        need(0 <= a.dropout < 1, f"--dropout must be in [0, 1) (got {a.dropout})")
-    if a.loss_chunk_tokens is not None:
-        need(a.loss_chunk_tokens >= 1, f"--loss_chunk_tokens must be >= 1 (got {a.loss_chunk_tokens})")
-    need(a.loss_chunk_mb > 0, f"--loss_chunk_mb must be > 0 (got {a.loss_chunk_mb})")
-    need(a.teacher_topk >= 0, f"--teacher_topk must be >= 0 (got {a.teacher_topk}); 0 keeps the dense distribution")
-    need(not (a.teacher_partition and a.teacher_offload != "none"),
-         "--teacher_partition and --teacher_offload cpu are alternatives: partition spreads a teacher over the "
-         "group's devices, offload keeps it in host memory; pick one")
-    need(a.poll_interval > 0, f"--poll_interval must be > 0 seconds (got {a.poll_interval})")
-    need(a.teacher_timeout >= 0, f"--teacher_timeout must be >= 0 seconds (got {a.teacher_timeout})")
-    need(a.dist_timeout > 0, f"--dist_timeout must be > 0 seconds (got {a.dist_timeout})")
-    need(a.max_bad_steps >= 1, f"--max_bad_steps must be >= 1 (got {a.max_bad_steps})")
-    need(a.teacher_max_ppl_ratio == 0 or a.teacher_max_ppl_ratio > 1, f"--teacher_max_ppl_ratio must be > 1, or 0 "
-         f"to switch the teacher guard off (got {a.teacher_max_ppl_ratio})")
-    need(a.teacher_guard_window >= 1, f"--teacher_guard_window must be >= 1 (got {a.teacher_guard_window})")
-    if a.stop_after_steps is not None:
-        need(1 <= a.stop_after_steps <= a.max_steps, f"--stop_after_steps must be in 1..--max_steps "
-             f"({a.max_steps}) (got {a.stop_after_steps}); leave it out to train to --max_steps")
-    if a.max_teacher_staleness is not None:
-        need(a.max_teacher_staleness >= 0, f"--max_teacher_staleness must be >= 0 steps (got {a.max_teacher_staleness})")
-        sync = a.teacher_sync == "on" or (a.teacher_sync == "auto" and a.group_id is None)
-        if codistill and sync and 0 <= a.max_teacher_staleness < 2 * a.export_every:
-            errors.append(f"--max_teacher_staleness {a.max_teacher_staleness} < 2 x --export_every "
-                          f"({2 * a.export_every}): sync teachers are K..2K steps old, so every teacher would be "
-                          f"dropped; raise --max_teacher_staleness or leave it out")
-    if codistill:
-        if a.export_every > a.max_steps:
-            errors.append(f"--export_every {a.export_every} > --max_steps {a.max_steps}: no group would ever export, "
-                          f"so no teacher is ever used; lower --export_every, or set --distill_weight 0 "
-                          f"(or --num_groups 1) for the plain baseline")
-        elif a.burn_in_steps >= a.max_steps:
-            warnings.append(f"--burn_in_steps {a.burn_in_steps} >= --max_steps {a.max_steps}: the distillation "
-                            f"term never switches on, this run is the baseline")
-        elif (a.teacher_sync == "on" or (a.teacher_sync == "auto" and a.group_id is None)) \
-                and 2 * a.export_every >= a.max_steps:
-            warnings.append(f"2 x --export_every ({2 * a.export_every}) >= --max_steps {a.max_steps}: sync teachers "
-                            f"(at step s the peers' exports of step s-K) never switch on; lower --export_every")
-    if a.teacher is not None:
-        need(Path(a.teacher).exists(), f"--teacher {a.teacher}: no such file or directory; name a group directory "
-             f"of a finished run (e.g. runs/teacher/group_0) or one of its exports")
-        need(a.distill_weight > 0, f"--teacher {a.teacher} with --distill_weight 0: the teacher would never be used; "
-             f"leave --teacher out for the baseline, or set --distill_weight > 0")
-    if a.carry_state or a.eval_state == "carried":
-        which = "--carry_state" if a.carry_state else "--eval_state carried"
-        need(a.model == "lstm", f"{which} needs --model lstm (got --model {a.model}): only the LSTM has a state to "
-             "carry from one window to the next; a Transformer sees each window on its own")
-    if a.warmup_steps >= a.max_steps:
-        warnings.append(f"--warmup_steps {a.warmup_steps} >= --max_steps {a.max_steps}: the LR never leaves warmup")
-    return errors, warnings
-
-
-def model_config(a, vocab_size: int):
+def model_config(model: ModelFlags, data: DataFlags, vocab_size: int):
     """The model the flags name, for data whose tokenizer has ``vocab_size`` ids: a preset, or
     (--model hf) the architecture of --hf_config / --init_from's config.json. The model's
     vocabulary may be larger than the data's (embeddings padded to a multiple, as HF models
     often are: the extra rows are never a target); a smaller one is an error naming both."""
     from model import hf_model_config, preset_config
     from model.hf import HFConfigError, pretrained_config, read_hf_config
-    max_len = max(1024, a.seq_len)
-    if a.model != "hf":
-        return preset_config(a.model, a.model_size, vocab_size, max_len, dropout=a.dropout)
-    flag, path = ("--init_from", a.init_from) if a.init_from else ("--hf_config", a.hf_config)
-    cfg = hf_model_config(read_hf_config(path, flag), max_len, a.dropout)
+    max_len = max(1024, data.seq_len)
+    if model.model != "hf":
+        return preset_config(model.model, model.model_size, vocab_size, max_len, dropout=model.dropout)
+    flag_, path = ("--init_from", model.init_from) if model.init_from else ("--hf_config", model.hf_config)
+    cfg = hf_model_config(read_hf_config(path, flag_), max_len, model.dropout)
     positions = getattr(pretrained_config(cfg.hf_config), "max_position_embeddings", None)
-    if positions is not None and positions < a.seq_len:
-        raise HFConfigError(f"{flag} {path}: the model has {positions} positions (max_position_embeddings), "
-                            f"fewer than --seq_len {a.seq_len}; use --seq_len <= {positions}")
+    if positions is not None and positions < data.seq_len:
+        raise HFConfigError(f"{flag_} {path}: the model has {positions} positions (max_position_embeddings), "
+                            f"fewer than --seq_len {data.seq_len}; use --seq_len <= {positions}")
     if cfg.vocab_size < vocab_size:
-        raise HFConfigError(f"{flag} {path}: the model's vocab_size is {cfg.vocab_size} but the data's tokenizer "
-                            f"({a.data}) has {vocab_size} ids; use a config with vocab_size >= {vocab_size} "
+        raise HFConfigError(f"{flag_} {path}: the model's vocab_size is {cfg.vocab_size} but the data's tokenizer "
+                            f"({data.data}) has {vocab_size} ids; use a config with vocab_size >= {vocab_size} "
                             "(or prepare the data with this model's tokenizer: data_prep --tokenizer DIR)")
     return cfg
+
+
+# docs/flags.md: the tables below are generated from the dataclasses; the prose after END is kept.
+BEGIN = "<!-- generated from codistill/flags.py by `python -m codistill.flags --write-docs`: edit the flags there -->"
+END = "<!-- end of the generated tables -->"
+
+
+def _doc_default(f) -> str:
+    if f.metadata["doc_default"] is not None:
+        return f.metadata["doc_default"]
+    if f.default is None:
+        return "-"
+    if f.default is False:
+        return "off"
+    return f"`{f.default}`"
+
+
+def docs_tables() -> str:
+    lines = [BEGIN]
+    for g, cls in GROUPS.items():
+        lines += ["", f"## {cls.title.capitalize()}", "", cls.__doc__, "", "| flag | default | |", "|---|---|---|"]
+        for _, f, tp in (x for x in _fields() if x[0] == g):
+            if f.metadata["hidden"]:
+                continue
+            name = f"`--{f.name}`" + (f" `{f.metadata['metavar']}`" if f.metadata["metavar"] else "")
+            text = f.metadata["help"].replace("|", "\\|")
+            if f.metadata["choices"] and f.name != "model":
+                text += " (one of: " + ", ".join(f"`{c}`" for c in f.metadata["choices"]) + ")"
+            lines.append(f"| {name} | {_doc_default(f)} | {text} |")
+    return "\n".join([*lines, "", END])
+
+
+def render_docs(current: str) -> str:
+    """docs/flags.md with its tables regenerated (the title before BEGIN and the prose after END kept)."""
+    head, _, rest = current.partition(BEGIN)
+    _, _, tail = rest.partition(END)
+    return head.rstrip("\n") + "\n\n" + docs_tables() + tail
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] != ["--write-docs"]:
+        sys.exit("usage: python -m codistill.flags --write-docs   (regenerates docs/flags.md's tables)")
+    from codistill.files import atomic_write_bytes
+    atomic_write_bytes(DOCS, render_docs(DOCS.read_text()).encode())
+    print(f"wrote {DOCS}")

@@ -32,6 +32,7 @@ import time
 from dataclasses import dataclass
 
 from codistill.comm import StepOutcome, flags_any
+from codistill.flags import Flags, TeacherFlags
 from codistill.exchange import Export, ExportError, clean_temp_files, read_export, write_export
 from codistill.health import TeacherGuard
 from codistill.layout import RunLayout
@@ -93,16 +94,18 @@ class ExportWriter:
 
 
 class Exchange:
-    def __init__(self, args, topo, students, model_cfg, tokenizer_sha256: str, device, log,
+    def __init__(self, cfg: Flags, topo, students, model_cfg, tokenizer_sha256: str, device, log,
                  fixed: Export | None = None):
-        self.args, self.topo, self.log = args, topo, log
-        self.K, self.G = args.export_every, args.num_groups
-        self.run = RunLayout(args.run_dir)
-        self.sync = args.teacher_sync == "on" or (args.teacher_sync == "auto" and topo.all_groups_here)
-        self.exporting = args.num_groups > 1 and args.distill_weight > 0  # peers teach each other
-        self.keep = args.keep_exports
+        ex, tf = cfg.exchange, cfg.teachers  # its own flag groups; from the others, the few facts it needs
+        self.flags, self.topo, self.log = ex, topo, log
+        self.K, self.G = ex.export_every, topo.num_groups
+        self.run = RunLayout(cfg.run.run_dir)
+        self.sync = ex.teacher_sync == "on" or (ex.teacher_sync == "auto" and topo.all_groups_here)
+        self.exporting = cfg.codistill  # peers teach each other
+        self.stop_on_write_error = cfg.faults.on_write_error == "stop"
+        self.keep = ex.keep_exports
         if self.sync:  # the export a checkpoint's teacher came from must survive until the next checkpoint
-            self.keep = max(self.keep, args.save_every // self.K + 2)
+            self.keep = max(self.keep, cfg.checkpoint.save_every // self.K + 2)
         self.model_cfg, self.cfg_hash, self.tok_hash = model_cfg, model_cfg.config_hash(), tokenizer_sha256
         self.device = device
         self.students = students
@@ -111,21 +114,21 @@ class Exchange:
         # one reader (its leader), whose exports reach the other ranks by broadcast (TeacherPool.swap)
         self.pool = TeacherPool(model_cfg, device, like=students[0].engine.module,
                                 comm=students[0].comm if len(students) == 1 else None,
-                                placement=self.placement(args, students, log), mpu=students[0].mpu,
-                                ds_config=students[0].ds_cfg, topk=args.teacher_topk, chunk_mb=args.loss_chunk_mb)
+                                placement=self.placement(tf, students, log), mpu=students[0].mpu,
+                                ds_config=students[0].ds_cfg, topk=tf.teacher_topk, chunk_mb=cfg.training.loss_chunk_mb)
         self.pool.reserve(self.peers)
         if fixed is not None:
             self.pool.load(FIXED_TEACHER, fixed, fixed=True)
         self.reader = self.pool.comm.leader
         self.loader = TeacherLoader(self.run.root, self.peers, self.cfg_hash, self.tok_hash,
-                                    "sync" if self.sync else "latest", args.poll_interval, log,
+                                    "sync" if self.sync else "latest", ex.poll_interval, log,
                                     pin_memory=device.type == "cuda", expect=self.pool.expected_shapes()) \
             if self.peers and self.reader else None
         self.writers = {s.id: ExportWriter(self.run.group(s.id).exports, self.keep) for s in students if s.leader}
         self.in_flight: int | None = None  # step of the exports being written (the same on every rank)
         self.failed: set[tuple[int, int]] = set()  # (group, step) exports that could not be written
         self.guard = TeacherGuard(topo.hosted, {s.id for s in students if s.leader}, self.G,
-                                  args.teacher_max_ppl_ratio or None, args.teacher_guard_window, log)
+                                  tf.teacher_max_ppl_ratio or None, tf.teacher_guard_window, log)
         self._held: dict[int, Export] = {}  # latest teachers: exports this leader announced
         self._swaps: dict[int, int] = {}    # latest teachers: peer -> export step to swap in next step
         for s in students:
@@ -134,12 +137,12 @@ class Exchange:
                     log(f"[group {s.id}] removed {name}, a temp file of an export interrupted in an earlier run")
 
     @staticmethod
-    def placement(args, students, log) -> str:
+    def placement(tf: TeacherFlags, students, log) -> str:
         """Where teachers' weights live (codistill/placement.py), from --teacher_partition and
         --teacher_offload; partitioning needs one group per rank, of 2 or more ranks."""
-        if args.teacher_offload == "cpu":
+        if tf.teacher_offload == "cpu":
             return "offload"
-        if not args.teacher_partition:
+        if not tf.teacher_partition:
             return "full"
         if len(students) == 1 and students[0].dp_size > 1:
             return "partition"
@@ -211,7 +214,7 @@ class Exchange:
             swap, prefetch = sync_schedule(step, self.K)
             if swap is not None:
                 due = [p for p in self.peers if (p, swap) not in self.failed]  # failed (warned): keep, no wait
-                self._swap({p: (swap, self.loader.wait(p, swap, self.args.teacher_timeout)
+                self._swap({p: (swap, self.loader.wait(p, swap, self.flags.teacher_timeout)
                                 if self.loader else None) for p in due})
             if prefetch is not None and self.loader:
                 for p in self.peers:
@@ -274,7 +277,7 @@ class Exchange:
                 failed[r.group] = True
                 self.log(f"WARNING: [group {r.group}] export of step {step} failed ({r.error}); peers keep its "
                          f"previous export (LATEST unchanged)", force=True)
-        stop_mode = self.args.on_write_error == "stop"
+        stop_mode = self.stop_on_write_error
         *failed, diverged = flags_any([*failed, diverged], self.device)  # every rank must know
         self.failed |= {(g, step) for g, f in enumerate(failed) if f}
         if diverged:

@@ -76,7 +76,8 @@ def fmt_time(s: float) -> str:
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
-def log_train(g, step: int, st: StepStats, pool, reload_ms: float, log, args, t_start: float, start_step: int) -> None:
+def log_train(g, step: int, st: StepStats, pool, reload_ms: float, log, log_every: int, max_steps: int,
+              t_start: float, start_step: int) -> None:
     tok_s = g.step_tokens / st.step_time if st.step_time > 0 else 0.0
     w = g.writer
     if w:
@@ -111,11 +112,11 @@ def log_train(g, step: int, st: StepStats, pool, reload_ms: float, log, args, t_
         if st.teacher_ce:
             w.scalar("teacher/nonfinite", sum(st.teacher_nonfinite.values()), step)
             w.scalar("teacher/dropped", len(st.teacher_ce) - len(st.peers), step)
-    if g.leader and (step % args.log_every == 0 or step == args.max_steps):
+    if g.leader and (step % log_every == 0 or step == max_steps):
         elapsed = time.time() - t_start
-        eta = elapsed / max(1, step - start_step) * (args.max_steps - step)
+        eta = elapsed / max(1, step - start_step) * (max_steps - step)
         teacher = ",".join("fixed" if p in pool.fixed else f"g{p}@{pool.steps[p]}" for p in st.peers) or "-"
-        log(f"[group {g.id}] step {step}/{args.max_steps} | loss {st.loss:.4f} ce {st.ce:.4f} "
+        log(f"[group {g.id}] step {step}/{max_steps} | loss {st.loss:.4f} ce {st.ce:.4f} "
             f"kl {st.distill:.4f} | ppl {math.exp(min(st.ce, 50)):.1f} | teachers {teacher} | "
             f"{tok_s / 1e3:.1f}k tok/s | eta {fmt_time(eta)}", force=True)
 
@@ -152,7 +153,7 @@ def save_final(s, state_dict, meta: dict, model_cfg, step: int, wall: float, tea
     (tmp / "meta.json").write_text(json.dumps(dict(meta, step=step, weights="model.safetensors", **info),
                                               indent=2, sort_keys=True) + "\n")
     if model_cfg.arch in ("transformer", "hf"):
-        problem = save_hf(model_cfg, tensors, s.args.data, tmp / "hf")
+        problem = save_hf(model_cfg, tensors, s.data.root, tmp / "hf")
         if problem and log is not None:
             log(f"WARNING: group {s.id}: {problem}", force=True)
     shutil.rmtree(old, ignore_errors=True)

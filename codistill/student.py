@@ -16,6 +16,7 @@ import torch
 
 from codistill import faults, runlog
 from codistill.comm import GroupComm, sum_over
+from codistill.flags import Flags
 from codistill.layout import RunLayout
 from codistill.loss import chunk_rows, codistill_loss, distill_alpha
 from codistill.noise import NoiseScale
@@ -38,62 +39,66 @@ class Student:
     """One hosted group's model: its DeepSpeed engine (ZeRO over the group's own ranks), data
     stream, validation batches and TensorBoard writer, and its half of a training step."""
 
-    def __init__(self, gid, args, topo, mpu, data, model_cfg, ds_cfg, device, log):
+    def __init__(self, gid, cfg: Flags, topo, mpu, data, model_cfg, ds_cfg, device, log):
         import deepspeed
-        self.id, self.args, self.topo, self.device = gid, args, topo, device
-        self.paths = RunLayout(args.run_dir).group(gid)
+        self.id, self.topo, self.device = gid, topo, device
+        # the flag groups a group's training reads: its schedule and loss, and the teachers' age limit
+        self.training, self.distill, self.exchange_flags = cfg.training, cfg.distill, cfg.exchange
+        self.paths = RunLayout(cfg.run.run_dir).group(gid)
+        self.data_dir = data.dir
         self.dir = self.paths.dir
         self.leader = topo.is_group_leader(gid)
         self.dp_rank, self.dp_size = topo.dp_rank(gid), topo.dp_size(gid)
         self.micro = ds_cfg["train_micro_batch_size_per_gpu"]
         self.accum = ds_cfg.get("gradient_accumulation_steps", 1)
         self.global_batch = ds_cfg["train_batch_size"]
-        self.stream = GroupStream(data, gid, topo.num_groups, args.seq_len, args.seed, args.data_split == "shared")
-        self.carried_eval = getattr(args, "eval_state", "fresh") == "carried"
+        self.stream = GroupStream(data, gid, topo.num_groups, cfg.data.seq_len, cfg.run.seed,
+                                  cfg.data.data_split == "shared")
+        self.carried_eval = cfg.eval.eval_state == "carried"
         self.val = (eval_streams if self.carried_eval else eval_batches)(
-            data, args.seq_len, self.micro, args.eval_batches, self.dp_rank, self.dp_size)
+            data, cfg.data.seq_len, self.micro, cfg.eval.eval_batches, self.dp_rank, self.dp_size)
         # --carry_state: per micro-batch of a step, the student's LSTM state and its teachers' (peer ->
         # state, tagged with the teacher's export step) carried from one step to the next
         self.carry = self.teacher_carry = None
-        if getattr(args, "carry_state", False):
+        if cfg.data.carry_state:
             self.num_streams = self.dp_size * self.accum * self.micro
             self.stream.streams(self.num_streams)  # a shard too short for the streams fails here
             self.carry = [CarriedState() for _ in range(self.accum)]
             self.teacher_carry = [{} for _ in range(self.accum)]
-        torch.manual_seed(args.seed + 7919 * gid)  # independent initialisation per group
+        torch.manual_seed(cfg.run.seed + 7919 * gid)  # independent initialisation per group
         self.model_cfg = model_cfg
         model = build_model(model_cfg)
-        if getattr(args, "init_from", None):  # every group starts from the same pretrained weights
+        if cfg.model.init_from:  # every group starts from the same pretrained weights
             from model.hf import pretrained_weights
-            model.load_state_dict(pretrained_weights(args.init_from, args.trust_pickled_weights))
+            model.load_state_dict(pretrained_weights(cfg.model.init_from, cfg.model.trust_pickled_weights))
         self.num_params = count_params(model)
         optimizer = None
         if "optimizer" not in ds_cfg:
-            optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr or 1e-3)
+            optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.training.lr or 1e-3)
         device_rank = argparse.Namespace(device_rank=device.index) if device.type == "cuda" else None
         self.engine, _, _, _ = deepspeed.initialize(
             args=device_rank, model=model, model_parameters=model.parameters(), optimizer=optimizer, config=ds_cfg,
             mpu=mpu, lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, self.lr_factor))
         self.zero_stage = self.engine.zero_optimization_stage()
-        if getattr(args, "noise_scale", False) and self.zero_stage == 3:  # every rank: they all stop
+        if cfg.training.noise_scale and self.zero_stage == 3:  # every rank: they all stop
             raise ValueError("--noise_scale needs the full parameters on the group's leader, which ZeRO-3 "
                              "partitions; measure it with ZeRO-1/2 (ds_configs/zero2.json)")
         self.mpu, self.ds_cfg = mpu, ds_cfg  # a partitioned teacher (--teacher_partition) uses the group's too
         self.dp_group = mpu.get_data_parallel_group() if mpu else None
         self.comm = GroupComm(device, topo.group_ranks[gid][0], self.dp_group, self.dp_size, self.leader)
         self.tokens_seen = 0
-        self.step_tokens = self.global_batch * args.seq_len
+        self.step_tokens = self.global_batch * cfg.data.seq_len
         self.writer = runlog.TBWriter(self.paths.tb) if self.leader else None
         self.last_val = (float("nan"), float("nan"))
         self.skipped_steps = 0  # steps skipped for a non-finite loss
         self._pending = None    # forward_backward's device results, consumed by finish_step
         self._norm = None       # (step, device tensor) of the last update's gradient norm, logged a step late
         self.log = log
-        self.noise = NoiseScale() if getattr(args, "noise_scale", False) and self.leader else None
+        self.noise = NoiseScale() if cfg.training.noise_scale and self.leader else None
         self._noise_batch = None  # (x, y) of this step's first micro-batch when the noise scale is due
 
     def lr_factor(self, step: int) -> float:
-        a = self.args
+        a = self.training
         if step < a.warmup_steps:
             return (step + 1) / a.warmup_steps
         progress = min(1.0, (step - a.warmup_steps) / max(1, a.max_steps - a.warmup_steps))
@@ -104,10 +109,10 @@ class Student:
         waits for finish_step, after the step's one sync (StepControl) has told every rank of
         the group whether any of them saw a non-finite loss. No host sync here: the returned
         flag and the statistics stay on the device."""
-        a = self.args
+        a, d, ex = self.training, self.distill, self.exchange_flags
         t0 = time.perf_counter()
-        alpha = distill_alpha(step, a.distill_weight, a.burn_in_steps, a.distill_ramp_steps)
-        peers = pool.active(self.id, step, a.max_teacher_staleness, 2 * a.export_every, log) if alpha > 0 else []
+        alpha = distill_alpha(step, d.distill_weight, d.burn_in_steps, d.distill_ramp_steps)
+        peers = pool.active(self.id, step, ex.max_teacher_staleness, 2 * ex.export_every, log) if alpha > 0 else []
         use = [p for p in peers if guard is None or not guard.excluded(self.id, p)]  # dropped ones run, unused
         G = self.topo.num_groups
         stats = torch.zeros(5, device=self.device)  # loss, ce, kl, agreement, distill ce (means over micro-batches)
@@ -122,13 +127,13 @@ class Student:
             x, y = batch[:, :-1], batch[:, 1:]
             if self.noise is not None and micro == 0 and step % a.noise_scale_every == 0:
                 self._noise_batch = (x, y)
-            q, h = pool.probs(peers, x, a.temperature, y, use, G, **teacher_kw) if peers else (None, None)
+            q, h = pool.probs(peers, x, d.temperature, y, use, G, **teacher_kw) if peers else (None, None)
             if h is not None:
                 health += h / self.accum
             logits = self.engine(x, **model_kw)
             faults.sigkill("sigkill", step)  # test-only hook: a crash in the middle of a step
             chunk = a.loss_chunk_tokens or chunk_rows(logits.shape[-1], a.loss_chunk_mb)
-            loss, st = codistill_loss(logits, y, q, alpha, a.temperature, a.label_smoothing, chunk)
+            loss, st = codistill_loss(logits, y, q, alpha, d.temperature, d.label_smoothing, chunk)
             if faults.active("nan_loss", step):
                 loss = loss * float("nan")
             bad |= ~torch.isfinite(loss.detach())

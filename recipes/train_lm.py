@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from codistill import faults, flags, runlog
+from codistill.flags import Flags
 from codistill.checkpoint import Checkpointer, read_latest as read_latest_checkpoint
 from codistill.comm import StepControl, collective_timeout, flags_any, lost_rank_message, rendezvous_defaults
 from codistill.device import DeviceError, train_device
@@ -58,7 +59,7 @@ def parse_args(argv=None):
 @dataclass
 class Plan:
     """Everything decided before the first collective, from the flags, the ds_config and the data."""
-    args: object
+    cfg: Flags
     rank: int
     world: int
     device: torch.device
@@ -69,9 +70,9 @@ class Plan:
     rss_start_mib: float = 0.0  # before the students are built (summary.json "memory")
 
 
-def plan_run(args, log) -> Plan:
+def plan_run(cfg, log) -> Plan:
     """Every check that can fail before any compute; writes nothing (exit 2 on a bad flag)."""
-    errors, warnings = flags.check(args)
+    errors, warnings = cfg.check()
     try:
         faults.parse(os.environ.get(faults.ENV))
     except ValueError as e:
@@ -82,15 +83,15 @@ def plan_run(args, log) -> Plan:
         raise ValueError("\nerror: ".join(errors))
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     device = train_device(int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("LOCAL_WORLD_SIZE", 0)) or None)
-    ds_base = load_ds_config(args.ds_config)
-    topo = plan_topology(world, rank, args.num_groups, args.group_id)
-    ds_cfgs = {g: resolve_ds_config(ds_base, topo.dp_size(g), args.lr, device, f"--ds_config {args.ds_config}")
+    ds_base = load_ds_config(cfg.training.ds_config)
+    topo = plan_topology(world, rank, cfg.run.num_groups, cfg.run.group_id)
+    ds_cfgs = {g: resolve_ds_config(ds_base, topo.dp_size(g), cfg.training.lr, device, f"--ds_config {cfg.training.ds_config}")
                for g in topo.hosted}
-    if Path(args.data).exists() or Path(args.data).resolve() != flags.DEFAULT_DATA.resolve():  # fail fast
-        early = TokenData(args.data)
+    if Path(cfg.data.data).exists() or Path(cfg.data.data).resolve() != flags.DEFAULT_DATA.resolve():  # fail fast
+        early = TokenData(cfg.data.data)
         early.check_tokenizer()
-        early.check_run(topo.hosted, args.num_groups, args.seq_len, shared=args.data_split == "shared")
-    return Plan(args, rank, world, device, topo, ds_base, ds_cfgs, RunLayout(args.run_dir))
+        early.check_run(topo.hosted, cfg.run.num_groups, cfg.data.seq_len, shared=cfg.data.data_split == "shared")
+    return Plan(cfg, rank, world, device, topo, ds_base, ds_cfgs, RunLayout(cfg.run.run_dir))
 
 
 def init_distributed(device: torch.device, timeout_s: float = 600.0) -> None:
@@ -116,7 +117,7 @@ def init_distributed(device: torch.device, timeout_s: float = 600.0) -> None:
 def load_inputs(p: Plan, log):
     """The data (the embedded corpus prepared on first use), the model config, the --teacher."""
     import deepspeed.comm as dist
-    args, data_dir = p.args, Path(p.args.data)
+    cfg, data_dir = p.cfg, Path(p.cfg.data.data)
     fresh = not (data_dir / "manifest.json").exists() and data_dir.resolve() == flags.DEFAULT_DATA.resolve()
     if fresh:
         if p.rank == 0:
@@ -127,11 +128,11 @@ def load_inputs(p: Plan, log):
     data = TokenData(data_dir)
     data.check_tokenizer()
     if fresh:  # prepared just now: plan_run had nothing to check
-        data.check_run(p.topo.hosted, args.num_groups, args.seq_len, shared=args.data_split == "shared")
+        data.check_run(p.topo.hosted, cfg.run.num_groups, cfg.data.seq_len, shared=cfg.data.data_split == "shared")
     for g in p.topo.hosted:
-        data.group_shards(g, args.num_groups)
-    model_cfg = flags.model_config(args, data.vocab_size)
-    if args.resume == "auto" and p.run.config.is_file():  # config.json is rewritten only after these pass
+        data.group_shards(g, cfg.run.num_groups)
+    model_cfg = flags.model_config(cfg.model, cfg.data, data.vocab_size)
+    if cfg.checkpoint.resume == "auto" and p.run.config.is_file():  # config.json is rewritten only after these pass
         try:
             recorded = json.loads(p.run.config.read_text())
             prev = recorded["model"]
@@ -147,8 +148,8 @@ def load_inputs(p: Plan, log):
                              f"than the run in {p.run.root} (config.json: {tok[:12]}), even if the vocabulary size "
                              "matches; resume with the run's --data, or use a new --run_dir or --resume never")
     fixed = None  # --teacher PATH: read and validated before anything is written
-    if args.teacher is not None and args.distill_weight > 0:
-        fixed = read_fixed_teacher(args.teacher, model_cfg.config_hash(), data.tokenizer_sha256)
+    if cfg.distill.teacher is not None and cfg.distill.distill_weight > 0:
+        fixed = read_fixed_teacher(cfg.distill.teacher, model_cfg.config_hash(), data.tokenizer_sha256)
     return data, model_cfg, fixed
 
 
@@ -176,21 +177,21 @@ def lock_groups(p: Plan, device, log) -> list[GroupLock]:
 
 
 def banner(p: Plan, students, exchange, fixed, log) -> None:
-    a, s0 = p.args, students[0]
+    a, s0 = p.cfg, students[0]
     asked = p.ds_base.get("zero_optimization", {}).get("stage", 0)
     zero = f"ZeRO-{s0.zero_stage}" + (f" (ds_config: ZeRO-{asked}; " + (
         "bf16 with fp32 gradient accumulation)" if s0.zero_stage > asked else
         "one rank per group has nothing to partition)") if asked != s0.zero_stage else "")
     dtype = str(s0.engine.get_data_types()[0]).removeprefix("torch.")
-    log(f"model {a.model}/{s0.model_cfg.preset}: {s0.num_params / 1e6:.2f}M params | world {p.world} | "
-        f"groups {a.num_groups} (this rank: {p.topo.hosted}, {s0.dp_size} rank(s) each) | "
-        f"batch {s0.global_batch}x{a.seq_len} tokens/group | {zero} | {dtype} on {p.device.type} | "
-        + ("every group reads all the data (--data_split shared) | " if a.data_split == "shared" and a.num_groups > 1 else "")
+    log(f"model {a.model.model}/{s0.model_cfg.preset}: {s0.num_params / 1e6:.2f}M params | world {p.world} | "
+        f"groups {a.run.num_groups} (this rank: {p.topo.hosted}, {s0.dp_size} rank(s) each) | "
+        f"batch {s0.global_batch}x{a.data.seq_len} tokens/group | {zero} | {dtype} on {p.device.type} | "
+        + ("every group reads all the data (--data_split shared) | " if a.data.data_split == "shared" and a.run.num_groups > 1 else "")
         + f"codistillation {'on' if exchange.exporting else 'off'}"
         + (f" ({exchange.mode} teachers{teacher_modes(exchange.pool)})" if exchange.exporting else "")
         + (" | fixed teacher (offline distillation)" if fixed is not None else ""))
     if fixed is not None:
-        log(f"fixed teacher (--teacher): {a.teacher}, step {fixed.step}, {fixed.meta.get('tokens_seen', '?')} tokens seen")
+        log(f"fixed teacher (--teacher): {a.distill.teacher}, step {fixed.step}, {fixed.meta.get('tokens_seen', '?')} tokens seen")
 
 
 def teacher_modes(pool) -> str:
@@ -211,7 +212,7 @@ class StopFlag:
         self.requested = True
 
 
-def train_step(step, students, exchange, control, stop, bad_in_a_row, log, clock):
+def train_step(cfg, step, students, exchange, control, stop, bad_in_a_row, log, clock):
     """One step of every hosted student, around the step's one sync; returns the sync's outcome.
     Host syncs (ours; DeepSpeed's optimizer may add its own): exactly one, in control.sync.
     Teacher swaps add one per swap."""
@@ -229,8 +230,8 @@ def train_step(step, students, exchange, control, stop, bad_in_a_row, log, clock
         if st.skipped:
             log(f"WARNING: [group {s.id}] step {step}: loss is {st.loss}; step skipped, no update "
                 f"({bad_in_a_row[s.id] + 1} in a row, {s.skipped_steps} in all; --max_bad_steps "
-                f"{s.args.max_bad_steps})", force=s.leader)
-        runlog.log_train(s, step, st, exchange.pool, reload_ms, log, s.args, *clock)
+                f"{cfg.faults.max_bad_steps})", force=s.leader)
+        runlog.log_train(s, step, st, exchange.pool, reload_ms, log, cfg.run.log_every, cfg.training.max_steps, *clock)
     return out
 
 
@@ -240,39 +241,39 @@ def target_reached(students, target: float) -> bool:
     return not flags_any([missed], students[0].device)[0]
 
 
-def train(args, students, exchange, ckpt, control, start, log) -> tuple[str, int]:
+def train(cfg, students, exchange, ckpt, control, start, log) -> tuple[str, int]:
     """The loop: steps until --max_steps (or --target_val_loss), an export/checkpoint failure,
     divergence, a stop request or the --stop_after_steps slice; returns (outcome, last step)."""
-    stop, bad_in_a_row, clock, step = StopFlag(), [0] * args.num_groups, (time.time(), start), start
-    for step in range(start + 1, args.max_steps + 1):
-        out = train_step(step, students, exchange, control, stop, bad_in_a_row, log, clock)
+    stop, bad_in_a_row, clock, step = StopFlag(), [0] * cfg.run.num_groups, (time.time(), start), start
+    for step in range(start + 1, cfg.training.max_steps + 1):
+        out = train_step(cfg, step, students, exchange, control, stop, bad_in_a_row, log, clock)
         bad_in_a_row = [n + 1 if b else 0 for n, b in zip(bad_in_a_row, out.bad)]
-        if max(bad_in_a_row) >= args.max_bad_steps:
+        if max(bad_in_a_row) >= cfg.faults.max_bad_steps:
             latest = {s.id: read_latest_checkpoint(s.paths.checkpoints) for s in students}
             teachers = "; ".join(f"group {s.id}: {d}" for s in students if (d := exchange.describe_teachers(s.id)))
             cause = (f" Distillation was on (teachers {teachers}); a teacher's non-finite probabilities never reach "
                      "the student, but a bad peer can still drive it away: check that peer's run, or continue "
                      "with --resume auto and --distill_weight 0 or a lower --lr." if teachers else
                      " Lower --lr and continue with --resume auto.")
-            log.error(f"{args.max_bad_steps} steps in a row (up to step {step}) had a NaN/Inf loss "
-                      f"(--max_bad_steps {args.max_bad_steps}); stopping without saving. The last good "
+            log.error(f"{cfg.faults.max_bad_steps} steps in a row (up to step {step}) had a NaN/Inf loss "
+                      f"(--max_bad_steps {cfg.faults.max_bad_steps}); stopping without saving. The last good "
                       f"checkpoints ({latest}) are intact.{cause}")
             return "diverged", step
         outcome = exchange.maybe_export(step)
         if outcome:
             return outcome, step
-        if step % args.eval_every == 0 or step == args.max_steps:
+        if step % cfg.eval.eval_every == 0 or step == cfg.training.max_steps:
             for s in students:
                 runlog.log_eval(s, step, *s.evaluate(), log)
-            if args.target_val_loss is not None and target_reached(students, args.target_val_loss):
-                log(f"step {step}: every group's val loss is <= --target_val_loss {args.target_val_loss}; finishing")
+            if cfg.training.target_val_loss is not None and target_reached(students, cfg.training.target_val_loss):
+                log(f"step {step}: every group's val loss is <= --target_val_loss {cfg.training.target_val_loss}; finishing")
                 return "done", step
-        sliced = step == args.stop_after_steps
+        sliced = step == cfg.checkpoint.stop_after_steps
         if ckpt.due(step, forced=out.stop or sliced):
             outcome = exchange.settle()
             if outcome:
                 return outcome, step
-            if not ckpt.save(step) and (args.on_write_error == "stop" or out.stop or sliced):
+            if not ckpt.save(step) and (cfg.faults.on_write_error == "stop" or out.stop or sliced):
                 log.error(f"the checkpoint of step {step} could not be written; exiting. 'latest' still "
                           "names the previous complete checkpoint")
                 return "write_error", step
@@ -280,7 +281,7 @@ def train(args, students, exchange, ckpt, control, start, log) -> tuple[str, int
             log(f"stop requested (SIGTERM/SIGUSR1): checkpoint saved at step {step}; exiting with "
                 f"{EXIT_CODES['requeue']} so the job can be requeued and resumed with --resume auto")
             return "requeue", step
-        if sliced and step < args.max_steps:
+        if sliced and step < cfg.training.max_steps:
             log(f"--stop_after_steps {step}: checkpoint saved; continue with --resume auto")
             return "sliced", step
     return "done", step
@@ -289,8 +290,8 @@ def train(args, students, exchange, ckpt, control, start, log) -> tuple[str, int
 def finish(p: Plan, students, exchange, ckpt, model_cfg, start, step, t_start, log) -> None:
     """The end of --max_steps: last checkpoint, final/ weights, summaries and the table."""
     import deepspeed.comm as dist
-    if start >= p.args.max_steps:
-        log(f"nothing to do: the checkpoint is already at step {start} >= --max_steps {p.args.max_steps}")
+    if start >= p.cfg.training.max_steps:
+        log(f"nothing to do: the checkpoint is already at step {start} >= --max_steps {p.cfg.training.max_steps}")
         for s in students:
             s.evaluate()
     elif ckpt.saved_at != step:
@@ -304,15 +305,15 @@ def finish(p: Plan, students, exchange, ckpt, model_cfg, start, step, t_start, l
                               p.rss_start_mib)
     dist.barrier()
     if p.rank == 0:
-        runlog.print_table(runlog.merge_summaries(p.run.root, p.args.num_groups), p.run.root, log)
+        runlog.print_table(runlog.merge_summaries(p.run.root, p.cfg.run.num_groups), p.run.root, log)
 
 
 def main(argv=None):
-    args = parse_args(argv)
+    cfg = parse_args(argv)
     log = runlog.Console(int(os.environ.get("RANK", 0)))
     try:
-        p = plan_run(args, log)
-        init_distributed(p.device, args.dist_timeout)
+        p = plan_run(cfg, log)
+        init_distributed(p.device, cfg.faults.dist_timeout)
         data, model_cfg, fixed = load_inputs(p, log)
     except SETUP_ERRORS as e:
         log.error(str(e))
@@ -322,32 +323,32 @@ def main(argv=None):
     try:
         mpus = build_mpus(p.topo)
         p.rss_start_mib = runlog.rss_mib()
-        students = [Student(g, args, p.topo, mpus[g], data, model_cfg, p.ds_cfgs[g], p.device, log) for g in p.topo.hosted]
-        exchange = Exchange(args, p.topo, students, model_cfg, data.tokenizer_sha256, p.device, log, fixed)
+        students = [Student(g, cfg, p.topo, mpus[g], data, model_cfg, p.ds_cfgs[g], p.device, log) for g in p.topo.hosted]
+        exchange = Exchange(cfg, p.topo, students, model_cfg, data.tokenizer_sha256, p.device, log, fixed)
         banner(p, students, exchange, fixed, log)
-        ckpt = Checkpointer(students, exchange, args, p.device, log)
+        ckpt = Checkpointer(students, exchange, cfg.checkpoint, cfg.training.max_steps, p.device, log)
         try:
-            start = ckpt.restore(p.run if args.resume == "auto" else RunLayout(args.resume)) \
-                if args.resume != "never" else 0
+            start = ckpt.restore(p.run if cfg.checkpoint.resume == "auto" else RunLayout(cfg.checkpoint.resume)) \
+                if cfg.checkpoint.resume != "never" else 0
         except ValueError as e:
             log.error(str(e))
             sys.exit(2)
         if p.rank == 0:  # after every resume check passed: a refused resume leaves the run's record as it was
             p.run.root.mkdir(parents=True, exist_ok=True)
             runlog.write_json(p.run.config, {
-                "args": vars(args), "model": model_cfg.to_dict(), "tokenizer_sha256": data.tokenizer_sha256,
+                "args": cfg.as_dict(), "model": model_cfg.to_dict(), "tokenizer_sha256": data.tokenizer_sha256,
                 "ds_config": p.ds_base, "world_size": p.world, "hosted_groups_per_rank": len(p.topo.hosted),
                 "teacher_sync": exchange.sync, "git": runlog.git_sha(ROOT)})
         if start:
-            log(f"resumed from step {start} ({p.run.root if args.resume == 'auto' else args.resume})")
+            log(f"resumed from step {start} ({p.run.root if cfg.checkpoint.resume == 'auto' else cfg.checkpoint.resume})")
         t_start = time.time()
-        control = StepControl(args.num_groups, p.device, swaps=bool(exchange.peers) and not exchange.sync,
+        control = StepControl(cfg.run.num_groups, p.device, swaps=bool(exchange.peers) and not exchange.sync,
                               guard=exchange.guard.enabled and bool(exchange.peers))
-        outcome, step = train(args, students, exchange, ckpt, control, start, log)
+        outcome, step = train(cfg, students, exchange, ckpt, control, start, log)
         if outcome == "done":
             finish(p, students, exchange, ckpt, model_cfg, start, step, t_start, log)
     except RuntimeError as e:  # a peer rank died or hung (codistill/comm.py lost_rank_message)
-        if (msg := lost_rank_message(e, p.rank, args.dist_timeout)) is None:
+        if (msg := lost_rank_message(e, p.rank, cfg.faults.dist_timeout)) is None:
             raise
         print(f"error: {msg}", file=sys.stderr, flush=True)
         sys.exit(1)

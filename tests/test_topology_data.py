@@ -93,9 +93,9 @@ def test_recipe_config_files_parse_and_command_line_wins():
     assert files
     for f in files:
         args = flags.parse_args(["--config", str(f)])
-        assert args.model in ("lstm", "transformer")
+        assert args.model.model in ("lstm", "transformer")
     args = flags.parse_args(["--config", str(root / "lstm_paper.json"), "--max_steps", "7"])
-    assert args.model_size == "paper" and args.max_steps == 7
+    assert args.model.model_size == "paper" and args.training.max_steps == 7
 
 
 def _copy(sample_data, tmp_path):
