@@ -8,7 +8,6 @@ the synced statistics into the step's log record.
 """
 from __future__ import annotations
 
-import argparse
 import math
 import time
 
@@ -16,6 +15,7 @@ import torch
 
 from codistill import faults, runlog
 from codistill.comm import GroupComm, sum_over
+from codistill.device import engine_args
 from codistill.layout import RunLayout
 from codistill.loss import chunk_rows, codistill_loss, distill_alpha
 from codistill.noise import NoiseScale
@@ -70,9 +70,8 @@ class Student:
         optimizer = None
         if "optimizer" not in ds_cfg:
             optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr or 1e-3)
-        device_rank = argparse.Namespace(device_rank=device.index) if device.type == "cuda" else None
         self.engine, _, _, _ = deepspeed.initialize(
-            args=device_rank, model=model, model_parameters=model.parameters(), optimizer=optimizer, config=ds_cfg,
+            args=engine_args(device), model=model, model_parameters=model.parameters(), optimizer=optimizer, config=ds_cfg,
             mpu=mpu, lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, self.lr_factor))
         self.zero_stage = self.engine.zero_optimization_stage()
         if getattr(args, "noise_scale", False) and self.zero_stage == 3:  # every rank: they all stop

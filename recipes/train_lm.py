@@ -30,7 +30,7 @@ import torch
 from codistill import faults, flags, runlog
 from codistill.checkpoint import Checkpointer, read_latest as read_latest_checkpoint
 from codistill.comm import StepControl, collective_timeout, flags_any, lost_rank_message, rendezvous_defaults
-from codistill.device import DeviceError, train_device
+from codistill.device import DeviceError, bind_device
 from codistill.ds_config import ConfigError, load_ds_config, resolve_ds_config
 from codistill.exchange import ExportError
 from codistill.layout import RunLayout
@@ -81,7 +81,7 @@ def plan_run(args, log) -> Plan:
     if errors:
         raise ValueError("\nerror: ".join(errors))
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    device = train_device(int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("LOCAL_WORLD_SIZE", 0)) or None)
+    device = bind_device()  # on CUDA, LOCAL_RANK becomes the chosen ordinal (DeepSpeed reads it as one)
     ds_base = load_ds_config(args.ds_config)
     topo = plan_topology(world, rank, args.num_groups, args.group_id)
     ds_cfgs = {g: resolve_ds_config(ds_base, topo.dp_size(g), args.lr, device, f"--ds_config {args.ds_config}")
