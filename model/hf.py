@@ -84,7 +84,11 @@ class HFCausalLM(nn.Module):
         super().__init__()
         from transformers import AutoModelForCausalLM
         self.config = cfg
-        self.hf = AutoModelForCausalLM.from_config(pretrained_config(cfg.hf_config))
+        # in torch's default dtype (fp32), like every other model of the repository, whatever the
+        # config's "dtype"/"torch_dtype" says (real configs say bfloat16; transformers' _from_config
+        # builds in config.dtype unless given one): the run's precision is DeepSpeed's to set (its
+        # bf16 casts the parameters), and an fp32 run or a GPU without native bf16 must train in fp32
+        self.hf = AutoModelForCausalLM.from_config(pretrained_config(cfg.hf_config), dtype=torch.get_default_dtype())
 
     def forward(self, input_ids: torch.Tensor, hidden_only: bool = False) -> torch.Tensor:
         """Logits [B, T, V]; with ``hidden_only`` the base model's last hidden states [B, T, D]
