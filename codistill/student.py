@@ -17,7 +17,7 @@ from codistill import faults, runlog
 from codistill.comm import GroupComm, sum_over
 from codistill.device import engine_args
 from codistill.layout import RunLayout
-from codistill.loss import chunk_rows, codistill_loss, distill_alpha
+from codistill.loss import chunk_rows, codistill_loss, distill_alpha, resolve_chunk_mb
 from codistill.noise import NoiseScale
 from codistill.noise import measure as measure_gradients
 from codistill.noise import reading as noise_reading
@@ -88,6 +88,7 @@ class Student:
         self._pending = None    # forward_backward's device results, consumed by finish_step
         self._norm = None       # (step, device tensor) of the last update's gradient norm, logged a step late
         self.log = log
+        self.chunk_mb = resolve_chunk_mb(getattr(args, "loss_chunk_mb", "auto"), device)  # the loss's and top-K teachers'
         self.noise = NoiseScale() if getattr(args, "noise_scale", False) and self.leader else None
         self._noise_batch = None  # (x, y) of this step's first micro-batch when the noise scale is due
 
@@ -126,7 +127,7 @@ class Student:
                 health += h / self.accum
             logits = self.engine(x, **model_kw)
             faults.sigkill("sigkill", step)  # test-only hook: a crash in the middle of a step
-            chunk = a.loss_chunk_tokens or chunk_rows(logits.shape[-1], a.loss_chunk_mb)
+            chunk = a.loss_chunk_tokens or chunk_rows(logits.shape[-1], self.chunk_mb)
             loss, st = codistill_loss(logits, y, q, alpha, a.temperature, a.label_smoothing, chunk)
             if faults.active("nan_loss", step):
                 loss = loss * float("nan")

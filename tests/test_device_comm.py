@@ -281,3 +281,24 @@ def test_local_rank_becomes_the_mapped_ordinal_before_deepspeed_reads_it(monkeyp
     _fake_cuda(monkeypatch, 8)  # all GPUs visible: rank 3 keeps cuda:3
     env = {"LOCAL_RANK": "3", "LOCAL_WORLD_SIZE": "8"}
     assert bind_device(env) == torch.device("cuda", 3) and env["LOCAL_RANK"] == "3"
+
+
+def test_loss_chunk_mb_auto_is_resolved_by_device(monkeypatch):
+    """Issue 28 item 9: --loss_chunk_mb auto is 32 MiB on CPU and 512 MiB on CUDA (or 1/32 of
+    the free device memory, if less): ~1 k tokens per chunk at a 128 k vocabulary, not 65."""
+    from codistill.loss import chunk_rows, resolve_chunk_mb
+    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
+    assert resolve_chunk_mb("auto", cpu) == resolve_chunk_mb(None, cpu) == 32.0
+    assert chunk_rows(128_000, resolve_chunk_mb("auto", cpu)) == 65
+    free = {"bytes": 80 * 2**30}
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free["bytes"], 80 * 2**30))
+    assert resolve_chunk_mb("auto", gpu) == 512.0
+    assert chunk_rows(128_000, resolve_chunk_mb("auto", gpu)) == 1048
+    free["bytes"] = 4 * 2**30  # a small or busy GPU: 1/32 of what is free
+    assert resolve_chunk_mb("auto", gpu) == 128.0
+    free["bytes"] = 2**28
+    assert resolve_chunk_mb("AUTO", gpu) == 32.0
+    assert resolve_chunk_mb(64, gpu) == resolve_chunk_mb("64", cpu) == 64.0  # a number is taken as given
+    for bad in (0, -1, "lots"):
+        with pytest.raises(ValueError, match="--loss_chunk_mb"):
+            resolve_chunk_mb(bad, cpu)
