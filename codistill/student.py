@@ -254,8 +254,8 @@ class Student:
     def measure_noise(self, step: int, x: torch.Tensor, y: torch.Tensor) -> None:
         """--noise_scale, on the group's leader every --noise_scale_every steps: the gradient noise
         scale of the next-token loss on this step's first micro-batch (codistill/noise.py; one
-        more forward and backward pass, a host sync per part, and an fp32 copy of the parameters
-        and their gradients while it runs), in tokens, to TensorBoard and the console, read
+        more forward and backward pass, one host sync, and one copy of the parameters in their own
+        dtype while it runs: the parts' gradient sum), in tokens, to TensorBoard and the console, read
         against the group's batch."""
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):  # dropout draws
             small, big, b, B = measure_gradients(self.engine.module, x, y)  # leave training's RNG stream as it was
