@@ -64,8 +64,8 @@ class Student:
         self.model_cfg = model_cfg
         model = build_model(model_cfg)
         if getattr(args, "init_from", None):  # every group starts from the same pretrained weights
-            from model.hf import pretrained_weights
-            model.load_state_dict(pretrained_weights(args.init_from, args.trust_pickled_weights))
+            from model.hf import load_pretrained  # streamed tensor by tensor, no second copy
+            load_pretrained(model, args.init_from, args.trust_pickled_weights)
         self.num_params = count_params(model)
         optimizer = None
         if "optimizer" not in ds_cfg:

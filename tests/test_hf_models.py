@@ -129,3 +129,28 @@ def test_a_config_that_says_bfloat16_builds_in_fp32(tmp_path, key):
     assert {p.dtype for p in model.parameters()} == {torch.float32}
     assert all(b.dtype == torch.float32 for b in model.buffers() if b.is_floating_point())
     assert model(torch.randint(0, 64, (2, 8))).dtype == torch.float32
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])  # llama: tied embeddings, no lm_head in the file
+def test_init_from_streams_safetensors_into_the_module_without_a_second_model(tmp_path, monkeypatch, arch):
+    """Issue 28 item 12: --init_from is read tensor by tensor (safe_open, mmap'd) into the student's
+    own parameters: transformers' from_pretrained (a whole second model in fp32 on every rank) is
+    never called; the result is the pretrained model; a file of another shape is refused, named."""
+    from transformers import AutoModelForCausalLM
+    from model.hf import load_pretrained
+    torch.manual_seed(0)
+    ref = AutoModelForCausalLM.from_config(tiny_configs()[arch])
+    ref.save_pretrained(tmp_path / "st")
+    m = build_model(hf_model_config(read_hf_config(tmp_path / "st")))
+
+    def no_second_model(*a, **kw):
+        raise AssertionError("from_pretrained materialised a second model")
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", no_second_model)
+    load_pretrained(m, tmp_path / "st")
+    x = torch.randint(0, V, (2, 7))
+    assert torch.equal(m(x), ref(x).logits)
+    other = AutoModelForCausalLM.from_config(tiny_configs(vocab=V + 8)[arch])
+    other.save_pretrained(tmp_path / "other")
+    with pytest.raises(HFConfigError, match=r"other/model.safetensors.*shape"):
+        load_pretrained(m, tmp_path / "other")
