@@ -9,6 +9,13 @@ it was measured) and on a GPU node:
     zero_optimization.*_bucket_size       5e7                 5e8 (DeepSpeed's default)
     optimizer.params.fused (torch_adam)   dropped             true (torch's fused AdamW, no JIT build)
 
+DeepSpeed's throughput timer (``timers.throughput``) is off unless the config sets it: it
+synchronizes the device in every forward and every step (deepspeed/utils/timer.py
+ThroughputTimer.start/stop, ``synchronized`` true by default); the trainer measures tokens/s
+itself. ZeRO-1/2 with overlap_comm (on CUDA) still synchronize the device at the end of every
+micro-batch's backward (stage_1_and_2.py independent_gradient_partition_epilogue: the reduced
+gradients' buffers are reused); docs/gpu.md counts the syncs.
+
 Mixed precision: with bf16 on, gradients are accumulated in fp32 (``data_types.grad_accum_dtype``
 "fp32", unless the config says otherwise) and ZeRO stage 0 is run as stage 1: DeepSpeed's stage 0
 with bf16 uses its unfused bf16 optimizer, which accumulates gradients (and clips by a norm
@@ -122,6 +129,7 @@ def resolve_ds_config(cfg: dict, dp_size: int, lr: float | None, device: torch.d
     stage = zero.get("stage", 0)
     if stage not in (0, 1, 2, 3):
         raise ConfigError(f"{where}: zero_optimization.stage must be 0-3, got {stage!r}")
+    cfg.setdefault("timers", {}).setdefault("throughput", {}).setdefault("enabled", False)
     for key, gpu, cpu in (("overlap_comm", True, False), ("reduce_bucket_size", 500_000_000, 50_000_000),
                           ("allgather_bucket_size", 500_000_000, 50_000_000)):
         if zero.get(key) == "auto":

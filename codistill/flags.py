@@ -154,9 +154,11 @@ class TrainingFlags(Group):
                                          "every group of this launch has val loss <= LOSS, before --max_steps: "
                                          "steps-to-target studies (benchmarks/batch_scaling.py); the LR schedule "
                                          "still runs over --max_steps", metavar="LOSS")
-    loss_chunk_mb: float = flag(32.0, "the loss and the top-K teacher probabilities run over chunks of tokens "
-                                "holding this many MiB of fp32 [tokens, vocab] values (4194 tokens at V = 2000, "
-                                "167 at V = 50 k)")
+    loss_chunk_mb: str = flag("auto", "MiB of fp32 [tokens, vocab] values per chunk of the loss (and of the top-K "
+                              "teachers' probabilities), or auto: 32 on CPU; on CUDA 512, or 1/32 of the device's "
+                              "free memory if that is less, never under 32 (codistill/loss.py resolve_chunk_mb). "
+                              "Small chunks cost kernel launches on GPUs: 32 MiB at a 128 k vocabulary is 65 "
+                              "tokens per chunk, 512 MiB 1024; at V = 2000, 32 MiB is 4194 tokens", metavar="MIB")
     loss_chunk_tokens: int | None = flag(None, "a fixed loss chunk in tokens instead of --loss_chunk_mb")
     noise_scale: bool = flag(False, "measure the gradient noise scale B_simple (McCandlish et al. 2018; "
                              "codistill/noise.py) on each group's leader, every --noise_scale_every steps, from the "
@@ -178,8 +180,13 @@ class TrainingFlags(Group):
             errors.append(f"--lr must be > 0 (got {self.lr})")
         if self.loss_chunk_tokens is not None:
             _at_least(self, errors, 1, "loss_chunk_tokens")
-        if not self.loss_chunk_mb > 0:
-            errors.append(f"--loss_chunk_mb must be > 0 (got {self.loss_chunk_mb})")
+        if self.loss_chunk_mb != "auto":
+            try:
+                ok = math.isfinite(float(self.loss_chunk_mb)) and float(self.loss_chunk_mb) > 0
+            except ValueError:
+                ok = False
+            if not ok:
+                errors.append(f"--loss_chunk_mb must be auto or a finite number of MiB > 0 (got {self.loss_chunk_mb})")
         if self.warmup_steps >= self.max_steps:
             warnings.append(f"--warmup_steps {self.warmup_steps} >= --max_steps {self.max_steps}: the LR never "
                             f"leaves warmup")

@@ -14,8 +14,9 @@ each noisy; both are smoothed (an exponential moving average) before their ratio
 ``measure`` gets both from one micro-batch, beside training: the micro-batch is cut into
 ``parts`` pieces, the gradient of the mean next-token cross-entropy on each (b = one piece)
 and their mean (B = the micro-batch) - the cost of one forward and backward pass. The
-gradients are taken with respect to detached copies of the module's parameters
-(torch.func.functional_call), so DeepSpeed's gradient hooks and buffers never see them. ZeRO-3
+gradients are taken with respect to detached views of the module's parameters
+(torch.func.functional_call), so DeepSpeed's gradient hooks and buffers never see them; memory:
+one extra copy of the parameters in their own dtype (``measure``). ZeRO-3
 partitions the parameters themselves, so it is not supported (the flag check says so).
 """
 from __future__ import annotations
@@ -61,23 +62,45 @@ class NoiseScale:
 
 def measure(module: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, parts: int = 4) -> tuple[float, float, int, int]:
     """(|g_b|^2 averaged over the parts, |g_B|^2, b, B), b and B in target tokens, of the mean
-    cross-entropy of ``module`` on the micro-batch (x, y) cut into ``parts`` row blocks."""
+    cross-entropy of ``module`` on the micro-batch (x, y) cut into ``parts`` row blocks.
+
+    Memory: one accumulator of the parts' gradient sum, in the parameters' own dtype (P x 2 bytes
+    for bf16 parameters), beside one part's activations. The parameters are detached views (no
+    copy); each part's gradient reaches a parameter's accumulator as soon as backward produces
+    it (a post-accumulate-grad hook), its squared norm is summed in fp32 on the device, and it is
+    freed: no flat copy of all gradients ever exists. One host sync, at the end."""
     rows = x.shape[0] // parts * parts
     if rows < parts:
         raise ValueError(f"a micro-batch of {x.shape[0]} sequences cannot be cut into {parts} parts")
-    params = {k: p.detach().float().requires_grad_(True) for k, p in module.named_parameters()}
+    params = {k: p.detach().requires_grad_(True) for k, p in module.named_parameters()}
     buffers = dict(module.named_buffers())
-    total, small = None, 0.0
-    for xs, ys in zip(x[:rows].chunk(parts), y[:rows].chunk(parts)):
-        logits = functional_call(module, {**params, **buffers}, (xs,))
-        loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), ys.flatten())
-        grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
-        flat = torch.cat([g.flatten() for g in grads if g is not None])
-        small += float(flat.square().sum())
-        total = flat if total is None else total + flat
-    big = float((total / parts).square().sum())
+    acc = {k: None for k in params}
+    small = torch.zeros((), dtype=torch.float32, device=x.device)
+
+    def fold(k):
+        def hook(t):
+            nonlocal small
+            small = small + torch.linalg.vector_norm(t.grad, dtype=torch.float32).square()
+            if acc[k] is None:
+                acc[k] = t.grad
+            else:
+                acc[k].add_(t.grad)
+            t.grad = None
+        return hook
+
+    handles = [t.register_post_accumulate_grad_hook(fold(k)) for k, t in params.items()]
+    try:
+        for xs, ys in zip(x[:rows].chunk(parts), y[:rows].chunk(parts)):
+            logits = functional_call(module, {**params, **buffers}, (xs,))
+            torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), ys.flatten()).backward()
+            del logits
+    finally:
+        for h in handles:
+            h.remove()
+    big = sum((torch.linalg.vector_norm(a, dtype=torch.float32).square() for a in acc.values() if a is not None),
+              torch.zeros((), dtype=torch.float32, device=x.device)) / parts**2
     tokens = ys.numel()
-    return small / parts, big, tokens, tokens * parts
+    return float(small) / parts, float(big), tokens, tokens * parts
 
 
 def reading(batch_tokens: int, noise: float | None) -> str:

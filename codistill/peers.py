@@ -115,7 +115,7 @@ class Exchange:
         self.pool = TeacherPool(model_cfg, device, like=students[0].engine.module,
                                 comm=students[0].comm if len(students) == 1 else None,
                                 placement=self.placement(tf, students, log), mpu=students[0].mpu,
-                                ds_config=students[0].ds_cfg, topk=tf.teacher_topk, chunk_mb=cfg.training.loss_chunk_mb)
+                                ds_config=students[0].ds_cfg, topk=tf.teacher_topk, chunk_mb=students[0].chunk_mb)
         self.pool.reserve(self.peers)
         if fixed is not None:
             self.pool.load(FIXED_TEACHER, fixed, fixed=True)

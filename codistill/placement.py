@@ -265,7 +265,9 @@ class PartitionedTeacher:
             want = (dtypes or {}).get(n, torch.float32)
             if b.is_floating_point() and b.dtype != want:
                 b.data = b.data.to(want)
-        self.engine, *_ = deepspeed.initialize(model=module, config=ds_config, mpu=mpu)
+        from codistill.device import engine_args  # the device zero.Init bound (cuda:LOCAL_RANK, codistill/device.py)
+        here = torch.device(deepspeed.accelerator.get_accelerator().current_device_name())
+        self.engine, *_ = deepspeed.initialize(args=engine_args(here), model=module, config=ds_config, mpu=mpu)
         self.engine.eval()
         self.module = self.engine.module.requires_grad_(False)
         self.keys = set(self.module.state_dict().keys())

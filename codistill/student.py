@@ -8,7 +8,6 @@ the synced statistics into the step's log record.
 """
 from __future__ import annotations
 
-import argparse
 import math
 import time
 
@@ -17,8 +16,9 @@ import torch
 from codistill import faults, runlog
 from codistill.comm import GroupComm, sum_over
 from codistill.flags import Flags
+from codistill.device import engine_args
 from codistill.layout import RunLayout
-from codistill.loss import chunk_rows, codistill_loss, distill_alpha
+from codistill.loss import chunk_rows, codistill_loss, distill_alpha, resolve_chunk_mb
 from codistill.noise import NoiseScale
 from codistill.noise import measure as measure_gradients
 from codistill.noise import reading as noise_reading
@@ -69,15 +69,14 @@ class Student:
         self.model_cfg = model_cfg
         model = build_model(model_cfg)
         if cfg.model.init_from:  # every group starts from the same pretrained weights
-            from model.hf import pretrained_weights
-            model.load_state_dict(pretrained_weights(cfg.model.init_from, cfg.model.trust_pickled_weights))
+            from model.hf import load_pretrained  # streamed tensor by tensor, no second copy
+            load_pretrained(model, cfg.model.init_from, cfg.model.trust_pickled_weights)
         self.num_params = count_params(model)
         optimizer = None
         if "optimizer" not in ds_cfg:
             optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.training.lr or 1e-3)
-        device_rank = argparse.Namespace(device_rank=device.index) if device.type == "cuda" else None
         self.engine, _, _, _ = deepspeed.initialize(
-            args=device_rank, model=model, model_parameters=model.parameters(), optimizer=optimizer, config=ds_cfg,
+            args=engine_args(device), model=model, model_parameters=model.parameters(), optimizer=optimizer, config=ds_cfg,
             mpu=mpu, lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, self.lr_factor))
         self.zero_stage = self.engine.zero_optimization_stage()
         if cfg.training.noise_scale and self.zero_stage == 3:  # every rank: they all stop
@@ -94,6 +93,7 @@ class Student:
         self._pending = None    # forward_backward's device results, consumed by finish_step
         self._norm = None       # (step, device tensor) of the last update's gradient norm, logged a step late
         self.log = log
+        self.chunk_mb = resolve_chunk_mb(cfg.training.loss_chunk_mb, device)  # the loss's and top-K teachers'
         self.noise = NoiseScale() if cfg.training.noise_scale and self.leader else None
         self._noise_batch = None  # (x, y) of this step's first micro-batch when the noise scale is due
 
@@ -132,7 +132,7 @@ class Student:
                 health += h / self.accum
             logits = self.engine(x, **model_kw)
             faults.sigkill("sigkill", step)  # test-only hook: a crash in the middle of a step
-            chunk = a.loss_chunk_tokens or chunk_rows(logits.shape[-1], a.loss_chunk_mb)
+            chunk = a.loss_chunk_tokens or chunk_rows(logits.shape[-1], self.chunk_mb)
             loss, st = codistill_loss(logits, y, q, alpha, d.temperature, d.label_smoothing, chunk)
             if faults.active("nan_loss", step):
                 loss = loss * float("nan")
@@ -259,8 +259,8 @@ class Student:
     def measure_noise(self, step: int, x: torch.Tensor, y: torch.Tensor) -> None:
         """--noise_scale, on the group's leader every --noise_scale_every steps: the gradient noise
         scale of the next-token loss on this step's first micro-batch (codistill/noise.py; one
-        more forward and backward pass, a host sync per part, and an fp32 copy of the parameters
-        and their gradients while it runs), in tokens, to TensorBoard and the console, read
+        more forward and backward pass, one host sync, and one copy of the parameters in their own
+        dtype while it runs: the parts' gradient sum), in tokens, to TensorBoard and the console, read
         against the group's batch."""
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):  # dropout draws
             small, big, b, B = measure_gradients(self.engine.module, x, y)  # leave training's RNG stream as it was

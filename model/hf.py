@@ -84,7 +84,11 @@ class HFCausalLM(nn.Module):
         super().__init__()
         from transformers import AutoModelForCausalLM
         self.config = cfg
-        self.hf = AutoModelForCausalLM.from_config(pretrained_config(cfg.hf_config))
+        # in torch's default dtype (fp32), like every other model of the repository, whatever the
+        # config's "dtype"/"torch_dtype" says (real configs say bfloat16; transformers' _from_config
+        # builds in config.dtype unless given one): the run's precision is DeepSpeed's to set (its
+        # bf16 casts the parameters), and an fp32 run or a GPU without native bf16 must train in fp32
+        self.hf = AutoModelForCausalLM.from_config(pretrained_config(cfg.hf_config), dtype=torch.get_default_dtype())
 
     def forward(self, input_ids: torch.Tensor, hidden_only: bool = False) -> torch.Tensor:
         """Logits [B, T, V]; with ``hidden_only`` the base model's last hidden states [B, T, D]
@@ -96,6 +100,52 @@ class HFCausalLM(nn.Module):
 
     def output_head(self) -> nn.Linear:
         return self.hf.get_output_embeddings()
+
+
+def load_pretrained(module: nn.Module, path, trust_pickle: bool = False) -> None:
+    """Copy ``--init_from``'s weights into ``module`` (an HFCausalLM) in place, in the module's
+    dtype. safetensors files are read with ``safe_open`` (mmap'd), one tensor at a time straight
+    into its parameter: no second model and no full fp32 state dict is materialised (8 ranks x
+    1 B parameters were 60-80 GB of host memory per node at start-up). Every module tensor must
+    come from the files except outputs tied to another (lm_head of tied embeddings); a missing
+    or unknown key or a shape that differs is an HFConfigError naming the file. Pickled weights
+    (``trust_pickle``) go through pretrained_weights."""
+    from safetensors import safe_open
+    path = Path(path)
+    files = sorted(path.glob("*.safetensors")) if path.is_dir() else []
+    if not files:
+        module.load_state_dict(pretrained_weights(path, trust_pickle))
+        return
+    targets = module.state_dict(keep_vars=True)
+    done = set()
+    with torch.no_grad():
+        for file in files:
+            try:
+                with safe_open(str(file), framework="pt") as f:
+                    for k in f.keys():
+                        key = f"hf.{k}"
+                        if key not in targets:
+                            raise HFConfigError(f"--init_from {file}: holds {k!r}, which this architecture "
+                                                "(its config.json) has no tensor for")
+                        t = f.get_slice(k)
+                        if tuple(t.get_shape()) != tuple(targets[key].shape):
+                            raise HFConfigError(f"--init_from {file}: {k!r} has shape {tuple(t.get_shape())}, the "
+                                                f"model built from its config.json {tuple(targets[key].shape)}")
+                        targets[key].copy_(f.get_tensor(k))  # one tensor resident at a time, cast on copy
+                        done.add(key)
+            except (OSError, safetensors_errors()) as e:
+                raise HFConfigError(f"--init_from {file}: not a readable safetensors file ({e})") from None
+    tied = {k for k, t in targets.items() if any(t is targets[d] for d in done)}
+    missing = sorted(set(targets) - done - tied - {k for k, _ in module.named_buffers()})
+    if missing:
+        raise HFConfigError(f"--init_from {path}: its safetensors files lack {missing[:5]}"
+                            + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+                            + "; give a directory written by save_pretrained for this config.json")
+
+
+def safetensors_errors() -> type:
+    from safetensors import SafetensorError
+    return SafetensorError
 
 
 def pretrained_weights(path, trust_pickle: bool = False) -> dict[str, torch.Tensor]:

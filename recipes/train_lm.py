@@ -31,7 +31,7 @@ from codistill import faults, flags, runlog
 from codistill.flags import Flags
 from codistill.checkpoint import Checkpointer, read_latest as read_latest_checkpoint
 from codistill.comm import StepControl, collective_timeout, flags_any, lost_rank_message, rendezvous_defaults
-from codistill.device import DeviceError, train_device
+from codistill.device import DeviceError, bind_device
 from codistill.ds_config import ConfigError, load_ds_config, resolve_ds_config
 from codistill.exchange import ExportError
 from codistill.layout import RunLayout
@@ -82,7 +82,7 @@ def plan_run(cfg, log) -> Plan:
     if errors:
         raise ValueError("\nerror: ".join(errors))
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    device = train_device(int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("LOCAL_WORLD_SIZE", 0)) or None)
+    device = bind_device()  # on CUDA, LOCAL_RANK becomes the chosen ordinal (DeepSpeed reads it as one)
     ds_base = load_ds_config(cfg.training.ds_config)
     topo = plan_topology(world, rank, cfg.run.num_groups, cfg.run.group_id)
     ds_cfgs = {g: resolve_ds_config(ds_base, topo.dp_size(g), cfg.training.lr, device, f"--ds_config {cfg.training.ds_config}")

@@ -14,6 +14,10 @@ from codistill.runlog import read_events, read_scalars  # noqa: F401  (TensorBoa
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
+# The CPU tier is CPU on a GPU node too: DeepSpeed's CPU accelerator in this process (and every run
+# started by env_for_runs), and codistill/device.py trains on CPU under DS_ACCELERATOR=cpu. GPU tests
+# pop it from their runs' environment (env_for_runs(gpu=True), benchmarks/gpu_smoke.py) or use torch.cuda.
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
 DEEPSPEED = str(Path(PY).with_name("deepspeed"))
 
 

@@ -239,3 +239,66 @@ def test_a_rank_killed_mid_training_ends_the_other_within_a_bounded_time(sample_
     assert "error: rank 0: a collective failed" in out and "--resume auto" in out, out[-4000:]
     assert "Traceback" not in out, out[-4000:]
     assert survived_s < 30  # gloo sees the closed connection at once; a hung peer: --dist_timeout
+
+
+def _fake_cuda(monkeypatch, visible: int):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: visible)
+
+
+def test_ds_accelerator_cpu_trains_on_cpu_on_a_gpu_node(monkeypatch):
+    """Issue 28 item 11: the CPU tier (DS_ACCELERATOR=cpu) on a CUDA node trains on CPU, as
+    DeepSpeed's CPU accelerator does, and leaves LOCAL_RANK alone."""
+    from codistill.device import bind_device, engine_args, train_device
+    _fake_cuda(monkeypatch, 2)
+    env = {"DS_ACCELERATOR": "cpu", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2"}
+    assert train_device(1, 2, env) == torch.device("cpu")
+    assert bind_device(env) == torch.device("cpu") and env["LOCAL_RANK"] == "1"
+    assert engine_args(torch.device("cpu")) is None
+    env["DS_ACCELERATOR"] = "cuda"
+    assert train_device(1, 2, env) == torch.device("cuda", 1)
+
+
+def test_local_rank_becomes_the_mapped_ordinal_before_deepspeed_reads_it(monkeypatch):
+    """Issue 28 item 4: with one visible GPU (srun --gpus-per-task=1) and LOCAL_RANK=3, the rank
+    trains on cuda:0 and LOCAL_RANK says 0, because DeepSpeed 0.19.8 reads LOCAL_RANK as the CUDA
+    ordinal: zero.Init's ``self.local_device = torch.device(get_accelerator().device_name(
+    os.environ["LOCAL_RANK"]))`` (runtime/zero/partition_parameters.py Init.__init__) and an engine's
+    ``self.local_rank = int(os.environ['LOCAL_RANK'])`` (runtime/engine.py _configure_with_arguments,
+    used by _set_distributed_vars when args carry no device_rank; _do_args_sanity_check asserts
+    args.local_rank == LOCAL_RANK)."""
+    from deepspeed.accelerator.cuda_accelerator import CUDA_Accelerator
+    from codistill.device import NODE_LOCAL_RANK, bind_device, engine_args
+    _fake_cuda(monkeypatch, 1)
+    env = {"LOCAL_RANK": "3", "LOCAL_WORLD_SIZE": "4", "OMPI_COMM_WORLD_LOCAL_RANK": "3"}
+    dev = bind_device(env)
+    assert dev == torch.device("cuda", 0)
+    assert env["LOCAL_RANK"] == "0" and env[NODE_LOCAL_RANK] == "3" and env["OMPI_COMM_WORLD_LOCAL_RANK"] == "0"
+    assert torch.device(CUDA_Accelerator().device_name(env["LOCAL_RANK"])) == dev  # zero.Init's local_device
+    args = engine_args(dev)
+    assert args.device_rank == args.local_rank == int(env["LOCAL_RANK"]) == 0  # the engine's sanity check holds
+    assert bind_device(env) == dev and env[NODE_LOCAL_RANK] == "3"  # a second call maps the node-local rank again
+    _fake_cuda(monkeypatch, 8)  # all GPUs visible: rank 3 keeps cuda:3
+    env = {"LOCAL_RANK": "3", "LOCAL_WORLD_SIZE": "8"}
+    assert bind_device(env) == torch.device("cuda", 3) and env["LOCAL_RANK"] == "3"
+
+
+def test_loss_chunk_mb_auto_is_resolved_by_device(monkeypatch):
+    """Issue 28 item 9: --loss_chunk_mb auto is 32 MiB on CPU and 512 MiB on CUDA (or 1/32 of
+    the free device memory, if less): ~1 k tokens per chunk at a 128 k vocabulary, not 65."""
+    from codistill.loss import chunk_rows, resolve_chunk_mb
+    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
+    assert resolve_chunk_mb("auto", cpu) == resolve_chunk_mb(None, cpu) == 32.0
+    assert chunk_rows(128_000, resolve_chunk_mb("auto", cpu)) == 65
+    free = {"bytes": 80 * 2**30}
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free["bytes"], 80 * 2**30))
+    assert resolve_chunk_mb("auto", gpu) == 512.0
+    assert chunk_rows(128_000, resolve_chunk_mb("auto", gpu)) == 1048
+    free["bytes"] = 4 * 2**30  # a small or busy GPU: 1/32 of what is free
+    assert resolve_chunk_mb("auto", gpu) == 128.0
+    free["bytes"] = 2**28
+    assert resolve_chunk_mb("AUTO", gpu) == 32.0
+    assert resolve_chunk_mb(64, gpu) == resolve_chunk_mb("64", cpu) == 64.0  # a number is taken as given
+    for bad in (0, -1, "lots"):
+        with pytest.raises(ValueError, match="--loss_chunk_mb"):
+            resolve_chunk_mb(bad, cpu)

@@ -49,6 +49,8 @@ class Log:
     (["--distill_weight", "inf"], "--distill_weight must be a finite number (got inf)"),
     (["--lr", "nan"], "--lr must be a finite number (got nan)"),
     (["--dist_timeout", "0"], "--dist_timeout must be > 0 seconds"),
+    (["--loss_chunk_mb", "0"], "--loss_chunk_mb must be auto or a finite number of MiB > 0"),
+    (["--loss_chunk_mb", "big"], "--loss_chunk_mb must be auto or a finite number of MiB > 0"),
 ])
 def test_bad_flag_combinations_name_the_flag(sample_data, tmp_path, extra, msg):
     errors, _ = flags.parse_args([*e2e_args(sample_data, tmp_path / "run"), *extra]).check()

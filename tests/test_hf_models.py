@@ -110,3 +110,46 @@ def test_top_k_and_top_p_keep_the_right_tokens():
     assert kept(3, 0.8) == [0, 1] and kept(3, 0.9) == [0, 1, 2]  # top-p over the top-k, renormalised
     shuffled = logits[torch.tensor([3, 0, 4, 1, 2])]
     assert torch.isfinite(filter_logits(shuffled, 0, 0.6)).nonzero().flatten().tolist() == [1, 3]
+
+
+@pytest.mark.parametrize("key", ["dtype", "torch_dtype"])
+def test_a_config_that_says_bfloat16_builds_in_fp32(tmp_path, key):
+    """Issue 28 item 7: real configs say bfloat16; the model is built in fp32 (the run's precision
+    is DeepSpeed's bf16 setting, which casts the parameters), so an fp32 run trains in fp32."""
+    from transformers import LlamaConfig
+    c = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                    num_key_value_heads=2, max_position_embeddings=64)
+    raw = c.to_dict()
+    raw.pop("dtype", None)
+    raw[key] = "bfloat16"
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    cfg = hf_model_config(read_hf_config(tmp_path), max_seq_len=64)
+    model = build_model(cfg)
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    assert all(b.dtype == torch.float32 for b in model.buffers() if b.is_floating_point())
+    assert model(torch.randint(0, 64, (2, 8))).dtype == torch.float32
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])  # llama: tied embeddings, no lm_head in the file
+def test_init_from_streams_safetensors_into_the_module_without_a_second_model(tmp_path, monkeypatch, arch):
+    """Issue 28 item 12: --init_from is read tensor by tensor (safe_open, mmap'd) into the student's
+    own parameters: transformers' from_pretrained (a whole second model in fp32 on every rank) is
+    never called; the result is the pretrained model; a file of another shape is refused, named."""
+    from transformers import AutoModelForCausalLM
+    from model.hf import load_pretrained
+    torch.manual_seed(0)
+    ref = AutoModelForCausalLM.from_config(tiny_configs()[arch])
+    ref.save_pretrained(tmp_path / "st")
+    m = build_model(hf_model_config(read_hf_config(tmp_path / "st")))
+
+    def no_second_model(*a, **kw):
+        raise AssertionError("from_pretrained materialised a second model")
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", no_second_model)
+    load_pretrained(m, tmp_path / "st")
+    x = torch.randint(0, V, (2, 7))
+    assert torch.equal(m(x), ref(x).logits)
+    other = AutoModelForCausalLM.from_config(tiny_configs(vocab=V + 8)[arch])
+    other.save_pretrained(tmp_path / "other")
+    with pytest.raises(HFConfigError, match=r"other/model.safetensors.*shape"):
+        load_pretrained(m, tmp_path / "other")
