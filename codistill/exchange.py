@@ -18,6 +18,20 @@ Readers: refuse anything that is not a well-formed safetensors file (a pickle re
 .safetensors is rejected by its header before any byte of it is interpreted), a LATEST that
 names anything but a plain export name in the same directory, metadata that does not match
 the student's model config or tokenizer, and non-finite weights.
+
+A peer may be hostile or broken, so every file of it is opened with codistill/files.py
+``open_regular`` / ``read_bounded`` (regular files only, never through a symlink, a FIFO or a
+device; every read bounded: LATEST ``MAX_LATEST`` bytes, metadata ``MAX_META``, weights the
+size the metadata records, which must be the size the header's tensors tile exactly) and every
+problem, whatever its kind (deeply nested JSON, a field of the wrong type, a directory where a
+file should be), is an ExportError naming the file.
+
+The step an export claims is bounded (``check_meta``): the file's name and the metadata agree
+(in sync mode that is the step the reader's own schedule asks for, so a peer cannot claim any
+other), 0 <= step <= ``MAX_STEP`` (10^9: ~30 years at one step a second; a step of 10^12 would
+never become stale), and a caller that knows a bound passes ``max_step`` (e.g. its own step plus
+the lead a peer may have). ``tokens_seen`` and ``weights_bytes`` are non-negative integers, the
+latter at most weights_file.MAX_WEIGHTS.
 """
 from __future__ import annotations
 
@@ -31,11 +45,14 @@ from pathlib import Path
 import torch
 
 from codistill import faults
-from codistill.files import atomic_write_bytes, fsync_dir
-from codistill.weights_file import (ExportError, ReadBuffers, digest_fields, digest_matches,  # noqa: F401
-                                    file_digest, parse_safetensors, read_safetensors, write_weights)
+from codistill.files import MissingFile, atomic_write_bytes, fsync_dir, read_bounded
+from codistill.weights_file import (MAX_WEIGHTS, ExportError, ReadBuffers, digest_fields,  # noqa: F401
+                                    digest_matches, file_digest, parse_safetensors, read_safetensors, write_weights)
 
 EXPORT_NAME = re.compile(r"^step_(\d{6,})$")
+MAX_LATEST = 64          # bytes of a LATEST file ("step_000500")
+MAX_META = 4 << 20       # bytes of an export's metadata (a transformers config is a few KiB)
+MAX_STEP = 10 ** 9       # no run takes more optimizer steps
 
 
 def export_name(step: int) -> str:
@@ -78,7 +95,10 @@ def clean_temp_files(exports_dir: Path) -> list[str]:
     writer calls this when it starts, since only one process writes a group's exports.
     """
     exports_dir = Path(exports_dir)
-    latest = read_latest(exports_dir, missing_ok=True) if (exports_dir / "LATEST").is_file() else None
+    try:
+        latest = read_latest(exports_dir, missing_ok=True)
+    except ExportError:  # a LATEST that is not a plain file naming an export: the next export replaces it
+        latest = None
     doomed = [p for p in exports_dir.glob(".*.tmp-*")  # .NAME.tmp-PID[-THREAD]: not this process's own
               if p.name.split(".tmp-", 1)[1].split("-")[0] != str(os.getpid())]
     for p in [*exports_dir.glob("step_*.safetensors"), *exports_dir.glob("step_*.json")]:
@@ -122,14 +142,15 @@ def read_latest(exports_dir: Path, missing_ok: bool = False) -> int | None:
     """The step LATEST names, validated to be a plain export name (no paths)."""
     path = Path(exports_dir) / "LATEST"
     try:
-        raw = path.read_bytes()[:256].decode("ascii", errors="replace").strip()
-    except FileNotFoundError:
+        raw = read_bounded(path, MAX_LATEST, "LATEST").decode("ascii", errors="replace").strip()
+    except MissingFile:
         if missing_ok:
             return None
-        raise ExportError(f"{path} does not exist (the peer has not exported yet)")
+        raise ExportError(f"{path} does not exist (the peer has not exported yet)") from None
     m = EXPORT_NAME.match(raw)
     if not m:
-        raise ExportError(f"{path} names {raw!r}, which is not an export name like 'step_000500' "
+        shown = repr(raw[:24]) + ("..." if len(raw) > 24 else "")  # never echo a file's contents at length
+        raise ExportError(f"{path} names {shown}, which is not an export name like 'step_000500' "
                           "(paths and other files are refused)")
     return int(m.group(1))
 
@@ -144,37 +165,78 @@ class Export:
 
 def read_export(exports_dir: Path, step: int, expect_config_hash: str | None = None,
                 expect_tokenizer: str | None = None, pin_memory: bool = False,
-                buffers: ReadBuffers | None = None) -> Export:
+                buffers: ReadBuffers | None = None, expect: dict | None = None,
+                max_step: int | None = None) -> Export:
     """Read and validate one export into CPU memory. Raises ExportError on any problem."""
     exports_dir = Path(exports_dir)
     name = export_name(step)
     return read_weights(exports_dir / f"{name}.json", exports_dir / f"{name}.safetensors", step,
                         expect_config_hash, expect_tokenizer, missing=f"export {name} in {exports_dir} is missing",
-                        pin_memory=pin_memory, buffers=buffers)
+                        pin_memory=pin_memory, buffers=buffers, expect=expect, max_step=max_step)
+
+
+def read_meta(meta_path: Path, step: int | None = None, max_step: int | None = None) -> dict:
+    """The metadata JSON of an export or final/, bounded (``MAX_META``) and checked (``check_meta``)."""
+    try:
+        meta = json.loads(read_bounded(meta_path, MAX_META, "metadata file"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ExportError(f"{meta_path}: metadata is not valid JSON ({e})") from None
+    except RecursionError:
+        raise ExportError(f"{meta_path}: metadata is not valid JSON (nested too deeply)") from None
+    check_meta(meta, meta_path, step, max_step)
+    return meta
+
+
+def check_meta(meta, where, step: int | None = None, max_step: int | None = None) -> None:
+    """The fields a reader relies on have plausible values (see the module docstring)."""
+    def count(v):
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+    if not isinstance(meta, dict) or not count(meta.get("step")) or (step is not None and meta["step"] != step):
+        raise ExportError(f"{where}: metadata does not describe step {step if step is not None else '<int>'}")
+    bound = MAX_STEP if max_step is None else min(MAX_STEP, max_step)
+    if meta["step"] > bound:
+        raise ExportError(f"{where}: claims step {meta['step']}, more than any this run can have reached "
+                          f"({bound}); refusing it (a step that high would never become stale)")
+    for key, top in (("weights_bytes", MAX_WEIGHTS), ("tokens_seen", None)):
+        v = meta.get(key)
+        if v is not None and (not count(v) or (top is not None and v > top)):
+            raise ExportError(f"{where}: metadata field {key} is {str(v)[:40]!r}, not a byte/token count"
+                              + (f" up to {top}" if top else ""))
 
 
 def read_weights(meta_path: Path, weights_path: Path, step: int | None, expect_config_hash: str | None = None,
                  expect_tokenizer: str | None = None, missing: str = "missing", pin_memory: bool = False,
-                 buffers: ReadBuffers | None = None) -> Export:
+                 buffers: ReadBuffers | None = None, expect: dict | None = None,
+                 max_step: int | None = None) -> Export:
     """Validate a (metadata JSON, safetensors) pair - an export, or a group's final/ - and load it.
 
-    ``step`` None accepts whatever step the metadata names.
+    ``step`` None accepts whatever step the metadata names; ``expect`` (name -> shape or (shape,
+    dtype)) the model's tensors, checked on the header before the data is read. The metadata is
+    checked first (its model config and tokenizer), so a mismatched export is refused unread.
     """
     try:
-        meta = json.loads(Path(meta_path).read_text())
-        if not isinstance(meta, dict) or not isinstance(meta.get("step"), int) or \
-                (step is not None and meta.get("step") != step):
-            raise ExportError(f"{meta_path}: metadata does not describe step "
-                              f"{step if step is not None else '<int>'}")
-        got = read_safetensors(weights_path, digest_fields(meta), pin_memory, buffers, meta.get("weights_bytes"))
-    except FileNotFoundError as e:
-        raise ExportError(f"{missing} ({e.filename})") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ExportError(f"{meta_path}: metadata is not valid JSON ({e})") from None
+        meta = read_meta(meta_path, step, max_step)
+    except MissingFile:
+        raise ExportError(f"{missing} ({meta_path})") from None
     step = meta["step"]
+    check_compatible(meta, weights_path, expect_config_hash, expect_tokenizer)
+    try:
+        got = read_safetensors(weights_path, digest_fields(meta), pin_memory, buffers, meta.get("weights_bytes"),
+                               expect)
+    except MissingFile:
+        raise ExportError(f"{missing} ({weights_path})") from None
     if not digest_matches(meta, got.nbytes, got.digests):
         raise ExportError(f"{weights_path}: size or checksum does not match its metadata "
                           "(truncated, or replaced while being read)")
+    if got.nonfinite:
+        raise ExportError(f"step {step}: tensor {got.nonfinite[0]} has NaN/Inf values (a diverged peer?)")
+    return Export(step=step, meta=meta, state_dict=got.tensors, buffer=got.buffer)
+
+
+def check_compatible(meta: dict, weights_path: Path, expect_config_hash: str | None,
+                     expect_tokenizer: str | None) -> None:
+    """The teacher's model config and tokenizer are the student's (when given)."""
     if expect_config_hash is not None and meta.get("model_config_hash") != expect_config_hash:
         raise ExportError(
             f"{weights_path}: the teacher's model config differs from this student's "
@@ -183,9 +245,6 @@ def read_weights(meta_path: Path, weights_path: Path, step: int | None, expect_c
     if expect_tokenizer is not None and meta.get("tokenizer_sha256") != expect_tokenizer:
         raise ExportError(f"{weights_path}: the teacher used another tokenizer "
                           f"(teacher {meta.get('tokenizer_sha256')}, student {expect_tokenizer})")
-    if got.nonfinite:
-        raise ExportError(f"step {step}: tensor {got.nonfinite[0]} has NaN/Inf values (a diverged peer?)")
-    return Export(step=step, meta=meta, state_dict=got.tensors, buffer=got.buffer)
 
 
 def read_final(final_dir: Path, expect_config_hash: str | None = None, expect_tokenizer: str | None = None,

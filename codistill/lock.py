@@ -9,6 +9,10 @@ file's contents are only for the message.
 
 Filesystems without flock support (some Lustre/NFS mounts; the call fails with ENOLCK or
 EOPNOTSUPP) cannot enforce this: the trainer then warns and goes on unlocked.
+
+The file is opened with codistill/files.py ``open_regular``: a LOCK replaced by a symlink (to a
+file outside the run directory), a second hard link of another file, a FIFO or a directory is
+refused with a LockError naming it - never truncated or written through.
 """
 from __future__ import annotations
 
@@ -20,6 +24,7 @@ import socket
 import time
 from pathlib import Path
 
+from codistill.files import ExportError, open_regular
 from codistill.layout import GroupLayout
 
 
@@ -36,7 +41,11 @@ class GroupLock:
         """True when held; False when this filesystem cannot lock. Raises LockError if another
         live process holds it."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = open_regular(self.path, os.O_RDWR | os.O_CREAT, 0o644, single_link=True)
+        except ExportError as e:
+            raise LockError(f"{e}; it is this group's lock file ({self.path.parent} is not safe to train "
+                            "into until it is a plain file again)") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
@@ -61,9 +70,10 @@ class GroupLock:
     @staticmethod
     def holder(fd: int) -> dict:
         try:
-            return json.loads(os.pread(fd, 4096, 0).decode() or "{}")
-        except (OSError, ValueError):
+            got = json.loads(os.pread(fd, 4096, 0).decode() or "{}")
+        except (OSError, ValueError, RecursionError):
             return {}
+        return got if isinstance(got, dict) else {}
 
     def release(self) -> None:
         if self.fd is not None:

@@ -37,6 +37,7 @@ from codistill.loss import TopK, chunk_rows, topk_of
 from codistill.placement import FullTeacher, OffloadedTeacher, PartitionedTeacher, teacher_ds_config
 from codistill.exchange import (EXPORT_NAME, Export, ExportError, ReadBuffers, export_name, read_export, read_final,
                                 read_latest)
+from codistill.weights_file import check_specs
 from model import ModelConfig, build_model
 from model.lstm import CarriedState
 
@@ -92,18 +93,11 @@ def describe(e: Exception, path: Path) -> str:
 
 
 def check_usable(exp: Export, expect: dict[str, tuple] | None) -> None:
-    """Refuse weights a teacher cannot use: other tensor names or shapes than ``expect``
-    (non-finite values are refused by the reader, read_weights, which checks them as it reads)."""
-    sd = exp.state_dict
+    """Refuse weights a teacher cannot use: other tensor names, shapes or dtypes than ``expect``
+    (codistill/weights_file.py check_specs; the loader already checks them on the header, before
+    reading, and non-finite values as it reads)."""
     if expect is not None:
-        if set(sd) != set(expect):
-            missing, extra = sorted(set(expect) - set(sd)), sorted(set(sd) - set(expect))
-            raise ExportError(f"step {exp.step}: tensors do not match the model (missing {missing[:3]}, "
-                              f"unexpected {extra[:3]})")
-        bad = [k for k, v in sd.items() if tuple(v.shape) != tuple(expect[k])]
-        if bad:
-            raise ExportError(f"step {exp.step}: tensor {bad[0]} has shape {tuple(sd[bad[0]].shape)}, the model "
-                              f"{tuple(expect[bad[0]])}")
+        check_specs({k: (tuple(v.shape), v.dtype) for k, v in exp.state_dict.items()}, expect, f"step {exp.step}")
 
 
 class _Reader:
@@ -152,8 +146,8 @@ class TeacherLoader:
                  pin_memory: bool = False, expect: dict[str, tuple] | None = None,
                  read_timeout: float = READ_TIMEOUT_S, max_stuck: int = 4):
         """``pin_memory``: read into pinned host memory (a CUDA student copies from it without
-        blocking); ``expect``: tensor name -> shape the student's teachers have (an export with
-        other names or shapes is refused here, not when it is swapped in)."""
+        blocking); ``expect``: tensor name -> (shape, dtype) the student's teachers have (an export with
+        other names, shapes or dtypes is refused here, not when it is swapped in)."""
         if mode not in ("sync", "latest"):
             raise ValueError(f"teacher loader mode must be sync or latest, got {mode!r}")
         self.run_dir, self.peers, self.mode = Path(run_dir), list(peers), mode
@@ -284,8 +278,7 @@ class TeacherLoader:
         try:
             with me.doing(f"{files[0]} + {files[1].name}", ident, target):
                 exp = read_export(d, target, self.config_hash, self.tokenizer_sha256,
-                                  pin_memory=self.pin_memory, buffers=self.buffers)
-                check_usable(exp, self.expect)
+                                  pin_memory=self.pin_memory, buffers=self.buffers, expect=self.expect)
         except Exception as e:  # ExportError, or whatever a reader let escape (a refusal all the same)
             if tuple(file_identity(f) for f in files) != ident:
                 return  # replaced while being read: read it again at the next poll
@@ -405,9 +398,10 @@ class TeacherPool:
         return {p: t.module for p, t in self.teachers.items()}
 
     def expected_shapes(self) -> dict[str, tuple]:
-        """Tensor name -> shape an export must have to be swapped in (for the loader)."""
+        """Tensor name -> (shape, dtype) an export must have to be swapped in (for the loader;
+        a floating dtype stands for fp32/bf16/fp16: codistill/weights_file.py check_specs)."""
         module = build_frozen(self.model_config, torch.device("meta"))
-        return {k: tuple(v.shape) for k, v in module.state_dict().items()}
+        return {k: (tuple(v.shape), v.dtype) for k, v in module.state_dict().items()}
 
     def _build(self):
         if self.placement == "partition":

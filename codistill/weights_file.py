@@ -2,17 +2,27 @@
 digest, read back in one verified pass.
 
 Writing: each tensor's memory straight into a temp file in safetensors' format, chunk by
-chunk through an xxh3-64 digest (xxhash: ~10 GB/s on the development VM, GIL released; zlib's
+chunk through an xxh3-64 digest (a tensor on a GPU is copied to host memory one tensor at a
+time, so a GPU export needs one tensor's bytes of host memory beside the file's pages; a tensor
+on the meta device has no data and is refused, naming it) (xxhash: ~10 GB/s on the development VM, GIL released; zlib's
 CRC-32 ran at ~2.7 GB/s, sha256 at 181 MB/s), fsync, rename. Non-finite weights are refused before anything is written.
 The digest catches a file truncated or replaced behind a reader's back; it does not defend
 against a malicious peer (the metadata is not signed). Files recorded with the CRC-32 or the
 sha256 of earlier versions are still read (``DIGESTS``).
 
-Reading (``read_safetensors``): one buffer the size of the file (pinned host memory for a CUDA
-student; a buffer of a consumed export reused on CPU, ``ReadBuffers``). The header is read and
-checked first - a pickle renamed .safetensors is refused by its first bytes, before any other
-byte of it is read, and every tensor's offsets, size and dtype are checked against the file -
-then the data, chunk by chunk: while a chunk is still in the CPU's cache it goes through the
+Reading (``read_safetensors``): the file is opened with codistill/files.py ``open_bounded``
+(regular files only: a symlink, FIFO, device or directory is refused). The header is read and
+checked first, into a buffer of its own size (at most ``MAX_HEADER``) - a pickle renamed
+.safetensors is refused by its first bytes, before any other byte of it is read - and every
+tensor's offsets, size and dtype are checked: the tensors must tile the data exactly, as
+safetensors' own validation requires (no overlap, no gap, nothing after the last tensor: an
+export padded with gigabytes of sparse zeros is refused before any buffer is allocated), no
+F64 (1e300 is finite in F64 and +inf in the fp32 teacher), and with ``expect`` the names,
+shapes and dtypes the model has, so the file's size is the one the model's shapes give. Only
+then one buffer of exactly the file's size is taken (``ReadBuffers``: reused from a consumed
+export; pinned for a CUDA student by registering exactly its bytes, not through torch's caching
+host allocator, which rounds every pinned block up to a power of two and keeps it cached for
+the life of the process), and the data is read, chunk by chunk: while a chunk is still in the CPU's cache it goes through the
 digest and its floating-point elements through a NaN/Inf check. The tensors are views into the
 buffer (no copy). Nothing here holds the GIL for long: safetensors' own ``load`` of a bytes
 object holds it for the whole parse (~1.4 s per GiB measured), stalling the training thread
@@ -21,11 +31,13 @@ beside the loader.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import math
 import os
 import struct
 import threading
+import weakref
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,16 +45,18 @@ from pathlib import Path
 import torch
 import xxhash
 
-from codistill.files import atomic_write
+from codistill.files import ExportError, MissingFile, atomic_write, open_bounded  # noqa: F401 (re-exported)
 
-MAX_HEADER = 100 * 1024 * 1024
+MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit on the JSON header
+MAX_WEIGHTS = 1 << 42           # 4 TiB: no file of weights is larger (a bound on what a metadata may claim)
 DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
           "BOOL": torch.bool}
-
-
-class ExportError(Exception):
-    """An export that must not be used (missing, partial, corrupt, hostile or mismatched)."""
+# the floating-point dtypes weights are read in: a model's fp32 tensors, or bf16/fp16 under mixed
+# precision. Never F64: its range exceeds the teacher's, so 1e300 passes a finiteness check and is +inf
+# once the teacher holds it in fp32.
+FLOATS = (torch.float32, torch.bfloat16, torch.float16)
+RANGE = torch.finfo(torch.bfloat16).max  # |value| a teacher in bf16 (or fp32) holds finite
 
 
 # ---- writing ------------------------------------------------------------------------------
@@ -69,6 +83,12 @@ def write_weights(path: Path, tensors: dict[str, torch.Tensor], step: int, chunk
     ordered by element size, largest first, so every offset is aligned to its dtype. Tied
     weights are written once per name."""
     for k, v in tensors.items():
+        if v.device.type == "meta":
+            raise ExportError(f"refusing to export step {step}: tensor {k} is on the meta device, so it has no "
+                              "data (a module built under torch.device('meta') or not materialised yet)")
+        if v.is_floating_point() and v.dtype not in FLOATS:
+            raise ExportError(f"refusing to export step {step}: tensor {k} is {v.dtype}; weights are exported "
+                              f"as one of {', '.join(map(str, FLOATS))} (readers refuse others)")
         if not all_finite(v):
             raise ExportError(f"refusing to export step {step}: tensor {k} has NaN/Inf values")
     names = {dtype: name for name, dtype in DTYPES.items()}
@@ -84,7 +104,7 @@ def write_weights(path: Path, tensors: dict[str, torch.Tensor], step: int, chunk
 
     def fill(tmp: Path) -> None:
         with open(tmp, "wb", buffering=0) as f:
-            for piece in (struct.pack("<Q", len(raw)), raw, *(_bytes(v) for _, v in items)):
+            for piece in itertools.chain((struct.pack("<Q", len(raw)), raw), (_bytes(v) for _, v in items)):
                 for i in range(0, len(piece), chunk):
                     part = piece[i:i + chunk]
                     h.update(part)
@@ -96,7 +116,11 @@ def write_weights(path: Path, tensors: dict[str, torch.Tensor], step: int, chunk
 
 
 def _bytes(t: torch.Tensor) -> memoryview:
-    """The bytes of a contiguous CPU tensor, without a copy."""
+    """The bytes of a contiguous tensor: a CPU tensor's own memory (no copy); a tensor on another
+    device (a CUDA student's weights, tests/scripts/teacher_parity.py) is copied to host memory
+    first, one tensor at a time (``.numpy()`` exists for CPU tensors only)."""
+    if t.device.type != "cpu":
+        t = t.to("cpu")
     return memoryview(t.reshape(-1).view(torch.uint8).numpy())
 
 
@@ -160,13 +184,14 @@ def _header_len(prefix, size: int, where: str) -> int:
     raise ExportError(f"{where}: not a valid safetensors file (bad header)")
 
 
-def _parse_header(raw: bytes, data_start: int, size: int, where: str) -> list[tuple]:
+def _parse_header(raw: bytes, data_start: int, size: int, where: str, expect: dict | None = None) -> list[tuple]:
     """(name, dtype, shape, start, end) of every tensor, offsets from the file's start, each
-    checked to lie inside the file and to be the size its dtype and shape make."""
+    checked to be the size its dtype and shape make; together they must tile the data section
+    exactly (``check_layout``), and match ``expect`` when given (``check_specs``)."""
     try:
         header = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ExportError(f"{where}: not a valid safetensors file (header: {e})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise ExportError(f"{where}: not a valid safetensors file (header: {type(e).__name__}: {e})") from None
     if not isinstance(header, dict):
         raise ExportError(f"{where}: not a valid safetensors file (header is not an object)")
     entries = []
@@ -181,10 +206,52 @@ def _parse_header(raw: bytes, data_start: int, size: int, where: str) -> list[tu
                 raise ValueError("offsets outside the file or not the tensor's size")
             if (data_start + start) % dtype.itemsize:
                 raise ValueError(f"offset {start} is not aligned to its dtype")
-        except (KeyError, TypeError, ValueError) as e:
+            if dtype.is_floating_point and dtype not in FLOATS:
+                raise ValueError(f"dtype {info['dtype']} (weights are F32, BF16 or F16: a wider float can hold "
+                                 "values that overflow the teacher's)")
+        except (KeyError, TypeError, ValueError, OverflowError) as e:
             raise ExportError(f"{where}: not a valid safetensors file (tensor {name!r}: {e})") from None
         entries.append((name, dtype, shape, data_start + start, data_start + end))
+    check_layout(entries, data_start, size, where)
+    if expect is not None:
+        check_specs({n: (tuple(shape), dtype) for n, dtype, shape, _, _ in entries}, expect, where)
     return entries
+
+
+def check_layout(entries: list[tuple], data_start: int, size: int, where: str) -> None:
+    """The tensors tile the data section: sorted by offset each starts where the previous one
+    ended, the first at the data's start, the last at the file's end - safetensors' own rule
+    (its Rust ``validate``: InvalidOffset / MetadataIncompleteBuffer). So no two names share
+    bytes (an overlap would let one write show up in two tensors) and no byte of the file is
+    outside a tensor (the file's size is what its header's shapes give)."""
+    at = data_start
+    for name, _, _, s, e in sorted(entries, key=lambda x: (x[3], x[4])):
+        if s != at:
+            raise ExportError(f"{where}: not a valid safetensors file (tensor {name!r} starts at byte {s - data_start} "
+                              f"of the data, not {at - data_start}: " + ("it overlaps another tensor)" if s < at
+                                                                        else "a gap before it)"))
+        at = e
+    if at != size:
+        raise ExportError(f"{where}: not a valid safetensors file ({size - at} bytes after the last tensor: the "
+                          "file is larger than its tensors; padded?)")
+
+
+def check_specs(found: dict[str, tuple], expect: dict[str, tuple], where: str) -> None:
+    """The tensors ``found`` (name -> (shape, dtype)) are those of the model, ``expect``: name ->
+    shape, or name -> (shape, dtype) with the model's dtype - a floating one stands for any of
+    FLOATS (fp32 on a CPU, bf16/fp16 under mixed precision), any other must be exactly it."""
+    if set(found) != set(expect):
+        missing, extra = sorted(set(expect) - set(found)), sorted(set(found) - set(expect))
+        raise ExportError(f"{where}: tensors do not match the model (missing {missing[:3]}, unexpected {extra[:3]})")
+    for name, (shape, dtype) in found.items():
+        want = expect[name]
+        want_shape, want_dtype = (want[0], want[1]) if len(want) == 2 and isinstance(want[1], torch.dtype) \
+            else (want, None)
+        if tuple(shape) != tuple(want_shape):
+            raise ExportError(f"{where}: tensor {name} has shape {tuple(shape)}, the model {tuple(want_shape)}")
+        if want_dtype is not None and dtype != want_dtype and not (
+                want_dtype.is_floating_point and dtype in FLOATS):
+            raise ExportError(f"{where}: tensor {name} is {dtype}, the model's is {want_dtype}")
 
 
 def _views(buf: torch.Tensor, entries: list[tuple]) -> dict[str, torch.Tensor]:
@@ -199,33 +266,96 @@ def parse_safetensors(buf: torch.Tensor, where: str) -> dict[str, torch.Tensor]:
 
 
 # ---- reading ------------------------------------------------------------------------------
-class ReadBuffers:
-    """Host buffers of consumed exports, reused by the next read: a fresh buffer costs a page
-    fault per 4 KiB on first touch (a read into one ran at ~0.7x the speed of a read into a
-    buffer touched before, measured here). The trainer hands an export back (``give``) once it
-    has copied it into a teacher; at most ``keep`` idle buffers are kept (one per peer: the
-    loader holds one ready export per peer anyway, so the peak is unchanged).
-    Pinned buffers (a CUDA student) are not kept here: torch's caching host allocator already
-    reuses them, and only it knows when the non-blocking copies out of one have finished."""
+class CudaPinning:
+    """Pin exactly a host buffer's bytes (``cudaHostRegister``, the way torch's own distributed
+    checkpoint stager pins its buffers: torch/cuda/_pin_memory_utils.py ``pin_memory`` /
+    ``unpin_memory``, used by torch/distributed/_state_dict_utils.py ``_create_cpu_state_dict``
+    with a weakref.finalize to unpin). ``torch.empty(n, pin_memory=True)`` instead goes through
+    the CachingHostAllocator, which rounds each block up to the next power of two and keeps freed
+    blocks cached (2.5 GB -> 4 GiB pinned, never given back). ``fence`` marks the copies queued
+    from a buffer so far (a CUDA event on the current stream); a buffer is read into again or
+    unpinned only after its fence completed."""
 
-    def __init__(self, keep: int):
+    def pin(self, buf: torch.Tensor) -> None:
+        from torch.cuda import _pin_memory_utils
+        _pin_memory_utils.pin_memory(buf.data_ptr(), buf.numel())
+
+    def unpin(self, ptr: int) -> None:
+        from torch.cuda import _pin_memory_utils
+        _pin_memory_utils.unpin_memory(ptr)
+
+    def fence(self):
+        ev = torch.cuda.Event()
+        ev.record()
+        return ev
+
+
+class ReadBuffers:
+    """Host buffers for reading exports, sized exactly, reused, released.
+
+    A buffer is exactly the file's size (reused for a file up to ``SLACK`` bytes smaller: one
+    peer's exports differ only by their header's few bytes). A fresh buffer costs a page fault
+    per 4 KiB on first touch (a read into one ran at ~0.7x the speed of a read into a buffer
+    touched before, measured here), so the trainer hands an export back (``give``) once it has
+    copied it into a teacher, and the next read takes it; at most ``keep`` idle buffers are kept
+    (one per peer: the loader holds one ready export per peer anyway, so the peak is unchanged),
+    the others are freed. Pinned buffers (a CUDA student, ``pin_memory``) are pinned by
+    ``pinning`` (CudaPinning: exactly their bytes) and unpinned when freed, after the copies
+    queued from them completed; ``pinned_bytes`` is what is pinned now."""
+
+    SLACK = 4096
+
+    def __init__(self, keep: int, pinning=None):
         self.keep, self._free, self._lock = keep, [], threading.Lock()
+        self.pinning = pinning or CudaPinning()
+        self._pinned: dict[int, tuple[int, list]] = {}  # data_ptr -> (bytes, [fence of its last use])
+        self.pinned_bytes = 0
 
     def take(self, nbytes: int, pin_memory: bool) -> torch.Tensor:
-        if not pin_memory:
+        with self._lock:
+            fits = [b for b in self._free if (b.data_ptr() in self._pinned) == pin_memory
+                    and nbytes <= b.numel() <= nbytes + self.SLACK]
+            if fits:
+                best = min(fits, key=torch.Tensor.numel)
+                self._free = [b for b in self._free if b is not best]
+                fence = self._pinned.get(best.data_ptr(), (0, [None]))[1]
+        if fits:
+            if fence[0] is not None:  # the copies out of its last export are done before it is overwritten
+                fence[0].synchronize()
+                fence[0] = None
+            return best
+        try:
+            buf = torch.empty(nbytes, dtype=torch.uint8)
+        except (RuntimeError, MemoryError) as e:
+            raise ExportError(f"cannot allocate {nbytes} bytes of host memory to read it ({e})") from None
+        if pin_memory:
+            self.pinning.pin(buf)
+            ptr = buf.data_ptr()
             with self._lock:
-                fits = [b for b in self._free if b.numel() >= nbytes]
-                if fits:
-                    best = min(fits, key=torch.Tensor.numel)
-                    self._free.remove(best)
-                    return best
-        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin_memory)
+                self._pinned[ptr] = (nbytes, [None])
+                self.pinned_bytes += nbytes
+            weakref.finalize(buf, self._unpin, ptr)  # when the buffer and every view into it are gone
+        return buf
+
+    def _unpin(self, ptr: int) -> None:
+        with self._lock:
+            nbytes, fence = self._pinned.pop(ptr)
+            self.pinned_bytes -= nbytes
+        if fence[0] is not None:
+            fence[0].synchronize()
+        self.pinning.unpin(ptr)
 
     def give(self, export) -> None:
         """Take back the buffer of ``export`` (an Export), which must not be used after this:
-        its tensors are views into the buffer."""
+        its tensors are views into the buffer. Called after the copies out of it were queued."""
         buf, export.buffer, export.state_dict = export.buffer, None, {}
-        if buf is not None and not buf.is_pinned() and self.keep > 0:
+        if buf is None:
+            return
+        with self._lock:
+            pinned = self._pinned.get(buf.data_ptr())
+        if pinned is not None:
+            pinned[1][0] = self.pinning.fence()
+        if self.keep > 0:
             with self._lock:
                 self._free = (self._free + [buf])[-self.keep:]
 
@@ -236,29 +366,35 @@ class WeightsRead:
     buffer: torch.Tensor              # the whole buffer (ReadBuffers.give takes it back)
     nbytes: int                       # bytes read (fewer than the file's if it shrank meanwhile)
     digests: dict                     # metadata field -> value, for the fields asked for
-    nonfinite: list[str]              # floating-point tensors holding NaN/Inf
+    nonfinite: list[str]              # floating-point tensors holding NaN/Inf (or beyond bf16's range)
 
 
 def read_safetensors(path: Path, digest_keys=(), pin_memory: bool = False, buffers: ReadBuffers | None = None,
-                     expect_size: int | None = None, chunk: int = 16 << 20) -> WeightsRead:
+                     expect_size: int | None = None, expect: dict | None = None,
+                     chunk: int = 16 << 20) -> WeightsRead:
     """Read and check a safetensors file in one pass (see the module docstring). Raises
-    ExportError for anything that is not a well-formed safetensors file or (``expect_size``)
-    not the size its metadata records; a file that changed while being read shows in
-    ``nbytes`` and ``digests``, NaN/Inf in ``nonfinite``."""
+    ExportError for anything that is not a regular, well-formed safetensors file, (``expect_size``)
+    not the size its metadata records, or (``expect``: name -> shape or (shape, dtype)) not the
+    model's tensors; a file that changed while being read shows in ``nbytes`` and ``digests``,
+    NaN/Inf in ``nonfinite``."""
     where = str(path)
-    with open(path, "rb", buffering=0) as f:
-        size = os.fstat(f.fileno()).st_size
+    with open_bounded(path, MAX_WEIGHTS, "weights file") as (f, size):
         if expect_size is not None and size != expect_size:
             _header_len(f.read(16), size, where)  # a pickle is named as such
             raise ExportError(f"{where}: size or checksum does not match its metadata "
                               f"({size} bytes, not {expect_size}: truncated, or replaced while being read)")
-        base = buffers.take(size, pin_memory) if buffers else torch.empty(size, dtype=torch.uint8,
-                                                                            pin_memory=pin_memory)
+        prefix = f.read(16)
+        start = 8 + _header_len(prefix, size, where)
+        head = bytearray(prefix[:start])
+        while len(head) < start and (b := f.read(start - len(head))):
+            head += b
+        if len(head) < start:
+            raise ExportError(f"{where}: not a valid safetensors file (shrank while its header was read)")
+        entries = _parse_header(bytes(head[8:]), start, size, where, expect)
+        base = (buffers or ReadBuffers(keep=0)).take(size, pin_memory)
         view = memoryview(base.numpy())
-        k = _read_into(f, view, 0, min(size, 16))
-        start = 8 + _header_len(view[:k], size, where)
-        k = _read_into(f, view, k, start)
-        entries = _parse_header(bytes(view[8:start]), start, size, where)
+        view[:start] = head
+        k = start
         scan = _FiniteScan(base, entries)
         hashes = {key: DIGESTS[key][0]() for key in digest_keys}
         for h in hashes.values():
@@ -268,7 +404,7 @@ def read_safetensors(path: Path, digest_keys=(), pin_memory: bool = False, buffe
             if k >= ahead - 2 * chunk:  # ask the kernel for the next stretch while this one is checked
                 os.posix_fadvise(f.fileno(), ahead, 8 * chunk, os.POSIX_FADV_WILLNEED)
                 ahead = max(ahead, k) + 8 * chunk
-            r = f.readinto(view[k:k + chunk])
+            r = f.readinto(view[k:min(k + chunk, size)])
             if not r:
                 break
             for h in hashes.values():
@@ -281,16 +417,11 @@ def read_safetensors(path: Path, digest_keys=(), pin_memory: bool = False, buffe
                        scan.bad)
 
 
-def _read_into(f, view: memoryview, k: int, end: int) -> int:
-    while k < end and (r := f.readinto(view[k:end])):
-        k += r
-    return k
-
-
 class _FiniteScan:
     """The NaN/Inf check of a file's floating-point tensors, fed how many bytes have been read:
     every element is checked once, while its bytes are still in the CPU's cache (one fused
-    min/max per piece: NaN and Inf propagate through both)."""
+    min/max per piece: NaN and Inf propagate through both). Values beyond bf16's range
+    (``RANGE``) count as non-finite too: an fp32 export holding 3.4e38 is +inf in a bf16 teacher."""
 
     def __init__(self, buf: torch.Tensor, entries: list):
         self.buf, self.bad, self.i, self.done = buf, [], 0, 0
@@ -303,7 +434,8 @@ class _FiniteScan:
             start = max(s, self.done)
             if end > start:
                 lo, top = torch.aminmax(self.buf[start:end].view(dtype))
-                if not bool(torch.isfinite(lo) & torch.isfinite(top)) and name not in self.bad:
+                ok = torch.isfinite(lo) & torch.isfinite(top) & (lo >= -RANGE) & (top <= RANGE)
+                if not bool(ok) and name not in self.bad:
                     self.bad.append(name)
                 self.done = end
             if end < e:

@@ -102,7 +102,8 @@ def test_writer_writes_safetensors_format_that_safetensors_reads(tmp_path):
     from codistill.weights_file import file_digest, write_weights
     e = torch.randn(10, 4)
     sd = dict(_weights(), tied=e, also_tied=e, scalar=torch.tensor(3.5), empty=torch.zeros(0, 3),
-              mask=torch.tensor([True, False, True]), strided=torch.randn(6, 4)[:, 1], d64=torch.randn(3).double())
+              mask=torch.tensor([True, False, True]), strided=torch.randn(6, 4)[:, 1], i64=torch.arange(3),
+              h=torch.randn(3).half(), bf=torch.randn(3).bfloat16())
     for chunk in (5, 1 << 20):
         info = write_weights(tmp_path / "w.safetensors", sd, 7, chunk=chunk)
         assert info == file_digest(tmp_path / "w.safetensors")  # the digest of what is on disk
