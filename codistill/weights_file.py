@@ -306,7 +306,8 @@ class ReadBuffers:
     SLACK = 4096
 
     def __init__(self, keep: int, pinning=None):
-        self.keep, self._free, self._lock = keep, [], threading.Lock()
+        # re-entrant: a buffer dropped under the lock runs _unpin (its finalizer) right there
+        self.keep, self._free, self._lock = keep, [], threading.RLock()
         self.pinning = pinning or CudaPinning()
         self._pinned: dict[int, tuple[int, list]] = {}  # data_ptr -> (bytes, [fence of its last use])
         self.pinned_bytes = 0

@@ -331,8 +331,8 @@ def test_pinned_read_buffers_are_exact_reused_after_their_fence_and_released(tmp
     bufs.give(b)  # keep=1: a's buffer is let go
     del a, b
     gc.collect()
-    assert pins.unpinned == [ptr_a] and bufs.pinned_bytes == size
+    assert pins.unpinned == [ptr_a] and bufs.pinned_bytes == size and pins.synced == 1  # a's copies, then unpinned
     c = read_export(tmp_path, 30, pin_memory=True, buffers=bufs)  # reuses b's, after its copies finished
-    assert pins.synced == 1 and bufs.pinned_bytes == size and len(pins.pinned) == 2
+    assert pins.synced == 2 and bufs.pinned_bytes == size and len(pins.pinned) == 2
     assert all(torch.equal(c.state_dict[k], v) for k, v in read_export(tmp_path, 30).state_dict.items())
     assert read_export(tmp_path, 10, buffers=bufs).buffer.numel() == size  # unpinned reads: exact too
