@@ -32,8 +32,8 @@ import sys
 from pathlib import Path
 
 import numpy as np
-
 from common import ROOT, add_run_args, registry_data, runs_root, save_results, scalars, table, train
+
 from codistill.layout import RunLayout
 
 PRESETS = {

@@ -26,10 +26,9 @@ import time
 from pathlib import Path
 
 import torch
-
 from common import ROOT, bench_data, median, save_results, scalars, table, train
-from codistill.layout import RunLayout
 
+from codistill.layout import RunLayout
 from data_prep.dataset import GroupStream, TokenData
 from model import build_model, preset_config
 

@@ -33,6 +33,7 @@ import json
 from pathlib import Path
 
 from common import ROOT, add_run_args, bench_data, plot, registry_data, runs_root, save_results, scalars, table, train
+
 from codistill.layout import RunLayout
 
 PRESETS = {

@@ -41,8 +41,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from data_prep.parallel import chunked
 from data_prep.clean import clean_document
+from data_prep.parallel import chunked
 from data_prep.readers import Stats, read_documents
 from data_prep.sample import sample_corpus_dir
 
@@ -169,7 +169,7 @@ def write_wet_copies(dest: Path, copies: int) -> tuple[Path, int]:
         with open(dest / f"CC-MAIN-bench-{k:05d}.warc.wet.gz", "wb") as f:
             w = WARCWriter(f, gzip=True)
             w.write_record(w.create_warcinfo_record(f.name, {"format": "WET"}))
-            for i, (p, lines) in enumerate(arts):
+            for i, (_p, lines) in enumerate(arts):
                 doc = "\n".join([lines[0] + (f" (copy {k})" if k else "")] + lines[1:])
                 data = doc.encode("utf-8")
                 nbytes += len(data)

@@ -37,9 +37,8 @@ import threading
 import time
 from pathlib import Path
 
-from common import PY, RESULTS, median, save_results, table
-
 import torch
+from common import PY, RESULTS, median, save_results, table
 
 from codistill.exchange import ReadBuffers, read_export
 from codistill.peers import ExportWriter

@@ -26,10 +26,10 @@ import time
 from pathlib import Path
 
 from common import PY, ROOT, add_run_args, bench_data, runs_root, save_results, scalars, table
-from codistill.layout import RunLayout
 
 from codistill import checkpoint, faults
 from codistill.exchange import list_exports, read_export, write_export
+from codistill.layout import RunLayout
 from codistill.teacher import exports_dir
 
 STEPS = 30
@@ -104,6 +104,7 @@ def resumed_from(out: str) -> int | None:
 
 def export(d: Path, step: int, cfg, tok: str, seed: int = 0) -> None:
     import torch
+
     from model import build_model
     torch.manual_seed(seed)
     write_export(d, step, build_model(cfg).state_dict(), {

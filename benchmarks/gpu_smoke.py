@@ -49,16 +49,16 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # common.py, when imported by the tests
-from common import DEEPSPEED, PY, ROOT, RESULTS, free_port, median, save_results, scalars, table  # noqa: E402
+import torch  # noqa: E402
+from common import DEEPSPEED, PY, RESULTS, ROOT, free_port, median, save_results, scalars, table  # noqa: E402
+
 from codistill.files import atomic_write_bytes  # noqa: E402
 from codistill.layout import RunLayout  # noqa: E402
-
-import torch  # noqa: E402
 
 ARCHS = ("lstm", "transformer", "llama_tied")
 MODES = ("full", "offload", "topk")
@@ -92,7 +92,7 @@ def need(cond: bool, msg: str) -> None:
 @dataclass
 class Check:
     name: str
-    fn: Callable[["Smoke"], dict]  # returns {"detail": str, **numbers}; raises Failed / Skip
+    fn: Callable[[Smoke], dict]  # returns {"detail": str, **numbers}; raises Failed / Skip
     gpus: int = 1                  # GPUs needed (CPU ranks with --device cpu)
     timeout: float = 120           # its own limit, seconds, for all its processes together
     estimate: float = 30           # seconds it needs at least: not started with less budget left
@@ -141,8 +141,9 @@ class Smoke:
             except subprocess.TimeoutExpired:  # a process outside the group holds the pipe
                 out = ""
             if self.check_deadline >= self.deadline:
-                raise Skip(f"budget exhausted: killed at the --minutes deadline while running ({self.tail(out, 300)})")
-            raise Failed(f"timed out: past the check's own limit ({self.tail(out, 600)})")
+                raise Skip(f"budget exhausted: killed at the --minutes deadline while running "
+                           f"({self.tail(out, 300)})") from None
+            raise Failed(f"timed out: past the check's own limit ({self.tail(out, 600)})") from None
         if check and p.returncode:
             raise Failed(f"{' '.join(p.args[:2])} ... exit {p.returncode}: {self.tail(out)}")
         return out
@@ -367,6 +368,7 @@ def check_init_from(sm: Smoke) -> dict:
     trainer's dtypes on its device: bf16 parameters, fp32 buffers, as DeepSpeed casts); the
     pretrained embeddings are scaled x30 so any other start is far off."""
     from transformers import AutoModelForCausalLM
+
     from data_prep.dataset import GroupStream, TokenData
     pre_dir = sm.tied_llama(save_weights=True)
     run, out = sm.train("init_from", ["--model", "hf", "--init_from", pre_dir, "--dropout", 0, *sm.tiny()])

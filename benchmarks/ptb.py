@@ -40,7 +40,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from common import PY, ROOT, RESULTS, plot, save_results, scalars, table, train
+from common import PY, RESULTS, ROOT, plot, save_results, scalars, table, train
 
 PUBLISHED = [  # test perplexity per word on Mikolov's PTB (<eos> counted as a word)
     ("5-gram Kneser-Ney (Mikolov et al. 2011)", 141.2),

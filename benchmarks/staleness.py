@@ -17,6 +17,7 @@ import statistics
 from pathlib import Path
 
 from common import add_run_args, bench_data, median, plot, runs_root, save_results, scalars, table, train
+
 from codistill.layout import RunLayout
 
 PRESETS = {

@@ -22,6 +22,7 @@ import tempfile
 from pathlib import Path
 
 from common import bench_data, median, save_results, scalars, table, train
+
 from codistill.layout import RunLayout
 
 MODES = {"full": [], "partition": ["--teacher_partition"], "offload": ["--teacher_offload", "cpu"],

@@ -17,13 +17,12 @@ import time
 from pathlib import Path
 
 import torch
-
 from common import ROOT, bench_data, median, save_results, scalars, table, train
-from codistill.layout import RunLayout
 
+from codistill.layout import RunLayout
+from codistill.loss import codistill_loss
 from data_prep.dataset import GroupStream, TokenData
 from model import build_model, preset_config
-from codistill.loss import codistill_loss
 
 
 def plain_loop(data, size, steps, micro, seq_len, lr=3e-3, clip=1.0):

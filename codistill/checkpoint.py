@@ -44,8 +44,8 @@ import json
 import re
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from codistill import faults
 from codistill.comm import flags_any

@@ -118,7 +118,7 @@ class GroupComm:
     leader: bool = True
 
     @classmethod
-    def single(cls, device: torch.device) -> "GroupComm":
+    def single(cls, device: torch.device) -> GroupComm:
         return cls(device)
 
     def agree(self, values: list[int]) -> list[int]:
@@ -160,7 +160,7 @@ class StepControl:
         self.n_drop = num_groups * num_groups if guard else 0  # slots only where leaders judge teachers
 
     def sync(self, stop: bool, bad: dict[int, torch.Tensor], announce: dict[tuple[int, int], int],
-             local: torch.Tensor | None = None, drops: dict[tuple[int, int], int] | None = None) -> "StepOutcome":
+             local: torch.Tensor | None = None, drops: dict[tuple[int, int], int] | None = None) -> StepOutcome:
         G = self.G
         n = 1 + G + self.n_swap + self.n_drop
         ctrl = torch.zeros(n, dtype=torch.int64, device=self.device)

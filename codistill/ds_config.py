@@ -107,7 +107,8 @@ def resolve_ds_config(cfg: dict, dp_size: int, lr: float | None, device: torch.d
         micro = int(cfg.get("train_micro_batch_size_per_gpu", 0))
         accum = int(cfg.get("gradient_accumulation_steps", 1))
     except (TypeError, ValueError):
-        raise ConfigError(f"{where}: train_micro_batch_size_per_gpu and gradient_accumulation_steps must be integers")
+        raise ConfigError(f"{where}: train_micro_batch_size_per_gpu and gradient_accumulation_steps must be "
+                          "integers") from None
     if micro < 1 or accum < 1:
         raise ConfigError(f"{where}: set train_micro_batch_size_per_gpu >= 1 and gradient_accumulation_steps >= 1 "
                           f"(got {micro} and {accum})")

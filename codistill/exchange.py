@@ -46,8 +46,17 @@ import torch
 
 from codistill import faults
 from codistill.files import MissingFile, atomic_write_bytes, fsync_dir, read_bounded
-from codistill.weights_file import (MAX_WEIGHTS, ExportError, ReadBuffers, digest_fields,  # noqa: F401
-                                    digest_matches, file_digest, parse_safetensors, read_safetensors, write_weights)
+from codistill.weights_file import (  # noqa: F401
+    MAX_WEIGHTS,
+    ExportError,
+    ReadBuffers,
+    digest_fields,
+    digest_matches,
+    file_digest,
+    parse_safetensors,
+    read_safetensors,
+    write_weights,
+)
 
 EXPORT_NAME = re.compile(r"^step_(\d{6,})$")
 MAX_LATEST = 64          # bytes of a LATEST file ("step_000500")

@@ -544,7 +544,7 @@ def docs_tables() -> str:
     lines = [BEGIN]
     for g, cls in GROUPS.items():
         lines += ["", f"## {cls.title.capitalize()}", "", cls.__doc__, "", "| flag | default | |", "|---|---|---|"]
-        for _, f, tp in (x for x in _fields() if x[0] == g):
+        for _, f, _tp in (x for x in _fields() if x[0] == g):
             if f.metadata["hidden"]:
                 continue
             name = f"`--{f.name}`" + (f" `{f.metadata['metavar']}`" if f.metadata["metavar"] else "")

@@ -54,11 +54,11 @@ class TopK:
     indices: torch.Tensor
     rest: torch.Tensor
 
-    def flat(self) -> "TopK":
+    def flat(self) -> TopK:
         k = self.values.shape[-1]
         return TopK(self.values.reshape(-1, k), self.indices.reshape(-1, k), self.rest.reshape(-1))
 
-    def rows(self, i: int, n: int) -> "TopK":
+    def rows(self, i: int, n: int) -> TopK:
         return TopK(self.values[i:i + n], self.indices[i:i + n], self.rest[i:i + n])
 
 

@@ -32,8 +32,8 @@ import time
 from dataclasses import dataclass
 
 from codistill.comm import StepOutcome, flags_any
-from codistill.flags import Flags, TeacherFlags
 from codistill.exchange import Export, ExportError, clean_temp_files, read_export, write_export
+from codistill.flags import Flags, TeacherFlags
 from codistill.health import TeacherGuard
 from codistill.layout import RunLayout
 from codistill.teacher import FIXED_TEACHER, TeacherLoader, TeacherPool, check_usable

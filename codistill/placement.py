@@ -107,7 +107,7 @@ class OffloadedTeacher(FullTeacher):
         self.params = {id(p): p for p in module.parameters()}
         self.host = {i: p.data for i, p in self.params.items()}
         self.empty = torch.empty(0, device=device)
-        for name, b in module.named_buffers():  # small (RoPE frequencies): stay on the device
+        for _name, b in module.named_buffers():  # small (RoPE frequencies): stay on the device
             b.data = b.data.to(device)
         owners: dict[int, int] = {}
         for sub in module.modules():
@@ -191,7 +191,7 @@ class OffloadedTeacher(FullTeacher):
 
     def _release(self, keep: int | None = None) -> None:
         """Every parameter off the device; the shared one ``keep`` stays fetched for head_weight."""
-        for i, p in self.params.items():
+        for _i, p in self.params.items():
             p.data = self.empty
         self._held = {i: t for i, t in self._held.items() if i == keep}
 

@@ -9,9 +9,8 @@ import shutil
 import subprocess
 import sys
 import time
-from pathlib import Path
-
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from codistill.exchange import write_weights
 from codistill.files import write_json
@@ -245,7 +244,7 @@ def merge_summaries(run_dir: Path, num_groups: int) -> dict:
 def print_table(summary: dict, run_dir: Path, log) -> None:
     log("")
     log(f"{'group':>6} | {'steps':>6} | {'tokens':>10} | {'val loss':>8} | {'val ppl':>8} | teacher step in use")
-    for name, s in summary["groups"].items():
+    for _name, s in summary["groups"].items():
         teachers = ", ".join(f"g{p}@{t}" for p, t in s["teacher_steps"].items()) or "-"
         log(f"{s['group']:>6} | {s['steps']:>6} | {s['tokens_seen']:>10} | {s['val_loss']:>8.4f} | "
             f"{s['val_ppl']:>8.2f} | {teachers}")

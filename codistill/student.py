@@ -15,8 +15,8 @@ import torch
 
 from codistill import faults, runlog
 from codistill.comm import GroupComm, sum_over
-from codistill.flags import Flags
 from codistill.device import engine_args
+from codistill.flags import Flags
 from codistill.layout import RunLayout
 from codistill.loss import chunk_rows, codistill_loss, distill_alpha, resolve_chunk_mb
 from codistill.noise import NoiseScale
@@ -26,7 +26,6 @@ from codistill.skip import skip_step
 from data_prep.dataset import GroupStream, eval_batches, eval_streams
 from model import build_model, count_params
 from model.lstm import CarriedState
-
 
 
 def host_copy(state_dict: dict) -> dict:

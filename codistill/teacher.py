@@ -26,21 +26,28 @@ import contextlib
 import os
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
 from codistill.comm import GroupComm
+from codistill.exchange import (
+    EXPORT_NAME,
+    Export,
+    ExportError,
+    ReadBuffers,
+    export_name,
+    read_export,
+    read_final,
+    read_latest,
+)
 from codistill.layout import exports_dir
 from codistill.loss import TopK, chunk_rows, topk_of
 from codistill.placement import FullTeacher, OffloadedTeacher, PartitionedTeacher, teacher_ds_config
-from codistill.exchange import (EXPORT_NAME, Export, ExportError, ReadBuffers, export_name, read_export, read_final,
-                                read_latest)
 from codistill.weights_file import check_specs
 from model import ModelConfig, build_model
 from model.lstm import CarriedState
-
 
 FIXED_TEACHER = -1  # the pool slot of --teacher PATH (peers are groups 0..G-1)
 
@@ -105,7 +112,7 @@ class _Reader:
     it is reading and since when, for the loader's watchdog; ``abandoned`` is set by the watchdog
     when that read passed its deadline (the thread then ends after the read, if it ever returns)."""
 
-    def __init__(self, loader: "TeacherLoader", peer: int):
+    def __init__(self, loader: TeacherLoader, peer: int):
         self.peer, self.abandoned = peer, False
         self.busy: tuple[str, float, tuple, int | None] | None = None  # (what, since, identities, step)
         self.thread = threading.Thread(target=loader._serve, args=(self,), name=f"teacher-loader-{peer}",
@@ -333,7 +340,7 @@ def working_dtypes(like: torch.nn.Module | None, dtype: torch.dtype = torch.floa
         return dtype, {}
     dtypes = {n: t.dtype for n, t in [*like.named_parameters(), *like.named_buffers()]}
     counts: dict[torch.dtype, int] = {}
-    for n, t in like.named_parameters():
+    for _n, t in like.named_parameters():
         counts[t.dtype] = counts.get(t.dtype, 0) + t.numel() + getattr(t, "ds_numel", 0)
     return (max(counts, key=counts.get) if counts else dtype), dtypes
 

@@ -3,9 +3,19 @@ kind (Common Crawl WET or other), the main-process filter objects, and the manif
 "filters" entry with its counts."""
 from __future__ import annotations
 
-from data_prep.filters import (DEFAULT_NUM_PERM, DEFAULT_SHINGLE, LANGID_MAX_CHARS,
-                               LINE_REASONS, FilterConfig, NearDupIndex, RepeatedLines,
-                               known_languages, langid_version, lsh_params, resolve_mode)
+from data_prep.filters import (
+    DEFAULT_NUM_PERM,
+    DEFAULT_SHINGLE,
+    LANGID_MAX_CHARS,
+    LINE_REASONS,
+    FilterConfig,
+    NearDupIndex,
+    RepeatedLines,
+    known_languages,
+    langid_version,
+    lsh_params,
+    resolve_mode,
+)
 from data_prep.readers import file_kind
 from data_prep.report import DataPrepError
 

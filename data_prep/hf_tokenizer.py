@@ -219,8 +219,11 @@ def load_text_tokenizer(dataset_dir) -> TextTokenizer:
             raise DataPrepError(f"{problem}; re-run data prep")
         tok = hf_backend(path)
         size = hf_vocab_size(tok)
-        enc = lambda t: tok.encode(t, add_special_tokens=False).ids
-        dec = lambda ids: tok.decode(ids, skip_special_tokens=True)
+        def enc(t):
+            return tok.encode(t, add_special_tokens=False).ids
+
+        def dec(ids):
+            return tok.decode(ids, skip_special_tokens=True)
     else:
         raise DataPrepError(f"{root}/manifest.json: unknown tokenizer_kind {kind!r}")
     if size != vocab:
@@ -274,7 +277,8 @@ def _sentencepiece_export(proto: bytes):
     from data_prep.sp_convert import sentencepiece_backend
 
     sp = spm.SentencePieceProcessor(model_proto=proto)
-    piece = lambda i: sp.id_to_piece(i) if i >= 0 else None
+    def piece(i):
+        return sp.id_to_piece(i) if i >= 0 else None
     kw = {"unk_token": piece(sp.unk_id()), "bos_token": piece(sp.bos_id()),
           "eos_token": piece(sp.eos_id()), "pad_token": piece(sp.pad_id()) or piece(sp.eos_id()),
           # "</s>" in text is not EOS for SentencePiece: neither is it here

@@ -46,9 +46,9 @@ import tempfile
 import xml.etree.ElementTree as ET
 import zipfile
 import zlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -237,7 +237,7 @@ def rst_texts(deb: Path, prefix: str) -> Iterator[str]:
 def rst_to_text(rst: str) -> str:
     out, skip_indent = [], None
     lines = rst.splitlines()
-    for i, line in enumerate(lines):
+    for _i, line in enumerate(lines):
         stripped = line.strip()
         indent = len(line) - len(line.lstrip())
         if skip_indent is not None:
@@ -404,7 +404,7 @@ def build(output: Path, cache: Path, names: list[str], doc_chars: int = 8000, al
         path = None if src.registry == "installed" else download(src, cache, allow_other_versions)
         docs = chars = 0
 
-        def fill(tmp: Path) -> None:
+        def fill(tmp: Path, src=src, path=path) -> None:
             nonlocal docs, chars
             with open(tmp, "w", encoding="utf-8") as f:
                 for text in EXTRACT[src.name](path):

@@ -30,7 +30,7 @@ class CarriedState:
     def reset(self) -> None:
         self.hc = None
 
-    def to(self, device) -> "CarriedState":
+    def to(self, device) -> CarriedState:
         return CarriedState(None if self.hc is None else tuple(t.to(device) for t in self.hc), self.tag)
 
 

@@ -50,9 +50,9 @@ import numpy as np
 import torch
 
 from codistill.exchange import ExportError, export_name, read_export, read_final, read_latest
+from codistill.files import write_json
 from codistill.layout import GroupLayout, RunLayout
 from codistill.metrics import Totals, count_words_in_tokens, ensemble_log_probs, log_probs, ppl
-from codistill.files import write_json
 from codistill.runlog import git_sha
 from data_prep.dataset import DataError, TokenData
 from model import ModelConfig, build_model
@@ -209,7 +209,7 @@ def evaluate(runs: dict[str, list[tuple[str, torch.nn.Module]]], tokens: np.ndar
     single = {n: Totals() for n in names}
     ens = {r: Totals() for r, members in runs.items() if len(members) > 1}
     pairs = []
-    for r, members in runs.items():
+    for members in runs.values():
         pairs += [(a, b) for (a, _), (b, _) in combinations(members, 2)]
     run_names = list(runs)
     if len(run_names) == 2:

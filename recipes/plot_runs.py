@@ -129,7 +129,7 @@ def main(argv=None) -> list:
         raise PlotError(f"no group of {', '.join(map(str, runs))} (groups {args.groups}) has TensorBoard scalars "
                         f"{args.metric!r} under group_i/tb")
     plot(lines, args.metric, args.x, Path(args.output), args.title)
-    print(f"wrote {args.output}: {len(lines)} line(s): {', '.join(l for l, _, _ in lines)}")
+    print(f"wrote {args.output}: {len(lines)} line(s): {', '.join(name for name, _, _ in lines)}")
     return lines
 
 

@@ -28,18 +28,20 @@ from pathlib import Path
 import torch
 
 from codistill import faults, flags, runlog
-from codistill.flags import Flags
-from codistill.checkpoint import Checkpointer, read_latest as read_latest_checkpoint
+from codistill.checkpoint import Checkpointer
+from codistill.checkpoint import read_latest as read_latest_checkpoint
 from codistill.comm import StepControl, collective_timeout, flags_any, lost_rank_message, rendezvous_defaults
 from codistill.device import DeviceError, bind_device
 from codistill.ds_config import ConfigError, load_ds_config, resolve_ds_config
 from codistill.exchange import ExportError
+from codistill.flags import Flags
 from codistill.layout import RunLayout
 from codistill.lock import GroupLock, LockError
 from codistill.peers import Exchange
 from codistill.student import Student
 from codistill.teacher import read_fixed_teacher
-from codistill.topology import TopologyError, build_mpus, plan as plan_topology
+from codistill.topology import TopologyError, build_mpus
+from codistill.topology import plan as plan_topology
 from data_prep.dataset import DataError, TokenData
 from model import ModelConfig
 

@@ -10,11 +10,11 @@ import subprocess
 
 import pytest
 import torch
+from conftest import DEEPSPEED, ROOT, env_for_runs, free_port
 
 from codistill import averaging
 from codistill.exchange import write_export
 from codistill.files import ExportError
-from conftest import DEEPSPEED, ROOT, env_for_runs, free_port
 
 
 def _weights(seed: int) -> dict[str, torch.Tensor]:

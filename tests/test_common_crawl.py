@@ -433,8 +433,9 @@ def test_near_duplicates(articles, tok, tmp_path):
     assert m["dropped"] == {"near_duplicate": 12}, m["dropped"]
     assert m["documents_kept"] == 60 and m["filters"]["near_dup"]["index"]["indexed_docs"] == 60
     assert m["filters"]["near_dup"]["index"]["est_false_positive_per_doc"] < 1e-6
-    from data_prep.clean import doc_hash
     import numpy as np
+
+    from data_prep.clean import doc_hash
     kept = {int(h) for n in m["splits"] for h in np.load(out / m["splits"][n]["doc_hashes"])}
     assert kept == {doc_hash(normalize(t).encode()) for t in originals}
     off = _manifest(prepare([tmp_path / "in"], tmp_path / "off", num_groups=2, val_fraction=0.1,
@@ -461,7 +462,7 @@ def test_line_filters(articles, tok, tmp_path):
 
     sp = spm.SentencePieceProcessor(model_file=str(out / "tokenizer.model"))
     texts = []
-    for n, s in m["splits"].items():
+    for _n, s in m["splits"].items():
         toks = np.fromfile(out / s["tokens"], dtype=m["dtype"])
         idx = np.load(out / s["doc_index"])
         texts += [sp.decode(toks[idx[k]:idx[k + 1] - 1].tolist()) for k in range(s["num_docs"])]

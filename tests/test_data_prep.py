@@ -116,7 +116,7 @@ def test_output_format(prepared, corpus):
     assert sp.eos_id() == m["eos_id"]
     by_norm = {normalize(p.read_text()): p for p in corpus.iterdir()}
     total = 0
-    for name, s in m["splits"].items():
+    for _name, s in m["splits"].items():
         tokens = np.fromfile(prepared / s["tokens"], dtype=np.uint16)
         idx = np.load(prepared / s["doc_index"])
         assert idx.dtype == np.int64 and idx[0] == 0 and idx[-1] == len(tokens) == s["num_tokens"]

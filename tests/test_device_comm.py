@@ -148,6 +148,7 @@ def test_group_ranks_follow_their_leader_over_gloo(tmp_path):
 
 def run_teacher_parity(tmp_path, device: str, bf16: bool) -> dict:
     import json
+
     from conftest import run_python
     out = tmp_path / f"parity_{device}_{bf16}.json"
     proc = run_python(["tests/scripts/teacher_parity.py", "--device", device, "--out", out] + (["--bf16"] if bf16 else []),
@@ -216,6 +217,7 @@ def test_a_rank_killed_mid_training_ends_the_other_within_a_bounded_time(sample_
     import subprocess
     import sys
     import time
+
     from conftest import ROOT, e2e_args, env_for_runs, free_port
     port, procs, logs = free_port(), [], [tmp_path / "rank0.log", tmp_path / "rank1.log"]
     argv = e2e_args(sample_data, tmp_path / "run", num_groups=1, max_steps=20, dist_timeout=30)
@@ -268,6 +270,7 @@ def test_local_rank_becomes_the_mapped_ordinal_before_deepspeed_reads_it(monkeyp
     used by _set_distributed_vars when args carry no device_rank; _do_args_sanity_check asserts
     args.local_rank == LOCAL_RANK)."""
     from deepspeed.accelerator.cuda_accelerator import CUDA_Accelerator
+
     from codistill.device import NODE_LOCAL_RANK, bind_device, engine_args
     _fake_cuda(monkeypatch, 1)
     env = {"LOCAL_RANK": "3", "LOCAL_WORLD_SIZE": "4", "OMPI_COMM_WORLD_LOCAL_RANK": "3"}

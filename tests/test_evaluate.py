@@ -10,10 +10,9 @@ import shutil
 
 import pytest
 import torch
-
-from codistill.metrics import (Totals, churn_sums, count_words, count_words_in_tokens, ensemble_log_probs,
-                               nll_sum, ppl)
 from conftest import launch, load_script, run_python
+
+from codistill.metrics import Totals, churn_sums, count_words, count_words_in_tokens, ensemble_log_probs, nll_sum, ppl
 
 pytestmark = pytest.mark.slow
 
@@ -64,6 +63,7 @@ def test_word_count_by_hand(sample_data):
     # "the cat" EOS "sat" (a piece cut by the window end counts as its words)
     assert count_words_in_tokens([3, 4, 5, 2, 6], eos_id=2, decode=decode) == (3, 1)
     import sentencepiece as spm
+
     from data_prep.dataset import TokenData
     data = TokenData(sample_data)
     sp = spm.SentencePieceProcessor()
@@ -145,6 +145,7 @@ def test_carried_state_evaluation_is_one_call_over_each_row(two_runs):
     rows, the state carried across windows - the same NLL as one forward over each whole row,
     and (the model having context at every window start) not the fresh-window number."""
     import numpy as np
+
     from data_prep.dataset import TokenData
     a, _ = two_runs
     common = ["--run_dir", str(a), "--max_tokens", 1024, "--batch_size", 3]
@@ -220,7 +221,7 @@ def test_plot_runs_png(two_runs, tmp_path):
     for x in ("step", "tokens"):
         out = tmp_path / f"curves_{x}.png"
         lines = plot_runs.main([str(a), str(b), "--x", x, "-o", str(out)])
-        assert [l for l, _, _ in lines] == ["seed1/group_0", "seed1/group_1", "seed2/group_0", "seed2/group_1"]
+        assert [name for name, _, _ in lines] == ["seed1/group_0", "seed1/group_1", "seed2/group_0", "seed2/group_1"]
         data = out.read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
         xs = lines[0][1]

@@ -7,12 +7,11 @@ import time
 
 import pytest
 import torch
+from conftest import write_test_export
 
 from codistill import faults
-from codistill.exchange import (ExportError, clean_temp_files, list_exports, read_export, read_latest,
-                                write_export)
+from codistill.exchange import ExportError, clean_temp_files, list_exports, read_export, read_latest, write_export
 from codistill.teacher import TeacherLoader, exports_dir
-from conftest import write_test_export
 from model import build_model, preset_config
 
 CFG = preset_config("lstm", "tiny", vocab_size=64)
@@ -209,7 +208,9 @@ def test_fixed_teacher_paths_resolve_to_validated_weights(tmp_path):
     """--teacher PATH: a group directory (final/ first, else its newest export), an exports/ or
     final/ directory, or one export file; anything else is refused with the fix named."""
     import hashlib
+
     from safetensors.torch import save
+
     from codistill.teacher import read_fixed_teacher
     _export(tmp_path, 0, 10, seed=1)
     sd20 = _export(tmp_path, 0, 20, seed=2)

@@ -1,9 +1,9 @@
 """codistill/faults.py: the test-only fault-injection spec."""
 
 import pytest
+from test_checkpoint import tmpfs  # noqa: F401  (the 2 MiB tmpfs fixture)
 
 from codistill import faults
-from test_checkpoint import tmpfs  # noqa: F401  (the 2 MiB tmpfs fixture)
 
 
 def test_fault_spec_parses_and_rejects_unknown_kinds():
@@ -17,7 +17,7 @@ def test_fault_spec_parses_and_rejects_unknown_kinds():
             faults.parse(bad)
 
 
-def test_export_writer_on_a_full_then_read_only_disk_raises_oserror_and_keeps_latest(tmpfs):
+def test_export_writer_on_a_full_then_read_only_disk_raises_oserror_and_keeps_latest(tmpfs):  # noqa: F811
     """A real 2 MiB tmpfs: write_export's own writer reports ENOSPC and EROFS as OSError (what
     ExportWriter catches), removes its half-written export and leaves LATEST on the previous one."""
     import os

@@ -11,9 +11,9 @@ import shutil
 
 import pytest
 import torch
+from conftest import e2e_args, load_script, run_python
 
 from codistill import flags
-from conftest import e2e_args, load_script, run_python
 
 
 def train_lm():
@@ -161,6 +161,7 @@ def test_a_bad_ds_config_is_refused_naming_the_file(tmp_path, content, msg):
 
 def test_every_shipped_config_passes_the_checks():
     from pathlib import Path
+
     from codistill.ds_config import load_ds_config
     root = Path(__file__).resolve().parents[1]
     configs = sorted((root / "ds_configs").glob("*.json"))
@@ -215,7 +216,7 @@ def test_every_flag_is_typed_documented_and_in_one_group():
     import dataclasses
     import typing
     names = []
-    for g, cls in flags.GROUPS.items():
+    for _g, cls in flags.GROUPS.items():
         assert cls.__doc__ and cls.title, cls
         hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
@@ -234,7 +235,7 @@ def test_docs_flags_md_is_generated_from_the_dataclasses():
     """docs/flags.md's tables are current: regenerate with `python -m codistill.flags --write-docs`."""
     current = flags.DOCS.read_text()
     assert flags.render_docs(current) == current, "docs/flags.md is stale: run python -m codistill.flags --write-docs"
-    for g, cls in flags.GROUPS.items():
+    for _g, cls in flags.GROUPS.items():
         for f in dataclasses.fields(cls):
             assert f.metadata["hidden"] or f"`--{f.name}`" in current, f.name
 
@@ -243,6 +244,7 @@ def test_components_receive_their_own_flag_group():
     """No component reads the whole namespace with getattr(args, ...): the Checkpointer gets
     CheckpointFlags, the Exchange its exchange/teacher groups (typed attribute access)."""
     import inspect
+
     from codistill.checkpoint import Checkpointer
     root = flags.ROOT
     for f in [*(root / "codistill").glob("*.py"), root / "recipes" / "train_lm.py"]:

@@ -6,11 +6,11 @@ import json
 
 import pytest
 import torch
+from conftest import load_script
 
 from codistill.flags import model_config, parse_args
 from model import ModelConfig, build_model, hf_model_config
 from model.hf import HFConfigError, pretrained_weights, read_hf_config
-from conftest import load_script
 
 V = 2000  # the test corpus' vocabulary (tests/conftest.py sample_data)
 
@@ -37,7 +37,7 @@ def write_configs(tmp_path, vocab: int = V) -> dict:
 def test_any_causal_lm_builds_from_a_local_config_with_a_stable_identity(tmp_path):
     paths = write_configs(tmp_path)
     hashes = set()
-    for name, path in paths.items():
+    for _name, path in paths.items():
         cfg = hf_model_config(read_hf_config(path))
         assert cfg.arch == "hf" and cfg.vocab_size == V and cfg.n_layers == 2 and cfg.d_model == 64
         m = build_model(cfg)
@@ -136,6 +136,7 @@ def test_init_from_streams_safetensors_into_the_module_without_a_second_model(tm
     own parameters: transformers' from_pretrained (a whole second model in fp32 on every rank) is
     never called; the result is the pretrained model; a file of another shape is refused, named."""
     from transformers import AutoModelForCausalLM
+
     from model.hf import load_pretrained
     torch.manual_seed(0)
     ref = AutoModelForCausalLM.from_config(tiny_configs()[arch])

@@ -14,13 +14,13 @@ import time
 
 import pytest
 import torch
+from conftest import CFG, TOK, export_meta, write_test_export
 from safetensors.torch import save_file
 
 from codistill.exchange import ExportError, read_export, read_latest, write_export
 from codistill.files import MissingFile, read_bounded
 from codistill.teacher import TeacherPool, check_usable, exports_dir
 from codistill.weights_file import ReadBuffers, file_digest, read_safetensors, write_weights
-from conftest import CFG, TOK, export_meta, write_test_export
 
 HASH = CFG.config_hash()
 NAME = "step_000010"
@@ -78,7 +78,7 @@ def test_read_bounded_refuses_what_is_not_a_regular_file_and_what_is_too_large(t
         f.truncate(1 << 30)  # sparse: 1 GiB that takes no disk
     for name, needle in (("link", "symbolic link"), ("zero", "symbolic link"), ("fifo", "a FIFO"),
                          ("dir", "a directory"), ("big", "more than a file can be")):
-        msg = refused(lambda: read_bounded(tmp_path / name, 4096), str(tmp_path / name), needle)
+        msg = refused(lambda name=name: read_bounded(tmp_path / name, 4096), str(tmp_path / name), needle)
         assert "secret" not in msg
     assert isinstance(returns(lambda: read_bounded(tmp_path / "nope", 10))["error"], MissingFile)
     assert read_bounded(outside, 4096) == b"the victim's secret"

@@ -4,12 +4,12 @@ import re
 import subprocess
 
 import pytest
-
 from conftest import PY, ROOT
 
 
 def test_group_lock_is_exclusive_names_its_holder_and_dies_with_it(tmp_path):
     import socket
+
     from codistill.lock import GroupLock, LockError
     a = GroupLock(tmp_path / "group_0")
     assert a.acquire()

@@ -5,9 +5,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from codistill.exchange import Export
 from codistill.loss import codistill_loss, distill_alpha, row_argmax
 from codistill.teacher import TeacherPool
-from codistill.exchange import Export
 from model import build_model, preset_config
 
 
@@ -94,7 +94,7 @@ def test_chunked_equals_unchunked():
         loss, st = codistill_loss(s, y, q, 1.0, chunk_tokens=chunk)
         loss.backward()
         results.append((loss.item(), s.grad.clone(), st))
-    for loss, grad, st in results[1:]:
+    for loss, grad, _ in results[1:]:
         assert loss == pytest.approx(results[0][0], abs=1e-5)
         assert torch.allclose(grad, results[0][1], atol=1e-7)
 

@@ -2,10 +2,10 @@
 export writer, and the zero-copy safetensors reader."""
 from __future__ import annotations
 
+import hashlib
 import json
 import struct
 import threading
-import hashlib
 import time
 import zlib
 
@@ -15,8 +15,7 @@ import xxhash
 from safetensors.torch import load, save, save_file
 
 from codistill import faults
-from codistill.exchange import (ExportError, parse_safetensors, read_export, read_latest,
-                                write_export)
+from codistill.exchange import ExportError, parse_safetensors, read_export, read_latest, write_export
 from codistill.peers import ExportWriter, resume_prefetch, sync_schedule
 from codistill.weights_file import DIGESTS, ReadBuffers, read_safetensors
 
@@ -99,6 +98,7 @@ def test_zero_copy_reader_equals_safetensors_and_views_one_buffer(tmp_path):
 
 def test_writer_writes_safetensors_format_that_safetensors_reads(tmp_path):
     from safetensors.torch import load_file
+
     from codistill.weights_file import file_digest, write_weights
     e = torch.randn(10, 4)
     sd = dict(_weights(), tied=e, also_tied=e, scalar=torch.tensor(3.5), empty=torch.zeros(0, 3),

@@ -9,7 +9,7 @@ from pathlib import Path
 from conftest import ROOT
 
 TOP = ("codistill", "model", "data_prep", "recipes", "ds_configs", "slurm", "benchmarks", "tests", "docs", ".ci")
-PATH = re.compile(r"(?<![\w./-])((?:%s)/[\w./-]*[\w/])(?![<{\w])" % "|".join(re.escape(t) for t in TOP))
+PATH = re.compile(r"(?<![\w./-])((?:" + "|".join(re.escape(t) for t in TOP) + r")/[\w./-]*[\w/])(?![<{\w])")
 LINK = re.compile(r"\]\(([^)\s]+)\)")
 DOC = re.compile(r"(?<![\w/-])([\w-]+\.md)\b")
 

@@ -13,7 +13,6 @@ import json
 import subprocess
 
 import pytest
-
 from conftest import DEEPSPEED, ROOT, env_for_runs, free_port
 
 STEPS = 6

@@ -6,11 +6,11 @@ import time
 
 import pytest
 import torch
+from conftest import CFG, E2E_STEPS, PY, ROOT, TOK, e2e_args, env_for_runs, launch, read_scalars, run_python  # noqa: F401
+from conftest import write_test_export as _export
 
-from codistill.exchange import (read_export)
+from codistill.exchange import read_export
 from codistill.teacher import TeacherLoader, TeacherPool, exports_dir
-from conftest import (CFG, TOK, E2E_STEPS, PY, ROOT, e2e_args, env_for_runs, export_meta as _meta,  # noqa: F401
-                      launch, read_scalars, run_python, write_test_export as _export)
 
 
 def test_teacher_pool_keeps_a_dead_peer_then_drops_it_past_max_staleness(tmp_path):

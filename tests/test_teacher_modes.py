@@ -21,8 +21,9 @@ TCFG = preset_config("transformer", "tiny", vocab_size=V)
 
 
 def _llama(tied: bool):
-    from model import hf_model_config
     from transformers import LlamaConfig
+
+    from model import hf_model_config
     return hf_model_config(LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
                                        tie_word_embeddings=tied).to_dict(), max_seq_len=64)
@@ -154,9 +155,10 @@ def test_offloaded_teacher_computes_what_the_full_teacher_does_and_holds_nothing
 
 
 def test_top_k_refuses_an_hf_model_whose_logits_are_not_its_head(tmp_path):
-    from model.hf import read_hf_config
-    from model import ModelConfig
     import json
+
+    from model import ModelConfig
+    from model.hf import read_hf_config
     cfg_path = tmp_path / "config.json"
     cfg_path.write_text(json.dumps({"model_type": "gemma2", "vocab_size": V, "hidden_size": 16, "intermediate_size": 32,
                                     "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1,

@@ -87,6 +87,7 @@ def test_data_errors_are_clear(tmp_path, sample_data):
 
 def test_recipe_config_files_parse_and_command_line_wins():
     from pathlib import Path
+
     from codistill import flags
     root = Path(__file__).resolve().parents[1] / "recipes" / "configs"
     files = sorted(root.glob("*.json"))

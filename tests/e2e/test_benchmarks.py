@@ -5,7 +5,6 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import ROOT
 
 pytestmark = pytest.mark.slow
@@ -133,7 +132,7 @@ def test_batch_scaling_tiny_stops_at_the_target_and_fits_the_curve(sample_data, 
         assert r["final_step"] < res["settings"]["max_steps"] and r["summary"]["steps"] == r["final_step"]
         args = json.loads((runs / f"batch_{b}" / "config.json").read_text())["args"]
         assert args["target_val_loss"] == lowest and args["min_lr_ratio"] == 1 and args["noise_scale"]
-    for t, r in res["targets"].items():
+    for _t, r in res["targets"].items():
         steps = r["steps"]
         assert all(steps) and steps == sorted(steps, reverse=True)  # a larger batch needs fewer steps
         assert r["fit"]["s_min"] > 0 and r["fit"]["b_noise"] > 0 and r["noise_measurements"] > 0 and r["b_simple"] > 0

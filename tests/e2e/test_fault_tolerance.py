@@ -17,13 +17,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import CFG, E2E_STEPS, PY, ROOT, TOK, e2e_args, env_for_runs, launch, read_scalars, run_python  # noqa: F401
+from conftest import write_test_export as _export
 from safetensors.torch import load_file
 
 from codistill import checkpoint, faults
-from codistill.exchange import (list_exports, read_export, read_latest)
+from codistill.exchange import list_exports, read_export, read_latest
 from codistill.teacher import exports_dir
-from conftest import (CFG, TOK, E2E_STEPS, PY, ROOT, e2e_args, env_for_runs, export_meta as _meta,  # noqa: F401
-                      launch, read_scalars, run_python, write_test_export as _export)
 from model import preset_config
 
 

@@ -22,7 +22,6 @@ import time
 
 import pytest
 import torch
-
 from conftest import PY, ROOT
 
 sys.path.insert(0, str(ROOT / "benchmarks"))  # gpu_smoke imports its sibling common.py

@@ -7,7 +7,6 @@ import json
 
 import pytest
 import torch
-
 from conftest import launch, read_scalars, run_python
 from test_hf_models import write_configs
 from test_hf_tokenizer import articles, corpus, hf_data, hf_dir  # noqa: F401 (fixtures: a BPE tokenizer's data)
@@ -32,8 +31,8 @@ def check_final_loads_in_the_hf_ecosystem(run_dir, data, auto_tokenizer: bool = 
     data's, and pipeline("text-generation") runs."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast, pipeline
 
-    from data_prep.tokenizer import load_text_tokenizer
     from codistill.exchange import read_final
+    from data_prep.tokenizer import load_text_tokenizer
     from model import ModelConfig, build_model
     final = run_dir / "group_0" / "final"
     exp = read_final(final)

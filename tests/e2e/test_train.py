@@ -11,10 +11,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import E2E_BURN as BURN  # noqa: F401
+from conftest import E2E_K as K
+from conftest import E2E_STEPS as STEPS
+from conftest import PY, ROOT, env_for_runs, launch, read_scalars, run_python, scalar_tags
+from conftest import e2e_args as common
 from safetensors.torch import load_file
 
-from conftest import PY, ROOT, env_for_runs, launch, read_scalars, run_python, scalar_tags
-from conftest import E2E_BURN as BURN, E2E_K as K, E2E_STEPS as STEPS, e2e_args as common  # noqa: F401
 # main_run (the main command's run, a session fixture) lives in conftest.py: e2e/test_fault_tolerance.py shares it
 
 pytestmark = pytest.mark.slow
@@ -154,6 +157,7 @@ def test_zero3_world_split_codistills_with_each_groups_full_weights(sample_data,
     to its final weights and to DeepSpeed's own fp32 reconstruction of the group's checkpoint -
     and the groups distill from each other."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
     from codistill.exchange import read_export
     from model import build_model, preset_config
     run_dir = tmp_path / "z3split"

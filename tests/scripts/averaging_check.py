@@ -46,6 +46,7 @@ def model_config():
 
 def engine_for(ds_cfg, seed):
     import deepspeed
+
     from model import build_model
     torch.manual_seed(seed)
     model = build_model(model_config())
@@ -213,6 +214,7 @@ def main() -> None:
     a = p.parse_args([x for x in sys.argv[1:] if not x.startswith("--local_rank")])
     import deepspeed
     import deepspeed.comm as dist
+
     from codistill.comm import rendezvous_defaults
     from codistill.ds_config import load_ds_config
     rendezvous_defaults()

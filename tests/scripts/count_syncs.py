@@ -32,8 +32,8 @@ def main() -> None:
     argv = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]  # the launcher adds --local_rank=N
     out, train_argv = Path(argv[0]), argv[1:]
 
-    from deepspeed.accelerator import get_accelerator
     import train_lm
+    from deepspeed.accelerator import get_accelerator
 
     calls = {"n": 0}
     acc = get_accelerator()

@@ -85,6 +85,7 @@ def main() -> None:
     a = p.parse_args([x for x in sys.argv[1:] if not x.startswith("--local_rank")])
     import deepspeed
     import deepspeed.comm as dist
+
     from codistill.comm import GroupComm, rendezvous_defaults
     from codistill.ds_config import load_ds_config, resolve_ds_config
     from codistill.exchange import read_export, write_export

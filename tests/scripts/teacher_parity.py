@@ -51,11 +51,12 @@ def main() -> None:
     p.add_argument("--out", required=True)
     a = p.parse_args([x for x in sys.argv[1:] if not x.startswith("--local_rank")])
     import deepspeed
+
+    from codistill.comm import rendezvous_defaults
     from codistill.ds_config import load_ds_config, resolve_ds_config
     from codistill.exchange import read_export, write_export
     from codistill.teacher import TeacherPool
     from model import build_model
-    from codistill.comm import rendezvous_defaults
     rendezvous_defaults()
     device = torch.device(a.device)
     if device.type == "cuda":
