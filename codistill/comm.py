@@ -181,6 +181,53 @@ class StepControl:
                            drops=drops)
 
 
+@dataclass(frozen=True)
+class GroupSync:
+    """The named layout of one hosted group's values in the step's sync (``StepControl.sync``'s
+    ``local``: rank-local, not reduced, read on the host after the one device->host copy). Every
+    writer and reader goes through it: Student.stats_for_sync / finish_step, TeacherPool.probs
+    (the health part) and the trainer's split of ``StepOutcome.local`` per hosted group.
+
+        [norm_step, norm, loss, ce, distill, agreement, distill_ce,   (HEAD: 7 values)
+         teacher ce per slot ..., teacher non-finite per slot ...]    (HEALTH: 2 x slots)
+
+    A slot per peer group (its id) plus one for the fixed teacher (--teacher, id -1): G + 1.
+    ``norm_step`` is -1 when no gradient norm is pending."""
+    num_groups: int
+    HEAD = ("norm_step", "norm", "loss", "ce", "distill", "agreement", "distill_ce")
+    STATS = HEAD[2:]  # the loss statistics Student.forward_backward averages over micro-batches
+
+    @property
+    def slots(self) -> int:
+        return self.num_groups + 1
+
+    @property
+    def width(self) -> int:
+        return len(self.HEAD) + self.health_width
+
+    @property
+    def health_width(self) -> int:
+        return 2 * self.slots
+
+    def slot(self, teacher: int) -> int:
+        """The slot of peer group ``teacher`` (-1: the fixed teacher, after the peers)."""
+        return teacher if teacher >= 0 else self.num_groups
+
+    def health_ce(self, teacher: int) -> int:
+        """Index, within the health part, of ``teacher``'s cross-entropy on the student's targets."""
+        return self.slot(teacher)
+
+    def health_nonfinite(self, teacher: int) -> int:
+        """Index, within the health part, of whether ``teacher``'s probabilities were non-finite."""
+        return self.slots + self.slot(teacher)
+
+    def split(self, local: list[float], index: int) -> dict:
+        """The ``index``-th hosted group's values of ``local``, by name: the HEAD names, and
+        ``health`` (the list of 2 x slots values, read with health_ce / health_nonfinite)."""
+        part = local[self.width * index:self.width * (index + 1)]
+        return {**dict(zip(self.HEAD, part)), "health": part[len(self.HEAD):]}
+
+
 @dataclass
 class StepOutcome:
     stop: bool                          # some rank was asked to stop

@@ -14,7 +14,7 @@ import time
 import torch
 
 from codistill import faults, runlog
-from codistill.comm import GroupComm, sum_over
+from codistill.comm import GroupComm, GroupSync, sum_over
 from codistill.device import engine_args
 from codistill.flags import Flags
 from codistill.layout import RunLayout
@@ -41,6 +41,7 @@ class Student:
     def __init__(self, gid, cfg: Flags, topo, mpu, data, model_cfg, ds_cfg, device, log):
         import deepspeed
         self.id, self.topo, self.device = gid, topo, device
+        self.sync = GroupSync(topo.num_groups)  # this group's values in the step's sync
         # the flag groups a group's training reads: its schedule and loss, and the teachers' age limit
         self.training, self.distill, self.exchange_flags = cfg.training, cfg.distill, cfg.exchange
         self.paths = RunLayout(cfg.run.run_dir).group(gid)
@@ -114,8 +115,8 @@ class Student:
         peers = pool.active(self.id, step, ex.max_teacher_staleness, 2 * ex.export_every, log) if alpha > 0 else []
         use = [p for p in peers if guard is None or not guard.excluded(self.id, p)]  # dropped ones run, unused
         G = self.topo.num_groups
-        stats = torch.zeros(5, device=self.device)  # loss, ce, kl, agreement, distill ce (means over micro-batches)
-        health = torch.zeros(2 * (G + 1), device=self.device)  # per teacher: ce, non-finite (TeacherPool.probs)
+        stats = torch.zeros(len(GroupSync.STATS), device=self.device)  # means over micro-batches
+        health = torch.zeros(self.sync.health_width, device=self.device)  # per teacher (TeacherPool.probs)
         bad = torch.zeros((), dtype=torch.bool, device=self.device)
         self.engine.train()
         for micro in range(self.accum):
@@ -141,7 +142,7 @@ class Student:
                 self.engine.step()  # not the accumulation boundary: DeepSpeed only counts it
             ce, distill, agree, kl = st.values
             shown = loss.detach().float() - alpha * (distill - kl)  # the optimised loss less alpha * T^2 H(q)
-            stats += torch.stack([shown, ce, kl, agree, distill]) / self.accum
+            stats += torch.stack([shown, ce, kl, agree, distill]) / self.accum  # GroupSync.STATS's order
         self._pending = (alpha, use, peers, torch.cat([stats, health]), time.perf_counter() - t0)
         return bad
 
@@ -203,9 +204,9 @@ class Student:
                               for teachers in mine["teachers"]]
 
     def stats_for_sync(self) -> torch.Tensor:
-        """This group's part of the step's sync (rank-local, not reduced; ``sync_width`` values):
-        the step and value of the previous update's gradient norm (-1, 0 when there is none), the 5
-        loss statistics, then the teachers' health (2 x (groups + 1), TeacherPool.probs)."""
+        """This group's part of the step's sync, laid out as ``self.sync`` (codistill/comm.py
+        GroupSync) says: the step and value of the previous update's gradient norm (-1, 0 when there
+        is none), the loss statistics, then the teachers' health (TeacherPool.probs)."""
         if self._norm is None:
             head = torch.zeros(2, device=self.device)
             head[0] = -1.0  # a fill on the device, not a host->device copy
@@ -214,16 +215,12 @@ class Student:
             head = torch.stack([norm.new_full((), float(step)), norm])
         return torch.cat([head, self._pending[3]])
 
-    @staticmethod
-    def sync_width(num_groups: int) -> int:
-        return 7 + 2 * (num_groups + 1)
-
-    def finish_step(self, step, skip: bool, host: list[float], sync_s: float) -> runlog.StepStats:
+    def finish_step(self, step, skip: bool, host: dict, sync_s: float) -> runlog.StepStats:
         """The optimizer update (or, when any rank of the group saw a non-finite loss, a skipped
-        step: no update, counted, gradients dropped); ``host`` is this group's part of the sync."""
+        step: no update, counted, gradients dropped); ``host`` is this group's part of the sync,
+        by name (GroupSync.split)."""
         alpha, use, ran, _, fb_s = self._pending
-        norm_step, norm_value, host, G = host[0], host[1], host[2:], self.topo.num_groups
-        slots = [(p, p if p >= 0 else G) for p in ran]  # the fixed teacher (--teacher) after the peers
+        norm_step, norm_value, health = host["norm_step"], host["norm"], host["health"]
         t0 = time.perf_counter()
         grad_norm = None
         if skip:
@@ -250,10 +247,11 @@ class Student:
             self._noise_batch = None
         nan = float("nan")
         return runlog.StepStats(
-            loss=host[0], ce=nan if skip else host[1], distill=nan if skip else host[2], agreement=host[3],
-            distill_ce=nan if skip else host[4], alpha=alpha, peers=use, skipped=skip, skipped_steps=self.skipped_steps,
+            loss=host["loss"], ce=nan if skip else host["ce"], distill=nan if skip else host["distill"],
+            agreement=host["agreement"], distill_ce=nan if skip else host["distill_ce"], alpha=alpha, peers=use, skipped=skip, skipped_steps=self.skipped_steps,
             step_time=fb_s + sync_s + time.perf_counter() - t0, lr=self.engine.get_lr()[0],
-            teacher_ce={p: host[5 + slot] for p, slot in slots}, teacher_nonfinite={p: host[6 + G + slot] > 0 for p, slot in slots})
+            teacher_ce={p: health[self.sync.health_ce(p)] for p in ran},
+            teacher_nonfinite={p: health[self.sync.health_nonfinite(p)] > 0 for p in ran})
 
     def measure_noise(self, step: int, x: torch.Tensor, y: torch.Tensor) -> None:
         """--noise_scale, on the group's leader every --noise_scale_every steps: the gradient noise

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from codistill.comm import GroupComm
+from codistill.comm import GroupComm, GroupSync
 from codistill.exchange import (
     EXPORT_NAME,
     Export,
@@ -547,7 +547,7 @@ class TeacherPool:
         student's backward, before asking again): allocating B*T*V floats afresh every step costs
         more than the softmax itself on CPU.
         """
-        out, count, health = None, None, None
+        out, count, health, layout = None, None, None, GroupSync(num_groups)
         for p in peers:
             logits = self.teachers[p](input_ids, **kw[p])
             if temperature != 1.0:
@@ -558,12 +558,11 @@ class TeacherPool:
             torch.softmax(logits, dim=-1, dtype=torch.float32, out=buf)
             ok = torch.isfinite(buf.sum())  # probabilities sum to B*T: no overflow, NaN/Inf propagate
             if health is None:
-                health = torch.zeros(2 * (num_groups + 1), device=buf.device)
+                health = torch.zeros(layout.health_width, device=buf.device)
             if targets is not None and num_groups:
-                slot = p if p >= 0 else num_groups  # the fixed teacher (--teacher) after the peers
                 p_y = buf.gather(-1, targets.unsqueeze(-1)).clamp_min(torch.finfo(buf.dtype).tiny)
-                health[slot] = -p_y.log().mean()
-                health[num_groups + 1 + slot] = (~ok).float()
+                health[layout.health_ce(p)] = -p_y.log().mean()
+                health[layout.health_nonfinite(p)] = (~ok).float()
             if p not in use:
                 continue
             torch.where(ok, buf, buf.new_zeros(()), out=buf)
@@ -584,7 +583,8 @@ class TeacherPool:
         probabilities are not finite (the dense form leaves it out of the whole batch)."""
         n = input_ids.numel()
         hidden = [self.teachers[p](input_ids, hidden_only=True, **kw[p]).reshape(n, -1) for p in peers]
-        health = torch.zeros(2 * (num_groups + 1), device=input_ids.device)
+        layout = GroupSync(num_groups)
+        health = torch.zeros(layout.health_width, device=input_ids.device)
         with contextlib.ExitStack() as stack:
             heads = [stack.enter_context(self.teachers[p].head_weight()) for p in peers]
             v = heads[0].shape[0]
@@ -601,10 +601,10 @@ class TeacherPool:
                     probs = torch.softmax(z, dim=-1)
                     ok = torch.isfinite(probs.sum(-1))
                     if targets is not None and num_groups:
-                        slot = p if p >= 0 else num_groups  # the fixed teacher (--teacher) after the peers
-                        p_y = probs.gather(-1, targets.reshape(-1)[i:i + rows, None]).clamp_min(torch.finfo(probs.dtype).tiny)
-                        health[slot] -= p_y.log().sum() / n
-                        health[num_groups + 1 + slot] = torch.maximum(health[num_groups + 1 + slot], (~ok).any().float())
+                        p_y = probs.gather(-1, targets.reshape(-1)[i:i + rows, None])
+                        health[layout.health_ce(p)] -= p_y.clamp_min(torch.finfo(probs.dtype).tiny).log().sum() / n
+                        bad = layout.health_nonfinite(p)
+                        health[bad] = torch.maximum(health[bad], (~ok).any().float())
                     if p not in use:
                         continue
                     probs = torch.where(ok[:, None], probs, probs.new_zeros(()))

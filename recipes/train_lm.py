@@ -225,9 +225,8 @@ def train_step(cfg, step, students, exchange, control, stop, bad_in_a_row, log, 
                        exchange.guard.proposals())
     sync_s = time.perf_counter() - t0
     exchange.after_sync(out, step)
-    w = Student.sync_width(exchange.G)
     for i, s in enumerate(students):
-        st = s.finish_step(step, out.bad[s.id], out.local[w * i:w * (i + 1)], sync_s)
+        st = s.finish_step(step, out.bad[s.id], s.sync.split(out.local, i), sync_s)
         exchange.observe(s.id, st)
         if st.skipped:
             log(f"WARNING: [group {s.id}] step {step}: loss is {st.loss}; step skipped, no update "

@@ -305,3 +305,18 @@ def test_loss_chunk_mb_auto_is_resolved_by_device(monkeypatch):
     for bad in (0, -1, "lots"):
         with pytest.raises(ValueError, match="--loss_chunk_mb"):
             resolve_chunk_mb(bad, cpu)
+
+
+def test_the_step_sync_is_read_and_written_by_name():
+    """Issue 29 item 3: one named layout (GroupSync) for each hosted group's part of the sync."""
+    from codistill.comm import GroupSync
+    lay = GroupSync(num_groups=3)
+    assert lay.width == len(GroupSync.HEAD) + 2 * 4 and lay.slot(-1) == 3
+    health = [0.0] * lay.health_width
+    health[lay.health_ce(1)], health[lay.health_nonfinite(-1)] = 2.5, 1.0
+    one = [7.0, 0.5, 1.0, 2.0, 3.0, 0.9, 4.0, *health]
+    local = [0.0] * lay.width + one  # the second hosted group's part follows the first's
+    got = lay.split(local, 1)
+    assert (got["norm_step"], got["loss"], got["distill_ce"]) == (7.0, 1.0, 4.0)
+    assert got["health"][lay.health_ce(1)] == 2.5 and got["health"][lay.health_nonfinite(-1)] == 1.0
+    assert len({lay.health_ce(p) for p in (-1, 0, 1, 2)} | {lay.health_nonfinite(p) for p in (-1, 0, 1, 2)}) == 8
