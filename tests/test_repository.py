@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 from conftest import ROOT
@@ -79,3 +80,19 @@ def test_nothing_of_ours_unpickles_without_weights_only():
                         "torch.load(" in line and "weights_only=True" not in line):
                     bad.append(f"{f.relative_to(ROOT)}:{i}: {line.strip()}")
     assert not bad, bad
+
+
+def test_every_benchmark_and_recipe_script_imports():
+    """A renamed helper must not break a script nobody runs in the suite (CI once failed collecting
+    tests/e2e/test_gpu.py because benchmarks/common.py lost an import): import each in a fresh
+    interpreter, as `python benchmarks/<name>.py` would, without running main."""
+    scripts = [p for p in tracked("benchmarks/*.py") + tracked("recipes/*.py")]
+    code = ("import runpy, sys; sys.path[:0] = [sys.argv[2], sys.argv[3]]; "
+            "runpy.run_path(sys.argv[1], run_name='imported')")
+    failed = {}
+    for p in scripts:
+        r = subprocess.run([sys.executable, "-c", code, str(p), str(p.parent), str(ROOT)],
+                           capture_output=True, text=True, cwd=ROOT, timeout=120)
+        if r.returncode:
+            failed[p.relative_to(ROOT).as_posix()] = r.stderr.strip().splitlines()[-1:]
+    assert len(scripts) >= 10 and not failed, failed
