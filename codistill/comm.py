@@ -51,6 +51,47 @@ def collective_timeout(seconds: float) -> datetime.timedelta:
     return timeout
 
 
+def stale_build_locks(before: float) -> list:
+    """torch's JIT extension build locks (``<TORCH_EXTENSIONS_DIR>/<python_cpu|cuda>/<op>/lock``)
+    made before the time ``before``. DeepSpeed builds its CPU communication op under torch's FileBaton
+    (torch/utils/file_baton.py): an O_EXCL file with no owner recorded, which every later start
+    polls for ever. A build killed mid-way (an OOM kill, a cancelled job) leaves it behind, and
+    nothing says so; a lock this old with no build running is that."""
+    import os
+    from pathlib import Path
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions")
+    out = []
+    for lock in root.glob("*/*/lock"):
+        try:
+            if lock.stat().st_mtime < before:
+                out.append(lock)
+        except OSError:  # released meanwhile
+            pass
+    return sorted(out)
+
+
+def watch_start_up(after_s: float = 120.0, warn=None):
+    """A daemon timer that, if start-up (rendezvous + DeepSpeed's op build) still runs after
+    ``after_s``, names any build lock made before it started and what to do; cancel it once
+    started."""
+    import sys
+    import threading
+    import time
+    t0 = time.time()
+
+    def check():
+        locks = stale_build_locks(t0)
+        if locks:
+            msg = (f"warning: still starting after {after_s:.0f} s and waiting on torch extension build lock(s) "
+                   f"{', '.join(map(str, locks))}: a build killed mid-way leaves them; if no other run is "
+                   f"building now, remove them and start again")
+            (warn or (lambda m: print(m, file=sys.stderr, flush=True)))(msg)
+    t = threading.Timer(after_s, check)
+    t.daemon = True
+    t.start()
+    return t
+
+
 # What a collective raises on a rank whose peer died or hung past the process-group timeout:
 # gloo's transport errors are plain RuntimeErrors ("[.../gloo/transport/tcp/pair.cc:553]
 # Connection closed by peer ...", "Timed out waiting ... for recv"); NCCL's are DistBackendError

@@ -30,7 +30,14 @@ import torch
 from codistill import faults, flags, runlog
 from codistill.checkpoint import Checkpointer
 from codistill.checkpoint import read_latest as read_latest_checkpoint
-from codistill.comm import StepControl, collective_timeout, flags_any, lost_rank_message, rendezvous_defaults
+from codistill.comm import (
+    StepControl,
+    collective_timeout,
+    flags_any,
+    lost_rank_message,
+    rendezvous_defaults,
+    watch_start_up,
+)
 from codistill.device import DeviceError, bind_device
 from codistill.ds_config import ConfigError, load_ds_config, resolve_ds_config
 from codistill.exchange import ExportError
@@ -113,7 +120,9 @@ def init_distributed(device: torch.device, timeout_s: float = 600.0) -> None:
     elif "OMP_NUM_THREADS" not in os.environ:  # share the cores among this node's ranks
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"]))
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_world)))
+    watchdog = watch_start_up()  # a stale JIT build lock would hang here silently
     deepspeed.init_distributed(verbose=False, timeout=timeout)
+    watchdog.cancel()
 
 
 def load_inputs(p: Plan, log):

@@ -130,3 +130,23 @@ def main_run(sample_data, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("main") / "run"
     proc = launch(e2e_args(sample_data, run_dir))
     return run_dir, proc.stdout
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Remove DeepSpeed's CPU all-reduce shared-memory buffers (/dev/shm/deepspeed_allreduce_buffer_*,
+    66 MB each) that no live process maps. Ranks the fault tests kill never unlink theirs; a few
+    hundred of them filled this machine's RAM once (the suite then swapped and was OOM-killed)."""
+    shm = Path("/dev/shm")
+    leaked = set(shm.glob("deepspeed_allreduce_buffer_*")) if shm.is_dir() else set()
+    if not leaked:
+        return
+    mapped = set()
+    for maps in Path("/proc").glob("[0-9]*/maps"):
+        try:
+            mapped.update(line.split(None, 5)[-1].strip() for line in maps.read_text().splitlines()
+                          if "/dev/shm/deepspeed_allreduce_buffer_" in line)
+        except OSError:  # the process ended meanwhile, or is not ours to read
+            pass
+    for p in leaked:
+        if str(p) not in mapped:
+            p.unlink(missing_ok=True)

@@ -320,3 +320,26 @@ def test_the_step_sync_is_read_and_written_by_name():
     assert (got["norm_step"], got["loss"], got["distill_ce"]) == (7.0, 1.0, 4.0)
     assert got["health"][lay.health_ce(1)] == 2.5 and got["health"][lay.health_nonfinite(-1)] == 1.0
     assert len({lay.health_ce(p) for p in (-1, 0, 1, 2)} | {lay.health_nonfinite(p) for p in (-1, 0, 1, 2)}) == 8
+
+
+def test_start_up_watchdog_names_a_stale_jit_build_lock(tmp_path, monkeypatch):
+    """A JIT build killed mid-way leaves torch's FileBaton lock, and every later start waits on it
+    silently (it happened here after an OOM kill): the trainer's watchdog names it."""
+    import time
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    old = tmp_path / "py311_cpu" / "deepspeed_shm_comm" / "lock"
+    new = tmp_path / "py311_cpu" / "other_op" / "lock"
+    for p in (old, new):
+        p.parent.mkdir(parents=True)
+        p.touch()
+    os.utime(old, (time.time() - 600, time.time() - 600))
+    os.utime(new, (time.time() + 60, time.time() + 60))  # made after this start began: a live build
+    assert comm.stale_build_locks(time.time()) == [old]
+    said = []
+    comm.watch_start_up(0.05, warn=said.append).join(5)
+    assert len(said) == 1 and str(old) in said[0] and "remove them" in said[0] and str(new) not in said[0]
+    # a start that finishes first says nothing
+    t = comm.watch_start_up(0.05, warn=said.append)
+    t.cancel()
+    time.sleep(0.1)
+    assert len(said) == 1
