@@ -28,8 +28,8 @@ from pathlib import Path
 import torch
 from common import ROOT, bench_data, median, save_results, scalars, table, train
 
+from codistill.data import GroupStream, TokenData
 from codistill.layout import RunLayout
-from data_prep.dataset import GroupStream, TokenData
 from model import build_model, preset_config
 
 

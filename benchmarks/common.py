@@ -10,9 +10,9 @@ import time
 from pathlib import Path
 
 from codistill.comm import free_port  # noqa: F401  (the benchmarks' one free-port helper)
-from codistill.files import write_json
 from codistill.runlog import git_sha  # noqa: F401
 from codistill.runlog import read_scalars as scalars  # noqa: F401  (TensorBoard's own reader)
+from fileio import write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -7,7 +7,7 @@ disk, and what the training thread pays, for Transformers of ~10 M, ~100 M and ~
 Each size runs in its own process (so its peak RSS is its own), with bf16 weights (what a GPU
 run exports), built from config (no training needed):
 
-- write: the trainer's export path (codistill/peers.py ExportWriter -> write_export: finiteness
+- write: the trainer's export path (codistill/exchange.py ExportWriter -> write_export: finiteness
   check, safetensors' file writer, xxh3-64 digest, fsync, renames) against a plain sequential
   write + fsync of the same number of bytes to the same directory;
 - read: the loader's path (read_export + check_usable: header check, then one pass reading into
@@ -40,10 +40,11 @@ from pathlib import Path
 import torch
 from common import PY, RESULTS, median, save_results, table
 
-from codistill.exchange import ReadBuffers, read_export
-from codistill.peers import ExportWriter
+from codistill.exchange import ExportWriter
+from codistill.exports import ReadBuffers, read_export
 from codistill.student import host_copy
-from codistill.teacher import TeacherPool, check_usable
+from codistill.teachers.loader import check_usable
+from codistill.teachers.pool import TeacherPool
 from model import ModelConfig, build_model, count_params
 
 SIZES = {  # Llama-style decoders (model/transformer.py), tied embeddings

@@ -28,9 +28,8 @@ from pathlib import Path
 from common import PY, ROOT, add_run_args, bench_data, runs_root, save_results, scalars, table
 
 from codistill import checkpoint, faults
-from codistill.exchange import list_exports, read_export, write_export
-from codistill.layout import RunLayout
-from codistill.teacher import exports_dir
+from codistill.exports import list_exports, read_export, write_export
+from codistill.layout import RunLayout, exports_dir
 
 STEPS = 30
 BASE = {"--ds_config": "ds_configs/zero2.json", "--max_steps": STEPS, "--export_every": 5, "--burn_in_steps": 5,
@@ -195,7 +194,7 @@ def main():
            20 - (r or 0), damage(d, (0, 1), ref))
 
     # 3-6. dead, late, corrupt and hostile peers (group 0 alone, latest teachers)
-    from data_prep.dataset import TokenData
+    from codistill.data import TokenData
     from model import preset_config
     cfg, tok = preset_config("lstm", "tiny", TokenData(data).vocab_size, 1024), TokenData(data).tokenizer_sha256
     d = root / "peers"
@@ -330,7 +329,7 @@ def stuck_peer(data, root, ref, record) -> None:
     """A peer whose LATEST is a FIFO (a read that never returns) beside a healthy peer: group 0 alone
     trains at its usual pace with the healthy teacher and exits cleanly (docs/fault_tolerance.md,
     "Stuck peers"; the read is abandoned after teacher.READ_TIMEOUT_S, longer than this run)."""
-    from data_prep.dataset import TokenData
+    from codistill.data import TokenData
     from model import preset_config
     cfg, tok = preset_config("lstm", "tiny", TokenData(data).vocab_size, 1024), TokenData(data).tokenizer_sha256
     d = root / "stuck_peer"

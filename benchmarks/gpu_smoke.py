@@ -57,8 +57,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # common.py, when impo
 import torch  # noqa: E402
 from common import DEEPSPEED, PY, RESULTS, ROOT, free_port, median, save_results, scalars, table  # noqa: E402
 
-from codistill.files import atomic_write_bytes  # noqa: E402
 from codistill.layout import RunLayout  # noqa: E402
+from fileio import atomic_write_bytes
 
 ARCHS = ("lstm", "transformer", "llama_tied")
 MODES = ("full", "offload", "topk")
@@ -369,7 +369,7 @@ def check_init_from(sm: Smoke) -> dict:
     pretrained embeddings are scaled x30 so any other start is far off."""
     from transformers import AutoModelForCausalLM
 
-    from data_prep.dataset import GroupStream, TokenData
+    from codistill.data import GroupStream, TokenData
     pre_dir = sm.tied_llama(save_weights=True)
     run, out = sm.train("init_from", ["--model", "hf", "--init_from", pre_dir, "--dropout", 0, *sm.tiny()])
     expect_codistilled(sm, run, out)

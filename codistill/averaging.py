@@ -4,11 +4,11 @@ distilling from them (LocalSGD, ``average``; DiLoCo's outer step, ``diloco``).
 Protocol (one round = the K steps between two exchange steps; see docs/averaging.md):
 1. At an exchange step every group's ranks read the group's full fp32 master weights
    (``read_masters``: every rank of the group calls it, in the same order - under ZeRO-1/2/3 it
-   is a collective of the group) and the group exports them as usual (codistill/exchange.py).
+   is a collective of the group) and the group exports them as usual (codistill/exports.py).
 2. Each group reads its peers' exports of THAT step through ``read_peer``: an export that fails
-   the exchange's checks (codistill/exchange.py read_export: not a well-formed safetensors file,
-   truncated, another model config or tokenizer, non-finite weights - the guard codistill/health.py
-   lists first), holds other tensors than the model's (codistill/teacher.py check_usable) or is
+   the exchange's checks (codistill/exports.py read_export: not a well-formed safetensors file,
+   truncated, another model config or tokenizer, non-finite weights - the guard codistill/teachers/health.py
+   lists first), holds other tensors than the model's (codistill/teachers/loader.py check_usable) or is
    of another step is refused with an ExportError naming the peer, the file and the reason; a
    refused export is never averaged in. The mean is over the groups present (own + accepted).
 3. ``average``: LocalSGD sets the weights to ``average(present)``, the fp32 mean in group order.
@@ -46,8 +46,9 @@ from pathlib import Path
 
 import torch
 
-from codistill.exchange import Export, ExportError, export_name, read_export
-from codistill.teacher import check_usable
+from codistill.exports import Export, export_name, read_export
+from codistill.teachers.loader import check_usable
+from fileio import ExportError
 
 
 # ---- the engine's fp32 master weights ---------------------------------------------------------

@@ -35,7 +35,7 @@ written leaves it empty. So here:
   of the group agree (``any_rank``) so that all of them see the same outcome.
 
 Resume reads the run's own checkpoint directory only; nothing a peer group wrote is ever
-unpickled (peers' exports are safetensors, read by codistill/exchange.py).
+unpickled (peers' exports are safetensors, read by codistill/exports.py).
 """
 from __future__ import annotations
 
@@ -49,9 +49,9 @@ from pathlib import Path
 
 from codistill import faults
 from codistill.comm import flags_any
-from codistill.files import atomic_write_bytes, fsync_dir, fsync_tree
+from codistill.exports import file_digest
 from codistill.flags import CheckpointFlags
-from codistill.weights_file import file_digest
+from fileio import atomic_write_bytes, fsync_dir, fsync_tree
 
 COMPLETE = "codistill_complete.json"
 TAG = re.compile(r"^global_step(\d+)$")

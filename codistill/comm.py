@@ -187,7 +187,7 @@ class StepControl:
                                   of step s at the next step: s + 1 (0 = no swap); the other ranks
                                   of the group follow it
         [1 + G + S + g * G + p]   (teacher guard on) group g's leader's verdict on peer p's teacher:
-                                  1 use, 2 dropped (codistill/health.py); S = the swap slots
+                                  1 use, 2 dropped (codistill/teachers/health.py); S = the swap slots
 
     A rank writes only the slots of the groups it hosts, so MAX gives every rank the group-wide
     answer for every group, whatever the topology (one group per launch, a world split, or
@@ -275,4 +275,4 @@ class StepOutcome:
     bad: list[bool]                     # per group: skip this step's update
     swaps: dict[tuple[int, int], int]   # (group, peer) -> export step its leader swaps in next
     local: list[float]                  # this rank's values passed as ``local``
-    drops: dict = None                  # (group, peer) -> teacher state its leader announced (codistill/health.py)
+    drops: dict = None                  # (group, peer) -> teacher state its leader announced (codistill/teachers/health.py)

@@ -1,273 +1,297 @@
-"""Teacher exports: how a group publishes its weights and how a peer reads them safely.
+"""The exchange between groups: what a process publishes to its peers and which of their
+exports it uses as teachers, when.
 
-Layout under ``run_dir/group_{i}/exports/``:
-    step_000500.safetensors   weights only (safetensors: never pickle)
-    step_000500.json          metadata: group, step, tokens seen, model config + hash,
-                              tokenizer hash, time, size and xxh3-64 digest of the weights file
-    LATEST                    the name ("step_000500") of the newest complete export
+One object per process, ``Exchange``, owns the whole protocol; the trainer only calls it at
+fixed points of a step (``before_step``, ``announce``/``after_sync`` around the step's sync,
+``maybe_export``, ``settle`` before a checkpoint, ``state``/``restore`` for checkpoints):
 
-Writers: temp file in the same directory -> fsync -> os.replace, weights first, then the
-metadata, then LATEST, then fsync of the directory. A reader that follows LATEST therefore
-only ever sees complete files; the size and digest in the metadata catch a file replaced or
-truncated behind the reader's back. How one weights file is written and read back in one
-verified pass (digest, header, NaN/Inf): codistill/weights_file.py.
-A writer that fails (disk full) removes its half-written export and raises OSError; LATEST
-still names the previous export. Temp files of a writer killed mid-write are ignored by
-readers and removed by clean_temp_files when the writer starts again.
-Readers: refuse anything that is not a well-formed safetensors file (a pickle renamed
-.safetensors is rejected by its header before any byte of it is interpreted), a LATEST that
-names anything but a plain export name in the same directory, metadata that does not match
-the student's model config or tokenizer, and non-finite weights.
-
-A peer may be hostile or broken, so every file of it is opened with codistill/files.py
-``open_regular`` / ``read_bounded`` (regular files only, never through a symlink, a FIFO or a
-device; every read bounded: LATEST ``MAX_LATEST`` bytes, metadata ``MAX_META``, weights the
-size the metadata records, which must be the size the header's tensors tile exactly) and every
-problem, whatever its kind (deeply nested JSON, a field of the wrong type, a directory where a
-file should be), is an ExportError naming the file.
-
-The step an export claims is bounded (``check_meta``): the file's name and the metadata agree
-(in sync mode that is the step the reader's own schedule asks for, so a peer cannot claim any
-other), 0 <= step <= ``MAX_STEP`` (10^9: ~30 years at one step a second; a step of 10^12 would
-never become stale), and a caller that knows a bound passes ``max_step`` (e.g. its own step plus
-the lead a peer may have). ``tokens_seen`` and ``weights_bytes`` are non-negative integers, the
-latter at most weights_file.MAX_WEIGHTS.
+- Exports: every K = --export_every steps each group's leader publishes its weights
+  (codistill/exports.py: safetensors + metadata + LATEST). The device->host copy happens on the
+  training thread; serialisation, sha256, fsync and the renames on a background thread
+  (``ExportWriter``). One export is in flight at a time: the next export, a checkpoint and the
+  end of the run wait for it, so a failed write (disk full) is known - warned, or the run stops
+  with --on_write_error stop - before anything is built on it; LATEST keeps naming the previous
+  complete export. Non-finite weights are never published.
+- Sync teachers (every group in this launch, ``sync_schedule``): before step s = b + 1, at each
+  export boundary b (b % K == 0, b >= 2K) every student swaps in its peers' exports of step
+  b - K; the loader starts reading those half an interval before (b % K == K // 2), so its read
+  never lands on a swap step. Teachers are a deterministic function of the step: runs are
+  reproducible and resume is exact. An export that failed to be written is skipped (the
+  previous teacher stays) without waiting for it.
+- Latest teachers (one launch per group): the loader follows each peer's LATEST; when it has a
+  new export ready, the group's leader announces it in the step's sync and every rank of the
+  group swaps it in at the start of the next step.
+- In a group of several ranks only the leader reads exports; the other ranks receive the
+  weights by a broadcast over the group (TeacherPool.swap). A missing, late, corrupt or hostile
+  export never stops training: the last good teacher stays (codistill/teachers/pool.py).
 """
 from __future__ import annotations
 
-import json
-import os
-import re
+import threading
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
-import torch
-
-from codistill import faults
-from codistill.files import MissingFile, atomic_write_bytes, fsync_dir, read_bounded
-from codistill.weights_file import (  # noqa: F401
-    MAX_WEIGHTS,
-    ExportError,
-    ReadBuffers,
-    digest_fields,
-    digest_matches,
-    file_digest,
-    parse_safetensors,
-    read_safetensors,
-    write_weights,
-)
-
-EXPORT_NAME = re.compile(r"^step_(\d{6,})$")
-MAX_LATEST = 64          # bytes of a LATEST file ("step_000500")
-MAX_META = 4 << 20       # bytes of an export's metadata (a transformers config is a few KiB)
-MAX_STEP = 10 ** 9       # no run takes more optimizer steps
+from codistill.comm import StepOutcome, flags_any
+from codistill.exports import Export, clean_temp_files, read_export, write_export
+from codistill.flags import Flags, TeacherFlags
+from codistill.layout import RunLayout
+from codistill.teachers.health import TeacherGuard
+from codistill.teachers.loader import FIXED_TEACHER, TeacherLoader, check_usable
+from codistill.teachers.pool import TeacherPool
+from fileio import ExportError
 
 
-def export_name(step: int) -> str:
-    return f"step_{step:06d}"
+def sync_schedule(step: int, K: int) -> tuple[int | None, int | None]:
+    """Sync teachers at (1-based) ``step``: (the peers' export step swapped in before the step,
+    or None; the export step the loader starts reading before the step, or None)."""
+    b = step - 1
+    swap = b - K if b > 0 and b % K == 0 and b >= 2 * K else None
+    prefetch = b - K // 2 if b > 0 and b % K == K // 2 and b - K // 2 >= K else None
+    return swap, prefetch
 
 
-def write_export(exports_dir: Path, step: int, state_dict: dict[str, torch.Tensor], meta: dict,
-                 keep: int = 3) -> Path:
-    """Publish weights for ``step``; returns the path of the weights file. ``state_dict``: host
-    tensors the caller no longer modifies (this may run on a background thread)."""
-    exports_dir = Path(exports_dir)
-    exports_dir.mkdir(parents=True, exist_ok=True)
-    name = export_name(step)
-    tensors = {k: v.detach() for k, v in state_dict.items()}
-    try:
-        info = write_weights(exports_dir / f"{name}.safetensors", tensors, step)
-        meta = dict(meta, step=step, weights=f"{name}.safetensors", time=time.time(), **info)
-        faults.oserror("export_oserror", step)  # test-only hook: a disk full at the worst moment
-        atomic_write_bytes(exports_dir / f"{name}.json", json.dumps(meta, indent=1, sort_keys=True).encode())
-        atomic_write_bytes(exports_dir / "LATEST", name.encode())
-        fsync_dir(exports_dir)
-    except OSError:
-        # LATEST still names the previous export (it is written last); drop the half-written one
-        if read_latest(exports_dir, missing_ok=True) != step:
-            for suffix in (".json", ".safetensors"):
-                try:
-                    (exports_dir / f"{name}{suffix}").unlink()
-                except OSError:
-                    pass
-        raise
-    prune_exports(exports_dir, keep)
-    return exports_dir / f"{name}.safetensors"
-
-
-def clean_temp_files(exports_dir: Path) -> list[str]:
-    """Remove what a writer killed mid-write left: temp files (``.NAME.tmp-PID-THREAD``) and the half
-    of an export whose other half is missing (weights without metadata or the reverse).
-
-    Readers never use them (they follow LATEST, list ``step_*.json`` and need both files); the
-    writer calls this when it starts, since only one process writes a group's exports.
-    """
-    exports_dir = Path(exports_dir)
-    try:
-        latest = read_latest(exports_dir, missing_ok=True)
-    except ExportError:  # a LATEST that is not a plain file naming an export: the next export replaces it
-        latest = None
-    doomed = [p for p in exports_dir.glob(".*.tmp-*")  # .NAME.tmp-PID[-THREAD]: not this process's own
-              if p.name.split(".tmp-", 1)[1].split("-")[0] != str(os.getpid())]
-    for p in [*exports_dir.glob("step_*.safetensors"), *exports_dir.glob("step_*.json")]:
-        m = EXPORT_NAME.match(p.stem)
-        other = p.with_suffix(".json" if p.suffix == ".safetensors" else ".safetensors")
-        if m and int(m.group(1)) != latest and not other.exists():
-            doomed.append(p)
-    removed = []
-    for p in doomed:
-        try:
-            p.unlink()
-            removed.append(p.name)
-        except OSError:
-            pass
-    return removed
-
-
-def list_exports(exports_dir: Path) -> list[int]:
-    steps = []
-    for p in Path(exports_dir).glob("step_*.json"):
-        m = EXPORT_NAME.match(p.stem)
-        if m and (p.with_suffix(".safetensors")).exists():
-            steps.append(int(m.group(1)))
-    return sorted(steps)
-
-
-def prune_exports(exports_dir: Path, keep: int) -> None:
-    """Delete all but the newest ``keep`` exports; never the one LATEST names."""
-    latest = read_latest(exports_dir, missing_ok=True)
-    for step in list_exports(exports_dir)[:-keep] if keep > 0 else []:
-        if step == latest:
-            continue
-        for suffix in (".json", ".safetensors"):  # metadata first: readers list by .json
-            try:
-                (Path(exports_dir) / f"{export_name(step)}{suffix}").unlink()
-            except FileNotFoundError:
-                pass
-
-
-def read_latest(exports_dir: Path, missing_ok: bool = False) -> int | None:
-    """The step LATEST names, validated to be a plain export name (no paths)."""
-    path = Path(exports_dir) / "LATEST"
-    try:
-        raw = read_bounded(path, MAX_LATEST, "LATEST").decode("ascii", errors="replace").strip()
-    except MissingFile:
-        if missing_ok:
-            return None
-        raise ExportError(f"{path} does not exist (the peer has not exported yet)") from None
-    m = EXPORT_NAME.match(raw)
-    if not m:
-        shown = repr(raw[:24]) + ("..." if len(raw) > 24 else "")  # never echo a file's contents at length
-        raise ExportError(f"{path} names {shown}, which is not an export name like 'step_000500' "
-                          "(paths and other files are refused)")
-    return int(m.group(1))
+def resume_prefetch(start: int, K: int) -> int | None:
+    """After resuming at ``start``: the export the uninterrupted run's loader had been asked for
+    (the one its next swap uses), or None."""
+    pending = (start - 1) // K * K
+    return pending if start and pending >= K else None
 
 
 @dataclass
-class Export:
+class WriteResult:
     step: int
-    meta: dict
-    state_dict: dict[str, torch.Tensor]
-    buffer: torch.Tensor | None = None  # what the tensors are views into (ReadBuffers.give takes it back)
+    group: int
+    error: Exception | None = None
 
 
-def read_export(exports_dir: Path, step: int, expect_config_hash: str | None = None,
-                expect_tokenizer: str | None = None, pin_memory: bool = False,
-                buffers: ReadBuffers | None = None, expect: dict | None = None,
-                max_step: int | None = None) -> Export:
-    """Read and validate one export into CPU memory. Raises ExportError on any problem."""
-    exports_dir = Path(exports_dir)
-    name = export_name(step)
-    return read_weights(exports_dir / f"{name}.json", exports_dir / f"{name}.safetensors", step,
-                        expect_config_hash, expect_tokenizer, missing=f"export {name} in {exports_dir} is missing",
-                        pin_memory=pin_memory, buffers=buffers, expect=expect, max_step=max_step)
+class ExportWriter:
+    """A group leader's exports, written on a background thread, one at a time."""
+
+    def __init__(self, exports_dir, keep: int):
+        self.dir, self.keep = exports_dir, keep
+        self._thread: threading.Thread | None = None
+        self._result: WriteResult | None = None
+
+    def submit(self, group: int, step: int, state_dict: dict, meta: dict) -> None:
+        """Start writing; ``state_dict`` must be host tensors the trainer no longer touches."""
+        assert self._thread is None, "collect the previous export first"
+        self._result = WriteResult(step, group)
+
+        def work():
+            try:
+                write_export(self.dir, step, state_dict, meta, keep=self.keep)
+            except (OSError, ExportError) as e:
+                self._result.error = e
+
+        self._thread = threading.Thread(target=work, name=f"export-writer-{group}", daemon=True)
+        self._thread.start()
+
+    def collect(self) -> WriteResult | None:
+        """Wait for the export in flight; its result (None when there is none)."""
+        if self._thread is None:
+            return None
+        self._thread.join()
+        self._thread, result, self._result = None, self._result, None
+        return result
 
 
-def read_meta(meta_path: Path, step: int | None = None, max_step: int | None = None) -> dict:
-    """The metadata JSON of an export or final/, bounded (``MAX_META``) and checked (``check_meta``)."""
-    try:
-        meta = json.loads(read_bounded(meta_path, MAX_META, "metadata file"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ExportError(f"{meta_path}: metadata is not valid JSON ({e})") from None
-    except RecursionError:
-        raise ExportError(f"{meta_path}: metadata is not valid JSON (nested too deeply)") from None
-    check_meta(meta, meta_path, step, max_step)
-    return meta
+class Exchange:
+    def __init__(self, cfg: Flags, topo, students, model_cfg, tokenizer_sha256: str, device, log,
+                 fixed: Export | None = None):
+        ex, tf = cfg.exchange, cfg.teachers  # its own flag groups; from the others, the few facts it needs
+        self.flags, self.topo, self.log = ex, topo, log
+        self.K, self.G = ex.export_every, topo.num_groups
+        self.run = RunLayout(cfg.run.run_dir)
+        self.sync = ex.teacher_sync == "on" or (ex.teacher_sync == "auto" and topo.all_groups_here)
+        self.exporting = cfg.codistill  # peers teach each other
+        self.stop_on_write_error = cfg.faults.on_write_error == "stop"
+        self.keep = ex.keep_exports
+        if self.sync:  # the export a checkpoint's teacher came from must survive until the next checkpoint
+            self.keep = max(self.keep, cfg.checkpoint.save_every // self.K + 2)
+        self.model_cfg, self.cfg_hash, self.tok_hash = model_cfg, model_cfg.config_hash(), tokenizer_sha256
+        self.device = device
+        self.students = students
+        self.peers = sorted({p for s in students for p in topo.peers(s.id)}) if self.exporting else []
+        # teachers get the student's dtypes on the student's device; a group of several ranks has
+        # one reader (its leader), whose exports reach the other ranks by broadcast (TeacherPool.swap)
+        self.pool = TeacherPool(model_cfg, device, like=students[0].engine.module,
+                                comm=students[0].comm if len(students) == 1 else None,
+                                placement=self.placement(tf, students, log), mpu=students[0].mpu,
+                                ds_config=students[0].ds_cfg, topk=tf.teacher_topk, chunk_mb=students[0].chunk_mb)
+        self.pool.reserve(self.peers)
+        if fixed is not None:
+            self.pool.load(FIXED_TEACHER, fixed, fixed=True)
+        self.reader = self.pool.comm.leader
+        self.loader = TeacherLoader(self.run.root, self.peers, self.cfg_hash, self.tok_hash,
+                                    "sync" if self.sync else "latest", ex.poll_interval, log,
+                                    pin_memory=device.type == "cuda", expect=self.pool.expected_shapes()) \
+            if self.peers and self.reader else None
+        self.writers = {s.id: ExportWriter(self.run.group(s.id).exports, self.keep) for s in students if s.leader}
+        self.in_flight: int | None = None  # step of the exports being written (the same on every rank)
+        self.failed: set[tuple[int, int]] = set()  # (group, step) exports that could not be written
+        self.guard = TeacherGuard(topo.hosted, {s.id for s in students if s.leader}, self.G,
+                                  tf.teacher_max_ppl_ratio or None, tf.teacher_guard_window, log)
+        self._held: dict[int, Export] = {}  # latest teachers: exports this leader announced
+        self._swaps: dict[int, int] = {}    # latest teachers: peer -> export step to swap in next step
+        for s in students:
+            if s.leader:
+                for name in clean_temp_files(self.run.group(s.id).exports):
+                    log(f"[group {s.id}] removed {name}, a temp file of an export interrupted in an earlier run")
 
+    @staticmethod
+    def placement(tf: TeacherFlags, students, log) -> str:
+        """Where teachers' weights live (codistill/teachers/placement.py), from --teacher_partition and
+        --teacher_offload; partitioning needs one group per rank, of 2 or more ranks."""
+        if tf.teacher_offload == "cpu":
+            return "offload"
+        if not tf.teacher_partition:
+            return "full"
+        if len(students) == 1 and students[0].dp_size > 1:
+            return "partition"
+        log("WARNING: --teacher_partition: each group here has one rank, so there is nothing to partition a "
+            "teacher over; teachers are kept whole (start >= 2 ranks per group to partition them)")
+        return "full"
 
-def check_meta(meta, where, step: int | None = None, max_step: int | None = None) -> None:
-    """The fields a reader relies on have plausible values (see the module docstring)."""
-    def count(v):
-        return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+    @property
+    def mode(self) -> str:
+        return "sync" if self.sync else "latest"
 
-    if not isinstance(meta, dict) or not count(meta.get("step")) or (step is not None and meta["step"] != step):
-        raise ExportError(f"{where}: metadata does not describe step {step if step is not None else '<int>'}")
-    bound = MAX_STEP if max_step is None else min(MAX_STEP, max_step)
-    if meta["step"] > bound:
-        raise ExportError(f"{where}: claims step {meta['step']}, more than any this run can have reached "
-                          f"({bound}); refusing it (a step that high would never become stale)")
-    for key, top in (("weights_bytes", MAX_WEIGHTS), ("tokens_seen", None)):
-        v = meta.get(key)
-        if v is not None and (not count(v) or (top is not None and v > top)):
-            raise ExportError(f"{where}: metadata field {key} is {str(v)[:40]!r}, not a byte/token count"
-                              + (f" up to {top}" if top else ""))
+    def metadata(self, student) -> dict:
+        """What every published set of weights says about itself (exports and final/)."""
+        return {"group": student.id, "tokens_seen": student.tokens_seen, "model_config": self.model_cfg.to_dict(),
+                "model_config_hash": self.cfg_hash, "tokenizer_sha256": self.tok_hash}
 
+    def describe_teachers(self, student: int) -> str:
+        """The teachers ``student`` has used and how they measured (for messages), or ''."""
+        return self.guard.describe(student, self.pool.steps) if self.exporting or self.pool.fixed else ""
 
-def read_weights(meta_path: Path, weights_path: Path, step: int | None, expect_config_hash: str | None = None,
-                 expect_tokenizer: str | None = None, missing: str = "missing", pin_memory: bool = False,
-                 buffers: ReadBuffers | None = None, expect: dict | None = None,
-                 max_step: int | None = None) -> Export:
-    """Validate a (metadata JSON, safetensors) pair - an export, or a group's final/ - and load it.
+    def teacher_steps(self, student: int) -> dict[int, int]:
+        """Peer -> export step of the teacher ``student`` uses now (for summary.json)."""
+        return {p: self.pool.steps[p] for p in self.peers if p in self.pool.steps and p != student}
 
-    ``step`` None accepts whatever step the metadata names; ``expect`` (name -> shape or (shape,
-    dtype)) the model's tensors, checked on the header before the data is read. The metadata is
-    checked first (its model config and tokenizer), so a mismatched export is refused unread.
-    """
-    try:
-        meta = read_meta(meta_path, step, max_step)
-    except MissingFile:
-        raise ExportError(f"{missing} ({meta_path})") from None
-    step = meta["step"]
-    check_compatible(meta, weights_path, expect_config_hash, expect_tokenizer)
-    try:
-        got = read_safetensors(weights_path, digest_fields(meta), pin_memory, buffers, meta.get("weights_bytes"),
-                               expect)
-    except MissingFile:
-        raise ExportError(f"{missing} ({weights_path})") from None
-    if not digest_matches(meta, got.nbytes, got.digests):
-        raise ExportError(f"{weights_path}: size or checksum does not match its metadata "
-                          "(truncated, or replaced while being read)")
-    if got.nonfinite:
-        raise ExportError(f"step {step}: tensor {got.nonfinite[0]} has NaN/Inf values (a diverged peer?)")
-    return Export(step=step, meta=meta, state_dict=got.tensors, buffer=got.buffer)
+    # ---- checkpoints ----------------------------------------------------------------------
+    def state(self) -> dict:
+        return {"teacher_steps": dict(self.pool.steps)}
 
+    def restore(self, state: dict, start: int) -> None:
+        """The teachers in use when the checkpoint was written (read by the leader, broadcast to
+        its group), and the prefetch the uninterrupted run had asked for."""
+        restore = {}
+        for peer, tstep in sorted((int(p), t) for p, t in (state.get("teacher_steps") or {}).items()):
+            if peer in self.pool.steps:
+                continue
+            exp = None
+            if self.reader:
+                try:
+                    exp = read_export(self.run.group(peer).exports, tstep, self.cfg_hash, self.tok_hash)
+                    check_usable(exp, self.pool.expected_shapes())
+                except ExportError as e:
+                    self.log(f"WARNING: cannot restore teacher of group {peer} at step {tstep} ({e}); "
+                             "resume is not exact until the next teacher swap")
+            restore[peer] = (tstep, exp)
+        self._swap(restore)
+        pending = resume_prefetch(start, self.K)
+        if self.loader and self.sync and pending is not None:
+            for p in self.peers:
+                self.loader.want(p, pending)
 
-def check_compatible(meta: dict, weights_path: Path, expect_config_hash: str | None,
-                     expect_tokenizer: str | None) -> None:
-    """The teacher's model config and tokenizer are the student's (when given)."""
-    if expect_config_hash is not None and meta.get("model_config_hash") != expect_config_hash:
-        raise ExportError(
-            f"{weights_path}: the teacher's model config differs from this student's "
-            f"(teacher {meta.get('model_config_hash')} = {meta.get('model_config')}, "
-            f"student {expect_config_hash}); teacher and student must have the same architecture")
-    if expect_tokenizer is not None and meta.get("tokenizer_sha256") != expect_tokenizer:
-        raise ExportError(f"{weights_path}: the teacher used another tokenizer "
-                          f"(teacher {meta.get('tokenizer_sha256')}, student {expect_tokenizer})")
+    # ---- the step -------------------------------------------------------------------------
+    def _swap(self, updates: dict, agree: bool = True) -> None:
+        before = dict(self.pool.steps)
+        self.pool.swap(updates, agree)
+        if self.loader:  # copied into the teachers: the loader may read into these buffers again
+            for _, exp in updates.values():
+                if exp is not None:
+                    self.loader.buffers.give(exp)
+        for p in updates:
+            if self.pool.steps.get(p) != before.get(p):
+                self.guard.on_swap(p)
 
+    def before_step(self, step: int) -> float:
+        """Teacher swaps due before ``step``; returns their milliseconds (loader waits included)."""
+        if not self.peers:
+            return 0.0
+        t0 = time.perf_counter()
+        if self.sync:
+            swap, prefetch = sync_schedule(step, self.K)
+            if swap is not None:
+                due = [p for p in self.peers if (p, swap) not in self.failed]  # failed (warned): keep, no wait
+                self._swap({p: (swap, self.loader.wait(p, swap, self.flags.teacher_timeout)
+                                if self.loader else None) for p in due})
+            if prefetch is not None and self.loader:
+                for p in self.peers:
+                    self.loader.want(p, prefetch)
+            return (time.perf_counter() - t0) * 1e3 if swap is not None else 0.0
+        if not self._swaps:
+            return 0.0
+        self._swap({p: (t, self._held.pop(p, None)) for p, t in self._swaps.items()}, agree=False)
+        self._swaps = {}
+        return (time.perf_counter() - t0) * 1e3
 
-def read_final(final_dir: Path, expect_config_hash: str | None = None, expect_tokenizer: str | None = None,
-               where: str | None = None) -> Export:
-    """A group's final/ (model.safetensors + meta.json), validated like an export; the one reader
-    of final/ weights (--teacher, recipes/evaluate.py)."""
-    final_dir = Path(final_dir)
-    where = where or str(final_dir)
-    weights, meta = final_dir / "model.safetensors", final_dir / "meta.json"
-    if not weights.is_file():
-        raise ExportError(f"{where}: has no model.safetensors (the run has not finished?)")
-    if not meta.is_file():
-        read_safetensors(weights)  # a pickle is named as such
-        raise ExportError(f"{where}: has no meta.json (written by this repository's trainer since offline "
-                          "distillation was added); use one of the run's exports instead")
-    return read_weights(meta, weights, None, expect_config_hash, expect_tokenizer,
-                        missing=f"{where}: incomplete final/ directory")
+    def announce(self) -> dict[tuple[int, int], int]:
+        """Latest teachers: (group, peer) -> export step this leader swaps in at the next step."""
+        if self.sync or not self.loader:
+            return {}
+        for p in self.peers:
+            exp = self.loader.take(p)
+            if exp is not None:
+                self._held[p] = exp
+        return {(s.id, p): self._held[p].step for s in self.students for p in self.topo.peers(s.id)
+                if p in self._held}
+
+    def after_sync(self, out: StepOutcome, step: int) -> None:
+        self._swaps = {p: t for (g, p), t in out.swaps.items() if g in self.topo.hosted}
+        self.guard.apply(out.drops or {}, self.pool.steps, step)
+
+    def observe(self, student: int, st) -> None:
+        """The step's teacher health, for the quality guard (codistill/teachers/health.py)."""
+        self.guard.observe(student, st.ce, st.teacher_ce, st.teacher_nonfinite)
+
+    # ---- exports --------------------------------------------------------------------------
+    def maybe_export(self, step: int) -> str | None:
+        """Publish every hosted group's weights at export steps; an outcome ("write_error",
+        "diverged") when the previous export's write makes the run stop, else None."""
+        if not (self.exporting and step % self.K == 0):
+            return None
+        outcome = self.settle()
+        for s in self.students:
+            sd = s.full_state_dict()  # a collective of the group under ZeRO-3; host copies on the leader
+            if s.leader:
+                self.writers[s.id].submit(s.id, step, sd, self.metadata(s))
+        self.in_flight = step
+        return outcome
+
+    def settle(self) -> str | None:
+        """Wait for the exports in flight (before a checkpoint, the next export and the end), warn
+        about failed ones, and tell every rank which failed (sync peers skip them)."""
+        if self.in_flight is None:
+            return None
+        step, self.in_flight = self.in_flight, None
+        failed, diverged = [False] * self.G, False
+        for w in self.writers.values():
+            r = w.collect()
+            if r is None or r.error is None:
+                continue
+            if isinstance(r.error, ExportError):  # non-finite weights: never published
+                self.log.error(f"[group {r.group}] {r.error}; stopping (lower --lr?)")
+                diverged = True
+            else:
+                failed[r.group] = True
+                self.log(f"WARNING: [group {r.group}] export of step {step} failed ({r.error}); peers keep its "
+                         f"previous export (LATEST unchanged)", force=True)
+        stop_mode = self.stop_on_write_error
+        *failed, diverged = flags_any([*failed, diverged], self.device)  # every rank must know
+        self.failed |= {(g, step) for g, f in enumerate(failed) if f}
+        if diverged:
+            return "diverged"
+        if stop_mode and any(failed):
+            self.log.error(f"an export failed at step {step} and --on_write_error stop: exiting; the run "
+                           "resumes from its last checkpoint with --resume auto")
+            return "write_error"
+        return None
+
+    def close(self) -> None:
+        for w in self.writers.values():
+            w.collect()
+        if self.loader:
+            self.loader.close()

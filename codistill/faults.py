@@ -84,8 +84,8 @@ def write_bad_export(exports_dir, step: int, model_config, tokenizer_sha256: str
     import torch
     from safetensors.torch import save_file
 
-    from codistill.exchange import export_name, file_digest
-    from codistill.files import atomic_write, atomic_write_bytes
+    from codistill.exports import export_name, file_digest
+    from fileio import atomic_write, atomic_write_bytes
     from model import build_model
     torch.manual_seed(seed)
     sd = {k: v.clone() for k, v in build_model(model_config).state_dict().items()}

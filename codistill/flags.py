@@ -131,7 +131,7 @@ class DataFlags(Group):
                              "stream starts over from a zero state. Teachers carry their own state over the "
                              "student's streams; a swapped-in teacher and a skipped step (non-finite loss) start "
                              "from zeros. The checkpoint holds every rank's states, so a resume continues exactly. "
-                             "Off: every window is a random window from a zero state (data_prep/dataset.py)")
+                             "Off: every window is a random window from a zero state (codistill/data.py)")
 
     def check(self, errors, warnings):
         _at_least(self, errors, 1, "seq_len")
@@ -294,7 +294,7 @@ class TeacherFlags(Group):
     teacher_max_ppl_ratio: float = flag(3.0, "drop a peer's teacher whose perplexity on the student's own data "
                                         "exceeds the student's by this factor on average over "
                                         "--teacher_guard_window steps, until a newer export of that peer passes "
-                                        "(0: off; codistill/health.py, docs/fault_tolerance.md)")
+                                        "(0: off; codistill/teachers/health.py, docs/fault_tolerance.md)")
     teacher_guard_window: int = flag(5, "steps the teacher guard averages over")
 
     def check(self, errors, warnings):
@@ -565,6 +565,6 @@ def render_docs(current: str) -> str:
 if __name__ == "__main__":
     if sys.argv[1:] != ["--write-docs"]:
         sys.exit("usage: python -m codistill.flags --write-docs   (regenerates docs/flags.md's tables)")
-    from codistill.files import atomic_write_bytes
+    from fileio import atomic_write_bytes
     atomic_write_bytes(DOCS, render_docs(DOCS.read_text()).encode())
     print(f"wrote {DOCS}")

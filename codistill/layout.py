@@ -4,7 +4,7 @@
       config.json                 resolved flags, model config, ds_config, git commit
       summary.json                per group: final metrics (merged from group_i/summary.json)
       group_i/
-        exports/                  step_NNNNNN.safetensors + .json, LATEST   (codistill/exchange.py)
+        exports/                  step_NNNNNN.safetensors + .json, LATEST   (codistill/exports.py)
         checkpoints/              DeepSpeed tags global_stepN/, latest       (codistill/checkpoint.py)
         final/                    model.safetensors, config.json, meta.json (+ hf/)
         tb/                       TensorBoard events

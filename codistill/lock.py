@@ -10,7 +10,7 @@ file's contents are only for the message.
 Filesystems without flock support (some Lustre/NFS mounts; the call fails with ENOLCK or
 EOPNOTSUPP) cannot enforce this: the trainer then warns and goes on unlocked.
 
-The file is opened with codistill/files.py ``open_regular``: a LOCK replaced by a symlink (to a
+The file is opened with fileio.py ``open_regular``: a LOCK replaced by a symlink (to a
 file outside the run directory), a second hard link of another file, a FIFO or a directory is
 refused with a LockError naming it - never truncated or written through.
 """
@@ -24,8 +24,8 @@ import socket
 import time
 from pathlib import Path
 
-from codistill.files import ExportError, open_regular
 from codistill.layout import GroupLayout
+from fileio import ExportError, open_regular
 
 
 class LockError(RuntimeError):

@@ -12,9 +12,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from codistill.exchange import write_weights
-from codistill.files import write_json
+from codistill.exports import write_weights
 from codistill.layout import RunLayout
+from fileio import write_json
 
 
 class Console:
@@ -152,7 +152,7 @@ def save_final(s, state_dict, meta: dict, model_cfg, step: int, wall: float, tea
     (tmp / "meta.json").write_text(json.dumps(dict(meta, step=step, weights="model.safetensors", **info),
                                               indent=2, sort_keys=True) + "\n")
     if model_cfg.arch in ("transformer", "hf"):
-        problem = save_hf(model_cfg, tensors, s.data.root, tmp / "hf")
+        problem = save_hf(model_cfg, tensors, s.data_dir, tmp / "hf")
         if problem and log is not None:
             log(f"WARNING: group {s.id}: {problem}", force=True)
     shutil.rmtree(old, ignore_errors=True)

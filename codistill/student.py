@@ -15,6 +15,7 @@ import torch
 
 from codistill import faults, runlog
 from codistill.comm import GroupComm, GroupSync, sum_over
+from codistill.data import GroupStream, eval_batches, eval_streams
 from codistill.device import engine_args
 from codistill.flags import Flags
 from codistill.layout import RunLayout
@@ -23,7 +24,6 @@ from codistill.noise import NoiseScale
 from codistill.noise import measure as measure_gradients
 from codistill.noise import reading as noise_reading
 from codistill.skip import skip_step
-from data_prep.dataset import GroupStream, eval_batches, eval_streams
 from model import build_model, count_params
 from model.lstm import CarriedState
 
@@ -283,7 +283,7 @@ class Student:
     def evaluate(self):
         """Validation loss/perplexity over the group's ranks: totals summed on the device, one
         all-reduce over the group and one host sync at the end. --eval_state carried: the LSTM
-        carries its state across the batches (data_prep/dataset.py eval_streams)."""
+        carries its state across the batches (codistill/data.py eval_streams)."""
         self.engine.eval()
         tot = torch.zeros(2, dtype=torch.float64, device=self.device)
         kw = {"state": CarriedState()} if self.carried_eval else {}  # --eval_state carried: rows, in order

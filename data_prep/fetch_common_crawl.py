@@ -44,7 +44,7 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from codistill.files import write_json
+from fileio import write_json
 
 DEFAULT_BASE_URL = "https://data.commoncrawl.org"
 BLOCK = 1 << 20

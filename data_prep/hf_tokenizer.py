@@ -326,7 +326,7 @@ def _check_export(loaded, text: TextTokenizer) -> None:
 
 
 def _publish(tmp: Path, out: Path) -> None:
-    from codistill.files import fsync_dir, fsync_tree
+    from fileio import fsync_dir, fsync_tree
 
     fsync_tree(tmp)
     if not out.exists():

@@ -53,7 +53,7 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from codistill.files import atomic_write, write_json  # noqa: E402
+from fileio import atomic_write, write_json
 
 
 @dataclass(frozen=True)

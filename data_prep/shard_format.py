@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from codistill import files
+import fileio as files
 from data_prep.report import OutputExistsError
 
 FORMAT_VERSION = 1

@@ -93,7 +93,7 @@ class HFCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, hidden_only: bool = False) -> torch.Tensor:
         """Logits [B, T, V]; with ``hidden_only`` the base model's last hidden states [B, T, D]
         (architectures that scale or cap logits after the head differ from head(hidden): the
-        teacher pool checks that once before using it, codistill/teacher.py)."""
+        teacher pool checks that once before using it, codistill/teachers/pool.py)."""
         if hidden_only:
             return self.hf.base_model(input_ids=input_ids, use_cache=False).last_hidden_state
         return self.hf(input_ids=input_ids, use_cache=False).logits

@@ -34,7 +34,7 @@ documents are sentences).
 
 Weights are read through safetensors only: group_i/final/model.safetensors (+ config.json),
 or an export (group_i/exports/step_N.safetensors + .json) through the same reader the
-teachers use (codistill/exchange.py: header check, sha256, tokenizer hash).
+teachers use (codistill/exports.py: header check, sha256, tokenizer hash).
 """
 from __future__ import annotations
 
@@ -49,12 +49,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from codistill.exchange import ExportError, export_name, read_export, read_final, read_latest
-from codistill.files import write_json
+from codistill.data import DataError, TokenData
+from codistill.exports import export_name, read_export, read_final, read_latest
 from codistill.layout import GroupLayout, RunLayout
 from codistill.metrics import Totals, count_words_in_tokens, ensemble_log_probs, log_probs, ppl
 from codistill.runlog import git_sha
-from data_prep.dataset import DataError, TokenData
+from fileio import ExportError, write_json
 from model import ModelConfig, build_model
 from model.lstm import CarriedState
 

@@ -24,8 +24,8 @@ from pathlib import Path
 
 import torch
 
-from codistill.exchange import ExportError
-from codistill.teacher import read_fixed_teacher
+from codistill.teachers.loader import read_fixed_teacher
+from fileio import ExportError
 from model import ModelConfig, build_model
 
 

@@ -99,7 +99,7 @@ def write_test_export(d, step, cfg=None, tok=TOK, seed=0, keep=3):
     """Export a freshly initialised ``cfg`` model (seed ``seed``) as step ``step`` into ``d``."""
     import torch
 
-    from codistill.exchange import write_export
+    from codistill.exports import write_export
     from model import build_model
     cfg = cfg or CFG
     torch.manual_seed(seed)

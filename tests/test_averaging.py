@@ -13,8 +13,8 @@ import torch
 from conftest import DEEPSPEED, ROOT, env_for_runs, free_port
 
 from codistill import averaging
-from codistill.exchange import write_export
-from codistill.files import ExportError
+from codistill.exports import write_export
+from fileio import ExportError
 
 
 def _weights(seed: int) -> dict[str, torch.Tensor]:

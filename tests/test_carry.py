@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from codistill.teacher import TeacherPool
-from data_prep.dataset import DataError, GroupStream, TokenData, eval_batches, eval_streams
+from codistill.data import DataError, GroupStream, TokenData, eval_batches, eval_streams
+from codistill.teachers.pool import TeacherPool
 from model import build_model, preset_config
 from model.lstm import CarriedState
 
@@ -98,7 +98,7 @@ def test_carried_validation_reads_the_fresh_windows_as_rows(data):
 def test_teachers_carry_their_state_until_a_swap(topk):
     """TeacherPool.probs with ``states``: each teacher continues its rows where it stopped (the
     same distribution as one call over the whole rows); a swapped-in teacher starts from zeros."""
-    from codistill.exchange import Export
+    from codistill.exports import Export
     cfg = preset_config("lstm", "tiny", 50, n_layers=2)
     peer = lstm(seed=3)
     pool = TeacherPool(cfg, torch.device("cpu"), topk=topk)

@@ -13,8 +13,8 @@ from codistill import comm
 from codistill.comm import GroupComm, StepControl, device_tensor
 from codistill.device import DeviceError, bf16_native, pick_cuda_index
 from codistill.ds_config import resolve_ds_config
-from codistill.exchange import Export
-from codistill.teacher import TeacherPool, build_frozen
+from codistill.exports import Export
+from codistill.teachers.pool import TeacherPool, build_frozen
 from model import build_model, preset_config
 
 

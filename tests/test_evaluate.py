@@ -64,7 +64,7 @@ def test_word_count_by_hand(sample_data):
     assert count_words_in_tokens([3, 4, 5, 2, 6], eos_id=2, decode=decode) == (3, 1)
     import sentencepiece as spm
 
-    from data_prep.dataset import TokenData
+    from codistill.data import TokenData
     data = TokenData(sample_data)
     sp = spm.SentencePieceProcessor()
     sp.Load(str(data.tokenizer_path))
@@ -146,7 +146,7 @@ def test_carried_state_evaluation_is_one_call_over_each_row(two_runs):
     and (the model having context at every window start) not the fresh-window number."""
     import numpy as np
 
-    from data_prep.dataset import TokenData
+    from codistill.data import TokenData
     a, _ = two_runs
     common = ["--run_dir", str(a), "--max_tokens", 1024, "--batch_size", 3]
     carried, fresh = evaluate.main(common), evaluate.main(common + ["--state", "fresh"])

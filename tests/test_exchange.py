@@ -10,8 +10,10 @@ import torch
 from conftest import write_test_export
 
 from codistill import faults
-from codistill.exchange import ExportError, clean_temp_files, list_exports, read_export, read_latest, write_export
-from codistill.teacher import TeacherLoader, exports_dir
+from codistill.exports import clean_temp_files, list_exports, read_export, read_latest, write_export
+from codistill.layout import exports_dir
+from codistill.teachers.loader import TeacherLoader
+from fileio import ExportError
 from model import build_model, preset_config
 
 CFG = preset_config("lstm", "tiny", vocab_size=64)
@@ -79,7 +81,7 @@ def test_a_safetensors_header_whose_length_starts_with_0x80_is_not_taken_for_a_p
     """A header of 0x380 bytes (or any length = 0x80 mod 256) makes the file's first byte 0x80,
     a pickle's first byte: the safetensors reading must be tried first (a real export of the
     2 x 200 LSTM was refused that way)."""
-    from codistill.exchange import write_export
+    from codistill.exports import write_export
     sd = build_model(CFG).state_dict()
     for k in range(300):
         path = write_export(tmp_path / f"e{k}", 10, {**sd, "pad" + "x" * k: torch.zeros(1)}, _meta(1))
@@ -211,7 +213,7 @@ def test_fixed_teacher_paths_resolve_to_validated_weights(tmp_path):
 
     from safetensors.torch import save
 
-    from codistill.teacher import read_fixed_teacher
+    from codistill.teachers.loader import read_fixed_teacher
     _export(tmp_path, 0, 10, seed=1)
     sd20 = _export(tmp_path, 0, 20, seed=2)
     gdir = tmp_path / "group_0"

@@ -25,7 +25,7 @@ def test_export_writer_on_a_full_then_read_only_disk_raises_oserror_and_keeps_la
 
     import torch
 
-    from codistill.exchange import list_exports, read_export, read_latest, write_export
+    from codistill.exports import list_exports, read_export, read_latest, write_export
     d = tmpfs / "exports"
     sd = {"w": torch.randn(256, 256)}
     write_export(d, 10, sd, {"group": 0})

@@ -114,11 +114,12 @@ def test_the_command_line_exits_2_and_writes_nothing(sample_data, tmp_path, extr
 def test_target_val_loss_needs_every_hosted_group_at_or_below_it():
     """--target_val_loss finishes the run only when every group has reached it (a NaN has not)."""
     from types import SimpleNamespace
-    tl = train_lm()
+
+    from codistill.train import target_reached
     groups = lambda *losses: [SimpleNamespace(last_val=(v, 0.0), device=torch.device("cpu")) for v in losses]  # noqa: E731
-    assert tl.target_reached(groups(4.0, 4.5), 4.5)
-    assert not tl.target_reached(groups(4.0, 4.6), 4.5)
-    assert not tl.target_reached(groups(float("nan")), 4.5)
+    assert target_reached(groups(4.0, 4.5), 4.5)
+    assert not target_reached(groups(4.0, 4.6), 4.5)
+    assert not target_reached(groups(float("nan")), 4.5)
 
 
 @pytest.mark.parametrize("content,msg", [

@@ -1,4 +1,4 @@
-"""codistill/health.py and the per-step guard of TeacherPool.probs: a bad teacher never reaches
+"""codistill/teachers/health.py and the per-step guard of TeacherPool.probs: a bad teacher never reaches
 the student as a NaN, and a much worse one is dropped after a window, then let back in."""
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ import math
 import torch
 import torch.nn.functional as F
 
-from codistill.exchange import Export
-from codistill.health import DROP, USE, TeacherGuard
+from codistill.exports import Export
 from codistill.loss import codistill_loss
-from codistill.teacher import TeacherPool
+from codistill.teachers.health import DROP, USE, TeacherGuard
+from codistill.teachers.pool import TeacherPool
 from model import build_model, preset_config
 
 CFG = preset_config("lstm", "tiny", vocab_size=40)

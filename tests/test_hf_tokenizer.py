@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from codistill.data import DataError, TokenData
 from data_prep.clean import clean_document, doc_hash, normalize
-from data_prep.dataset import DataError, TokenData
 from data_prep.prepare import DataPrepError, merge, prepare
 from data_prep.sample import sample_corpus_dir
 from data_prep.tokenizer import export_hf_tokenizer, files_sha256, load_text_tokenizer

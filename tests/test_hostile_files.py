@@ -17,10 +17,19 @@ import torch
 from conftest import CFG, TOK, export_meta, write_test_export
 from safetensors.torch import save_file
 
-from codistill.exchange import ExportError, read_export, read_latest, write_export
-from codistill.files import MissingFile, read_bounded
-from codistill.teacher import TeacherPool, check_usable, exports_dir
-from codistill.weights_file import ReadBuffers, file_digest, read_safetensors, write_weights
+from codistill.exports import (
+    ReadBuffers,
+    file_digest,
+    read_export,
+    read_latest,
+    read_safetensors,
+    write_export,
+    write_weights,
+)
+from codistill.layout import exports_dir
+from codistill.teachers.loader import check_usable
+from codistill.teachers.pool import TeacherPool
+from fileio import ExportError, MissingFile, read_bounded
 
 HASH = CFG.config_hash()
 NAME = "step_000010"

@@ -5,9 +5,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from codistill.exchange import Export
+from codistill.exports import Export
 from codistill.loss import codistill_loss, distill_alpha, row_argmax
-from codistill.teacher import TeacherPool
+from codistill.teachers.pool import TeacherPool
 from model import build_model, preset_config
 
 

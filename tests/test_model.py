@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from data_prep.dataset import GroupStream, TokenData
+from codistill.data import GroupStream, TokenData
 from model import PRESETS, ModelConfig, build_model, count_params, preset_config
 
 

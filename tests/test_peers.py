@@ -15,9 +15,17 @@ import xxhash
 from safetensors.torch import load, save, save_file
 
 from codistill import faults
-from codistill.exchange import ExportError, parse_safetensors, read_export, read_latest, write_export
-from codistill.peers import ExportWriter, resume_prefetch, sync_schedule
-from codistill.weights_file import DIGESTS, ReadBuffers, read_safetensors
+from codistill.exchange import ExportWriter, resume_prefetch, sync_schedule
+from codistill.exports import (
+    DIGESTS,
+    ReadBuffers,
+    parse_safetensors,
+    read_export,
+    read_latest,
+    read_safetensors,
+    write_export,
+)
+from fileio import ExportError
 
 
 def test_sync_schedule_swaps_at_boundaries_and_prefetches_half_an_interval_before():
@@ -99,7 +107,7 @@ def test_zero_copy_reader_equals_safetensors_and_views_one_buffer(tmp_path):
 def test_writer_writes_safetensors_format_that_safetensors_reads(tmp_path):
     from safetensors.torch import load_file
 
-    from codistill.weights_file import file_digest, write_weights
+    from codistill.exports import file_digest, write_weights
     e = torch.randn(10, 4)
     sd = dict(_weights(), tied=e, also_tied=e, scalar=torch.tensor(3.5), empty=torch.zeros(0, 3),
               mask=torch.tensor([True, False, True]), strided=torch.randn(6, 4)[:, 1], i64=torch.arange(3),

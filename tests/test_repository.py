@@ -96,3 +96,15 @@ def test_every_benchmark_and_recipe_script_imports():
         if r.returncode:
             failed[p.relative_to(ROOT).as_posix()] = r.stderr.strip().splitlines()[-1:]
     assert len(scripts) >= 10 and not failed, failed
+
+
+def test_layers_point_one_way():
+    """data_prep/ (preparation) imports nothing from codistill/ (training); both share fileio.py."""
+    import ast
+    offenders = []
+    for p in tracked("data_prep/*.py"):
+        for n in ast.walk(ast.parse(p.read_text())):
+            names = [a.name for a in n.names] if isinstance(n, ast.Import) else \
+                [n.module or ""] if isinstance(n, ast.ImportFrom) else []
+            offenders += [f"{p.name}:{n.lineno} {m}" for m in names if m.split(".")[0] in ("codistill", "recipes")]
+    assert len(tracked("data_prep/*.py")) > 5 and not offenders, offenders

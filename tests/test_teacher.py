@@ -1,4 +1,4 @@
-"""codistill/teacher.py: the teacher pool (stale and dead peers) and the loader (restarted peers)."""
+"""codistill/teachers/pool.py and loader.py: the teacher pool (stale and dead peers) and the loader (restarted peers)."""
 import json
 import os
 import threading
@@ -9,8 +9,10 @@ import torch
 from conftest import CFG, E2E_STEPS, PY, ROOT, TOK, e2e_args, env_for_runs, launch, read_scalars, run_python  # noqa: F401
 from conftest import write_test_export as _export
 
-from codistill.exchange import read_export
-from codistill.teacher import TeacherLoader, TeacherPool, exports_dir
+from codistill.exports import read_export
+from codistill.layout import exports_dir
+from codistill.teachers.loader import TeacherLoader
+from codistill.teachers.pool import TeacherPool
 
 
 def test_teacher_pool_keeps_a_dead_peer_then_drops_it_past_max_staleness(tmp_path):
@@ -173,7 +175,7 @@ def _huge_size(path):
 def test_a_refused_export_is_read_once_until_it_is_rewritten(tmp_path, monkeypatch, breakage):
     """Any error of the readers is a refusal naming the file, remembered by the files' identity
     (path, inode, size, mtime): not read again every --poll_interval, read again once rewritten."""
-    import codistill.teacher as teacher
+    import codistill.teachers.loader as teacher
     reads = []
 
     def counting(*a, **kw):

@@ -10,9 +10,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from codistill.exchange import Export
+from codistill.exports import Export
 from codistill.loss import TopK, chunk_rows, codistill_loss, topk_of
-from codistill.teacher import TeacherPool
+from codistill.teachers.pool import TeacherPool
 from model import build_model, preset_config
 
 V = 40

@@ -2,8 +2,8 @@
 import numpy as np
 import pytest
 
+from codistill.data import DataError, GroupStream, TokenData, eval_batches
 from codistill.topology import TopologyError, plan
-from data_prep.dataset import DataError, GroupStream, TokenData, eval_batches
 
 
 def test_world_split_consecutive_ranks():

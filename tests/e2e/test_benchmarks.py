@@ -100,7 +100,7 @@ def test_ptb_tiny_builds_word_level_data_and_runs_both_arms(tmp_path):
                            "--data", str(data), "--results_dir", str(out), "--keep_runs", str(tmp_path / "runs")],
                           cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    from data_prep.dataset import TokenData
+    from codistill.data import TokenData
     d = TokenData(data)
     d.check_tokenizer()
     assert d.vocab_size == len({w for line in lines["train"] for w in line.split()}) + 1  # + <eos>

@@ -22,8 +22,8 @@ from conftest import write_test_export as _export
 from safetensors.torch import load_file
 
 from codistill import checkpoint, faults
-from codistill.exchange import list_exports, read_export, read_latest
-from codistill.teacher import exports_dir
+from codistill.exports import list_exports, read_export, read_latest
+from codistill.layout import exports_dir
 from model import preset_config
 
 
@@ -134,7 +134,7 @@ def test_dead_late_restarted_and_hostile_peers_in_latest_mode(sample_data, tmp_p
     3: LATEST escaping the exports dir; 4: truncated safetensors;
     5: bad JSON, then LATEST naming a missing file, then another architecture.
     The run finishes; every bad file is refused with a warning; the payload never runs."""
-    from data_prep.dataset import TokenData
+    from codistill.data import TokenData
     run_dir = tmp_path / "peers"
     cfg = preset_config("lstm", "tiny", 2000, 1024)
     tok = TokenData(sample_data).tokenizer_sha256
@@ -366,7 +366,7 @@ def test_second_launch_on_the_same_group_refuses_and_writes_nothing(sample_data,
     assert checkpoint.is_complete(ckpt / checkpoint.read_latest(ckpt))
 
 
-# ---- a bad peer never poisons the others (codistill/health.py) -------------------------------
+# ---- a bad peer never poisons the others (codistill/teachers/health.py) -------------------------------
 
 @pytest.fixture(scope="module")
 def lone_student(sample_data, tmp_path_factory):
@@ -388,8 +388,8 @@ def test_a_bad_peer_is_refused_or_dropped_and_the_student_ends_as_if_it_were_abs
     """A peer whose export passes every file check but holds NaN weights (refused on load), or
     random finite weights of std 3 (its teacher is used, measured, dropped): the student finishes
     (exit 0), says why, and ends within 5% of the run without that peer."""
+    from codistill.data import TokenData
     from codistill.faults import write_bad_export
-    from data_prep.dataset import TokenData
     from model import preset_config
     run_dir = tmp_path / kind
     cfg = preset_config("lstm", "tiny", 2000, max_seq_len=1024)

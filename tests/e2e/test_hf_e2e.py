@@ -31,7 +31,7 @@ def check_final_loads_in_the_hf_ecosystem(run_dir, data, auto_tokenizer: bool = 
     data's, and pipeline("text-generation") runs."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast, pipeline
 
-    from codistill.exchange import read_final
+    from codistill.exports import read_final
     from data_prep.tokenizer import load_text_tokenizer
     from model import ModelConfig, build_model
     final = run_dir / "group_0" / "final"
@@ -63,7 +63,7 @@ def test_gpt2_codistills_on_a_hf_tokenizers_data_and_its_final_model_loads_with_
     embedding padded to a multiple of 64 (as HF models' often are)."""
     from transformers import GPT2Config
 
-    from data_prep.dataset import TokenData
+    from codistill.data import TokenData
     vocab = -(-TokenData(hf_data).vocab_size // 64) * 64
     GPT2Config(vocab_size=vocab, n_embd=64, n_layer=2, n_head=4, n_positions=128).save_pretrained(tmp_path / "cfg")
     run = tmp_path / "gpt2"
@@ -83,7 +83,7 @@ def test_gpt2_codistills_on_a_hf_tokenizers_data_and_its_final_model_loads_with_
 
 
 def test_qwen2_codistills_under_zero3_with_full_weights_exported(sample_data, hf_configs, tmp_path):
-    from codistill.exchange import read_export, read_latest
+    from codistill.exports import read_export, read_latest
     run = tmp_path / "qwen2"
     proc = launch(["--data", sample_data, "--model", "hf", "--hf_config", hf_configs["qwen2"], "--run_dir", run,
                    "--ds_config", "ds_configs/zero3.json", *COMMON], num_ranks=2)
@@ -100,7 +100,7 @@ def test_qwen2_codistills_under_zero3_with_full_weights_exported(sample_data, hf
 def test_llama_from_a_pretrained_checkpoint_starts_from_its_weights_and_resumes(sample_data, hf_configs, tmp_path):
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from data_prep.dataset import GroupStream, TokenData
+    from codistill.data import GroupStream, TokenData
     c = LlamaConfig.from_pretrained(hf_configs["llama"])
     torch.manual_seed(5)
     pre = AutoModelForCausalLM.from_config(c).eval()

@@ -142,7 +142,7 @@ def test_zero3_two_ranks_exports_full_weights_and_trains_alone(sample_data, tmp_
     run_dir = tmp_path / "z3"
     launch(common(sample_data, run_dir, ds_config="ds_configs/zero3.json", group_id=0, max_steps=10,
                   eval_every=10, save_every=10, export_every=5), num_ranks=2)
-    from codistill.exchange import read_export
+    from codistill.exports import read_export
     from model import build_model, preset_config
     exp = read_export(run_dir / "group_0" / "exports", 10)
     ref = build_model(preset_config("lstm", "tiny", 2000)).state_dict()
@@ -158,7 +158,7 @@ def test_zero3_world_split_codistills_with_each_groups_full_weights(sample_data,
     and the groups distill from each other."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    from codistill.exchange import read_export
+    from codistill.exports import read_export
     from model import build_model, preset_config
     run_dir = tmp_path / "z3split"
     out = launch(common(sample_data, run_dir, ds_config="ds_configs/zero3.json", num_groups=2, max_steps=12,

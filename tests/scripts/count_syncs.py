@@ -5,7 +5,7 @@
 
 Every call of DeepSpeed's ``get_accelerator().synchronize`` (and of ``torch.cuda.synchronize``,
 where reached) is counted; rank 0 writes to OUT.json the count inside each call of
-``train_lm.train_step`` (one training step of every hosted group: forward/backward, the
+``codistill.train.train_step`` (one training step of every hosted group: forward/backward, the
 step's sync, the optimizer update; evaluation, exports and checkpoints are outside it).
 
 On CPU ``zero_optimization.overlap_comm`` "auto" resolves to false (and DeepSpeed's CPU
@@ -35,6 +35,8 @@ def main() -> None:
     import train_lm
     from deepspeed.accelerator import get_accelerator
 
+    from codistill import train
+
     calls = {"n": 0}
     acc = get_accelerator()
 
@@ -46,15 +48,15 @@ def main() -> None:
 
     acc.synchronize = counted(acc.synchronize)  # instance attribute: every get_accelerator().synchronize()
     torch.cuda.synchronize = counted(torch.cuda.synchronize)
-    per_step, step_fn = [], train_lm.train_step
+    per_step, step_fn = [], train.train_step
 
-    def train_step(step, *a, **kw):
+    def train_step(cfg, step, *a, **kw):
         before = calls["n"]
-        result = step_fn(step, *a, **kw)
+        result = step_fn(cfg, step, *a, **kw)
         per_step.append([step, calls["n"] - before])
         return result
 
-    train_lm.train_step = train_step
+    train.train_step = train_step  # what codistill/train.py train() calls
     try:
         train_lm.main(train_argv)
     finally:

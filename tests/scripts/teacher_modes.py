@@ -88,9 +88,9 @@ def main() -> None:
 
     from codistill.comm import GroupComm, rendezvous_defaults
     from codistill.ds_config import load_ds_config, resolve_ds_config
-    from codistill.exchange import read_export, write_export
-    from codistill.placement import unique_tensors
-    from codistill.teacher import TeacherPool
+    from codistill.exports import read_export, write_export
+    from codistill.teachers.placement import unique_tensors
+    from codistill.teachers.pool import TeacherPool
     from codistill.topology import build_mpus, plan
     from model import build_model
 

@@ -54,8 +54,8 @@ def main() -> None:
 
     from codistill.comm import rendezvous_defaults
     from codistill.ds_config import load_ds_config, resolve_ds_config
-    from codistill.exchange import read_export, write_export
-    from codistill.teacher import TeacherPool
+    from codistill.exports import read_export, write_export
+    from codistill.teachers.pool import TeacherPool
     from model import build_model
     rendezvous_defaults()
     device = torch.device(a.device)

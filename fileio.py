@@ -1,4 +1,7 @@
-"""Crash-safe writes: what a reader can see is the old file or the new one, never half of one.
+"""Crash-safe writes and bounded reads of untrusted files, shared by the trainer (codistill/) and
+the data preparation (data_prep/, which imports nothing from codistill).
+
+Writes: what a reader can see is the old file or the new one, never half of one.
 
 Every file the trainer publishes (exports, LATEST, checkpoint markers and ``latest``,
 config.json, summary.json) goes through here: temp file in the same directory -> fsync ->

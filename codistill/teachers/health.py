@@ -1,7 +1,7 @@
 """Teacher health: a bad peer must never poison the students that read it.
 
 Three guards, from cheapest to the one that needs judgment:
-1. On load (the loader thread, codistill/teacher.py check_usable): an export with non-finite
+1. On load (the loader thread, codistill/teachers/loader.py check_usable): an export with non-finite
    weights, or tensors the model does not have, is refused like any corrupt file.
 2. Per step (TeacherPool.probs, on the device, no host sync): a teacher whose probabilities are
    non-finite on this batch is left out of the average for this step.
