@@ -206,7 +206,7 @@ class Smoke:
 
     def tied_llama(self, save_weights: bool = False) -> Path:
         """A tiny Llama config with tie_word_embeddings, written as a user writes one
-        (tests/test_hf_models.py); with ``save_weights``, a pretrained directory of it."""
+        (tests/unit/test_hf_models.py); with ``save_weights``, a pretrained directory of it."""
         from transformers import LlamaConfig
         d = self.root / ("llama_pretrained" if save_weights else "llama_tied")
         if not (d / "config.json").exists():

@@ -24,7 +24,7 @@ each, a micro-batch of B x T tokens, vocabulary V, width d:
     activations   what autograd keeps for the backward pass: per layer and token
                   d*(w*(8 + 2*kv_dim/d + 4*d_ff/d) + 4) bytes (the 4 only under bf16: RMSNorm's
                   fp32 upcasts), plus d*(3w + 4) outside the layers - measured on transformers'
-                  Llama (sdpa attention) with saved_tensors_hooks (tests/test_teacher_memory.py
+                  Llama (sdpa attention) with saved_tensors_hooks (tests/unit/test_teacher_memory.py
                   measures it again). The trainer has no activation checkpointing;
                   --activation_checkpointing shows what it would leave: each layer's input, w*d
                   per layer and token, plus one layer's activations while it is recomputed.

@@ -198,7 +198,7 @@ class OuterOptimizer:
     (m = 0 before the first step, so m = g then, as torch.optim.SGD's first step sets its buffer
     to the gradient). The same tensor operations as torch.optim.SGD's single-tensor path
     (``buf.mul_(mu).add_(g)``, ``g.add(buf, alpha=mu)``, ``p.add_(g, alpha=-lr)``), so the result
-    equals SGD(momentum=mu, nesterov=True) bit for bit (tests/test_averaging.py checks it).
+    equals SGD(momentum=mu, nesterov=True) bit for bit (tests/integration/test_averaging.py checks it).
     """
 
     def __init__(self, lr: float = 0.7, momentum: float = 0.9):

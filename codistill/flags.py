@@ -8,7 +8,7 @@ dataclass, so ``--help`` reads by concern) and returns a ``Flags``; ``check()`` 
 (errors, warnings), each message naming the flag and what to do, and runs before any compute.
 It looks only at the flags: the ds_config, the data and the topology are checked by their own
 modules, also before deepspeed.init_distributed. docs/flags.md is generated from this file
-(``python -m codistill.flags --write-docs``; tests/test_flags.py checks it is current).
+(``python -m codistill.flags --write-docs``; tests/unit/test_flags.py checks it is current).
 """
 from __future__ import annotations
 

@@ -16,7 +16,7 @@ done about it:
   character or a composable pair (SentencePiece takes the longest match and goes on). NFKC first
   removes nearly all such sequences, and matches what SentencePiece does with NFC input
   (data_prep NFC-normalises every document): the encodings are identical on the BBC corpus and
-  on Django's translations into ~100 languages in NFC, NFD and NFKD (tests/test_hf_tokenizer.py).
+  on Django's translations into ~100 languages in NFC, NFD and NFKD (tests/integration/test_hf_tokenizer.py).
   Left: a compatibility ligature or letter directly followed by a combining mark (e.g. "™" +
   U+0301: SentencePiece does not compose, NFKC does), and characters newer than SentencePiece's
   character map.

@@ -20,7 +20,7 @@ Deterministic. How a model sees them (--state; the JSON's "state"):
 - carried (the default for LSTMs, --state auto): the windows' tokens are cut into --batch_size
   contiguous rows and each LSTM runs along its rows window by window, carrying its state
   across windows, as Zaremba et al. (2014) and the LSTM literature measure perplexity; the
-  result equals one call over each whole row (tests/test_carry.py). Only each row's first
+  result equals one call over each whole row (tests/unit/test_carry.py). Only each row's first
   token is predicted without context (--batch_size 1: one row, the whole split).
 - fresh (the default as soon as a model is not an LSTM; Transformers have no state to carry):
   every window from a zero state / an empty context, batches of --batch_size windows - the

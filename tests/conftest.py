@@ -132,6 +132,20 @@ def main_run(sample_data, tmp_path_factory):
     return run_dir, proc.stdout
 
 
+TIERS = ("unit", "integration", "e2e")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Markers by folder: tests/unit (in-process, milliseconds to seconds), tests/integration (real
+    DeepSpeed engines, several processes, a local HTTP server: seconds), tests/e2e (real training
+    launches, SLURM, benchmarks' smoke runs: minutes). `pytest tests/unit` is the fast command and
+    `-m unit` / `-m "not e2e"` select the same tiers."""
+    for item in items:
+        parts = Path(str(item.fspath)).relative_to(ROOT / "tests").parts
+        if parts[0] in TIERS:
+            item.add_marker(parts[0])
+
+
 def pytest_sessionfinish(session, exitstatus):
     """Remove DeepSpeed's CPU all-reduce shared-memory buffers (/dev/shm/deepspeed_allreduce_buffer_*,
     66 MB each) that no live process maps. Ranks the fault tests kill never unlink theirs; a few

@@ -1,4 +1,5 @@
-"""Peers' stale checkpoints as teachers: a background loader and the in-memory teacher modules.
+"""Peers' stale checkpoints as teachers: the background loader that reads them, and when a student
+swaps one in (the in-memory teacher modules: codistill/teachers/pool.py).
 
 TeacherLoader (a reader thread per peer beside the training loop) reads peers' exports from disk
 into CPU memory - file read, size/checksum check, safetensors parse, shape and finiteness checks - so
@@ -94,7 +95,7 @@ def describe(e: Exception, path: Path) -> str:
 
 def check_usable(exp: Export, expect: dict[str, tuple] | None) -> None:
     """Refuse weights a teacher cannot use: other tensor names, shapes or dtypes than ``expect``
-    (codistill/weights_file.py check_specs; the loader already checks them on the header, before
+    (codistill/exports.py check_specs; the loader already checks them on the header, before
     reading, and non-finite values as it reads)."""
     if expect is not None:
         check_specs({k: (tuple(v.shape), v.dtype) for k, v in exp.state_dict.items()}, expect, f"step {exp.step}")

@@ -4,10 +4,7 @@ import json
 import subprocess
 import sys
 
-import pytest
 from conftest import ROOT
-
-pytestmark = pytest.mark.slow
 
 
 def bench(script, sample_data, tmp_path, *extra):

@@ -31,7 +31,6 @@ def tb(run_dir, group, tag):
     return read_scalars(Path(run_dir) / f"group_{group}" / "tb", tag)
 
 
-@pytest.mark.slow
 def test_burn_in_past_max_steps_only_warns(sample_data, tmp_path):
     """A warning, not an error; checked with --stop_after_steps so that it stops almost at once."""
     proc = run_python(["recipes/train_lm.py", *e2e_args(sample_data, tmp_path / "run", burn_in_steps=40,
@@ -47,7 +46,6 @@ def _popen(args, env_extra=None):
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-@pytest.mark.slow
 def test_kill9_inside_a_checkpoint_save_then_resume_is_exact(main_run, sample_data, tmp_path):
     """SIGKILL after DeepSpeed wrote step 20's files but before the save completed; 'latest' then
     planted on the partial tag (as DeepSpeed's own non-atomic writer could leave it) and an
@@ -83,7 +81,6 @@ def test_kill9_inside_a_checkpoint_save_then_resume_is_exact(main_run, sample_da
         assert tags and all(checkpoint.is_complete(p) for _, p in tags)
 
 
-@pytest.mark.slow
 def test_nan_steps_skipped_write_errors_survived_then_stop_after_max_bad_steps(main_run, sample_data, tmp_path):
     """NaN loss at 12,13 (skipped, counted, training goes on), a failed export and a failed
     checkpoint at step 20 (warned; LATEST/latest keep the previous ones; at boundary 30 the peers
@@ -125,7 +122,6 @@ def test_nan_steps_skipped_write_errors_survived_then_stop_after_max_bad_steps(m
             assert all(torch.isfinite(v).all() for v in read_export(exp, step).state_dict.values())
 
 
-@pytest.mark.slow
 def test_dead_late_restarted_and_hostile_peers_in_latest_mode(sample_data, tmp_path):
     """Group 0 of 6 trains alone (--group_id 0, latest teachers); the test plays its peers:
     1: exported once, then dead (kept with a warning, staleness grows, dropped past
@@ -198,7 +194,6 @@ def test_dead_late_restarted_and_hostile_peers_in_latest_mode(sample_data, tmp_p
     assert json.loads((run_dir / "group_0" / "summary.json").read_text())["teacher_steps"] == {"1": 36, "2": 8}
 
 
-@pytest.mark.slow
 def test_export_write_error_with_stop_exits_4_then_resume_is_exact(main_run, sample_data, tmp_path):
     """--on_write_error stop: a full disk at step 20's export stops the run (exit 4) before its
     checkpoint; LATEST and 'latest' still name step 10's complete files; --resume auto then ends
@@ -254,7 +249,6 @@ def _scalars_per_events_file(tb_dir, tag):
     return out
 
 
-@pytest.mark.slow
 def test_kill9_of_one_rank_mid_step_then_resume_continues_exactly(sample_data, tmp_path, monkeypatch):
     """One group of 2 ranks (real ZeRO-2 partitioning): rank 1 is SIGKILLed in the middle of step
     13, the launcher takes the job down; --resume auto continues from the newest complete
@@ -319,7 +313,6 @@ with open(os.path.join(argv[3], f"result_{os.environ['RANK']}"), "w") as f:
 '''
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("stage,ranks", [(0, 1), (2, 2), (3, 2)])
 def test_skipping_a_step_after_accumulated_micro_batches_leaves_no_trace(tmp_path, stage, ranks):
     """Gradient accumulation 2, the second micro-batch's loss is non-finite and, as in the
@@ -341,7 +334,6 @@ def test_skipping_a_step_after_accumulated_micro_batches_leaves_no_trace(tmp_pat
     assert all(r == ["True", "3", "6", "1", "2", "4"] for r in results), results
 
 
-@pytest.mark.slow
 def test_second_launch_on_the_same_group_refuses_and_writes_nothing(sample_data, tmp_path):
     """Case 11: the same --group_id and run_dir launched twice; the second exits 2 naming the
     first's PID and host, the first is untouched and still stops cleanly (SIGTERM -> 75)."""
@@ -381,7 +373,6 @@ def _bad_peer_args(data, run_dir):
                     save_every=1000, poll_interval=0.1)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["nan", "garbage"])
 def test_a_bad_peer_is_refused_or_dropped_and_the_student_ends_as_if_it_were_absent(
         sample_data, tmp_path, lone_student, kind):
@@ -410,7 +401,6 @@ def test_a_bad_peer_is_refused_or_dropped_and_the_student_ends_as_if_it_were_abs
     assert "lower --lr" not in out and "steps in a row" not in out
 
 
-@pytest.mark.slow
 def test_the_main_commands_healthy_teachers_are_never_dropped(main_run):
     run_dir, out = main_run
     assert "dropped" not in out

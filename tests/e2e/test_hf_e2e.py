@@ -11,8 +11,6 @@ from conftest import launch, read_scalars, run_python
 from test_hf_models import write_configs
 from test_hf_tokenizer import articles, corpus, hf_data, hf_dir  # noqa: F401 (fixtures: a BPE tokenizer's data)
 
-pytestmark = pytest.mark.slow
-
 COMMON = ["--max_steps", "6", "--export_every", "2", "--burn_in_steps", "2", "--eval_every", "6",
           "--eval_batches", "2", "--seq_len", "32", "--log_every", "1", "--save_every", "3"]
 

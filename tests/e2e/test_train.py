@@ -20,7 +20,6 @@ from safetensors.torch import load_file
 
 # main_run (the main command's run, a session fixture) lives in conftest.py: e2e/test_fault_tolerance.py shares it
 
-pytestmark = pytest.mark.slow
 
 
 def losses(run_dir, group, tag="train/loss"):

@@ -19,7 +19,7 @@ that keeps some parameters gathered and partitions the rest:
    ATen's add with alpha uses a fused multiply-add in its vectorised loop); a round resumed
    mid-way from the outer state saved through torch.save/torch.load(weights_only=True) - as
    DeepSpeed's client_state is loaded here - gives the bit-identical result.
-DIR/rank_R.json: {"cases": {name: [failures]}, "seconds": ...}; tests/test_averaging.py asserts.
+DIR/rank_R.json: {"cases": {name: [failures]}, "seconds": ...}; tests/integration/test_averaging.py asserts.
 """
 from __future__ import annotations
 

@@ -18,7 +18,7 @@ equal) and of the teacher's cross entropy against the reference, for both export
 one; each buffer's dtype next to the student's and its largest difference from the reference's;
 whether torch.nn.functional.linear is still the original function; the teacher bytes the rank
 holds; and for the offloaded teacher the bytes copied to the device per probs() call next to the
-unique parameter bytes. tests/e2e/test_teacher_placement.py asserts on them.
+unique parameter bytes. tests/e2e/test_teachers_placement.py asserts on them.
 """
 from __future__ import annotations
 

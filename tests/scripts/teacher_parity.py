@@ -12,7 +12,7 @@ TeacherPool teacher built like the trainer builds it (the student's dtypes, on t
 device). Both run on the same tokens at positions
 0..max_seq_len-1; the JSON has the largest logit difference, and the difference a teacher
 cast with ``module.to(dtype)`` (buffers too: the RoPE inv_freq) would have had.
-Used by tests/test_device_comm.py (CPU) and tests/e2e/test_gpu.py / benchmarks/gpu_smoke.py (CUDA).
+Used by tests/integration/test_device_comm.py (CPU) and tests/e2e/test_gpu.py / benchmarks/gpu_smoke.py (CUDA).
 """
 from __future__ import annotations
 

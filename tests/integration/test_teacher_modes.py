@@ -3,7 +3,7 @@ and its gradient against a dense reference), the pool's chunked top-K against it
 average, and an offloaded teacher (weights in host memory, on the device only during a
 submodule's forward, every parameter moved once per forward). The partitioned (ZeRO-3) teacher
 and the matrix of placements x dtypes x architectures need a group of ranks:
-tests/scripts/teacher_modes.py, run by tests/e2e/test_teacher_placement.py."""
+tests/scripts/teacher_modes.py, run by tests/e2e/test_teachers_placement.py."""
 from __future__ import annotations
 
 import pytest

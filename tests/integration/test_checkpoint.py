@@ -253,7 +253,6 @@ def tmpfs(tmp_path):
         subprocess.run(["umount", "-l", str(d)], check=False)
 
 
-@pytest.mark.slow
 def test_a_planted_pickle_is_never_unpickled_even_with_a_forged_marker(tmp_path):
     """A real DeepSpeed engine (ZeRO-2: its loss scaler and stage enum are the allowed classes):
     a tag planted with a pickle payload, a marker whose digests match it and 'latest' naming it
@@ -262,7 +261,6 @@ def test_a_planted_pickle_is_never_unpickled_even_with_a_forged_marker(tmp_path)
     _run_real_engine(tmp_path, "planted", tmp_path / "checkpoints")
 
 
-@pytest.mark.slow
 def test_checkpoint_on_a_full_then_read_only_disk_warns_and_keeps_latest(tmp_path, tmpfs):
     """A real tmpfs: torch.save's RuntimeError on ENOSPC and DeepSpeed's on a tag directory it
     cannot create both become CheckpointWriteError; no partial tag is left on the full disk,

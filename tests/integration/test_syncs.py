@@ -29,7 +29,6 @@ def count_syncs(data, tmp_path, ds_config) -> dict:
     return json.loads(out.read_text())
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("config", ["zero1", "zero2", "zero3"])
 def test_shipped_configs_make_no_device_sync_per_step(sample_data, tmp_path, config):
     res = count_syncs(sample_data, tmp_path, ROOT / "ds_configs" / f"{config}.json")
@@ -37,7 +36,6 @@ def test_shipped_configs_make_no_device_sync_per_step(sample_data, tmp_path, con
     assert [n for _, n in res["per_step"]] == [0] * STEPS, res
 
 
-@pytest.mark.slow
 def test_the_counter_sees_deepspeeds_throughput_timer(sample_data, tmp_path):
     """The control: the same run with DeepSpeed's default timer counts its 2 syncs per step."""
     cfg = json.loads((ROOT / "ds_configs" / "zero2.json").read_text())

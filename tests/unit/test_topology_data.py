@@ -89,7 +89,7 @@ def test_recipe_config_files_parse_and_command_line_wins():
     from pathlib import Path
 
     from codistill import flags
-    root = Path(__file__).resolve().parents[1] / "recipes" / "configs"
+    root = Path(__file__).resolve().parents[2] / "recipes" / "configs"
     files = sorted(root.glob("*.json"))
     assert files
     for f in files:

@@ -30,7 +30,7 @@ from data_prep.prepare import DataPrepError, merge, prepare
 from data_prep.sample import sample_corpus_dir
 from data_prep.verify import verify
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CRAWL = "CC-MAIN-2005-05"
 
 

@@ -21,7 +21,7 @@ from data_prep.prepare import DataPrepError, is_prepared, prepare, prepare_sampl
 from data_prep.sample import sample_corpus_dir
 from data_prep.verify import VerifyError, verify
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PREPARE = ROOT / "data_prep" / "prepare.py"
 VERIFY = ROOT / "data_prep" / "verify.py"
 SMALL_VOCAB = 600

@@ -157,7 +157,6 @@ def run_teacher_parity(tmp_path, device: str, bf16: bool) -> dict:
     return json.loads(out.read_text())
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("bf16", [False, True])
 def test_teacher_from_an_export_gives_the_students_logits(tmp_path, bf16):
     """Every architecture, positions 0..1023, a real DeepSpeed engine as the student: fp32 equal to

@@ -14,9 +14,6 @@ from conftest import launch, load_script, run_python
 
 from codistill.metrics import Totals, churn_sums, count_words, count_words_in_tokens, ensemble_log_probs, nll_sum, ppl
 
-pytestmark = pytest.mark.slow
-
-
 evaluate = load_script("evaluate")
 plot_runs = load_script("plot_runs")
 

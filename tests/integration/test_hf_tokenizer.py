@@ -25,7 +25,7 @@ from data_prep.sample import sample_corpus_dir
 from data_prep.tokenizer import export_hf_tokenizer, files_sha256, load_text_tokenizer
 from data_prep.verify import VerifyError, verify
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 EOS, BOS = "<|endoftext|>", "<|begin|>"
 LANGS = ("ar", "bn", "de", "el", "fr", "he", "hi", "ja", "ko", "pl", "ru", "th", "tr", "uk",
          "vi", "zh_Hans")

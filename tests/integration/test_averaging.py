@@ -81,7 +81,6 @@ def test_only_peer_exports_that_pass_the_checks_are_averaged(tmp_path):
     assert averaging.export_bytes(dirs[1], 5) > sum(v.numel() * 4 for v in good.values())
 
 
-@pytest.mark.slow
 def test_masters_are_averaged_and_stepped_exactly_on_2_rank_engines(tmp_path):
     """ZeRO-2 and ZeRO-3 (masters partitioned over 2 ranks, a padded last partition), bf16:
     the module equals the masters, the average is (a + b) / 2 bit for bit, Adam state unchanged,

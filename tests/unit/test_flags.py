@@ -164,7 +164,7 @@ def test_every_shipped_config_passes_the_checks():
     from pathlib import Path
 
     from codistill.ds_config import load_ds_config
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     configs = sorted((root / "ds_configs").glob("*.json"))
     assert len(configs) == 3
     for f in configs:
