@@ -107,7 +107,7 @@ def export(d: Path, step: int, cfg, tok: str, seed: int = 0) -> None:
     from model import build_model
     torch.manual_seed(seed)
     write_export(d, step, build_model(cfg).state_dict(), {
-        "group": 1, "tokens_seen": 0, "model_config": cfg.to_dict(), "model_config_hash": cfg.config_hash(),
+        "group": 1, "tokens_seen": 1 << 30, "model_config": cfg.to_dict(), "model_config_hash": cfg.config_hash(),
         "tokenizer_sha256": tok}, keep=10)
 
 

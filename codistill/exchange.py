@@ -124,7 +124,8 @@ class Exchange:
         self.reader = self.pool.comm.leader
         self.loader = TeacherLoader(self.run.root, self.peers, self.cfg_hash, self.tok_hash,
                                     "sync" if self.sync else "latest", ex.poll_interval, log,
-                                    pin_memory=device.type == "cuda", expect=self.pool.expected_shapes()) \
+                                    pin_memory=device.type == "cuda", expect=self.pool.expected_shapes(),
+                                    max_step=cfg.training.max_steps) \
             if self.peers and self.reader else None
         self.writers = {s.id: ExportWriter(self.run.group(s.id).exports, self.keep) for s in students if s.leader}
         self.in_flight: int | None = None  # step of the exports being written (the same on every rank)

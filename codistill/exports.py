@@ -31,7 +31,9 @@ The step an export claims is bounded (``check_meta``): the file's name and the m
 (in sync mode that is the step the reader's own schedule asks for, so a peer cannot claim any
 other), 0 <= step <= ``MAX_STEP`` (10^9: ~30 years at one step a second; a step of 10^12 would
 never become stale), and a caller that knows a bound passes ``max_step`` (e.g. its own step plus
-the lead a peer may have). ``tokens_seen`` and ``weights_bytes`` are non-negative integers, the
+the lead a peer may have; the teacher loader passes the run's --max_steps, which no group of the
+run can pass), and a step is not plausible after fewer tokens than steps (``tokens_seen`` >=
+step). ``tokens_seen`` and ``weights_bytes`` are non-negative integers, the
 latter at most MAX_WEIGHTS.
 
 The weights file (one safetensors file: an export's, a group's final/)
@@ -643,6 +645,9 @@ def check_meta(meta, where, step: int | None = None, max_step: int | None = None
         if v is not None and (not count(v) or (top is not None and v > top)):
             raise ExportError(f"{where}: metadata field {key} is {str(v)[:40]!r}, not a byte/token count"
                               + (f" up to {top}" if top else ""))
+    if meta.get("tokens_seen") is not None and meta["tokens_seen"] < meta["step"]:
+        raise ExportError(f"{where}: claims step {meta['step']} after only {meta['tokens_seen']} tokens (every step "
+                          f"trains on at least one): its metadata contradicts itself; refusing it")
 
 
 def read_weights(meta_path: Path, weights_path: Path, step: int | None, expect_config_hash: str | None = None,

@@ -91,7 +91,7 @@ TOK = "tok-sha"
 
 def export_meta(cfg=None, tok=TOK, group=1) -> dict:
     cfg = cfg or CFG
-    return {"group": group, "tokens_seen": 0, "model_config": cfg.to_dict(),
+    return {"group": group, "tokens_seen": 1 << 30, "model_config": cfg.to_dict(),  # >= any step
             "model_config_hash": cfg.config_hash(), "tokenizer_sha256": tok}
 
 

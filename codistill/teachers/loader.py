@@ -145,17 +145,19 @@ class TeacherLoader:
     def __init__(self, run_dir: Path, peers: list[int], config_hash: str, tokenizer_sha256: str,
                  mode: str = "latest", poll_interval: float = 1.0, log: Callable[[str], None] = print,
                  pin_memory: bool = False, expect: dict[str, tuple] | None = None,
-                 read_timeout: float = READ_TIMEOUT_S, max_stuck: int = 4):
+                 read_timeout: float = READ_TIMEOUT_S, max_stuck: int = 4, max_step: int | None = None):
         """``pin_memory``: read into pinned host memory (a CUDA student copies from it without
         blocking); ``expect``: tensor name -> (shape, dtype) the student's teachers have (an export with
-        other names, shapes or dtypes is refused here, not when it is swapped in)."""
+        other names, shapes or dtypes is refused here, not when it is swapped in); ``max_step``: no
+        peer's export can be later (the run's --max_steps: a peer claiming more would never become
+        stale under --max_teacher_staleness)."""
         if mode not in ("sync", "latest"):
             raise ValueError(f"teacher loader mode must be sync or latest, got {mode!r}")
         self.run_dir, self.peers, self.mode = Path(run_dir), list(peers), mode
         self.config_hash, self.tokenizer_sha256 = config_hash, tokenizer_sha256
         self.poll_interval, self.log = poll_interval, log
         self.pin_memory, self.expect = pin_memory, expect
-        self.read_timeout, self.max_stuck = read_timeout, max_stuck
+        self.read_timeout, self.max_stuck, self.max_step = read_timeout, max_stuck, max_step
         self.buffers = ReadBuffers(keep=len(self.peers))  # the trainer gives swapped-in exports back
         self._lock = threading.Condition()        # the training loop's: dict operations only under it
         self._want: dict[int, int] = {}           # sync mode: peer -> step to prefetch
@@ -278,8 +280,8 @@ class TeacherLoader:
         t0 = time.perf_counter()
         try:
             with me.doing(f"{files[0]} + {files[1].name}", ident, target):
-                exp = read_export(d, target, self.config_hash, self.tokenizer_sha256,
-                                  pin_memory=self.pin_memory, buffers=self.buffers, expect=self.expect)
+                exp = read_export(d, target, self.config_hash, self.tokenizer_sha256, pin_memory=self.pin_memory,
+                                  buffers=self.buffers, expect=self.expect, max_step=self.max_step)
         except Exception as e:  # ExportError, or whatever a reader let escape (a refusal all the same)
             if tuple(file_identity(f) for f in files) != ident:
                 return  # replaced while being read: read it again at the next poll

@@ -21,7 +21,7 @@ TOK = "tok-sha"
 
 
 def _meta(group=1):
-    return {"group": group, "tokens_seen": 0, "model_config": CFG.to_dict(),
+    return {"group": group, "tokens_seen": 1 << 30, "model_config": CFG.to_dict(),
             "model_config_hash": CFG.config_hash(), "tokenizer_sha256": TOK}
 
 

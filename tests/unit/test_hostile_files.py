@@ -171,6 +171,34 @@ def test_a_claimed_step_is_bounded(tmp_path):
     (d / "step_000600.json").write_text(json.dumps(meta))  # step 500's metadata under another name
     (d / "step_000600.safetensors").write_bytes((d / "step_000500.safetensors").read_bytes())
     refused(lambda: read_export(d, 600), "does not describe step 600")
+    # its own metadata bounds it too: no step is trained on fewer than one token
+    write_export(d, 700, {"w": torch.ones(2)}, dict(export_meta(), tokens_seen=699))
+    refused(lambda: read_export(d, 700), "claims step 700 after only 699 tokens")
+
+
+def test_the_loader_bounds_a_latest_peer_by_the_runs_max_steps(tmp_path):
+    """In latest mode (one launch per group) nothing else bounds a peer's step: the loader refuses
+    an export beyond the run's --max_steps (Exchange passes it), names it and keeps the last good
+    teacher; a later honest export is picked up."""
+    from codistill.teachers.loader import TeacherLoader
+    d = exports_dir(tmp_path, 1)
+    write_test_export(d, 10**6)
+    msgs = []
+    loader = TeacherLoader(tmp_path, [1], CFG.config_hash(), TOK, mode="latest", poll_interval=0.02,
+                           log=msgs.append, max_step=1000)
+    try:
+        deadline = time.time() + 10
+        while not msgs and time.time() < deadline:
+            time.sleep(0.02)
+        assert msgs and "claims step 1000000" in msgs[0] and "(1000)" in msgs[0], msgs
+        assert loader.take(1) is None
+        write_test_export(d, 40)
+        deadline = time.time() + 10
+        while (got := loader.take(1)) is None and time.time() < deadline:
+            time.sleep(0.02)
+        assert got is not None and got.step == 40
+    finally:
+        loader.close()
 
 
 # ---- the weights file ----------------------------------------------------------------------------
