@@ -13,6 +13,10 @@ from codistill.comm import free_port  # noqa: F401  (shared with the benchmarks)
 from codistill.runlog import read_events, read_scalars  # noqa: F401  (TensorBoard's own reader)
 
 ROOT = Path(__file__).resolve().parents[1]
+# Tests of one tier reuse another's helpers and fixtures by module name (tests/e2e/test_hf_e2e.py takes
+# tests/unit/test_hf_models.py's configs and tests/integration/test_hf_tokenizer.py's tokenizer data),
+# as they did when the tests were one folder: pytest imports each test file under its basename.
+sys.path[1:1] = [str(ROOT / "tests" / tier) for tier in ("unit", "integration") if str(ROOT / "tests" / tier) not in sys.path]
 PY = sys.executable
 # The CPU tier is CPU on a GPU node too: DeepSpeed's CPU accelerator in this process (and every run
 # started by env_for_runs), and codistill/device.py trains on CPU under DS_ACCELERATOR=cpu. GPU tests
