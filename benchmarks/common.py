@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from codistill.comm import free_port  # noqa: F401  (the benchmarks' one free-port helper)
-from codistill.runlog import git_sha  # noqa: F401
+from codistill.outputs import git_sha  # noqa: F401
 from codistill.runlog import read_scalars as scalars  # noqa: F401  (TensorBoard's own reader)
 from fileio import write_json
 

@@ -76,7 +76,7 @@ def damage(run_dir: Path, groups, ref: Path | None = None, before: int | None = 
         paths = RunLayout(run_dir).group(g)
         ckpt = paths.checkpoints
         if ckpt.is_dir():
-            latest = checkpoint.read_latest(ckpt)
+            latest = checkpoint.latest_tag(ckpt)
             if latest and (not checkpoint.is_complete(ckpt / latest) or checkpoint.damage(ckpt / latest)):
                 problems.append(f"group {g}: latest names incomplete or damaged {latest}")
         exp = paths.exports
@@ -174,7 +174,7 @@ def main():
            damage(d, (0, 1), ref, before=12))
     d = root / "nan_diverged"
     code, out = run(flags(data, d, max_bad_steps=3), {faults.ENV: "nan_loss@17-30"})
-    latest = checkpoint.read_latest(RunLayout(d).group(0).checkpoints)
+    latest = checkpoint.latest_tag(RunLayout(d).group(0).checkpoints)
     record("NaN loss, diverged", "loss = NaN from step 17 on, --max_bad_steps 3",
            f"exit {code} (3 = diverged) at step 19 with a clear error; 'latest' = {latest}",
            code == 3 and latest == "global_step15", "run stopped; resumable from step 15", damage(d, (0, 1), ref, before=17))
@@ -316,7 +316,7 @@ def read_only_checkpoints(data, root, ref, record) -> None:
     try:
         code, out = run(flags(data, d), until=r"\[group 1\] step 12/",
                         then=lambda p: subprocess.run(["mount", "-o", "remount,ro", str(mnt)], check=True))
-        latest, warned = checkpoint.read_latest(mnt), len(re.findall(r"checkpoint of step \d+ failed", out))
+        latest, warned = checkpoint.latest_tag(mnt), len(re.findall(r"checkpoint of step \d+ failed", out))
         lost = damage(d, (0, 1), ref)  # before the tmpfs (group 0's checkpoints) goes
     finally:
         subprocess.run(["umount", "-l", str(mnt)], check=False)

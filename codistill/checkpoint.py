@@ -126,7 +126,9 @@ def damage(tag_dir: Path, digests: bool = True) -> str | None:
     return None
 
 
-def read_latest(ckpt_dir: Path) -> str | None:
+def latest_tag(ckpt_dir: Path) -> str | None:
+    """The tag DeepSpeed's 'latest' file names (e.g. "global_step500"), or None; not the step of an
+    export's LATEST (codistill/exports.py read_latest)."""
     try:
         raw = (Path(ckpt_dir) / "latest").read_text(errors="replace").strip()
     except (FileNotFoundError, IsADirectoryError):
@@ -223,7 +225,7 @@ def save(engine, ckpt_dir: Path, step: int, client_state: dict, leader: bool, ke
     # torch.save's failed zip writer sits in a reference cycle with its open file: collect it now,
     # or the removed partial tag keeps its disk space (and blocks a read-only remount) until later
     gc.collect()
-    if leader and read_latest(ckpt_dir) != tag:
+    if leader and latest_tag(ckpt_dir) != tag:
         _remove_tag(tag_dir)
     why = error or "another rank of the group could not write its part"
     raise CheckpointWriteError(f"checkpoint {tag_dir} could not be written ({why})")
@@ -239,7 +241,7 @@ def _remove_tag(tag_dir: Path) -> None:
 
 def prune(ckpt_dir: Path, keep: int) -> None:
     """Keep the newest ``keep`` complete tags; never the one ``latest`` names; drop partial tags."""
-    latest = read_latest(ckpt_dir)
+    latest = latest_tag(ckpt_dir)
     tags = list_tags(ckpt_dir)
     complete = [p for _, p in tags if is_complete(p)]
     if not complete:  # checkpoints from before the marker: prune by count only
@@ -259,7 +261,7 @@ def candidates(ckpt_dir: Path, log: Callable[[str], None] = print) -> list[str]:
     newest complete tag."""
     ckpt_dir = Path(ckpt_dir)
     tags = list_tags(ckpt_dir)
-    latest = read_latest(ckpt_dir)
+    latest = latest_tag(ckpt_dir)
     complete = []
     for _, p in reversed(tags):
         if is_complete(p):
@@ -393,7 +395,7 @@ class Checkpointer:
             except CheckpointWriteError as e:
                 ok = False
                 self.log(f"WARNING: [group {s.id}] checkpoint of step {step} failed ({e}); 'latest' still names "
-                         f"{read_latest(s.paths.checkpoints)}", force=s.leader)
+                         f"{latest_tag(s.paths.checkpoints)}", force=s.leader)
         if ok:
             self.saved_at = step
         return ok

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-from codistill import faults, flags, runlog
-from codistill.checkpoint import read_latest as read_latest_checkpoint
+from codistill import faults, flags, outputs, runlog
+from codistill.checkpoint import latest_tag
 from codistill.comm import (
     collective_timeout,
     flags_any,
@@ -240,7 +240,7 @@ def train(cfg, students, exchange, ckpt, control, start, log) -> tuple[str, int]
         out = train_step(cfg, step, students, exchange, control, stop, bad_in_a_row, log, clock)
         bad_in_a_row = [n + 1 if b else 0 for n, b in zip(bad_in_a_row, out.bad)]
         if max(bad_in_a_row) >= cfg.faults.max_bad_steps:
-            latest = {s.id: read_latest_checkpoint(s.paths.checkpoints) for s in students}
+            latest = {s.id: latest_tag(s.paths.checkpoints) for s in students}
             teachers = "; ".join(f"group {s.id}: {d}" for s in students if (d := exchange.describe_teachers(s.id)))
             cause = (f" Distillation was on (teachers {teachers}); a teacher's non-finite probabilities never reach "
                      "the student, but a bad peer can still drive it away: check that peer's run, or continue "
@@ -292,8 +292,8 @@ def finish(p: Plan, students, exchange, ckpt, model_cfg, start, step, t_start, l
     for s in students:
         sd = s.full_state_dict()  # a collective of the group under ZeRO-3
         if s.leader:
-            runlog.save_final(s, sd, exchange.metadata(s), model_cfg, step, wall, exchange.teacher_steps(s.id), log,
+            outputs.save_final(s, sd, exchange.metadata(s), model_cfg, step, wall, exchange.teacher_steps(s.id), log,
                               p.rss_start_mib)
     dist.barrier()
     if p.rank == 0:
-        runlog.print_table(runlog.merge_summaries(p.run.root, p.cfg.run.num_groups), p.run.root, log)
+        outputs.print_table(outputs.merge_summaries(p.run.root, p.cfg.run.num_groups), p.run.root, log)

@@ -53,7 +53,7 @@ from codistill.data import DataError, TokenData
 from codistill.exports import export_name, read_export, read_final, read_latest
 from codistill.layout import GroupLayout, RunLayout
 from codistill.metrics import Totals, count_words_in_tokens, ensemble_log_probs, log_probs, ppl
-from codistill.runlog import git_sha
+from codistill.outputs import git_sha
 from fileio import ExportError, write_json
 from model import ModelConfig, build_model
 from model.lstm import CarriedState

@@ -22,7 +22,7 @@ import os
 import sys
 import time
 
-from codistill import flags, runlog
+from codistill import flags, outputs, runlog
 from codistill.checkpoint import Checkpointer
 from codistill.comm import StepControl, lost_rank_message
 from codistill.exchange import Exchange
@@ -41,6 +41,7 @@ from codistill.train import (
     plan_run,
     train,
 )
+from fileio import write_json
 
 
 def parse_args(argv=None):
@@ -61,7 +62,7 @@ def main(argv=None):
     students, exchange, outcome = [], None, "done"
     try:
         mpus = build_mpus(p.topo)
-        p.rss_start_mib = runlog.rss_mib()
+        p.rss_start_mib = outputs.rss_mib()
         students = [Student(g, cfg, p.topo, mpus[g], data, model_cfg, p.ds_cfgs[g], p.device, log) for g in p.topo.hosted]
         exchange = Exchange(cfg, p.topo, students, model_cfg, data.tokenizer_sha256, p.device, log, fixed)
         banner(p, students, exchange, fixed, log)
@@ -74,10 +75,10 @@ def main(argv=None):
             sys.exit(2)
         if p.rank == 0:  # after every resume check passed: a refused resume leaves the run's record as it was
             p.run.root.mkdir(parents=True, exist_ok=True)
-            runlog.write_json(p.run.config, {
+            write_json(p.run.config, {
                 "args": cfg.as_dict(), "model": model_cfg.to_dict(), "tokenizer_sha256": data.tokenizer_sha256,
                 "ds_config": p.ds_base, "world_size": p.world, "hosted_groups_per_rank": len(p.topo.hosted),
-                "teacher_sync": exchange.sync, "git": runlog.git_sha(ROOT)})
+                "teacher_sync": exchange.sync, "git": outputs.git_sha(ROOT)})
         if start:
             log(f"resumed from step {start} ({p.run.root if cfg.checkpoint.resume == 'auto' else cfg.checkpoint.resume})")
         t_start = time.time()

@@ -58,7 +58,7 @@ def test_kill9_inside_a_checkpoint_save_then_resume_is_exact(main_run, sample_da
     assert proc.returncode == -signal.SIGKILL, out
     for g in (0, 1):
         ckpt = run_dir / f"group_{g}" / "checkpoints"
-        assert checkpoint.read_latest(ckpt) == "global_step10"  # never moved to the partial tag
+        assert checkpoint.latest_tag(ckpt) == "global_step10"  # never moved to the partial tag
         if g == 0:  # killed inside group 0's save; group 1's had not started
             assert (ckpt / "global_step20").is_dir() and not checkpoint.is_complete(ckpt / "global_step20")
         (ckpt / "latest").write_text("global_step20")
@@ -110,7 +110,7 @@ def test_nan_steps_skipped_write_errors_survived_then_stop_after_max_bad_steps(m
         teacher = tb(run_dir, g, f"teacher/step/group_{1 - g}")
         assert teacher[30] == 10 and teacher[33] == 10  # peer's export 20 failed: kept 10, no wait
         ckpt = gdir / "checkpoints"
-        assert checkpoint.read_latest(ckpt) == "global_step30" and not (ckpt / "global_step20").exists()
+        assert checkpoint.latest_tag(ckpt) == "global_step30" and not (ckpt / "global_step20").exists()
         assert checkpoint.is_complete(ckpt / "global_step30")
         # our own checkpoint (not a peer's): DeepSpeed's counters stayed consistent with the skips
         states = torch.load(ckpt / "global_step30" / "mp_rank_00_model_states.pt", weights_only=False)
@@ -206,7 +206,7 @@ def test_export_write_error_with_stop_exits_4_then_resume_is_exact(main_run, sam
     assert "export of step 20 failed" in out and "--on_write_error stop" in out
     for g in (0, 1):
         gdir = run_dir / f"group_{g}"
-        assert checkpoint.read_latest(gdir / "checkpoints") == "global_step10"
+        assert checkpoint.latest_tag(gdir / "checkpoints") == "global_step10"
         assert read_latest(gdir / "exports") == 10 and list_exports(gdir / "exports") == [10]
         assert not [p for p in (gdir / "exports").iterdir() if p.name.startswith(".")]
     # issue 31 item 1: files planted in group 0's own checkpoints/ - a pickle payload in every
@@ -259,7 +259,7 @@ def test_kill9_of_one_rank_mid_step_then_resume_continues_exactly(sample_data, t
     proc = launch(args, num_ranks=2, check=False)
     assert proc.returncode != 0, proc.stdout[-3000:]
     ckpt = run_dir / "group_0" / "checkpoints"
-    assert checkpoint.read_latest(ckpt) == "global_step10" and checkpoint.is_complete(ckpt / "global_step10")
+    assert checkpoint.latest_tag(ckpt) == "global_step10" and checkpoint.is_complete(ckpt / "global_step10")
     assert not (run_dir / "summary.json").exists()
     monkeypatch.delenv(faults.ENV)
     out = launch(args, num_ranks=2).stdout
@@ -355,7 +355,7 @@ def test_second_launch_on_the_same_group_refuses_and_writes_nothing(sample_data,
     out = "".join(lines) + first.communicate(timeout=120)[0]
     assert first.returncode == 75, out
     ckpt = run_dir / "group_0" / "checkpoints"
-    assert checkpoint.is_complete(ckpt / checkpoint.read_latest(ckpt))
+    assert checkpoint.is_complete(ckpt / checkpoint.latest_tag(ckpt))
 
 
 # ---- a bad peer never poisons the others (codistill/teachers/health.py) -------------------------------

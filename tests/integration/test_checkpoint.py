@@ -135,18 +135,18 @@ def test_write_error_during_checkpoint_save_keeps_latest(tmp_path, monkeypatch):
     (ckpt / "global_step10" / "planted.pt").write_bytes(b"\x80")
     (ckpt / "latest").write_text("global_step10")
     checkpoint.save(Engine(), ckpt, 10, {}, leader=True, keep=2)
-    assert checkpoint.read_latest(ckpt) == "global_step10" and checkpoint.is_complete(ckpt / "global_step10")
+    assert checkpoint.latest_tag(ckpt) == "global_step10" and checkpoint.is_complete(ckpt / "global_step10")
     assert checkpoint.tag_files(ckpt / "global_step10") == ["model.pt"]  # the marker blesses only what it wrote
     monkeypatch.setenv(faults.ENV, "ckpt_oserror@20")
     with pytest.raises(checkpoint.CheckpointWriteError, match="No space left"):
         checkpoint.save(Engine(), ckpt, 20, {}, leader=True, keep=2)
-    assert checkpoint.read_latest(ckpt) == "global_step10" and not (ckpt / "global_step20").exists()
+    assert checkpoint.latest_tag(ckpt) == "global_step10" and not (ckpt / "global_step20").exists()
     assert "save" not in vars(Engine.checkpoint_engine)  # the hook is undone
     monkeypatch.delenv(faults.ENV)
     # another rank of the group failed (any_rank says so): no marker, 'latest' stays, tag removed
     with pytest.raises(checkpoint.CheckpointWriteError, match="another rank"):
         checkpoint.save(Engine(), ckpt, 30, {}, leader=True, keep=2, any_rank=lambda failed: True)
-    assert checkpoint.read_latest(ckpt) == "global_step10" and not (ckpt / "global_step30").exists()
+    assert checkpoint.latest_tag(ckpt) == "global_step10" and not (ckpt / "global_step30").exists()
 
 
 def test_write_failures_are_classified_whatever_their_type():
@@ -216,7 +216,7 @@ else:  # a full disk, then a read-only one
         raise AssertionError("the save on a full disk did not fail")
     except checkpoint.CheckpointWriteError as err:
         print("full:", err)
-    assert checkpoint.read_latest(ckpt) == "global_step10" and not (ckpt / "global_step20").exists()
+    assert checkpoint.latest_tag(ckpt) == "global_step10" and not (ckpt / "global_step20").exists()
     filler.unlink()
     subprocess.run(["mount", "-o", "remount,ro", str(ckpt.parent)], check=True)
     try:
@@ -224,7 +224,7 @@ else:  # a full disk, then a read-only one
         raise AssertionError("the save on a read-only disk did not fail")
     except checkpoint.CheckpointWriteError as err:
         print("read-only:", err)
-    assert checkpoint.read_latest(ckpt) == "global_step10"
+    assert checkpoint.latest_tag(ckpt) == "global_step10"
     loads_step_10()
 print("OK")
 '''
