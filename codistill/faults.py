@@ -100,7 +100,7 @@ def write_bad_export(exports_dir, step: int, model_config, tokenizer_sha256: str
     d.mkdir(parents=True, exist_ok=True)
     name = export_name(step)
     atomic_write(d / f"{name}.safetensors", lambda tmp: save_file(sd, str(tmp)))
-    meta = {"group": group, "step": step, "tokens_seen": 0, "model_config": model_config.to_dict(),
+    meta = {"group": group, "step": step, "tokens_seen": 512 * step, "model_config": model_config.to_dict(),
             "model_config_hash": model_config.config_hash(), "tokenizer_sha256": tokenizer_sha256,
             "weights": f"{name}.safetensors", **file_digest(d / f"{name}.safetensors")}
     atomic_write_bytes(d / f"{name}.json", json.dumps(meta).encode())
