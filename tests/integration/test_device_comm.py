@@ -193,8 +193,18 @@ def _hung_peer(rank, port, result_dir):
 def test_dist_timeout_bounds_every_process_group_not_only_the_world(tmp_path):
     """A rank that hangs: the other's collective on a group made without a timeout (DeepSpeed's
     clone of the world, build_mpus' groups) fails after --dist_timeout, not gloo's 30 minutes."""
+    import time
+
     from conftest import free_port
-    mp.start_processes(_hung_peer, args=(free_port(), str(tmp_path)), nprocs=2, start_method="spawn")
+    t0 = time.monotonic()
+    try:
+        mp.start_processes(_hung_peer, args=(free_port(), str(tmp_path)), nprocs=2, start_method="spawn")
+    except mp.ProcessExitedException as e:
+        # Under load gloo sometimes ends the timed-out rank with std::terminate (SIGABRT, "terminate
+        # called without an active exception") instead of raising - as NCCL's watchdog may abort: the
+        # process still ends within the bound, which is what --dist_timeout promises (seen once in ~6 runs)
+        assert e.error_index == 0 and e.signal_name == "SIGABRT" and time.monotonic() - t0 < 12, e
+        return
     waited, outcome = eval((tmp_path / "r0").read_text())
     assert 1.5 < waited < 9 and outcome.startswith("rank 0: a collective failed") and "Timed out" in outcome, outcome
 
