@@ -37,7 +37,7 @@ With --tokenizer and no filter active, 1 and 3 are fused into one pass.
 This module is the command line and prepare(); the parts live in: config.py (PrepConfig: the
 options, their flags and checks), pipeline.py (the passes), dedup.py (exact/near-duplicate
 drops), filter_setup.py (filters per input kind), tokenizer.py, shard_format.py (the output
-format and its atomic publish; dataset.py reads it), sharding.py (shard runs and --merge),
+format and its atomic publish; codistill/data.py reads it), sharding.py (shard runs and --merge),
 provenance.py (manifest sources), report.py (errors, messages, summary).
 """
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The on-disk dataset format, writing side (dataset.py is the reading side).
+"""The on-disk dataset format, writing side (codistill/data.py is the reading side).
 
 A prepared directory holds its tokenizer (tokenizer.model, or a Hugging Face tokenizer in
 tokenizer/: tokenizer.json + tokenizer_config.json ...; see tokenizer.py), per split (val,
