@@ -1,56 +1,17 @@
-"""--peer_use average|diloco (LocalSGD, DiLoCo) wired into the trainer (docs/averaging.md): the
-flag refusals (in-process, through plan_run: nothing is written), and real one-launch runs with
-two groups in one process."""
+"""--peer_use average|diloco (LocalSGD, DiLoCo) wired into the trainer (docs/averaging.md): real
+launches with two groups in one launch (one process, or the world split), and the exchange's
+byte counts of every method. The flag refusals: tests/unit/test_peer_use_flags.py."""
 from __future__ import annotations
 
 import json
 
 import pytest
 import torch
-from conftest import e2e_args, launch, load_script, read_scalars
+from conftest import e2e_args, launch, read_scalars
 from safetensors.torch import load_file
 
 from codistill.averaging import average
 from codistill.exports import export_name
-
-
-class Log:
-    def __init__(self):
-        self.lines = []
-
-    def __call__(self, msg, force=False):
-        self.lines.append(msg)
-
-    error = warning = __call__
-
-
-@pytest.mark.parametrize("extra,msg", [
-    (["--peer_use", "average", "--num_groups", "1"], r"--peer_use average needs --num_groups >= 2 \(got 1\)"),
-    (["--peer_use", "diloco", "--group_id", "1"], r"--peer_use diloco with --group_id 1 \(one launch per group\) "
-                                                  r"is not wired yet"),
-    (["--peer_use", "average", "--teacher", "TEACHER"], r"--peer_use average refuses --teacher \S+"),
-    (["--peer_use", "diloco", "--teacher_topk", "8"], r"--peer_use diloco refuses --teacher_topk 8"),
-    (["--peer_use", "diloco", "--teacher_offload", "cpu"], r"refuses --teacher_offload cpu"),
-    (["--peer_use", "average", "--temperature", "2"], r"refuses --temperature 2.0"),
-    (["--peer_use", "diloco", "--outer_lr", "0"], r"--outer_lr must be > 0 \(got 0.0\)"),
-    (["--peer_use", "diloco", "--outer_momentum", "1"], r"--outer_momentum must be in \[0, 1\) \(got 1.0\)"),
-])
-def test_averaging_flags_are_refused_by_the_plan(sample_data, tmp_path, extra, msg):
-    tl = load_script("train_lm")
-    extra = [str(tmp_path) if x == "TEACHER" else x for x in extra]
-    with pytest.raises(tl.SETUP_ERRORS, match=msg):
-        tl.plan_run(tl.parse_args([*e2e_args(sample_data, tmp_path / "run"), *extra]), Log())
-    assert not (tmp_path / "run").exists()
-
-
-def test_averaging_flags_plan(sample_data, tmp_path):
-    tl = load_script("train_lm")
-    cfg = tl.parse_args(e2e_args(sample_data, tmp_path / "run", peer_use="diloco"))
-    p = tl.plan_run(cfg, Log())
-    assert p.topo.hosted == [0, 1] and cfg.exchange.averaging and not cfg.codistill
-    assert (cfg.exchange.outer_lr, cfg.exchange.outer_momentum) == (0.7, 0.9)
-    assert not tl.parse_args(e2e_args(sample_data, tmp_path / "run")).exchange.averaging  # distill by default
-    assert not (tmp_path / "run").exists()
 
 
 def _final(run_dir, g):
@@ -61,12 +22,15 @@ def _export(run_dir, g, step):
     return load_file(run_dir / f"group_{g}" / "exports" / f"{export_name(step)}.safetensors")
 
 
-def test_average_sets_every_group_to_the_mean(sample_data, tmp_path):
-    """One process hosting 2 groups, --peer_use average, K = 10, 20 steps: step 20 is an exchange
-    step, so both groups' final weights are the fp32 mean of their exports of step 20 (taken just
-    before the average), bit for bit, and equal; between exchange steps the groups differ."""
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_average_sets_every_group_to_the_mean(sample_data, tmp_path, ranks):
+    """--peer_use average, K = 10, 20 steps, 2 groups in one launch: one process hosting both
+    (ranks 1: the engines are read directly) or the world split (ranks 2, one group per rank: an
+    all_gather over the world). Step 20 is an exchange step, so both groups' final weights are the
+    fp32 mean of their exports of step 20 (taken just before the average), bit for bit, and equal;
+    between exchange steps the groups differ."""
     run = tmp_path / "avg"
-    proc = launch(e2e_args(sample_data, run, max_steps=20, peer_use="average"))
+    proc = launch(e2e_args(sample_data, run, max_steps=20, peer_use="average"), num_ranks=ranks)
     assert "--peer_use average every 10 steps" in proc.stdout
     a, b = _final(run, 0), _final(run, 1)
     e0, e1 = _export(run, 0, 20), _export(run, 1, 20)
@@ -83,7 +47,7 @@ def test_average_sets_every_group_to_the_mean(sample_data, tmp_path):
     assert summary["exchange_bytes"]["written"] > size  # two exports of about that size
     assert summary["exchange_bytes"]["read"] > size
     written = read_scalars(run / "group_0" / "tb", "exchange/bytes_written")
-    assert sorted(written) == [10, 20] and written[20] == summary["exchange_bytes"]["written"]
+    assert sorted(written) == [10, 20] and written[20] == pytest.approx(summary["exchange_bytes"]["written"], rel=1e-6)
     assert read_scalars(run / "group_1" / "tb", "exchange/bytes_read")[20] > size
     equiv = read_scalars(run / "group_0" / "tb", "exchange/allreduce_equiv_bytes")
     assert list(equiv) == [0] and equiv[0] == summary["exchange_bytes"]["allreduce_equiv_bytes_per_step"] \
@@ -116,3 +80,20 @@ def test_diloco_resume_is_exact(sample_data, tmp_path):
     assert abs(s["exchange_bytes"]["written"] - r["exchange_bytes"]["written"]) < 64
     assert r["exchange_bytes"]["written"] > 2 * 4 * r["num_params"]  # two fp32 exports (steps 10, 20)
     assert s["val_loss"] == r["val_loss"]
+
+
+def test_distill_counts_the_bytes_of_its_exports_and_teachers(main_run):
+    """--peer_use distill (the default, the main command): bytes written are its exports, bytes read
+    the teachers' exports it swapped in (sync teachers: the peer's export of step s - K at s)."""
+    run_dir, stdout = main_run
+    assert "codistillation on (sync teachers" in stdout
+    for g in (0, 1):
+        summary = json.loads((run_dir / f"group_{g}" / "summary.json").read_text())
+        assert summary["peer_use"] == "distill" and summary["averaging_rounds"] == 0
+        b = summary["exchange_bytes"]
+        exports = len(list((run_dir / f"group_{g}" / "exports").glob("*.safetensors")))
+        assert b["written"] > exports * 4 * summary["num_params"] > 0
+        assert 0 < b["read"] < b["written"]  # teachers start at 2K: fewer swapped in than written
+        written = read_scalars(run_dir / f"group_{g}" / "tb", "exchange/bytes_written")
+        assert max(written) == 40 and written[40] == pytest.approx(b["written"], rel=1e-6)  # TensorBoard: float32
+        assert max(read_scalars(run_dir / f"group_{g}" / "tb", "exchange/bytes_read").values()) == pytest.approx(b["read"], rel=1e-6)
