@@ -24,6 +24,10 @@ fixed points of a step (``before_step``, ``announce``/``after_sync`` around the 
 - In a group of several ranks only the leader reads exports; the other ranks receive the
   weights by a broadcast over the group (TeacherPool.swap). A missing, late, corrupt or hostile
   export never stops training: the last good teacher stays (codistill/teachers/pool.py).
+- --peer_use average|diloco (one launch hosting every group): no teachers; ``begin`` starts every
+  group from group 0's weights, ``maybe_average`` at every export step (after the export was
+  taken) sets every group to the mean of the groups' fp32 masters, or to DiLoCo's outer step
+  from it (codistill/averaging.py). Bytes written and read per group: ``ExchangeBytes``.
 """
 from __future__ import annotations
 
