@@ -37,6 +37,7 @@ from dataclasses import dataclass
 
 import torch
 
+from codistill import faults
 from codistill.averaging import (
     ExchangeBytes,
     OuterOptimizer,
@@ -281,16 +282,28 @@ class Exchange:
                      force=True)
             self.outer.begin(average(self.all_masters()))
 
-    def maybe_average(self, step: int) -> None:
+    def maybe_average(self, step: int) -> str | None:
         """At every exchange step (after its export was taken): average: every group's masters become
         the mean over the groups; diloco: the outer step from the round's start and that mean.
-        Every group of the launch is present (one launch); the result is the same bits everywhere."""
+        Every group of the launch is present (one launch); the result is the same bits everywhere.
+        A group whose weights are not finite is never averaged in: "diverged" (every rank sees the
+        same weights, so every rank decides the same), the groups keep their weights and the last
+        checkpoints stay intact."""
         if not (self.averaging and self.exporting and step % self.K == 0):
-            return
+            return None
         present = self.all_masters()
+        if faults.active("nan_weights", step):  # test-only (codistill/faults.py)
+            present[0] = {k: v * float("nan") for k, v in present[0].items()}
+        bad = [g for g, w in enumerate(present) if not all(torch.isfinite(t).all() for t in w.values())]
+        if bad:
+            self.log.error(f"step {step}: group {bad[0]}'s weights are not finite ({len(bad)} group(s)); "
+                           f"--peer_use {self.peer_use} would spread them to every group, so the run stops "
+                           "without averaging (lower --lr and continue with --resume auto)")
+            return "diverged"
         new = average(present) if self.outer is None else self.outer.step(present)
         self._set_all(new)
         self.rounds += 1
+        return None
 
     def _count_bytes(self, step: int, failed: list[bool]) -> None:
         """After the exports of ``step`` are settled: bytes each hosted group's leader wrote and (average,

@@ -255,7 +255,9 @@ def train(cfg, students, exchange, ckpt, control, start, log) -> tuple[str, int]
         outcome = exchange.maybe_export(step)
         if outcome:
             return outcome, step
-        exchange.maybe_average(step)
+        outcome = exchange.maybe_average(step)
+        if outcome:
+            return outcome, step
         if step % cfg.eval.eval_every == 0 or step == cfg.training.max_steps:
             for s in students:
                 runlog.log_eval(s, step, *s.evaluate(), log)

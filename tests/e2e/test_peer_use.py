@@ -97,3 +97,19 @@ def test_distill_counts_the_bytes_of_its_exports_and_teachers(main_run):
         written = read_scalars(run_dir / f"group_{g}" / "tb", "exchange/bytes_written")
         assert max(written) == 40 and written[40] == pytest.approx(b["written"], rel=1e-6)  # TensorBoard: float32
         assert max(read_scalars(run_dir / f"group_{g}" / "tb", "exchange/bytes_read").values()) == pytest.approx(b["read"], rel=1e-6)
+
+
+def test_a_group_with_non_finite_weights_is_never_averaged_in(sample_data, tmp_path, monkeypatch):
+    """A group's weights turn NaN before the exchange step 20 (injected): the run stops with exit 3
+    naming the group instead of spreading NaN to every group; the checkpoint of step 10 (the last
+    one, --save_every 10) is intact and no final/ is written."""
+    from codistill import faults
+    monkeypatch.setenv(faults.ENV, "nan_weights@20")
+    run = tmp_path / "nan"
+    proc = launch(e2e_args(sample_data, run, max_steps=30, save_every=10, peer_use="average"), check=False)
+    assert proc.returncode == 3, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = proc.stdout + proc.stderr
+    assert "step 20: group 0's weights are not finite" in out and "stops without averaging" in out
+    for g in (0, 1):
+        assert not (run / f"group_{g}" / "final").exists()
+        assert (run / f"group_{g}" / "checkpoints" / "latest").read_text().strip().endswith("10")
