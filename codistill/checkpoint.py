@@ -358,7 +358,8 @@ class Checkpointer:
     engine, this carries the rest).
 
     client_state: step, tokens seen, skipped steps, samples, the CPU and CUDA generators (dropout,
-    data-free randomness), the exchange's state (the teachers in use) and, with --carry_state,
+    data-free randomness), the exchange's state (the teachers in use, the byte totals and, with
+    --peer_use diloco, the outer optimizer's state) and, with --carry_state,
     every rank's carried LSTM states (Student.carry_checkpoint), so that resume continues exactly.
     Written every --save_every steps, at the last step, on a stop request and at a
     --stop_after_steps slice; before each, the exports in flight are settled (a checkpoint never

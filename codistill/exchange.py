@@ -24,6 +24,10 @@ fixed points of a step (``before_step``, ``announce``/``after_sync`` around the 
 - In a group of several ranks only the leader reads exports; the other ranks receive the
   weights by a broadcast over the group (TeacherPool.swap). A missing, late, corrupt or hostile
   export never stops training: the last good teacher stays (codistill/teachers/pool.py).
+- --peer_use average|diloco (one launch hosting every group): no teachers; ``begin`` starts every
+  group from group 0's weights, ``maybe_average`` at every export step (after the export was
+  taken) sets every group to the mean of the groups' fp32 masters, or to DiLoCo's outer step
+  from it (codistill/averaging.py). Bytes written and read per group: ``ExchangeBytes``.
 """
 from __future__ import annotations
 
@@ -31,6 +35,17 @@ import threading
 import time
 from dataclasses import dataclass
 
+import torch
+
+from codistill import faults
+from codistill.averaging import (
+    ExchangeBytes,
+    OuterOptimizer,
+    average,
+    gradient_element_bytes,
+    read_masters,
+    write_masters,
+)
 from codistill.comm import StepOutcome, flags_any
 from codistill.exports import Export, clean_temp_files, read_export, write_export
 from codistill.flags import Flags, TeacherFlags
@@ -103,7 +118,8 @@ class Exchange:
         self.K, self.G = ex.export_every, topo.num_groups
         self.run = RunLayout(cfg.run.run_dir)
         self.sync = ex.teacher_sync == "on" or (ex.teacher_sync == "auto" and topo.all_groups_here)
-        self.exporting = cfg.codistill  # peers teach each other
+        self.averaging, self.peer_use = ex.averaging, ex.peer_use  # --peer_use average|diloco
+        self.exporting = cfg.codistill or (self.averaging and self.G > 1)  # peers teach each other, or average
         self.stop_on_write_error = cfg.faults.on_write_error == "stop"
         self.keep = ex.keep_exports
         if self.sync:  # the export a checkpoint's teacher came from must survive until the next checkpoint
@@ -111,7 +127,14 @@ class Exchange:
         self.model_cfg, self.cfg_hash, self.tok_hash = model_cfg, model_cfg.config_hash(), tokenizer_sha256
         self.device = device
         self.students = students
-        self.peers = sorted({p for s in students for p in topo.peers(s.id)}) if self.exporting else []
+        self.peers = sorted({p for s in students for p in topo.peers(s.id)}) if cfg.codistill else []  # teachers
+        # DiLoCo's outer optimizer: one per process (every group computes the same outer step)
+        self.outer = OuterOptimizer(ex.outer_lr, ex.outer_momentum) if ex.peer_use == "diloco" else None
+        self.rounds = 0  # averaging rounds done by this process (logged)
+        # bytes on the wire per hosted group; the synchronous baseline: one data-parallel run over every
+        # group's ranks (G x ranks per group)
+        self.bytes = {s.id: ExchangeBytes(s.id, s.num_params, self.G * s.dp_size, gradient_element_bytes(s.engine),
+                                          s.zero_stage) for s in students}
         # teachers get the student's dtypes on the student's device; a group of several ranks has
         # one reader (its leader), whose exports reach the other ranks by broadcast (TeacherPool.swap)
         self.pool = TeacherPool(model_cfg, device, like=students[0].engine.module,
@@ -172,11 +195,20 @@ class Exchange:
 
     # ---- checkpoints ----------------------------------------------------------------------
     def state(self) -> dict:
-        return {"teacher_steps": dict(self.pool.steps)}
+        state = {"teacher_steps": dict(self.pool.steps),
+                 "exchange_bytes": {g: [b.written, b.read] for g, b in self.bytes.items()}}
+        if self.outer is not None and self.outer.start is not None:
+            state["outer_optimizer"] = self.outer.state_dict()
+        return state
 
     def restore(self, state: dict, start: int) -> None:
         """The teachers in use when the checkpoint was written (read by the leader, broadcast to
         its group), and the prefetch the uninterrupted run had asked for."""
+        for g, (written, read) in (state.get("exchange_bytes") or {}).items():
+            if int(g) in self.bytes:
+                self.bytes[int(g)].written, self.bytes[int(g)].read = int(written), int(read)
+        if self.outer is not None and state.get("outer_optimizer") is not None:
+            self.outer.load_state_dict(state["outer_optimizer"], f"the checkpoint of step {start}")
         restore = {}
         for peer, tstep in sorted((int(p), t) for p, t in (state.get("teacher_steps") or {}).items()):
             if peer in self.pool.steps:
@@ -196,6 +228,114 @@ class Exchange:
             for p in self.peers:
                 self.loader.want(p, pending)
 
+    # ---- averaging (--peer_use average|diloco) ---------------------------------------------
+    def all_masters(self) -> list[dict[str, torch.Tensor]]:
+        """Every group's fp32 master weights, in group order, on every rank (a collective of the
+        launch). One process hosting every group reads its engines (read_masters); a world split
+        (each rank hosts some groups) all-gathers the hosted groups' flattened masters over the
+        world and takes each group's leader's copy (every rank of a group holds the same full
+        values). Holds G copies of the model per rank while it runs."""
+        own = {s.id: read_masters(s.engine) for s in self.students}  # a collective of each group
+        if len(own) == self.G:
+            return [own[g] for g in range(self.G)]
+        names = list(own[self.students[0].id])
+        shapes = {n: own[self.students[0].id][n].shape for n in names}
+        sizes = [shapes[n].numel() for n in names]
+        flat = torch.stack([torch.cat([own[g][n].reshape(-1) for n in names]) for g in self.topo.hosted])
+        flat = flat.to(self.device)
+        world = torch.distributed.get_world_size()
+        gathered = [torch.empty_like(flat) for _ in range(world)]
+        torch.distributed.all_gather(gathered, flat)
+        per = len(self.topo.hosted)  # every rank hosts as many groups (codistill/topology.py plan)
+        out = []
+        for g in range(self.G):
+            row = gathered[self.topo.group_ranks[g][0]][g % per].to("cpu")
+            out.append({n: t.reshape(shapes[n]).clone() for n, t in zip(names, row.split(sizes))})
+        return out
+
+    def _set_all(self, weights: dict[str, torch.Tensor]) -> None:
+        for s in self.students:
+            write_masters(s.engine, weights)  # every rank of the group; the inner optimizer's state is kept
+
+    def begin(self, start: int) -> None:
+        """Before the first step of this launch: with --peer_use average|diloco a fresh run starts
+        every group from group 0's initialisation (the groups seed their own otherwise) and DiLoCo's
+        first round starts there; a resumed run has its weights and outer state from the checkpoint
+        (Exchange.restore), or, from a checkpoint without outer state, opens the round at the mean
+        of the groups' weights now (warned). Logs the synchronous data-parallel equivalent once."""
+        if not self.averaging:
+            return
+        for s in self.students:
+            if s.writer:
+                b = self.bytes[s.id]
+                s.writer.scalar("exchange/allreduce_equiv_bytes",
+                                b.record()["exchange/dp_allreduce_bytes_per_step"], start)
+        if start == 0:
+            weights = self.all_masters()[0]
+            self._set_all(weights)
+            if self.outer is not None:
+                self.outer.begin(weights)
+            self.log(f"--peer_use {self.peer_use}: every group starts from group 0's initialisation")
+        elif self.outer is not None and self.outer.start is None:
+            self.log(f"WARNING: the checkpoint of step {start} holds no DiLoCo outer state (written by another "
+                     "--peer_use?): the outer momentum starts from zero and the round from the groups' mean now",
+                     force=True)
+            self.outer.begin(average(self.all_masters()))
+
+    def maybe_average(self, step: int) -> str | None:
+        """At every exchange step (after its export was taken): average: every group's masters become
+        the mean over the groups; diloco: the outer step from the round's start and that mean.
+        Every group of the launch is present (one launch); the result is the same bits everywhere.
+        A group whose weights are not finite is never averaged in: "diverged" (every rank sees the
+        same weights, so every rank decides the same), the groups keep their weights and the last
+        checkpoints stay intact."""
+        if not (self.averaging and self.exporting and step % self.K == 0):
+            return None
+        present = self.all_masters()
+        if faults.active("nan_weights", step):  # test-only (codistill/faults.py)
+            present[0] = {k: v * float("nan") for k, v in present[0].items()}
+        bad = [g for g, w in enumerate(present) if not all(torch.isfinite(t).all() for t in w.values())]
+        if bad:
+            self.log.error(f"step {step}: group {bad[0]}'s weights are not finite ({len(bad)} group(s)); "
+                           f"--peer_use {self.peer_use} would spread them to every group, so the run stops "
+                           "without averaging (lower --lr and continue with --resume auto)")
+            return "diverged"
+        new = average(present) if self.outer is None else self.outer.step(present)
+        self._set_all(new)
+        self.rounds += 1
+        return None
+
+    def _count_bytes(self, step: int, failed: list[bool]) -> None:
+        """After the exports of ``step`` are settled: bytes each hosted group's leader wrote and (average,
+        diloco: what reading its peers' exports of that step moves; in one launch the weights come from the
+        engines) read; TensorBoard exchange/bytes_written, exchange/bytes_read (cumulative)."""
+        for s in self.students:
+            if not s.leader:
+                continue
+            b = self.bytes[s.id]
+            if not failed[s.id]:
+                b.wrote(self.run.group(s.id).exports, step)
+            if self.averaging:
+                for p in self.topo.peers(s.id):
+                    if not failed[p]:
+                        b.was_read(p, self.run.group(p).exports, step)
+            self._log_bytes(s, step)
+
+    def _log_bytes(self, s, step: int) -> None:
+        if s.writer:
+            b = self.bytes[s.id]
+            s.writer.scalar("exchange/bytes_written", float(b.written), step)
+            s.writer.scalar("exchange/bytes_read", float(b.read), step)
+
+    def summary(self, group: int, steps: int) -> dict:
+        """summary.json's exchange totals of ``group`` over ``steps`` steps."""
+        b = self.bytes[group]
+        per_step = b.record()["exchange/dp_allreduce_bytes_per_step"]
+        return {"peer_use": self.peer_use, "averaging_rounds": steps // self.K if self.averaging else 0,
+                "exchange_bytes": {"written": b.written, "read": b.read, "total": b.written + b.read,
+                                   "allreduce_equiv_bytes_per_step": per_step,
+                                   "allreduce_equiv_bytes": per_step * steps}}
+
     # ---- the step -------------------------------------------------------------------------
     def _swap(self, updates: dict, agree: bool = True) -> None:
         before = dict(self.pool.steps)
@@ -207,6 +347,15 @@ class Exchange:
         for p in updates:
             if self.pool.steps.get(p) != before.get(p):
                 self.guard.on_swap(p)
+        for p, (tstep, exp) in updates.items():  # distill: the teachers' exports this reader read
+            if exp is None or self.pool.steps.get(p) != tstep:
+                continue
+            for s in self.students:
+                if s.leader and p in self.topo.peers(s.id):
+                    try:
+                        self.bytes[s.id].was_read(p, self.run.group(p).exports, tstep)
+                    except OSError:  # pruned since it was read: count what it held
+                        self.bytes[s.id].read += sum(t.numel() * t.element_size() for t in exp.state_dict.values())
 
     def before_step(self, step: int) -> float:
         """Teacher swaps due before ``step``; returns their milliseconds (loader waits included)."""
@@ -283,6 +432,7 @@ class Exchange:
         stop_mode = self.stop_on_write_error
         *failed, diverged = flags_any([*failed, diverged], self.device)  # every rank must know
         self.failed |= {(g, step) for g, f in enumerate(failed) if f}
+        self._count_bytes(step, failed)
         if diverged:
             return "diverged"
         if stop_mode and any(failed):

@@ -18,6 +18,8 @@ Kinds (where they fire):
                      before it was marked complete and 'latest' was moved to it
     sigkill          SIGKILL to this process in the middle of the step (after the forward
                      pass of the first micro-batch, before its backward)
+    nan_weights      --peer_use average|diloco: group 0's weights, as read for the average at
+                     these (exchange) steps, become NaN (a group that diverged)
 """
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ import os
 import signal
 
 ENV = "CODISTILL_FAULT_INJECT"
-KINDS = {"nan_loss", "export_oserror", "ckpt_oserror", "sigkill_in_save", "sigkill"}
+KINDS = {"nan_loss", "export_oserror", "ckpt_oserror", "sigkill_in_save", "sigkill", "nan_weights"}
 
 
 def parse(spec: str | None, rank: int | None = None) -> dict[str, set[int]]:

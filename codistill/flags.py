@@ -258,9 +258,34 @@ class ExchangeFlags(Group):
     max_teacher_staleness: int | None = flag(None, "drop a teacher whose export is more than this many steps old "
                                              "(sync teachers are K..2K steps old)")
     poll_interval: float = flag(1.0, "seconds between looks at a peer's LATEST", metavar="SECONDS")
+    peer_use: str = flag("distill", "what a group does with its peers' weights at every exchange step s "
+                         "(s % --export_every == 0): distill: run their exports as teachers (codistillation); "
+                         "average: LocalSGD, every group's fp32 master weights become the mean over the groups; "
+                         "diloco: DiLoCo's outer step, Nesterov SGD (--outer_lr, --outer_momentum) on the "
+                         "pseudo-gradient (round-start weights - the groups' mean), every group continues from "
+                         "the result with its inner optimizer state kept. average/diloco: no distillation term "
+                         "(--distill_weight is ignored, alpha = 0), every group starts from group 0's "
+                         "initialisation, exports are still written; they need --num_groups >= 2 in one launch "
+                         "(--group_id is refused: not wired yet) and refuse the teacher options (--teacher, "
+                         "--teacher_partition, --teacher_offload, --teacher_topk, --max_teacher_staleness, "
+                         "--temperature, --distill_ramp_steps). Peers are never heterogeneous: every group of a "
+                         "run trains the one model config (docs/averaging.md)",
+                         choices=["distill", "average", "diloco"])
+    outer_lr: float = flag(0.7, "--peer_use diloco: the outer learning rate (Douillard et al. 2023: 0.7)")
+    outer_momentum: float = flag(0.9, "--peer_use diloco: the outer Nesterov momentum, in [0, 1) (Douillard et "
+                                 "al. 2023: 0.9)")
+
+    @property
+    def averaging(self) -> bool:
+        """Whether groups average their weights (average, diloco) instead of distilling."""
+        return self.peer_use != "distill"
 
     def check(self, errors, warnings):
         _at_least(self, errors, 1, "export_every", "keep_exports")
+        if not self.outer_lr > 0:
+            errors.append(f"--outer_lr must be > 0 (got {self.outer_lr}); DiLoCo's default is 0.7")
+        if not 0 <= self.outer_momentum < 1:
+            errors.append(f"--outer_momentum must be in [0, 1) (got {self.outer_momentum}); DiLoCo's default is 0.9")
         if not self.poll_interval > 0:
             errors.append(f"--poll_interval must be > 0 seconds (got {self.poll_interval})")
         if not self.teacher_timeout >= 0:
@@ -374,8 +399,8 @@ class Flags:
 
     @property
     def codistill(self) -> bool:
-        """Whether peers teach each other (G > 1 and a distillation term)."""
-        return self.run.num_groups > 1 and self.distill.distill_weight > 0
+        """Whether peers teach each other (G > 1, --peer_use distill and a distillation term)."""
+        return self.run.num_groups > 1 and self.distill.distill_weight > 0 and not self.exchange.averaging
 
     @property
     def sync_teachers(self) -> bool:
@@ -421,11 +446,38 @@ class Flags:
                 warnings.append(f"2 x --export_every ({2 * ex.export_every}) >= --max_steps {tr.max_steps}: sync "
                                 f"teachers (at step s the peers' exports of step s-K) never switch on; lower "
                                 f"--export_every")
+        if ex.averaging:
+            self._check_averaging(errors, warnings)
         if self.data.carry_state or self.eval.eval_state == "carried":
             which = "--carry_state" if self.data.carry_state else "--eval_state carried"
             if self.model.model != "lstm":
                 errors.append(f"{which} needs --model lstm (got --model {self.model.model}): only the LSTM has a "
                               "state to carry from one window to the next; a Transformer sees each window on its own")
+
+    def _check_averaging(self, errors, warnings) -> None:
+        """--peer_use average|diloco: G >= 2 groups in one launch, and none of the teacher options."""
+        run, ex, d, tf, tr = self.run, self.exchange, self.distill, self.teachers, self.training
+        use = f"--peer_use {ex.peer_use}"
+        if run.num_groups < 2:
+            errors.append(f"{use} needs --num_groups >= 2 (got {run.num_groups}): there is nobody to average with")
+        if run.group_id is not None:
+            errors.append(f"{use} with --group_id {run.group_id} (one launch per group) is not wired yet: train "
+                          f"every group in one launch (leave --group_id out; --num_groups {run.num_groups} splits "
+                          "this launch's ranks among the groups), or use --peer_use distill")
+        refused = [(d.teacher is not None, f"--teacher {d.teacher}"),
+                   (tf.teacher_partition, "--teacher_partition"),
+                   (tf.teacher_offload != "none", f"--teacher_offload {tf.teacher_offload}"),
+                   (tf.teacher_topk != 0, f"--teacher_topk {tf.teacher_topk}"),
+                   (ex.max_teacher_staleness is not None, f"--max_teacher_staleness {ex.max_teacher_staleness}"),
+                   (d.temperature != 1.0, f"--temperature {d.temperature}"),
+                   (d.distill_ramp_steps != 0, f"--distill_ramp_steps {d.distill_ramp_steps}")]
+        for bad, name in refused:
+            if bad:
+                errors.append(f"{use} refuses {name}: it configures distillation from teachers, and {use} runs no "
+                              "teacher (no distillation term); leave it out, or use --peer_use distill")
+        if ex.export_every > tr.max_steps:
+            warnings.append(f"--export_every {ex.export_every} > --max_steps {tr.max_steps}: {use} never averages, "
+                            "every group trains on its own")
 
 
 def _fields():

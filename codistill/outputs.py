@@ -23,7 +23,7 @@ def git_sha(root: Path) -> str | None:
 
 
 def save_final(s, state_dict, meta: dict, model_cfg, step: int, wall: float, teacher_steps: dict,
-               log=None, rss_start_mib: float = 0.0) -> None:
+               log=None, rss_start_mib: float = 0.0, exchange: dict | None = None) -> None:
     """group_i/final/: model.safetensors + config.json + meta.json (the metadata of an export, so
     that ``--teacher`` and evaluate.py read it like one) (+ hf/ for Transformers), and
     group_i/summary.json. The directory appears complete or not at all."""
@@ -48,7 +48,7 @@ def save_final(s, state_dict, meta: dict, model_cfg, step: int, wall: float, tea
     write_json(s.paths.summary, {
         "group": s.id, "steps": step, "tokens_seen": s.tokens_seen, "val_loss": loss, "val_ppl": ppl,
         "wall_time_s": round(wall, 2), "num_params": s.num_params, **peak_memory(s.device, rss_start_mib),
-        "teacher_steps": {str(p): t for p, t in teacher_steps.items()}})
+        "teacher_steps": {str(p): t for p, t in teacher_steps.items()}, **(exchange or {})})
 
 
 PROBE = ("The government said on Tuesday that growth would slow to 3.5% - lower than forecast.\n\n"

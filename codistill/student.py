@@ -8,6 +8,7 @@ the synced statistics into the step's log record.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 
@@ -44,6 +45,8 @@ class Student:
         self.sync = GroupSync(topo.num_groups)  # this group's values in the step's sync
         # the flag groups a group's training reads: its schedule and loss, and the teachers' age limit
         self.training, self.distill, self.exchange_flags = cfg.training, cfg.distill, cfg.exchange
+        if cfg.exchange.averaging:  # --peer_use average|diloco: peers' weights are averaged, never distilled
+            self.distill = dataclasses.replace(cfg.distill, distill_weight=0.0)
         self.paths = RunLayout(cfg.run.run_dir).group(gid)
         self.data_dir = data.dir
         self.dir = self.paths.dir

@@ -179,8 +179,9 @@ def banner(p: Plan, students, exchange, fixed, log) -> None:
         f"groups {a.run.num_groups} (this rank: {p.topo.hosted}, {s0.dp_size} rank(s) each) | "
         f"batch {s0.global_batch}x{a.data.seq_len} tokens/group | {zero} | {dtype} on {p.device.type} | "
         + ("every group reads all the data (--data_split shared) | " if a.data.data_split == "shared" and a.run.num_groups > 1 else "")
-        + f"codistillation {'on' if exchange.exporting else 'off'}"
-        + (f" ({exchange.mode} teachers{teacher_modes(exchange.pool)})" if exchange.exporting else "")
+        + (f"--peer_use {a.exchange.peer_use} every {a.exchange.export_every} steps" if exchange.averaging else
+           f"codistillation {'on' if exchange.exporting else 'off'}"
+           + (f" ({exchange.mode} teachers{teacher_modes(exchange.pool)})" if exchange.exporting else ""))
         + (" | fixed teacher (offline distillation)" if fixed is not None else ""))
     if fixed is not None:
         log(f"fixed teacher (--teacher): {a.distill.teacher}, step {fixed.step}, {fixed.meta.get('tokens_seen', '?')} tokens seen")
@@ -236,6 +237,7 @@ def train(cfg, students, exchange, ckpt, control, start, log) -> tuple[str, int]
     """The loop: steps until --max_steps (or --target_val_loss), an export/checkpoint failure,
     divergence, a stop request or the --stop_after_steps slice; returns (outcome, last step)."""
     stop, bad_in_a_row, clock, step = StopFlag(), [0] * cfg.run.num_groups, (time.time(), start), start
+    exchange.begin(start)
     for step in range(start + 1, cfg.training.max_steps + 1):
         out = train_step(cfg, step, students, exchange, control, stop, bad_in_a_row, log, clock)
         bad_in_a_row = [n + 1 if b else 0 for n, b in zip(bad_in_a_row, out.bad)]
@@ -251,6 +253,9 @@ def train(cfg, students, exchange, ckpt, control, start, log) -> tuple[str, int]
                       f"checkpoints ({latest}) are intact.{cause}")
             return "diverged", step
         outcome = exchange.maybe_export(step)
+        if outcome:
+            return outcome, step
+        outcome = exchange.maybe_average(step)
         if outcome:
             return outcome, step
         if step % cfg.eval.eval_every == 0 or step == cfg.training.max_steps:
@@ -293,7 +298,7 @@ def finish(p: Plan, students, exchange, ckpt, model_cfg, start, step, t_start, l
         sd = s.full_state_dict()  # a collective of the group under ZeRO-3
         if s.leader:
             outputs.save_final(s, sd, exchange.metadata(s), model_cfg, step, wall, exchange.teacher_steps(s.id), log,
-                              p.rss_start_mib)
+                              p.rss_start_mib, exchange.summary(s.id, step))
     dist.barrier()
     if p.rank == 0:
         outputs.print_table(outputs.merge_summaries(p.run.root, p.cfg.run.num_groups), p.run.root, log)

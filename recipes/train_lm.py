@@ -9,6 +9,8 @@ Each group trains its own copy of the model on its own shard of the data. Every 
 steps it publishes its weights; every group runs its peers' stale exports in inference mode on
 its own batch and adds alpha * CE(mean teacher probs, student probs) to its loss after
 --burn_in_steps. --num_groups 1 or --distill_weight 0 is the plain baseline, same code.
+--peer_use average|diloco averages the groups' weights at every export step instead (LocalSGD,
+DiLoCo; one launch hosting every group; docs/averaging.md).
 
 The story (main, below; its pieces in codistill/train.py): plan and check everything (nothing
 written) -> start distributed -> lock the groups

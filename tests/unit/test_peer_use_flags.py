@@ -1,0 +1,45 @@
+"""--peer_use average|diloco's flag refusals, in-process through plan_run (nothing is written):
+the runs themselves are tested by tests/e2e/test_peer_use.py."""
+from __future__ import annotations
+
+import pytest
+from conftest import e2e_args, load_script
+
+
+class Log:
+    def __init__(self):
+        self.lines = []
+
+    def __call__(self, msg, force=False):
+        self.lines.append(msg)
+
+    error = warning = __call__
+
+
+@pytest.mark.parametrize("extra,msg", [
+    (["--peer_use", "average", "--num_groups", "1"], r"--peer_use average needs --num_groups >= 2 \(got 1\)"),
+    (["--peer_use", "diloco", "--group_id", "1"], r"--peer_use diloco with --group_id 1 \(one launch per group\) "
+                                                  r"is not wired yet"),
+    (["--peer_use", "average", "--teacher", "TEACHER"], r"--peer_use average refuses --teacher \S+"),
+    (["--peer_use", "diloco", "--teacher_topk", "8"], r"--peer_use diloco refuses --teacher_topk 8"),
+    (["--peer_use", "diloco", "--teacher_offload", "cpu"], r"refuses --teacher_offload cpu"),
+    (["--peer_use", "average", "--temperature", "2"], r"refuses --temperature 2.0"),
+    (["--peer_use", "diloco", "--outer_lr", "0"], r"--outer_lr must be > 0 \(got 0.0\)"),
+    (["--peer_use", "diloco", "--outer_momentum", "1"], r"--outer_momentum must be in \[0, 1\) \(got 1.0\)"),
+])
+def test_averaging_flags_are_refused_by_the_plan(sample_data, tmp_path, extra, msg):
+    tl = load_script("train_lm")
+    extra = [str(tmp_path) if x == "TEACHER" else x for x in extra]
+    with pytest.raises(tl.SETUP_ERRORS, match=msg):
+        tl.plan_run(tl.parse_args([*e2e_args(sample_data, tmp_path / "run"), *extra]), Log())
+    assert not (tmp_path / "run").exists()
+
+
+def test_averaging_flags_plan(sample_data, tmp_path):
+    tl = load_script("train_lm")
+    cfg = tl.parse_args(e2e_args(sample_data, tmp_path / "run", peer_use="diloco"))
+    p = tl.plan_run(cfg, Log())
+    assert p.topo.hosted == [0, 1] and cfg.exchange.averaging and not cfg.codistill
+    assert (cfg.exchange.outer_lr, cfg.exchange.outer_momentum) == (0.7, 0.9)
+    assert not tl.parse_args(e2e_args(sample_data, tmp_path / "run")).exchange.averaging  # distill by default
+    assert not (tmp_path / "run").exists()
