@@ -51,6 +51,23 @@ def collective_timeout(seconds: float) -> datetime.timedelta:
     return timeout
 
 
+def destroy_at_exit() -> None:
+    """Destroy the process groups at interpreter exit, while Python is still whole. Without it
+    gloo's worker threads may still hold work objects holding tensors when the interpreter is torn
+    down, and the process dies with SIGABRT ("terminate called without an active exception") after
+    a run that succeeded (seen here under load after 2-rank runs; pytorch/pytorch PR 179291 names
+    the cause). A no-op where no group exists or it was destroyed already."""
+    import atexit
+
+    def teardown():
+        if dist.is_available() and dist.is_initialized():
+            try:
+                dist.destroy_process_group()
+            except Exception:  # exiting anyway: never turn a clean exit into a traceback
+                pass
+    atexit.register(teardown)
+
+
 def stale_build_locks(before: float) -> list:
     """torch's JIT extension build locks (``<TORCH_EXTENSIONS_DIR>/<python_cpu|cuda>/<op>/lock``)
     made before the time ``before``. DeepSpeed builds its CPU communication op under torch's FileBaton

@@ -21,6 +21,7 @@ from codistill import faults, flags, outputs, runlog
 from codistill.checkpoint import latest_tag
 from codistill.comm import (
     collective_timeout,
+    destroy_at_exit,
     flags_any,
     rendezvous_defaults,
     watch_start_up,
@@ -104,6 +105,7 @@ def init_distributed(device: torch.device, timeout_s: float = 600.0) -> None:
     watchdog = watch_start_up()  # a stale JIT build lock would hang here silently
     deepspeed.init_distributed(verbose=False, timeout=timeout)
     watchdog.cancel()
+    destroy_at_exit()
 
 
 def load_inputs(p: Plan, log):

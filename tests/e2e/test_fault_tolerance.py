@@ -279,6 +279,7 @@ from codistill.skip import skip_step
 for k, v in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", argv[2])):
     os.environ.setdefault(k, v)
 deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+__import__('codistill.comm').comm.destroy_at_exit()  # gloo's threads end before Python does
 world = int(os.environ["WORLD_SIZE"])
 cfg = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 2, "train_batch_size": 8 * world,
        "optimizer": {"type": "AdamW", "params": {"lr": 0.01, "torch_adam": True}}, "steps_per_print": 10**9,

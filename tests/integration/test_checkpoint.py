@@ -171,6 +171,7 @@ case, ckpt, port = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
 for k, v in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", port)):
     os.environ.setdefault(k, v)
 deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+__import__('codistill.comm').comm.destroy_at_exit()  # gloo's threads end before Python does
 from codistill import checkpoint
 stage = 2 if case == "planted" else 0
 cfg = {"train_micro_batch_size_per_gpu": 2, "train_batch_size": 2, "steps_per_print": 10**9,

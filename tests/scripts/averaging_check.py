@@ -219,6 +219,7 @@ def main() -> None:
     from codistill.ds_config import load_ds_config
     rendezvous_defaults()
     deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+    __import__('codistill.comm').comm.destroy_at_exit()  # gloo's threads end before Python does
     rank = dist.get_rank()
     base = load_ds_config(ROOT / "ds_configs" / "zero2.json")
     base["train_micro_batch_size_per_gpu"] = 2

@@ -96,6 +96,7 @@ def main() -> None:
 
     rendezvous_defaults()
     deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+    __import__('codistill.comm').comm.destroy_at_exit()  # gloo's threads end before Python does
     rank, world = dist.get_rank(), dist.get_world_size()
     topo = plan(world, rank, 2)
     (gid,) = topo.hosted

@@ -62,6 +62,7 @@ def main() -> None:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     deepspeed.init_distributed(verbose=False)
+    __import__('codistill.comm').comm.destroy_at_exit()  # gloo's threads end before Python does
     base = load_ds_config(ROOT / "ds_configs" / "zero2.json")
     base["bf16"] = {"enabled": a.bf16}
     cfg_ds = resolve_ds_config(base, 1, None, device)
