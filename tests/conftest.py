@@ -49,6 +49,17 @@ def env_for_runs(gpu: bool = False) -> dict:
     return env
 
 
+class Log:
+    """A trainer log (Console's interface) that keeps its lines, for in-process plan_run tests."""
+    def __init__(self):
+        self.lines = []
+
+    def __call__(self, msg, force=False):
+        self.lines.append(msg)
+
+    error = warning = __call__
+
+
 def launch(args: list[str], num_ranks: int = 1, timeout: int = 600, check: bool = True,
            background: bool = False, gpu: bool = False):
     """Run recipes/train_lm.py under the real deepspeed launcher with ``num_ranks`` CPU ranks

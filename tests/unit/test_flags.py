@@ -11,23 +11,13 @@ import shutil
 
 import pytest
 import torch
-from conftest import e2e_args, load_script, run_python
+from conftest import Log, e2e_args, load_script, run_python
 
 from codistill import flags
 
 
 def train_lm():
     return load_script("train_lm")
-
-
-class Log:
-    def __init__(self):
-        self.lines = []
-
-    def __call__(self, msg, force=False):
-        self.lines.append(msg)
-
-    error = warning = __call__
 
 
 @pytest.mark.parametrize("extra,msg", [

@@ -3,17 +3,7 @@ the runs themselves are tested by tests/e2e/test_peer_use.py."""
 from __future__ import annotations
 
 import pytest
-from conftest import e2e_args, load_script
-
-
-class Log:
-    def __init__(self):
-        self.lines = []
-
-    def __call__(self, msg, force=False):
-        self.lines.append(msg)
-
-    error = warning = __call__
+from conftest import Log, e2e_args, load_script
 
 
 @pytest.mark.parametrize("extra,msg", [
