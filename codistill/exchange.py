@@ -42,12 +42,15 @@ from codistill.averaging import (
     ExchangeBytes,
     OuterOptimizer,
     average,
+    expected_shapes,
+    gather_present,
     gradient_element_bytes,
     read_masters,
+    read_peer,
     write_masters,
 )
 from codistill.comm import StepOutcome, flags_any
-from codistill.exports import Export, clean_temp_files, read_export, write_export
+from codistill.exports import Export, clean_temp_files, read_export, read_latest, write_export
 from codistill.flags import Flags, TeacherFlags
 from codistill.layout import RunLayout
 from codistill.teachers.health import TeacherGuard
@@ -271,8 +274,11 @@ class Exchange:
                 s.writer.scalar("exchange/allreduce_equiv_bytes",
                                 b.record()["exchange/dp_allreduce_bytes_per_step"], start)
         if start == 0:
-            weights = self.all_masters()[0]
-            self._set_all(weights)
+            if self.topo.all_groups_here:
+                weights = self.all_masters()[0]
+                self._set_all(weights)
+            else:  # --group_id: every launch initialised from group 0's seed (codistill/student.py)
+                weights = read_masters(self.students[0].engine)
             if self.outer is not None:
                 self.outer.begin(weights)
             self.log(f"--peer_use {self.peer_use}: every group starts from group 0's initialisation")
@@ -280,7 +286,8 @@ class Exchange:
             self.log(f"WARNING: the checkpoint of step {start} holds no DiLoCo outer state (written by another "
                      "--peer_use?): the outer momentum starts from zero and the round from the groups' mean now",
                      force=True)
-            self.outer.begin(average(self.all_masters()))
+            self.outer.begin(average(self.all_masters()) if self.topo.all_groups_here
+                             else read_masters(self.students[0].engine))
 
     def maybe_average(self, step: int) -> str | None:
         """At every exchange step (after its export was taken): average: every group's masters become
@@ -291,7 +298,12 @@ class Exchange:
         checkpoints stay intact."""
         if not (self.averaging and self.exporting and step % self.K == 0):
             return None
-        present = self.all_masters()
+        if not self.topo.all_groups_here:
+            present, outcome = self._present_separate(step)
+            if outcome:
+                return outcome
+        else:
+            present = self.all_masters()
         if faults.active("nan_weights", step):  # test-only (codistill/faults.py)
             present[0] = {k: v * float("nan") for k, v in present[0].items()}
         bad = [g for g, w in enumerate(present) if not all(torch.isfinite(t).all() for t in w.values())]
@@ -305,6 +317,55 @@ class Exchange:
         self.rounds += 1
         return None
 
+    def _present_separate(self, step: int):
+        """--group_id (this launch trains one group): the weights to average at ``step``, in group order -
+        this group's own export of ``step`` (its masters if that write failed) and every peer's export of
+        ``step`` that arrives within --teacher_timeout and passes every check (gather_present); the
+        group's leader reads them and broadcasts the result to the group's other ranks. Returns
+        (weights, None) or (None, outcome) when settling the own export stops the run."""
+        s = self.students[0]
+        outcome = self.settle()  # this group's export of ``step`` is complete (or failed) before peers wait on it
+        if outcome:
+            return None, outcome
+        own = read_masters(s.engine)  # a collective of the group
+        present = None
+        if s.leader:
+            exp_shapes, names = expected_shapes(s.engine), list(own)
+            if (s.id, step) not in self.failed:
+                try:
+                    own = read_peer(self.run.group(s.id).exports, s.id, step, self.cfg_hash, self.tok_hash,
+                                    exp_shapes, names)  # the same bits the peers read
+                except ExportError as e:
+                    self.log(f"WARNING: [group {s.id}] step {step}: own export unreadable, averaging the masters ({e})")
+            pending, arrived = set(self.topo.peers(s.id)), {}
+            deadline = time.monotonic() + self.flags.teacher_timeout
+            while True:
+                for p in sorted(pending):
+                    try:
+                        latest = read_latest(self.run.group(p).exports, missing_ok=True)
+                    except ExportError:
+                        latest = None
+                    if latest is not None and latest >= step:
+                        arrived[p] = self.run.group(p).exports
+                        pending.discard(p)
+                if not pending or time.monotonic() >= deadline:
+                    break
+                time.sleep(self.flags.poll_interval)
+            for p in sorted(pending):
+                self.log(f"WARNING: [group {s.id}] step {step}: group {p}'s export of step {step} did not arrive "
+                         f"within --teacher_timeout {self.flags.teacher_timeout:g} s; averaging without it")
+            present, groups, _ = gather_present(own, s.id, arrived, step, self.cfg_hash, self.tok_hash, exp_shapes,
+                                                self.log)
+            for p in groups:
+                if p != s.id:
+                    self.bytes[s.id].was_read(p, self.run.group(p).exports, step)
+            self.log(f"[group {s.id}] step {step}: --peer_use {self.peer_use} over groups {groups}")
+        if s.dp_size > 1:
+            box = [present]
+            torch.distributed.broadcast_object_list(box, src=self.topo.group_ranks[s.id][0], group=s.dp_group)
+            present = box[0]
+        return present, None
+
     def _count_bytes(self, step: int, failed: list[bool]) -> None:
         """After the exports of ``step`` are settled: bytes each hosted group's leader wrote and (average,
         diloco: what reading its peers' exports of that step moves; in one launch the weights come from the
@@ -315,7 +376,7 @@ class Exchange:
             b = self.bytes[s.id]
             if not failed[s.id]:
                 b.wrote(self.run.group(s.id).exports, step)
-            if self.averaging:
+            if self.averaging and self.topo.all_groups_here:  # separate launches count what they read
                 for p in self.topo.peers(s.id):
                     if not failed[p]:
                         b.was_read(p, self.run.group(p).exports, step)

@@ -265,8 +265,9 @@ class ExchangeFlags(Group):
                          "pseudo-gradient (round-start weights - the groups' mean), every group continues from "
                          "the result with its inner optimizer state kept. average/diloco: no distillation term "
                          "(--distill_weight is ignored, alpha = 0), every group starts from group 0's "
-                         "initialisation, exports are still written; they need --num_groups >= 2 in one launch "
-                         "(--group_id is refused: not wired yet) and refuse the teacher options (--teacher, "
+                         "initialisation, exports are still written; one launch per group (--group_id) waits up to "
+                         "--teacher_timeout for the peers' exports of step s and averages the groups present. "
+                         "They need --num_groups >= 2 and refuse the teacher options (--teacher, "
                          "--teacher_partition, --teacher_offload, --teacher_topk, --max_teacher_staleness, "
                          "--temperature, --distill_ramp_steps). Peers are never heterogeneous: every group of a "
                          "run trains the one model config (docs/averaging.md)",
@@ -460,10 +461,6 @@ class Flags:
         use = f"--peer_use {ex.peer_use}"
         if run.num_groups < 2:
             errors.append(f"{use} needs --num_groups >= 2 (got {run.num_groups}): there is nobody to average with")
-        if run.group_id is not None:
-            errors.append(f"{use} with --group_id {run.group_id} (one launch per group) is not wired yet: train "
-                          f"every group in one launch (leave --group_id out; --num_groups {run.num_groups} splits "
-                          "this launch's ranks among the groups), or use --peer_use distill")
         refused = [(d.teacher is not None, f"--teacher {d.teacher}"),
                    (tf.teacher_partition, "--teacher_partition"),
                    (tf.teacher_offload != "none", f"--teacher_offload {tf.teacher_offload}"),

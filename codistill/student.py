@@ -68,9 +68,13 @@ class Student:
             self.stream.streams(self.num_streams)  # a shard too short for the streams fails here
             self.carry = [CarriedState() for _ in range(self.accum)]
             self.teacher_carry = [{} for _ in range(self.accum)]
-        torch.manual_seed(cfg.run.seed + 7919 * gid)  # independent initialisation per group
+        # independent initialisation per group; --peer_use average|diloco: every group starts from group 0's
+        # (also in separate --group_id launches), then draws its own randomness (dropout) from its own seed
+        torch.manual_seed(cfg.run.seed + (0 if cfg.exchange.averaging else 7919 * gid))
         self.model_cfg = model_cfg
         model = build_model(model_cfg)
+        if cfg.exchange.averaging:
+            torch.manual_seed(cfg.run.seed + 7919 * gid)
         if cfg.model.init_from:  # every group starts from the same pretrained weights
             from model.hf import load_pretrained  # streamed tensor by tensor, no second copy
             load_pretrained(model, cfg.model.init_from, cfg.model.trust_pickled_weights)

@@ -113,3 +113,36 @@ def test_a_group_with_non_finite_weights_is_never_averaged_in(sample_data, tmp_p
     for g in (0, 1):
         assert not (run / f"group_{g}" / "final").exists()
         assert (run / f"group_{g}" / "checkpoints" / "latest").read_text().strip().endswith("10")
+
+
+def test_separate_launches_per_group_run_diloco_like_one_launch(sample_data, tmp_path):
+    """--group_id 0 and --group_id 1 in two launches on one run_dir, --peer_use diloco, K = 10, 20
+    steps: each waits for the other's export of every exchange step and takes the same outer step,
+    so both end with the same weights - bit for bit those of one launch hosting both groups (the
+    same initialisation, data and outer steps; the tiny LSTM has no dropout)."""
+    kw = dict(max_steps=20, peer_use="diloco", teacher_timeout=300, poll_interval=0.2)
+    run = tmp_path / "separate"
+    procs = [launch(e2e_args(sample_data, run, group_id=g, **kw), background=True) for g in (0, 1)]
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    for g in (0, 1):
+        assert f"[group {g}] step 20: --peer_use diloco over groups [0, 1]" in outs[g]
+        summary = json.loads((run / f"group_{g}" / "summary.json").read_text())
+        assert summary["exchange_bytes"]["read"] > 2 * 4 * summary["num_params"]  # the peer's 2 exports
+    one = tmp_path / "one"
+    launch(e2e_args(sample_data, one, **kw))
+    a, b, c = _final(run, 0), _final(run, 1), _final(one, 0)
+    for k in a:
+        assert torch.equal(a[k], b[k]) and torch.equal(a[k], c[k]), k
+
+
+def test_a_separate_launch_averages_the_groups_present(sample_data, tmp_path):
+    """--group_id 0 alone (its peer never starts), --peer_use average: each exchange step waits
+    --teacher_timeout, warns that group 1's export did not arrive and averages over group 0 alone
+    (its own weights): the run finishes."""
+    run = tmp_path / "alone"
+    proc = launch(e2e_args(sample_data, run, group_id=0, max_steps=10, peer_use="average", teacher_timeout=1,
+                           poll_interval=0.2))
+    assert "group 1's export of step 10 did not arrive within --teacher_timeout 1 s" in proc.stdout
+    assert "[group 0] step 10: --peer_use average over groups [0]" in proc.stdout
+    assert torch.equal(next(iter(_final(run, 0).values())), next(iter(_export(run, 0, 10).values())))

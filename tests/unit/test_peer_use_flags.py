@@ -8,8 +8,6 @@ from conftest import Log, e2e_args, load_script
 
 @pytest.mark.parametrize("extra,msg", [
     (["--peer_use", "average", "--num_groups", "1"], r"--peer_use average needs --num_groups >= 2 \(got 1\)"),
-    (["--peer_use", "diloco", "--group_id", "1"], r"--peer_use diloco with --group_id 1 \(one launch per group\) "
-                                                  r"is not wired yet"),
     (["--peer_use", "average", "--teacher", "TEACHER"], r"--peer_use average refuses --teacher \S+"),
     (["--peer_use", "diloco", "--teacher_topk", "8"], r"--peer_use diloco refuses --teacher_topk 8"),
     (["--peer_use", "diloco", "--teacher_offload", "cpu"], r"refuses --teacher_offload cpu"),
