@@ -143,14 +143,15 @@ class Exchange:
         self.pool = TeacherPool(model_cfg, device, like=students[0].engine.module,
                                 comm=students[0].comm if len(students) == 1 else None,
                                 placement=self.placement(tf, students, log), mpu=students[0].mpu,
-                                ds_config=students[0].ds_cfg, topk=tf.teacher_topk, chunk_mb=students[0].chunk_mb)
+                                ds_config=students[0].ds_cfg, topk=tf.teacher_topk, chunk_mb=students[0].chunk_mb,
+                                peer_models=tf.peer_models)
         self.pool.reserve(self.peers)
         if fixed is not None:
             self.pool.load(FIXED_TEACHER, fixed, fixed=True)
         self.reader = self.pool.comm.leader
-        self.loader = TeacherLoader(self.run.root, self.peers, self.cfg_hash, self.tok_hash,
+        self.loader = TeacherLoader(self.run.root, self.peers, self.pool.config_hash, self.tok_hash,
                                     "sync" if self.sync else "latest", ex.poll_interval, log,
-                                    pin_memory=device.type == "cuda", expect=self.pool.expected_shapes(),
+                                    pin_memory=device.type == "cuda", expect=self.pool.expect,
                                     max_step=cfg.training.max_steps) \
             if self.peers and self.reader else None
         self.writers = {s.id: ExportWriter(self.run.group(s.id).exports, self.keep) for s in students if s.leader}
@@ -219,8 +220,8 @@ class Exchange:
             exp = None
             if self.reader:
                 try:
-                    exp = read_export(self.run.group(peer).exports, tstep, self.cfg_hash, self.tok_hash)
-                    check_usable(exp, self.pool.expected_shapes())
+                    exp = read_export(self.run.group(peer).exports, tstep, self.pool.config_hash, self.tok_hash)
+                    check_usable(exp, self.pool.expect)
                 except ExportError as e:
                     self.log(f"WARNING: cannot restore teacher of group {peer} at step {tstep} ({e}); "
                              "resume is not exact until the next teacher swap")

@@ -657,8 +657,10 @@ def read_weights(meta_path: Path, weights_path: Path, step: int | None, expect_c
     """Validate a (metadata JSON, safetensors) pair - an export, or a group's final/ - and load it.
 
     ``step`` None accepts whatever step the metadata names; ``expect`` (name -> shape or (shape,
-    dtype)) the model's tensors, checked on the header before the data is read. The metadata is
-    checked first (its model config and tokenizer), so a mismatched export is refused unread.
+    dtype)) the model's tensors, checked on the header before the data is read - or a function of
+    the metadata giving them (a teacher of the model the export declares: --peer_models any; it
+    raises ExportError for a declared model it refuses). The metadata is checked first (its model
+    config and tokenizer), so a mismatched export is refused unread.
     """
     try:
         meta = read_meta(meta_path, step, max_step)
@@ -666,6 +668,8 @@ def read_weights(meta_path: Path, weights_path: Path, step: int | None, expect_c
         raise ExportError(f"{missing} ({meta_path})") from None
     step = meta["step"]
     check_compatible(meta, weights_path, expect_config_hash, expect_tokenizer)
+    if callable(expect):
+        expect = expect(meta, str(weights_path))
     try:
         got = read_safetensors(weights_path, digest_fields(meta), pin_memory, buffers, meta.get("weights_bytes"),
                                expect)
@@ -686,7 +690,8 @@ def check_compatible(meta: dict, weights_path: Path, expect_config_hash: str | N
         raise ExportError(
             f"{weights_path}: the teacher's model config differs from this student's "
             f"(teacher {meta.get('model_config_hash')} = {meta.get('model_config')}, "
-            f"student {expect_config_hash}); teacher and student must have the same architecture")
+            f"student {expect_config_hash}); teacher and student must have the same model, or pass "
+            "--peer_models any to distill from another model on the same tokenizer")
     if expect_tokenizer is not None and meta.get("tokenizer_sha256") != expect_tokenizer:
         raise ExportError(f"{weights_path}: the teacher used another tokenizer "
                           f"(teacher {meta.get('tokenizer_sha256')}, student {expect_tokenizer})")

@@ -269,8 +269,8 @@ class ExchangeFlags(Group):
                          "--teacher_timeout for the peers' exports of step s and averages the groups present. "
                          "They need --num_groups >= 2 and refuse the teacher options (--teacher, "
                          "--teacher_partition, --teacher_offload, --teacher_topk, --max_teacher_staleness, "
-                         "--temperature, --distill_ramp_steps). Peers are never heterogeneous: every group of a "
-                         "run trains the one model config (docs/averaging.md)",
+                         "--temperature, --distill_ramp_steps) and --peer_models any: averaged groups train "
+                         "one model (docs/averaging.md)",
                          choices=["distill", "average", "diloco"])
     outer_lr: float = flag(0.7, "--peer_use diloco: the outer learning rate (Douillard et al. 2023: 0.7)")
     outer_momentum: float = flag(0.9, "--peer_use diloco: the outer Nesterov momentum, in [0, 1) (Douillard et "
@@ -322,6 +322,13 @@ class TeacherFlags(Group):
                                         "--teacher_guard_window steps, until a newer export of that peer passes "
                                         "(0: off; codistill/teachers/health.py, docs/fault_tolerance.md)")
     teacher_guard_window: int = flag(5, "steps the teacher guard averages over")
+    peer_models: str = flag("same", "same: a teacher (peer export or --teacher) must be this run's model config, "
+                            "anything else is refused; any: a teacher may be another model - another architecture "
+                            "or size (an LSTM group and a Transformer group, a small and a large Transformer) on the "
+                            "same tokenizer - built from the model config its export declares (checked against its "
+                            "tensors). Groups of one launch share the launch's model: give each --group_id launch "
+                            "its own --model flags. Refused with --peer_use average|diloco (docs/averaging.md)",
+                            choices=["same", "any"])
 
     def check(self, errors, warnings):
         _at_least(self, errors, 0, "teacher_topk")
@@ -427,6 +434,11 @@ class Flags:
         if run.group_id is not None and ex.teacher_sync == "on":
             errors.append("--teacher_sync on needs every group in this launch; use --teacher_sync off (or auto) "
                           "with --group_id")
+        if self.teachers.peer_models == "any" and run.group_id is None and self.distill.teacher is None \
+                and not ex.averaging:
+            warnings.append("--peer_models any: every group of this launch trains this launch's model, so its teachers "
+                            "are that model too; give each group its own launch (--group_id, with its own --model "
+                            "flags) to codistill with peers of another model")
         if ck.stop_after_steps is not None and not 1 <= ck.stop_after_steps <= tr.max_steps:
             errors.append(f"--stop_after_steps must be in 1..--max_steps ({tr.max_steps}) (got "
                           f"{ck.stop_after_steps}); leave it out to train to --max_steps")
@@ -472,6 +484,10 @@ class Flags:
             if bad:
                 errors.append(f"{use} refuses {name}: it configures distillation from teachers, and {use} runs no "
                               "teacher (no distillation term); leave it out, or use --peer_use distill")
+        if tf.peer_models != "same":
+            errors.append(f"{use} refuses --peer_models {tf.peer_models}: averaging weights needs every group to train "
+                          "the same model (the same tensors); peers of other architectures or sizes can only teach: "
+                          "use --peer_use distill")
         if ex.export_every > tr.max_steps:
             warnings.append(f"--export_every {ex.export_every} > --max_steps {tr.max_steps}: {use} never averages, "
                             "every group trains on its own")

@@ -1,7 +1,7 @@
 """The run directory: every path the trainer, the exchange, evaluation and plots use.
 
     RUN_DIR/
-      config.json                 resolved flags, model config, ds_config, git commit
+      config.json                 resolved flags, model config, ds_config, git commit (of the last launch)
       summary.json                per group: final metrics (merged from group_i/summary.json)
       group_i/
         exports/                  step_NNNNNN.safetensors + .json, LATEST   (codistill/exports.py)
@@ -9,6 +9,7 @@
         final/                    model.safetensors, config.json, meta.json (+ hf/)
         tb/                       TensorBoard events
         summary.json              this group's final metrics
+        config.json               --group_id launches: this group's launch's config.json (its model)
         LOCK                      held by the process training the group     (codistill/lock.py)
 """
 from __future__ import annotations
@@ -46,6 +47,10 @@ class GroupLayout:
         return self.dir / "summary.json"
 
     @property
+    def config(self) -> Path:
+        return self.dir / "config.json"
+
+    @property
     def lock(self) -> Path:
         return self.dir / "LOCK"
 
@@ -67,6 +72,11 @@ class RunLayout:
 
     def group(self, g: int) -> GroupLayout:
         return GroupLayout(self.root / f"group_{g}", g)
+
+    def launch_config(self, group_id: int | None) -> Path:
+        """The config.json that records a launch's model for its resume check: the run's, or with
+        --group_id its group's own (launches per group may train different models: --peer_models any)."""
+        return self.config if group_id is None else self.group(group_id).config
 
     def groups(self) -> list[GroupLayout]:
         """The group directories present, by id."""

@@ -32,7 +32,8 @@ from codistill.ds_config import ConfigError, load_ds_config, resolve_ds_config
 from codistill.flags import Flags
 from codistill.layout import RunLayout
 from codistill.lock import GroupLock, LockError
-from codistill.teachers.loader import read_fixed_teacher
+from codistill.teachers.loader import check_usable, read_fixed_teacher
+from codistill.teachers.pool import declared_config, tensor_specs
 from codistill.topology import TopologyError
 from codistill.topology import plan as plan_topology
 from fileio import ExportError
@@ -126,14 +127,15 @@ def load_inputs(p: Plan, log):
     for g in p.topo.hosted:
         data.group_shards(g, cfg.run.num_groups)
     model_cfg = flags.model_config(cfg.model, cfg.data, data.vocab_size)
-    if cfg.checkpoint.resume == "auto" and p.run.config.is_file():  # config.json is rewritten only after these pass
+    record = p.run.launch_config(cfg.run.group_id)
+    if cfg.checkpoint.resume == "auto" and record.is_file():  # config.json is rewritten only after these pass
         try:
-            recorded = json.loads(p.run.config.read_text())
+            recorded = json.loads(record.read_text())
             prev = recorded["model"]
         except (json.JSONDecodeError, KeyError, TypeError):
             recorded, prev = {}, None
         if prev is not None and ModelConfig.from_dict(prev).config_hash() != model_cfg.config_hash():
-            raise ValueError(f"{p.run.config} was written for another model ({prev}) than this run's "
+            raise ValueError(f"{record} was written for another model ({prev}) than this run's "
                              f"({model_cfg.to_dict()}), e.g. another --model/--model_size or tokenizer vocabulary; "
                              "use a new --run_dir or --resume never")
         tok = recorded.get("tokenizer_sha256") if isinstance(recorded, dict) else None
@@ -143,7 +145,11 @@ def load_inputs(p: Plan, log):
                              "matches; resume with the run's --data, or use a new --run_dir or --resume never")
     fixed = None  # --teacher PATH: read and validated before anything is written
     if cfg.distill.teacher is not None and cfg.distill.distill_weight > 0:
-        fixed = read_fixed_teacher(cfg.distill.teacher, model_cfg.config_hash(), data.tokenizer_sha256)
+        same = cfg.teachers.peer_models == "same"  # --peer_models any: the model the teacher's metadata declares
+        fixed = read_fixed_teacher(cfg.distill.teacher, model_cfg.config_hash() if same else None,
+                                   data.tokenizer_sha256)
+        check_usable(fixed, tensor_specs(model_cfg) if same else
+                     lambda meta, where: tensor_specs(declared_config(meta, model_cfg, f"--teacher {where}")))
     return data, model_cfg, fixed
 
 

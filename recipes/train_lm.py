@@ -76,11 +76,12 @@ def main(argv=None):
             log.error(str(e))
             sys.exit(2)
         if p.rank == 0:  # after every resume check passed: a refused resume leaves the run's record as it was
-            p.run.root.mkdir(parents=True, exist_ok=True)
-            write_json(p.run.config, {
-                "args": cfg.as_dict(), "model": model_cfg.to_dict(), "tokenizer_sha256": data.tokenizer_sha256,
-                "ds_config": p.ds_base, "world_size": p.world, "hosted_groups_per_rank": len(p.topo.hosted),
-                "teacher_sync": exchange.sync, "git": outputs.git_sha(ROOT)})
+            record = {"args": cfg.as_dict(), "model": model_cfg.to_dict(), "tokenizer_sha256": data.tokenizer_sha256,
+                      "ds_config": p.ds_base, "world_size": p.world, "hosted_groups_per_rank": len(p.topo.hosted),
+                      "teacher_sync": exchange.sync, "git": outputs.git_sha(ROOT)}
+            for path in {p.run.config, p.run.launch_config(cfg.run.group_id)}:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                write_json(path, record)
         if start:
             log(f"resumed from step {start} ({p.run.root if cfg.checkpoint.resume == 'auto' else cfg.checkpoint.resume})")
         t_start = time.time()

@@ -61,11 +61,17 @@ class Log:
 
 
 def launch(args: list[str], num_ranks: int = 1, timeout: int = 600, check: bool = True,
-           background: bool = False, gpu: bool = False):
-    """Run recipes/train_lm.py under the real deepspeed launcher with ``num_ranks`` CPU ranks
-    (GPUs with ``gpu``)."""
-    cmd = [DEEPSPEED, "--num_gpus", str(num_ranks), "--master_port", str(free_port()),
-           str(ROOT / "recipes" / "train_lm.py"), *map(str, args)]
+           background: bool = False, gpu: bool = False, launcher: bool | None = None):
+    """Run recipes/train_lm.py with ``num_ranks`` CPU ranks (GPUs with ``gpu``): under the real
+    deepspeed launcher for several ranks, in the background, or with ``launcher``; otherwise one
+    rank is plain `python recipes/train_lm.py`, the same 1-rank world (codistill/comm.py
+    rendezvous_defaults) without the launcher's two extra Python start-ups and its 1 s exit poll
+    (about 3 s a run; the main command's shared run below keeps the launcher)."""
+    script = [str(ROOT / "recipes" / "train_lm.py"), *map(str, args)]
+    if launcher is None:
+        launcher = num_ranks > 1 or background
+    cmd = [DEEPSPEED, "--num_gpus", str(num_ranks), "--master_port", str(free_port()), *script] if launcher \
+        else [PY, *script]
     if background:
         return subprocess.Popen(cmd, cwd=ROOT, env=env_for_runs(gpu), stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True)
@@ -143,7 +149,7 @@ def e2e_args(data, run_dir, **kw) -> list[str]:
 def main_run(sample_data, tmp_path_factory):
     """The main command's code path: one process hosting 2 groups (sync teachers)."""
     run_dir = tmp_path_factory.mktemp("main") / "run"
-    proc = launch(e2e_args(sample_data, run_dir))
+    proc = launch(e2e_args(sample_data, run_dir), launcher=True)  # the README's main command
     return run_dir, proc.stdout
 
 

@@ -93,10 +93,13 @@ def describe(e: Exception, path: Path) -> str:
     return str(e) if isinstance(e, ExportError) else f"{path}: cannot be read ({type(e).__name__}: {e})"
 
 
-def check_usable(exp: Export, expect: dict[str, tuple] | None) -> None:
+def check_usable(exp: Export, expect) -> None:
     """Refuse weights a teacher cannot use: other tensor names, shapes or dtypes than ``expect``
-    (codistill/exports.py check_specs; the loader already checks them on the header, before
-    reading, and non-finite values as it reads)."""
+    (a dict, or a function of the export's metadata: TeacherPool.expect; codistill/exports.py
+    check_specs; the loader already checks them on the header, before reading, and non-finite
+    values as it reads)."""
+    if callable(expect):
+        expect = expect(exp.meta, f"step {exp.step}")
     if expect is not None:
         check_specs({k: (tuple(v.shape), v.dtype) for k, v in exp.state_dict.items()}, expect, f"step {exp.step}")
 

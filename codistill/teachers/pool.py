@@ -6,19 +6,23 @@ Where their weights live: codistill/teachers/placement.py. How exports reach the
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 from collections.abc import Callable
 
 import torch
 
 from codistill.comm import GroupComm, GroupSync
-from codistill.exports import (
-    Export,
-)
+from codistill.exports import Export
 from codistill.loss import TopK, chunk_rows, topk_of
 from codistill.teachers.placement import FullTeacher, OffloadedTeacher, PartitionedTeacher, teacher_ds_config
+from fileio import ExportError
 from model import ModelConfig, build_model
 from model.lstm import CarriedState
+
+# Building a model sets torch's process-wide default dtype for a while (build_frozen; transformers'
+# from_config): builds on the training thread and the loader's (TeacherPool.expect) take turns.
+BUILD_LOCK = threading.Lock()
 
 
 def working_dtypes(like: torch.nn.Module | None, dtype: torch.dtype = torch.float32):
@@ -43,18 +47,47 @@ def build_frozen(model_config: ModelConfig, device: torch.device, like: torch.nn
     must compute what the student computes. ``module.to(dtype)`` would cast both.
     """
     dtype, dtypes = working_dtypes(like, dtype)
-    prev = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)  # parameters are created in ``dtype``; buffers computed in fp32 stay fp32
-    try:
-        with torch.device(device):
-            module = build_model(model_config)
-    finally:
-        torch.set_default_dtype(prev)
+    with BUILD_LOCK:
+        prev = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)  # parameters are created in ``dtype``; buffers computed in fp32 stay fp32
+        try:
+            with torch.device(device):
+                module = build_model(model_config)
+        finally:
+            torch.set_default_dtype(prev)
     for n, t in [*module.named_parameters(), *module.named_buffers()]:
         want = dtypes.get(n, dtype if isinstance(t, torch.nn.Parameter) else t.dtype)
         if (t.dtype != want and t.is_floating_point()) or pin:
             t.data = t.data.to(want).pin_memory() if pin else t.data.to(want)
     return module.eval().requires_grad_(False)
+
+
+def declared_config(meta: dict, own: ModelConfig, where: str) -> ModelConfig:
+    """The model an export (or final/) declares in its metadata, for a teacher built from it
+    (--peer_models any): a valid model config whose hash is the one the metadata gives, on this
+    student's vocabulary (the tokenizer itself is checked by its sha256). Raises ExportError."""
+    d = meta.get("model_config")
+    if not isinstance(d, dict):
+        raise ExportError(f"{where}: its metadata declares no model_config")
+    try:
+        cfg = ModelConfig.from_dict(d)
+        digest = cfg.config_hash()
+    except Exception as e:  # noqa: BLE001 - any malformed declaration is the peer's fault, refused
+        raise ExportError(f"{where}: its model_config is not a valid model config ({type(e).__name__}: {e})") from None
+    if digest != meta.get("model_config_hash"):
+        raise ExportError(f"{where}: its model_config hashes to {digest}, not to the model_config_hash "
+                          f"{meta.get('model_config_hash')!r} it claims; its metadata contradicts itself")
+    if cfg.vocab_size != own.vocab_size:
+        raise ExportError(f"{where}: its model has a vocabulary of {cfg.vocab_size}, this student's {own.vocab_size}: "
+                          "teacher and student must share the tokenizer")
+    return cfg
+
+
+def tensor_specs(config: ModelConfig) -> dict[str, tuple]:
+    """Tensor name -> (shape, dtype) of ``config``'s weights, from a build on the meta device."""
+    with BUILD_LOCK, torch.device("meta"):
+        module = build_model(config)
+    return {k: (tuple(v.shape), v.dtype) for k, v in module.state_dict().items()}
 
 
 class TeacherPool:
@@ -68,14 +101,25 @@ class TeacherPool:
     every rank of a group uses the same teacher at the same step and a shared filesystem sees
     one read per group and export. With ``topk`` > 0 the averaged distribution is kept as its
     top K per token (codistill/loss.py TopK), computed ``chunk_mb`` MiB of probabilities at a time.
+
+    ``peer_models`` "same": every teacher is the student's ``model_config`` (built up front by
+    ``reserve``); "any": each teacher is the model its export declares (``declared_config``),
+    built when the first export of that model arrives and rebuilt if a peer changes model; the
+    group's leader tells its other ranks the model with the weights (``swap``).
     """
 
     def __init__(self, model_config: ModelConfig, device: torch.device, dtype: torch.dtype = torch.float32,
                  like: torch.nn.Module | None = None, comm: GroupComm | None = None, placement: str = "full",
-                 mpu=None, ds_config: dict | None = None, topk: int = 0, chunk_mb: float = 32.0):
+                 mpu=None, ds_config: dict | None = None, topk: int = 0, chunk_mb: float = 32.0,
+                 peer_models: str = "same"):
         if placement not in ("full", "partition", "offload"):
             raise ValueError(f"teacher placement must be full, partition or offload, got {placement!r}")
+        if peer_models not in ("same", "any"):
+            raise ValueError(f"peer_models must be same or any, got {peer_models!r}")
         self.model_config, self.device, self.dtype, self.like = model_config, device, dtype, like
+        self.peer_models = peer_models
+        self.configs: dict[int, ModelConfig] = {}  # peer -> the model its (spare) teacher is built as
+        self._specs: dict[str, dict[str, tuple]] = {}  # config hash -> tensor_specs
         self.comm = comm or GroupComm.single(device)
         self.placement, self.mpu, self.ds_config = placement, mpu, ds_config
         self.topk, self.chunk_mb = topk, chunk_mb
@@ -91,30 +135,60 @@ class TeacherPool:
         """Peer -> its teacher's module (a ZeRO-3 one holds only this rank's partitions)."""
         return {p: t.module for p, t in self.teachers.items()}
 
-    def expected_shapes(self) -> dict[str, tuple]:
-        """Tensor name -> (shape, dtype) an export must have to be swapped in (for the loader;
-        a floating dtype stands for fp32/bf16/fp16: codistill/exports.py check_specs)."""
-        module = build_frozen(self.model_config, torch.device("meta"))
-        return {k: (tuple(v.shape), v.dtype) for k, v in module.state_dict().items()}
+    def expected_shapes(self, config: ModelConfig | None = None) -> dict[str, tuple]:
+        """Tensor name -> (shape, dtype) an export of ``config`` (default: the student's model) must
+        have to be swapped in (a floating dtype stands for fp32/bf16/fp16: codistill/exports.py
+        check_specs). Cached per model."""
+        config = config or self.model_config
+        key = config.config_hash()
+        if key not in self._specs:
+            self._specs[key] = tensor_specs(config)
+        return self._specs[key]
 
-    def _build(self):
+    @property
+    def config_hash(self) -> str | None:
+        """The model config hash a teacher's export must declare (None: any model, --peer_models any)."""
+        return self.model_config.config_hash() if self.peer_models == "same" else None
+
+    @property
+    def expect(self):
+        """What an export's tensors must be (the readers' ``expect``): the student's model's tensors,
+        or (--peer_models any) a function of the export's metadata giving its declared model's."""
+        if self.peer_models == "same":
+            return self.expected_shapes()
+        return lambda meta, where: self.expected_shapes(declared_config(meta, self.model_config, where))
+
+    def config_of(self, export: Export) -> ModelConfig:
+        """The model ``export``'s teacher is (validated by its reader)."""
+        if self.peer_models == "same":
+            return self.model_config
+        return declared_config(export.meta, self.model_config, f"step {export.step}")
+
+    def _build(self, config: ModelConfig):
         if self.placement == "partition":
-            t = PartitionedTeacher(lambda: build_model(self.model_config), teacher_ds_config(self.ds_config), self.mpu,
+            t = PartitionedTeacher(lambda: build_model(config), teacher_ds_config(self.ds_config), self.mpu,
                                    dtypes=working_dtypes(self.like, self.dtype)[1])
         elif self.placement == "offload":
-            t = OffloadedTeacher(build_frozen(self.model_config, torch.device("cpu"), self.like, self.dtype,
+            t = OffloadedTeacher(build_frozen(config, torch.device("cpu"), self.like, self.dtype,
                                               pin=self.device.type == "cuda"), self.device)
         else:
-            t = FullTeacher(build_frozen(self.model_config, self.device, self.like, self.dtype))
-        if self.topk and self.model_config.arch == "hf":
-            check_head_only(t, self.model_config, self.device)
+            t = FullTeacher(build_frozen(config, self.device, self.like, self.dtype))
+        if self.topk and config.arch == "hf":
+            check_head_only(t, config, self.device)
         return t
 
-    def reserve(self, peers: list[int]) -> None:
-        """Build the peers' teachers up front, so that a swap is only a copy of weights."""
+    def reserve(self, peers: list[int], config: ModelConfig | None = None) -> None:
+        """Build the peers' teachers (as ``config``, default the student's model) up front, so that
+        a swap is only a copy of weights; a teacher built as another model is rebuilt. With
+        --peer_models any a teacher is built when its model is known (``config`` given)."""
+        if config is None and self.peer_models == "any":
+            return
+        config = config or self.model_config
         for peer in peers:
-            if peer not in self._spare:
-                self._spare[peer] = self._build()
+            if peer not in self._spare or self.configs[peer] != config:
+                self._spare.pop(peer, None)
+                self.teachers.pop(peer, None)
+                self._spare[peer], self.configs[peer] = self._build(config), config
 
     def load(self, peer: int, export: Export, fixed: bool = False) -> float:
         """Swap ``export`` into the peer's teacher; returns the milliseconds it took. On this rank
@@ -124,7 +198,7 @@ class TeacherPool:
         t0 = time.perf_counter()
         if fixed:
             self.fixed.add(peer)
-        self.reserve([peer])
+        self.reserve([peer], self.config_of(export))
         teacher = self._spare[peer]
         comm = self.comm if self.placement == "partition" else GroupComm.single(self.device)
         with torch.no_grad():
@@ -148,16 +222,31 @@ class TeacherPool:
             else [updates[p][0] for p in peers]
         if agree:
             steps = self.comm.agree(steps)
+        configs = self._agree_configs(peers, steps, updates)
         for p, step in zip(peers, steps):
             if step < 0:
                 continue
             exp = updates[p][1]
-            self.reserve([p])
+            self.reserve([p], configs[p])
             teacher = self._spare[p]
             with torch.no_grad():
                 teacher.receive(exp.state_dict if exp is not None else None, self.comm)
             self.teachers[p], self.steps[p] = teacher, step
         return (time.perf_counter() - t0) * 1e3
+
+    def _agree_configs(self, peers, steps, updates) -> dict[int, ModelConfig | None]:
+        """Peer -> the model of the export swapped in (None: the student's model, --peer_models
+        same). --peer_models any: the leader's, told to the group's other ranks with one object
+        broadcast (a swap is rare: every --export_every steps)."""
+        if self.peer_models == "same":
+            return {p: None for p in peers}
+        mine = [self.config_of(updates[p][1]).to_dict() if s >= 0 and self.comm.leader else None
+                for p, s in zip(peers, steps)]
+        if self.comm.size > 1:
+            box = [mine]
+            torch.distributed.broadcast_object_list(box, src=self.comm.src, group=self.comm.group)
+            mine = box[0]
+        return {p: ModelConfig.from_dict(d) if d is not None else None for p, d in zip(peers, mine)}
 
     def resident_bytes(self) -> int:
         """Bytes of teacher weights this rank holds on its device (every reserved teacher)."""
@@ -209,7 +298,8 @@ class TeacherPool:
         are hundreds of steps newer: the old state is another network's)."""
         use = list(peers) if use is None else use
         fn = self._topk if self.topk else self._dense
-        kw = {p: self._carried(p, states) for p in peers} if states is not None else {p: {} for p in peers}
+        kw = {p: self._carried(p, states) if states is not None and self.configs[p].arch == "lstm" else {}
+              for p in peers}  # a Transformer teacher of an LSTM student sees each window on its own
         with torch.no_grad() if self.placement == "partition" else torch.inference_mode():
             return fn(peers, input_ids, temperature, targets, use, num_groups, kw)
 

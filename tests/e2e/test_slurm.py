@@ -89,10 +89,28 @@ def _export(**kv) -> str:
 
 
 def _sbatch(script: str, *opts, export: dict, wait: bool, timeout: int = 60) -> tuple[str, subprocess.CompletedProcess]:
-    cmd = ["sbatch", "--parsable", *(["--wait"] if wait else []), *opts, _export(**export), script]
-    p = _run(cmd, timeout=timeout, check=False)
+    """Submit ``script``; with ``wait``, return when every task of the job has finished, with
+    sbatch --wait's exit status (the largest task exit code; 124 past ``timeout``). The job is
+    polled every second with scontrol: sbatch --wait polls at 2, 8, 32, 32... s (src/sbatch/sbatch.c
+    _job_wait, while the sleep is below MinJobAge / 2), which noticed a 12 s job at 42 s."""
+    p = _run(["sbatch", "--parsable", *opts, _export(**export), script], timeout=60, check=False)
     m = re.match(r"(\d+)", p.stdout.strip())
-    return (m.group(1) if m else ""), p
+    jobid = m.group(1) if m else ""
+    if not (wait and jobid and p.returncode == 0):
+        return jobid, p
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        recs = _job_fields(jobid)
+        if recs and all(r.get("JobState") in FINISHED for r in recs):
+            codes = [int(r.get("ExitCode", "1:0").split(":")[0]) or (r["JobState"] != "COMPLETED") for r in recs]
+            return jobid, subprocess.CompletedProcess(p.args, max(codes), p.stdout, p.stderr)
+        time.sleep(1)
+    _run(["scancel", jobid], check=False)
+    return jobid, subprocess.CompletedProcess(p.args, 124, p.stdout, p.stderr + f"\njob {jobid}: timed out")
+
+
+FINISHED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE",
+            "PREEMPTED")
 
 
 def _job_fields(jobid: str) -> list[dict]:
@@ -139,7 +157,7 @@ def work(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def prepared(slurm_cluster, work):
-    """slurm/prepare_data.sbatch on the embedded corpus (--sample), waited for with sbatch --wait."""
+    """slurm/prepare_data.sbatch on the embedded corpus (--sample), waited for (_sbatch)."""
     logs = work / "logs_prep"
     logs.mkdir()
     data = work / "data"
@@ -201,7 +219,7 @@ def test_codistill_array(prepared, work):
                        wait=True, timeout=420)
     diag = _diag(logs)
     assert jobid, p.stderr
-    assert p.returncode == 0, f"sbatch --wait -> {p.returncode}: {p.stderr}{diag}"
+    assert p.returncode == 0, f"job -> {p.returncode}: {p.stderr}{diag}"
 
     recs = {r.get("ArrayTaskId"): r for r in _job_fields(jobid)}
     assert set(recs) == {"0", "1"}, (recs.keys(), diag)
@@ -274,7 +292,7 @@ def test_requeue_resumes_from_checkpoint(prepared, work):
 
         def finished():
             r = _job_fields(task)
-            return r and r[0]["JobState"] in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL") and r[0]
+            return r and r[0]["JobState"] in FINISHED and r[0]
         rec = _wait_for(finished, 300, "the requeued task to finish", diag)
     finally:
         _run(["scancel", jobid], check=False)  # no-op when done; never leave a job behind
@@ -335,7 +353,7 @@ def test_deepspeed_launcher_batch_signal_requeue(prepared, work):
 
         def finished():
             r = _job_fields(jobid)
-            return r and r[0]["JobState"] in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL") and r[0]
+            return r and r[0]["JobState"] in FINISHED and r[0]
         rec = _wait_for(finished, 300, "the requeued job to finish", diag)
     finally:
         _run(["scancel", jobid], check=False)

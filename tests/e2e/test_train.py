@@ -119,6 +119,29 @@ def test_separate_launches_per_group_share_a_run_dir(sample_data, tmp_path):
     assert set(json.loads((run_dir / "summary.json").read_text())["groups"]) <= {"group_0", "group_1"}
 
 
+def test_peers_of_different_architectures_codistill(sample_data, tmp_path):
+    """--peer_models any (issue 30 item 3): an LSTM group (1 rank) and a Transformer group (2 ranks,
+    ZeRO-2: its leader tells the other rank the teacher's model) codistill through one run
+    directory, each teacher built as the model the peer's exports declare. In turn, so that each
+    has the other's exports whatever the machine's load: the Transformer trains to step 10 and
+    stops, the LSTM trains to 30 with it as teacher, the Transformer resumes to 30 with the LSTM
+    (each --group_id launch's model is recorded in its group's config.json for its resume check).
+    --teacher of another model: tests/unit/test_peer_models.py."""
+    run_dir = tmp_path / "mixed"
+    kw = dict(max_steps=30, peer_models="any")
+    transformer = common(sample_data, run_dir, group_id=1, model="transformer", **kw)
+    launch([*transformer, "--stop_after_steps", "10"], num_ranks=2)
+    launch(common(sample_data, run_dir, group_id=0, **kw))
+    out = launch(transformer, num_ranks=2).stdout
+    assert "resumed from step 10" in out, out[-3000:]
+    for g, arch in ((0, "lstm"), (1, "transformer")):
+        meta = json.loads((run_dir / f"group_{g}" / "final" / "meta.json").read_text())
+        assert meta["model_config"]["arch"] == arch
+        teacher = losses(run_dir, g, f"teacher/step/group_{1 - g}")
+        assert teacher and max(teacher.values()) >= 10, (g, teacher)
+        assert max(losses(run_dir, g, "train/distill").values()) > 0
+
+
 def test_three_groups_average_two_teachers_and_measure_the_noise_scale(sample_data, tmp_path):
     run_dir = tmp_path / "three"
     proc = launch([*common(sample_data, run_dir, num_groups=3, max_steps=32), "--noise_scale",

@@ -169,10 +169,13 @@ def test_loader_latest_mode_follows_newest_and_survives_missing_and_bad_peers(tm
             exp = loader.take(1)
             time.sleep(0.02)
         assert exp is not None and exp.step == 10
-        # peer 2 publishes a hostile file: refused with one warning, loader keeps running
-        d2 = exports_dir(tmp_path, 2)
-        _export(tmp_path, 2, 5)
-        (d2 / "step_000005.safetensors").write_bytes(pickle.dumps({"a": 1}))
+        # peer 2 publishes a hostile file: refused with one warning, loader keeps running (prepared aside
+        # and moved into place at once, so the loader never sees the valid export it was made from)
+        d2, scratch = exports_dir(tmp_path, 2), exports_dir(tmp_path / "scratch", 2)
+        _export(tmp_path / "scratch", 2, 5)
+        (scratch / "step_000005.safetensors").write_bytes(pickle.dumps({"a": 1}))
+        d2.parent.mkdir(parents=True, exist_ok=True)
+        scratch.rename(d2)
         _export(tmp_path, 1, 20)
         deadline = time.time() + 10
         while not any("group 2" in m for m in msgs) and time.time() < deadline:

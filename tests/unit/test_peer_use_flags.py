@@ -14,6 +14,7 @@ from conftest import Log, e2e_args, load_script
     (["--peer_use", "average", "--temperature", "2"], r"refuses --temperature 2.0"),
     (["--peer_use", "diloco", "--outer_lr", "0"], r"--outer_lr must be > 0 \(got 0.0\)"),
     (["--peer_use", "diloco", "--outer_momentum", "1"], r"--outer_momentum must be in \[0, 1\) \(got 1.0\)"),
+    (["--peer_use", "average", "--peer_models", "any"], r"--peer_use average refuses --peer_models any: averaging"),
 ])
 def test_averaging_flags_are_refused_by_the_plan(sample_data, tmp_path, extra, msg):
     tl = load_script("train_lm")
@@ -31,3 +32,13 @@ def test_averaging_flags_plan(sample_data, tmp_path):
     assert (cfg.exchange.outer_lr, cfg.exchange.outer_momentum) == (0.7, 0.9)
     assert not tl.parse_args(e2e_args(sample_data, tmp_path / "run")).exchange.averaging  # distill by default
     assert not (tmp_path / "run").exists()
+
+
+def test_peer_models_any_in_one_launch_of_every_group_is_warned_useless(sample_data, tmp_path):
+    tl = load_script("train_lm")
+    log = Log()
+    tl.plan_run(tl.parse_args([*e2e_args(sample_data, tmp_path / "run"), "--peer_models", "any"]), log)
+    assert any("--peer_models any: every group of this launch trains this launch's model" in m for m in log.lines)
+    log = Log()
+    tl.plan_run(tl.parse_args([*e2e_args(sample_data, tmp_path / "run", group_id=0), "--peer_models", "any"]), log)
+    assert not any("--peer_models any" in m for m in log.lines)
