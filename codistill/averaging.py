@@ -98,6 +98,21 @@ def read_masters(engine) -> dict[str, torch.Tensor]:
     return out
 
 
+def with_masters(engine, state_dict: dict[str, torch.Tensor] | None, masters: dict[str, torch.Tensor]):
+    """``state_dict`` (an export's module weights; None off the leader) with every parameter - under
+    each of its names, a tied weight under both - replaced by its fp32 master (read_masters);
+    buffers as they were. Under bf16 the exports of --peer_use average|diloco thus carry what the
+    peers average, as one launch hosting every group averages (its engines' masters)."""
+    if state_dict is None:
+        return None
+    by_id = {id(p): n for n, p in trainable(engine)}
+    out = dict(state_dict)
+    for k, t in engine.module.state_dict(keep_vars=True).items():
+        if id(t) in by_id and k in out:
+            out[k] = masters[by_id[id(t)]]
+    return out
+
+
 def _check_weights(engine, params, weights: dict[str, torch.Tensor]) -> None:
     missing = [n for n, _ in params if n not in weights]
     if missing:

@@ -47,6 +47,7 @@ from codistill.averaging import (
     gradient_element_bytes,
     read_masters,
     read_peer,
+    with_masters,
     write_masters,
 )
 from codistill.comm import StepOutcome, flags_any
@@ -468,6 +469,8 @@ class Exchange:
         outcome = self.settle()
         for s in self.students:
             sd = s.full_state_dict()  # a collective of the group under ZeRO-3; host copies on the leader
+            if self.averaging:  # what peers average: the fp32 masters, not a bf16 module's rounding of them
+                sd = with_masters(s.engine, sd, read_masters(s.engine))  # read_masters: a collective of the group
             if s.leader:
                 self.writers[s.id].submit(s.id, step, sd, self.metadata(s))
         self.in_flight = step

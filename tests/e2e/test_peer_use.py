@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import e2e_args, launch, read_scalars
+from conftest import ROOT, e2e_args, launch, read_scalars
 from safetensors.torch import load_file
 
 from codistill.averaging import average
@@ -137,12 +137,21 @@ def test_separate_launches_per_group_run_diloco_like_one_launch(sample_data, tmp
 
 
 def test_a_separate_launch_averages_the_groups_present(sample_data, tmp_path):
-    """--group_id 0 alone (its peer never starts), --peer_use average: each exchange step waits
+    """--group_id 0 alone (its peer never starts), --peer_use average, bf16: each exchange step waits
     --teacher_timeout, warns that group 1's export did not arrive and averages over group 0 alone
-    (its own weights): the run finishes."""
+    (its own weights): the run finishes. What it exports for the peers to average is its fp32
+    masters, not the bf16 module (whose weights are those masters rounded)."""
+    cfg = json.loads((ROOT / "ds_configs" / "zero2.json").read_text())
+    cfg["bf16"] = {"enabled": True}
+    ds = tmp_path / "bf16.json"
+    ds.write_text(json.dumps(cfg))
     run = tmp_path / "alone"
     proc = launch(e2e_args(sample_data, run, group_id=0, max_steps=10, peer_use="average", teacher_timeout=1,
-                           poll_interval=0.2))
+                           poll_interval=0.2, ds_config=ds))
     assert "group 1's export of step 10 did not arrive within --teacher_timeout 1 s" in proc.stdout
     assert "[group 0] step 10: --peer_use average over groups [0]" in proc.stdout
-    assert torch.equal(next(iter(_final(run, 0).values())), next(iter(_export(run, 0, 10).values())))
+    final, export = _final(run, 0), _export(run, 0, 10)
+    assert {v.dtype for v in export.values()} == {torch.float32}
+    assert any(not torch.equal(v, v.to(torch.bfloat16).float()) for v in export.values())  # not bf16 values
+    for k, v in final.items():
+        assert torch.equal(v.float(), export[k].to(v.dtype).float()), k
