@@ -251,6 +251,31 @@ def test_codistill_array(prepared, work):
         assert int(summ["teacher_steps"][peer]) > 0, summ
 
 
+def test_diloco_array(prepared, work):
+    """The same array script with --peer_use diloco (issue 30): each task is one group's launch; at
+    every exchange step it waits for the other task's export and both take the same outer step,
+    so the two groups end with bit-identical weights."""
+    import torch
+    from safetensors.torch import load_file
+    logs = work / "logs_diloco"
+    logs.mkdir()
+    run = work / "run_diloco"
+    jobid, p = _sbatch("slurm/codistill.sbatch", "--array=0-1", *CPU_OPTS, f"--output={logs}/%x_%A_%a.out",
+                       export=dict(TINY, DATA_DIR=prepared, RUN_DIR=run, STEPS=10, EXPORT_EVERY=5, BURN_IN=0,
+                                   EVAL_EVERY=10, SAVE_EVERY=10,
+                                   EXTRA_ARGS=TINY["EXTRA_ARGS"] + " --peer_use diloco --teacher_timeout 300 "
+                                                                   "--poll_interval 0.2"),
+                       wait=True, timeout=420)
+    diag = _diag(logs)
+    assert jobid and p.returncode == 0, f"job -> {p.returncode}: {p.stderr}{diag}"
+    for g in (0, 1):
+        text = (logs / f"codistill_{jobid}_{g}.out").read_text()
+        for step in (5, 10):
+            assert f"[group {g}] step {step}: --peer_use diloco over groups [0, 1]" in text, diag
+    a, b = (load_file(run / f"group_{g}" / "final" / "model.safetensors") for g in (0, 1))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def _wait_for(pred, timeout, what, diag=lambda: ""):
     deadline = time.time() + timeout
     while time.time() < deadline:
