@@ -23,6 +23,12 @@ PY = sys.executable
 # pop it from their runs' environment (env_for_runs(gpu=True), benchmarks/gpu_smoke.py) or use torch.cuda.
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 DEEPSPEED = str(Path(PY).with_name("deepspeed"))
+# This interpreter's scripts first on PATH, for this process as for the runs it starts (env_for_runs):
+# torch builds DeepSpeed's CPU comm op with the first `ninja` on PATH, and the venv's (pip, 1.13) and a
+# system one (1.11) record a build differently, so each rebuilds what the other built (20-35 s a
+# time) when a suite run without the venv activated mixes them.
+if os.environ.get("PATH", "").split(os.pathsep)[0] != str(Path(PY).parent):
+    os.environ["PATH"] = f"{Path(PY).parent}{os.pathsep}{os.environ.get('PATH', '')}"
 
 
 @pytest.fixture(scope="session")
@@ -63,13 +69,13 @@ class Log:
 def launch(args: list[str], num_ranks: int = 1, timeout: int = 600, check: bool = True,
            background: bool = False, gpu: bool = False, launcher: bool | None = None):
     """Run recipes/train_lm.py with ``num_ranks`` CPU ranks (GPUs with ``gpu``): under the real
-    deepspeed launcher for several ranks, in the background, or with ``launcher``; otherwise one
-    rank is plain `python recipes/train_lm.py`, the same 1-rank world (codistill/comm.py
-    rendezvous_defaults) without the launcher's two extra Python start-ups and its 1 s exit poll
-    (about 3 s a run; the main command's shared run below keeps the launcher)."""
+    deepspeed launcher for several ranks or with ``launcher``; otherwise one rank is plain
+    `python recipes/train_lm.py`, the same 1-rank world (codistill/comm.py rendezvous_defaults)
+    without the launcher's two extra Python start-ups and its 1 s exit poll (about 3 s a run; the
+    main command's shared run below keeps the launcher)."""
     script = [str(ROOT / "recipes" / "train_lm.py"), *map(str, args)]
     if launcher is None:
-        launcher = num_ranks > 1 or background
+        launcher = num_ranks > 1
     cmd = [DEEPSPEED, "--num_gpus", str(num_ranks), "--master_port", str(free_port()), *script] if launcher \
         else [PY, *script]
     if background:
