@@ -24,8 +24,9 @@ Arms (G groups, batch B per group, H = the exchange interval, --export_every):
 Bytes are per group: the export files it wrote plus the peers' exports it read (TensorBoard
 exchange/bytes_written + exchange/bytes_read, summary.json exchange_bytes.total); for sync DP the
 bytes each rank sends. Val ppl, ensemble ppl and churn: recipes/evaluate.py on the val split
-(benchmarks/churn.py evaluate). A finished arm (every group's summary.json) is never retrained;
-an unfinished one is trained again from scratch. Up to --jobs (2) single-launch arms train at once,
+(benchmarks/churn.py evaluate). Runs are kept (default runs/lowcomm_<preset>): an arm finished
+(every group's summary.json) with the same flags is never retrained; any other is trained again
+from scratch. Up to --jobs (2) single-launch arms train at once,
 one thread each; the heterogeneous pair (two launches) trains alone.
 """
 from __future__ import annotations
@@ -36,6 +37,7 @@ import math
 import shutil
 import statistics
 import subprocess
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -97,6 +99,11 @@ def trainer_args(p: dict, arm: dict, data: Path, ds_config: Path, seed: int, mod
             "--outer_lr", 0.7, "--outer_momentum", 0.9, "--seed", seed, *arm["flags"]]
 
 
+def say(line: str) -> None:
+    sys.stdout.write(line + "\n")  # one write: arms training at once print from their own threads
+    sys.stdout.flush()
+
+
 def finished(run: Path, groups: int) -> bool:
     return all(RunLayout(run).group(g).summary.is_file() for g in range(groups))
 
@@ -108,20 +115,22 @@ def has_flag(name: str) -> bool:
 
 
 def train_arm(p: dict, arm: dict, data: Path, root: Path, seed: int, threads: dict) -> None:
-    """Train the arm unless it finished before, then evaluate it (also reused when present)."""
-    run, ds = root / arm["name"], root / f"{arm['name']}.ds.json"
-    if finished(run, arm["groups"]):
-        print(f"reused {arm['name']} (finished in {run})", flush=True)
+    """Train the arm unless it finished before with the same flags and batch (<arm>.cmd.json), then
+    evaluate it (an evaluation newer than the run is reused too)."""
+    run, ds, record = root / arm["name"], root / f"{arm['name']}.ds.json", root / f"{arm['name']}.cmd.json"
+    base = json.loads((ROOT / "ds_configs" / "zero2.json").read_text())
+    ds_config = dict(base, train_micro_batch_size_per_gpu=arm["micro"])
+    launches = [(run, trainer_args(p, arm, data, ds, seed, model) + ["--group_id", g]) for g, model in
+                enumerate(HETERO)] if arm["method"] == "hetero" else [(run, trainer_args(p, arm, data, ds, seed))]
+    planned = {"ds_config": ds_config, "launches": [[str(x) for x in args] for _, args in launches]}
+    if finished(run, arm["groups"]) and record.is_file() and json.loads(record.read_text()) == planned:
+        say(f"reused {arm['name']} (finished in {run})")
     else:
         shutil.rmtree(run, ignore_errors=True)
-        base = json.loads((ROOT / "ds_configs" / "zero2.json").read_text())
-        ds.write_text(json.dumps(dict(base, train_micro_batch_size_per_gpu=arm["micro"])))
-        if arm["method"] == "hetero":  # one launch per group, started together
-            wall = train_together([(run, trainer_args(p, arm, data, ds, seed, model) + ["--group_id", g])
-                                   for g, model in enumerate(HETERO)], env=threads)
-        else:
-            wall = train_together([(run, trainer_args(p, arm, data, ds, seed))], env=threads)
-        print(f"trained {arm['name']} in {wall:.0f}s", flush=True)
+        ds.write_text(json.dumps(ds_config))
+        wall = train_together(launches, env=threads)  # the heterogeneous pair: one launch per group, together
+        record.write_text(json.dumps(planned, indent=1))
+        say(f"trained {arm['name']} in {wall:.0f}s")
     ev = root / f"{arm['name']}.eval.json"
     if not ev.is_file() or ev.stat().st_mtime < RunLayout(run).group(0).summary.stat().st_mtime:
         evaluate(run, None, ev, p["max_tokens"], quiet=True)
@@ -244,6 +253,7 @@ def main() -> None:
         p["steps"] = a.steps
     data = Path(a.data) if a.data else bench_data(2000) if p["data"] == "embedded" \
         else registry_data(2000, num_groups=max(p["groups"]))
+    a.keep_runs = a.keep_runs or str(ROOT / "runs" / f"lowcomm_{a.preset}")  # kept: a rerun reuses them
     root = runs_root(a, "lowcomm_")
     arms = plan(p)
     results = {}
