@@ -4,7 +4,7 @@ G = 2 and 4 groups on disjoint shards of the registry corpus, the same model, pe
 and steps in every arm; validation loss against steps and against bytes exchanged, each group's
 val ppl, the ensemble's and the churn between groups.
 
-    python benchmarks/lowcomm.py                          # CPU preset (tiny LSTM, registry corpus)
+    python benchmarks/lowcomm.py                          # CPU preset (tiny LSTM, registry corpus, ~26 min)
     python benchmarks/lowcomm.py --preset tiny            # smoke run (the tests use it)
     python benchmarks/lowcomm.py --keep_runs runs/lowcomm # a rerun reuses every finished arm
 
@@ -198,6 +198,12 @@ def verdict(p: dict, res: dict) -> list[str]:
                          f"independent groups ({cd['val_ppl_mean']:.2f} vs {ind['val_ppl_mean']:.2f}), its "
                          f"ensemble {cd['ensemble_ppl']:.2f}, churn {cd['churn']['mean_abs_p_diff']:.4f} vs "
                          f"{ind['churn']['mean_abs_p_diff']:.4f}")
+        h0 = p["intervals"][0]
+        if f"g{G}_hetero_H{h0}" in r:
+            het, pair = r[f"g{G}_hetero_H{h0}"], r[f"g{G}_distill_H{h0}"]
+            lines.append(f"  heterogeneous pair (H={h0}): LSTM {het['val_ppl']['group_0']:.2f}, Transformer "
+                         f"{het['val_ppl']['group_1']:.2f}, ensemble {het['ensemble_ppl']:.2f}; the LSTM pair "
+                         f"{pair['val_ppl_mean']:.2f}, ensemble {pair['ensemble_ppl']:.2f}")
         nats = {k: math.log(v["val_ppl_mean"]) for k, v in r.items()}
         for H in p["intervals"]:
             ind_, d = nats[f"g{G}_independent"], nats[f"g{G}_diloco_H{H}"]
@@ -222,7 +228,7 @@ def plot(p: dict, res: dict, png: Path) -> Path:
             if r.get("G") != G or "skipped" in r:
                 continue
             color, label = STYLE[r["method"]]
-            ls = "--" if r["H"] is not None and r["H"] != p["intervals"][0] else "-"
+            ls = "-." if r["method"] == "sync_dp_lr1" else "--" if r["H"] not in (None, p["intervals"][0]) else "-"
             label += f" H={r['H']}" if r["H"] else ""
             steps, loss = zip(*sorted(r["val_loss_curve"].items()))
             ax_s.plot(steps, loss, ls, color=color, label=label)
@@ -262,12 +268,12 @@ def main() -> None:
     a.keep_runs = a.keep_runs or str(ROOT / "runs" / f"lowcomm_{a.preset}")  # kept: a rerun reuses them
     root = runs_root(a, "lowcomm_")
     arms = plan(p)
-    results = {}
+    results, skipped = {}, {}
     if not has_flag("--peer_models"):
         hetero = arms.pop()
-        results[hetero["name"]] = {"G": 2, "method": "hetero", "H": hetero["H"], "skipped":
+        skipped[hetero["name"]] = {"G": 2, "method": "hetero", "H": hetero["H"], "skipped":
                                    "recipes/train_lm.py has no --peer_models flag yet (heterogeneous peers)"}
-        print(f"skipped {hetero['name']}: {results[hetero['name']]['skipped']}")
+        print(f"skipped {hetero['name']}: {skipped[hetero['name']]['skipped']}")
     threads = {"OMP_NUM_THREADS": "1"} if a.jobs > 1 else None
     single = [arm for arm in arms if arm["method"] != "hetero"]
     with ThreadPoolExecutor(a.jobs) as pool:
@@ -280,6 +286,7 @@ def main() -> None:
         results[arm["name"]] = r = collect(p, arm, root, dp_per_step)
         if arm["method"] == "independent":
             dp[arm["G"]] = r["allreduce_equiv_bytes_per_step"]
+    results.update(skipped)
     rows = []
     for name, r in results.items():
         if "skipped" in r:
