@@ -20,8 +20,7 @@ Arms (G groups, batch B per group, H = the exchange interval, --export_every):
                       pseudo-gradient (round start - the groups' mean)
   g<G>_distill_H<H>   codistillation: the peers' exports of every H steps are teachers after the burn-in
   g2_hetero_H<H>      an LSTM (group 0) and a Transformer (group 1) codistilling, one launch per group
-                      (--group_id, started together) with --peer_models any; skipped, and recorded so,
-                      while recipes/train_lm.py --help lacks that flag
+                      (--group_id, started together) with --peer_models any
 Bytes are per group: the export files it wrote plus the peers' exports it read (TensorBoard
 exchange/bytes_written + exchange/bytes_read, summary.json exchange_bytes.total); for sync DP the
 bytes each rank sends. Val ppl, ensemble ppl and churn: recipes/evaluate.py on the val split
@@ -37,14 +36,12 @@ import json
 import math
 import shutil
 import statistics
-import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from churn import evaluate
 from common import (
-    PY,
     ROOT,
     add_run_args,
     bench_data,
@@ -112,12 +109,6 @@ def finished(run: Path, groups: int) -> bool:
     return all(RunLayout(run).group(g).summary.is_file() for g in range(groups))
 
 
-def has_flag(name: str) -> bool:
-    out = subprocess.run([PY, str(ROOT / "recipes" / "train_lm.py"), "--help"], cwd=ROOT, capture_output=True,
-                         text=True).stdout
-    return name in out
-
-
 def train_arm(p: dict, arm: dict, data: Path, root: Path, seed: int, threads: dict) -> None:
     """Train the arm unless it finished before with the same flags and batch (<arm>.cmd.json), then
     evaluate it (an evaluation newer than the run is reused too)."""
@@ -179,7 +170,7 @@ def verdict(p: dict, res: dict) -> list[str]:
     on 8 workers as good as fully synchronous training, at 500x less communication)."""
     lines = []
     for G in p["groups"]:
-        r = {k: v for k, v in res.items() if v.get("G") == G and "skipped" not in v}
+        r = {k: v for k, v in res.items() if v.get("G") == G}
         ind, dp = r[f"g{G}_independent"], r[f"g{G}_sync_dp"]
         best = min(r, key=lambda k: r[k]["val_ppl_mean"])
         lines.append(f"G={G}: lowest single-model val ppl: {best} ({r[best]['val_ppl_mean']:.2f}); sync DP "
@@ -225,7 +216,7 @@ def plot(p: dict, res: dict, png: Path) -> Path:
     fig, axes = plt.subplots(len(p["groups"]), 2, figsize=(12, 4.2 * len(p["groups"])), squeeze=False)
     for (ax_s, ax_b), G in zip(axes, p["groups"]):
         for r in res.values():
-            if r.get("G") != G or "skipped" in r:
+            if r.get("G") != G:
                 continue
             color, label = STYLE[r["method"]]
             ls = "-." if r["method"] == "sync_dp_lr1" else "--" if r["H"] not in (None, p["intervals"][0]) else "-"
@@ -240,7 +231,7 @@ def plot(p: dict, res: dict, png: Path) -> Path:
         ax_s.set(xlabel="step", ylabel="val loss (mean over groups)", title=f"G={G}: val loss vs step")
         ax_b.set(xscale="log", xlabel="bytes exchanged per group (cumulative)", ylabel="val loss",
                  title=f"G={G}: val loss vs bytes (sync DP: its all-reduce)")
-        late = [v for r in res.values() if r.get("G") == G and "skipped" not in r
+        late = [v for r in res.values() if r.get("G") == G
                 for s, v in r["val_loss_curve"].items() if s >= p["steps"] // 4]  # zoom past the first quarter
         for ax in (ax_s, ax_b):
             ax.set_ylim(min(late) - 0.02, max(late) + 0.02)
@@ -268,12 +259,7 @@ def main() -> None:
     a.keep_runs = a.keep_runs or str(ROOT / "runs" / f"lowcomm_{a.preset}")  # kept: a rerun reuses them
     root = runs_root(a, "lowcomm_")
     arms = plan(p)
-    results, skipped = {}, {}
-    if not has_flag("--peer_models"):
-        hetero = arms.pop()
-        skipped[hetero["name"]] = {"G": 2, "method": "hetero", "H": hetero["H"], "skipped":
-                                   "recipes/train_lm.py has no --peer_models flag yet (heterogeneous peers)"}
-        print(f"skipped {hetero['name']}: {skipped[hetero['name']]['skipped']}")
+    results = {}
     threads = {"OMP_NUM_THREADS": "1"} if a.jobs > 1 else None
     single = [arm for arm in arms if arm["method"] != "hetero"]
     with ThreadPoolExecutor(a.jobs) as pool:
@@ -286,12 +272,8 @@ def main() -> None:
         results[arm["name"]] = r = collect(p, arm, root, dp_per_step)
         if arm["method"] == "independent":
             dp[arm["G"]] = r["allreduce_equiv_bytes_per_step"]
-    results.update(skipped)
     rows = []
     for name, r in results.items():
-        if "skipped" in r:
-            rows.append([name, "skipped", "", "", "", "", "", ""])
-            continue
         dpb = results[f"g{r['G']}_sync_dp"]["bytes_per_group"]
         rows.append([name, f"{r['num_groups']} x {r['micro']}", round(r["val_ppl_mean"], 2),
                      round(r["ensemble_ppl"], 2) if r["ensemble_ppl"] else "-",
