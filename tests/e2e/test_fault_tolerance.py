@@ -256,13 +256,13 @@ def test_kill9_of_one_rank_mid_step_then_resume_continues_exactly(sample_data, t
     run_dir = tmp_path / "rank_killed"
     args = e2e_args(sample_data, run_dir, num_groups=1, max_steps=16, save_every=5, eval_every=16)
     monkeypatch.setenv(faults.ENV, "sigkill:1@13")
-    proc = launch(args, num_ranks=2, check=False)
+    proc = launch(args, num_ranks=2, check=False, launcher="deepspeed")  # its sigkill handler ends rank 0
     assert proc.returncode != 0, proc.stdout[-3000:]
     ckpt = run_dir / "group_0" / "checkpoints"
     assert checkpoint.latest_tag(ckpt) == "global_step10" and checkpoint.is_complete(ckpt / "global_step10")
     assert not (run_dir / "summary.json").exists()
     monkeypatch.delenv(faults.ENV)
-    out = launch(args, num_ranks=2).stdout
+    out = launch(args, num_ranks=2, launcher="deepspeed").stdout
     assert "resumed from step 10" in out
     first, second = _scalars_per_events_file(run_dir / "group_0" / "tb", "train/loss")
     assert max(first) <= 12 and sorted(second) == list(range(11, 17))
@@ -320,15 +320,11 @@ def test_skipping_a_step_after_accumulated_micro_batches_leaves_no_trace(tmp_pat
     trainer, its backward pass has run (NaN gradients reached DeepSpeed): after skip_step the
     weights equal those of a run that never saw the bad step (every gradient of the step is
     dropped, also from ZeRO-2/3's partitioned buffers), and DeepSpeed's counters count it."""
-    from conftest import DEEPSPEED, free_port
+    from conftest import free_port, ranks_command
     script = tmp_path / "skip_check.py"
     script.write_text(SKIP_CHECK)
     port = str(free_port())
-    if ranks == 1:
-        cmd = [PY, str(script)]
-    else:
-        cmd = [DEEPSPEED, "--num_gpus", str(ranks), "--master_port", port, str(script)]
-    cmd += [str(stage), str(ROOT), port, str(tmp_path)]
+    cmd = [*ranks_command(ranks), str(script), str(stage), str(ROOT), port, str(tmp_path)]
     proc = subprocess.run(cmd, cwd=ROOT, env=env_for_runs(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     results = [(tmp_path / f"result_{r}").read_text().split() for r in range(ranks)]

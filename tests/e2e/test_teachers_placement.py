@@ -14,7 +14,7 @@ import math
 import subprocess
 from pathlib import Path
 
-from conftest import DEEPSPEED, ROOT, e2e_args, env_for_runs, free_port, launch, read_scalars
+from conftest import ROOT, e2e_args, env_for_runs, launch, ranks_command, read_scalars
 
 ARCHS = ("lstm", "transformer", "llama_tied")
 # bf16 is held to exactness too (measured: 0 on every rank): each placement runs the same bf16
@@ -71,8 +71,7 @@ def check_matrix(ranks: list[dict]) -> list[str]:
 
 
 def test_every_teacher_placement_dtype_and_architecture_gives_the_full_teachers_probabilities(tmp_path):
-    cmd = [DEEPSPEED, "--num_gpus", "4", "--master_port", str(free_port()),
-           str(ROOT / "tests" / "scripts" / "teacher_modes.py"), "--out", str(tmp_path)]
+    cmd = [*ranks_command(4), str(ROOT / "tests" / "scripts" / "teacher_modes.py"), "--out", str(tmp_path)]
     proc = subprocess.run(cmd, cwd=ROOT, env=env_for_runs(), capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     ranks = [json.loads((tmp_path / f"rank_{r}.json").read_text()) for r in range(4)]

@@ -10,7 +10,7 @@ import subprocess
 
 import pytest
 import torch
-from conftest import DEEPSPEED, ROOT, env_for_runs, free_port
+from conftest import ROOT, env_for_runs, ranks_command
 
 from codistill import averaging
 from codistill.exports import write_export
@@ -85,8 +85,7 @@ def test_masters_are_averaged_and_stepped_exactly_on_2_rank_engines(tmp_path):
     """ZeRO-2 and ZeRO-3 (masters partitioned over 2 ranks, a padded last partition), bf16:
     the module equals the masters, the average is (a + b) / 2 bit for bit, Adam state unchanged,
     DiLoCo rounds equal torch's Nesterov SGD and resume bit-identically (the script's docstring)."""
-    cmd = [DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()),
-           str(ROOT / "tests/scripts/averaging_check.py"), "--out", str(tmp_path), "--cases", "zero2_bf16",
+    cmd = [*ranks_command(2), str(ROOT / "tests/scripts/averaging_check.py"), "--out", str(tmp_path), "--cases", "zero2_bf16",
            "zero3_bf16"]
     proc = subprocess.run(cmd, cwd=ROOT, env=env_for_runs(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]

@@ -13,14 +13,14 @@ import json
 import subprocess
 
 import pytest
-from conftest import DEEPSPEED, ROOT, env_for_runs, free_port
+from conftest import ROOT, env_for_runs, ranks_command
 
 STEPS = 6
 
 
 def count_syncs(data, tmp_path, ds_config) -> dict:
     out = tmp_path / "syncs.json"
-    cmd = [DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), str(ROOT / "tests/scripts/count_syncs.py"),
+    cmd = [*ranks_command(2), str(ROOT / "tests/scripts/count_syncs.py"),
            str(out), "--ds_config", str(ds_config), "--data", str(data), "--run_dir", str(tmp_path / "run"),
            "--num_groups", "1", "--max_steps", str(STEPS), "--eval_every", "1000", "--export_every", "1000",
            "--save_every", "1000", "--eval_batches", "1", "--seq_len", "32", "--resume", "never"]
