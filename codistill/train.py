@@ -36,7 +36,7 @@ from codistill.teachers.loader import check_usable, read_fixed_teacher
 from codistill.teachers.pool import declared_config, tensor_specs
 from codistill.topology import TopologyError
 from codistill.topology import plan as plan_topology
-from fileio import ExportError
+from fileio import ExportError, read_bounded
 from model import ModelConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -130,9 +130,9 @@ def load_inputs(p: Plan, log):
     record = p.run.launch_config(cfg.run.group_id)
     if cfg.checkpoint.resume == "auto" and record.is_file():  # config.json is rewritten only after these pass
         try:
-            recorded = json.loads(record.read_text())
+            recorded = json.loads(read_bounded(record, 16 << 20, "run record"))  # a regular file, bounded
             prev = recorded["model"]
-        except (json.JSONDecodeError, KeyError, TypeError):
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
             recorded, prev = {}, None
         if prev is not None and ModelConfig.from_dict(prev).config_hash() != model_cfg.config_hash():
             raise ValueError(f"{record} was written for another model ({prev}) than this run's "

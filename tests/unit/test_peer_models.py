@@ -136,3 +136,20 @@ def test_a_fixed_teacher_of_another_model_needs_peer_models_any(sample_data, tmp
     _, model_cfg, fixed = tl.load_inputs(plan, Log())
     assert model_cfg.arch == "lstm" and fixed.step == 10 and fixed.meta["model_config"]["arch"] == "transformer"
     assert not (tmp_path / "run").exists()
+
+
+def test_a_teacher_of_another_model_takes_a_bf16_students_working_dtype(tmp_path):
+    """Under bf16 (DeepSpeed casts the student's parameters, keeps buffers fp32) a Transformer teacher
+    of an LSTM student has no tensor names in common with it: its parameters get the student's
+    majority dtype (bf16), its RoPE table stays fp32 as the Transformer computes it."""
+    d = exports_dir(tmp_path, 1)
+    _export(d, 10, cfg=TRANSFORMER)
+    student = build_model(CFG).to(torch.bfloat16)
+    pool = TeacherPool(CFG, torch.device("cpu"), like=student, peer_models="any")
+    pool.load(1, read_export(d, 10, pool.config_hash, TOK, expect=pool.expect))
+    teacher = pool.modules[1]
+    assert {p.dtype for p in teacher.parameters()} == {torch.bfloat16}
+    buffers = dict(teacher.named_buffers())
+    assert buffers and all(b.dtype == torch.float32 for b in buffers.values()), {k: b.dtype for k, b in buffers.items()}
+    q, _ = pool.probs([1], torch.randint(0, CFG.vocab_size, (2, 8)))
+    assert q.dtype == torch.float32 and torch.isfinite(q).all()
