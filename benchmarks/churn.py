@@ -25,7 +25,7 @@ import json
 import subprocess
 from pathlib import Path
 
-from common import PY, ROOT, add_run_args, bench_data, runs_root, save_results, table, train
+from common import PY, ROOT, add_jobs_arg, add_run_args, bench_data, runs_root, save_results, table, train_all
 
 PRESETS = {
     "tiny": dict(model="lstm", model_size="tiny", seq_len=32, steps=20, export_every=5, burn_in=5,
@@ -64,6 +64,7 @@ def main():
     ap.add_argument("--seeds", default="1,2", help="the two retrain seeds")
     ap.add_argument("--plot_from", metavar="JSON", help="only redraw the bar chart of a results file of this script")
     add_run_args(ap)
+    add_jobs_arg(ap)
     a = ap.parse_args()
     if a.plot_from:
         res = json.loads(Path(a.plot_from).read_text())
@@ -80,17 +81,15 @@ def main():
         raise SystemExit("--seeds needs two different seeds, e.g. 1,2")
     data = Path(a.data) if a.data else bench_data(2000 if a.preset == "tiny" else 8000)
     root = runs_root(a, "churn_")
-    walls = {}
-    for kind, distill in (("base", 0), ("codist", 1)):
-        for s in seeds:
-            name = f"{kind}_seed{s}"
-            walls[name] = train(root / name, [
-                "--data", data, "--num_groups", 2, "--distill_weight", distill, "--model", p["model"],
-                "--model_size", p["model_size"], "--seq_len", p["seq_len"], "--max_steps", p["steps"],
-                "--lr", p["lr"], "--warmup_steps", max(1, p["steps"] // 20), "--eval_every", p["eval_every"],
-                "--save_every", 10 ** 9, "--export_every", p["export_every"], "--burn_in_steps", p["burn_in"],
-                "--seed", s])
-            print(f"trained {name} in {walls[name]:.0f}s")
+    runs = {f"{kind}_seed{s}": [
+        "--data", data, "--num_groups", 2, "--distill_weight", distill, "--model", p["model"],
+        "--model_size", p["model_size"], "--seq_len", p["seq_len"], "--max_steps", p["steps"],
+        "--lr", p["lr"], "--warmup_steps", max(1, p["steps"] // 20), "--eval_every", p["eval_every"],
+        "--save_every", 10 ** 9, "--export_every", p["export_every"], "--burn_in_steps", p["burn_in"],
+        "--seed", s] for kind, distill in (("base", 0), ("codist", 1)) for s in seeds}
+    walls = dict(zip(runs, train_all([(root / name, args) for name, args in runs.items()], a)))
+    for name, wall in walls.items():
+        print(f"trained {name} in {wall:.0f}s")
     s1, s2 = seeds
     base = evaluate(root / f"base_seed{s1}", root / f"base_seed{s2}", root / "eval_base.json", p["max_tokens"])
     cd = evaluate(root / f"codist_seed{s1}", root / f"codist_seed{s2}", root / "eval_codist.json", p["max_tokens"])

@@ -100,6 +100,20 @@ def add_run_args(ap) -> None:
     ap.add_argument("--results_dir", default=str(RESULTS), help="where the JSON and PNG go (default: %(default)s)")
 
 
+def add_jobs_arg(ap) -> None:
+    ap.add_argument("--jobs", type=int, choices=[1, 2], help="runs trained at once, one thread each (default: 2 for "
+                    "--preset tiny, a smoke run; otherwise 1, so that runs that time their steps train alone)")
+
+
+def train_all(runs: list[tuple[Path, list]], a) -> list[float]:
+    """train() each (run_dir, args), up to ``a.jobs`` at once (add_jobs_arg); their wall seconds."""
+    from concurrent.futures import ThreadPoolExecutor
+    jobs = a.jobs or (2 if a.preset == "tiny" else 1)
+    env = {"OMP_NUM_THREADS": "1"} if jobs > 1 else None  # several runs share the cores
+    with ThreadPoolExecutor(jobs) as pool:  # a failed run's sys.exit reaches the caller through map
+        return list(pool.map(lambda r: train(r[0], r[1], env=env), runs))
+
+
 def runs_root(a, prefix: str) -> Path:
     import tempfile
     root = Path(a.keep_runs) if a.keep_runs else Path(tempfile.mkdtemp(prefix=prefix))

@@ -32,7 +32,19 @@ import argparse
 import json
 from pathlib import Path
 
-from common import ROOT, add_run_args, bench_data, plot, registry_data, runs_root, save_results, scalars, table, train
+from common import (
+    ROOT,
+    add_jobs_arg,
+    add_run_args,
+    bench_data,
+    plot,
+    registry_data,
+    runs_root,
+    save_results,
+    scalars,
+    table,
+    train_all,
+)
 
 from codistill.layout import RunLayout
 
@@ -80,6 +92,7 @@ def main():
                     "K..2K steps old); the results get the suffix _export<K>")
     ap.add_argument("--burn_in", type=int, help="override the preset's burn-in; the results get the suffix _burnin<N>")
     add_run_args(ap)
+    add_jobs_arg(ap)
     a = ap.parse_args()
     names = [n for n in RUNS if n in a.runs]
     if "e_offline_distill" in names and "a_baseline_B" not in names:
@@ -100,7 +113,7 @@ def main():
     data = Path(a.data) if a.data else registry_data() if p.get("data") == "registry" else bench_data()
     base_cfg = json.loads((ROOT / "ds_configs" / "zero2.json").read_text())
     root = runs_root(a, "convergence_")
-    results, curves = {}, {}
+    results, curves, planned = {}, {}, {}
     for name in names:
         groups, factor, extra = RUNS[name]
         micro = factor * p["micro"]
@@ -108,23 +121,28 @@ def main():
         optimizer = dict(base_cfg["optimizer"], params={**base_cfg["optimizer"]["params"], **DS_OPTIMIZER.get(name, {})})
         cfg_path.write_text(json.dumps(dict(base_cfg, train_micro_batch_size_per_gpu=micro, optimizer=optimizer)))
         lr = p["lr"] * (p.get("lr_2B", 1.0) if factor == 2 else 1.0)
-        run = root / name
         extra = [str(x).format(runs=root) for x in extra]
-        wall = train(run, ["--ds_config", cfg_path, "--data", data, "--num_groups", groups, "--model", p["model"],
-                           "--model_size", p["model_size"], "--seq_len", p["seq_len"], "--max_steps", p["steps"],
-                           "--lr", lr, "--warmup_steps", p.get("warmup", max(1, p["steps"] // 20)),
-                           "--min_lr_ratio", p.get("min_lr_ratio", 0.1),
-                           "--eval_every", p["eval_every"],  # the same validation tokens for B and 2B:
-                           "--eval_batches", max(1, p["eval_batches"] // factor),  # it counts micro-batches
-                           "--save_every", 10 ** 9, "--export_every", p["export_every"],
-                           "--burn_in_steps", p["burn_in"], "--seed", a.seed, *extra])
+        args = ["--ds_config", cfg_path, "--data", data, "--num_groups", groups, "--model", p["model"],
+                "--model_size", p["model_size"], "--seq_len", p["seq_len"], "--max_steps", p["steps"],
+                "--lr", lr, "--warmup_steps", p.get("warmup", max(1, p["steps"] // 20)),
+                "--min_lr_ratio", p.get("min_lr_ratio", 0.1),
+                "--eval_every", p["eval_every"],  # the same validation tokens for B and 2B:
+                "--eval_batches", max(1, p["eval_batches"] // factor),  # it counts micro-batches
+                "--save_every", 10 ** 9, "--export_every", p["export_every"],
+                "--burn_in_steps", p["burn_in"], "--seed", a.seed, *extra]
+        planned[name] = dict(args=args, groups=groups, micro=micro, extra=extra, lr=lr, optimizer=optimizer)
+    # e_offline_distill distils from a_baseline_B's final model: it trains after the others
+    order = [[n for n in names if n != "e_offline_distill"], [n for n in names if n == "e_offline_distill"]]
+    walls = {n: w for batch in order for n, w in zip(batch, train_all([(root / n, planned[n]["args"]) for n in batch], a))}
+    for name in names:
+        r, wall, run = planned[name], walls[name], root / name
         print(f"trained {name} in {wall:.0f}s")
-        for g in range(groups):
+        for g in range(r["groups"]):
             tb = RunLayout(run).group(g).tb
             curves[f"{name}/group_{g}"] = scalars(tb, "val/ppl")
             results[f"{name}/group_{g}"] = {"final_val_ppl": curves[f"{name}/group_{g}"][p["steps"]],
-                                            "micro_batch": micro, "groups": groups, "flags": extra, "lr": lr,
-                                            "optimizer": optimizer["params"],
+                                            "micro_batch": r["micro"], "groups": r["groups"], "flags": r["extra"],
+                                            "lr": r["lr"], "optimizer": r["optimizer"]["params"],
                                             "run_wall_s": wall, "step_time": scalars(tb, "perf/step_time")}
     target = a.target_ppl or results["a_baseline_B/group_0"]["final_val_ppl"]
     rows = []
