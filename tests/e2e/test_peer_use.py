@@ -155,3 +155,24 @@ def test_a_separate_launch_averages_the_groups_present(sample_data, tmp_path):
     assert any(not torch.equal(v, v.to(torch.bfloat16).float()) for v in export.values())  # not bf16 values
     for k, v in final.items():
         assert torch.equal(v.float(), export[k].to(v.dtype).float()), k
+
+
+def test_a_separate_launch_of_two_ranks_gives_its_ranks_the_leaders_weights(sample_data, tmp_path):
+    """--group_id 0 on 2 ranks under ZeRO-3 (each rank holds half of every parameter) and --group_id 1
+    on 1 rank, --peer_use diloco, K = 10, 20 steps: group 0's leader reads both exports and sends the
+    weights to its rank 1 by tensor broadcasts (Exchange._share). Both groups take the same outer
+    steps, so both end with the same weights bit for bit: group 0's final model is gathered from
+    both ranks' partitions, so a rank 1 that averaged anything else would show."""
+    kw = dict(max_steps=20, peer_use="diloco", teacher_timeout=300, poll_interval=0.2)
+    run = tmp_path / "run"
+    procs = [launch(e2e_args(sample_data, run, group_id=0, ds_config="ds_configs/zero3.json", **kw), num_ranks=2,
+                    background=True),
+             launch(e2e_args(sample_data, run, group_id=1, **kw), background=True)]
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    for g in (0, 1):
+        assert f"[group {g}] step 20: --peer_use diloco over groups [0, 1]" in outs[g]
+    a, b = _final(run, 0), _final(run, 1)
+    assert set(a) == set(b)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
