@@ -24,6 +24,10 @@ several ranks) or a real script, on bf16 where the GPU has it natively (bf16 "au
                              runs under torch.use_deterministic_algorithms + CUBLAS_WORKSPACE_CONFIG
     parity                   tests/scripts/teacher_parity.py: a teacher built from an export gives the
                              student's bf16 logits (LSTM, Transformer, tied Llama)
+    average                  --peer_use average, 2 groups in one process: equal at the end, fp32 exports
+    diloco                   --peer_use diloco, one launch per group: group 0 on 2 ranks under ZeRO-3 (1 on a
+                             1-GPU node), group 1 on 1: bit-identical at the end
+    peer_models              --peer_models any: an LSTM group taught by a Transformer group's exports
     throughput               tokens/s of the baseline and of codistillation with 1 peer, the overhead ratio
                              next to the FLOP floor 1 + F/(F+B) (a measurement; always PASS when it runs)
 
@@ -433,6 +437,62 @@ def check_parity(sm: Smoke) -> dict:
     return {"detail": ", ".join(f"{k} {v['max_abs_diff']:.1e}" for k, v in r.items()), "results": r}
 
 
+def final_weights(run: Path, g: int) -> dict:
+    from safetensors.torch import load_file
+    return load_file(RunLayout(run).group(g).final / "model.safetensors")
+
+
+def check_average(sm: Smoke) -> dict:
+    """--peer_use average, 2 groups in one process (ZeRO-2): the last step is an exchange step, so
+    both groups end with the same weights (bit for bit); the exports hold fp32 masters."""
+    k = 4 if sm.quick else 5
+    run, out = sm.train("average", ["--peer_use", "average", *sm.tiny()])
+    from safetensors.torch import load_file
+    a, b = final_weights(run, 0), final_weights(run, 1)
+    need(set(a) == set(b) and all(torch.equal(a[n], b[n]) for n in a), "the groups' final weights differ "
+         "after the last exchange step")
+    last = sorted(RunLayout(run).group(0).exports.glob("step_*.safetensors"))[-1]
+    dtypes = {str(t.dtype) for t in load_file(last).values()}
+    need(dtypes == {"torch.float32"}, f"export {last.name} holds {dtypes}, not the fp32 masters")
+    need(f"{sm.dtype} on {sm.device}" in out, f"banner lacks '{sm.dtype} on {sm.device}': {sm.tail(out, 800)}")
+    return {"detail": f"2 groups averaged every {k} steps, equal at the end; exports fp32"}
+
+
+def check_diloco(sm: Smoke) -> dict:
+    """--peer_use diloco in one launch per group (--group_id; NCCL between a group's ranks): group 0
+    on 2 ranks under ZeRO-3 where the node has 2 GPUs (its leader reads the exports and broadcasts
+    the weights to rank 1), else 1; group 1 on 1 rank (GPU 0, shared). Both take the same outer
+    steps from the same exports, so both end bit-identical."""
+    run = sm.run_dir("diloco")
+    ranks = min(2, sm.gpus)
+    common = ["--peer_use", "diloco", "--num_groups", 2, "--poll_interval", 0.2, "--teacher_timeout", 120,
+              *sm.tiny()]
+    g1 = sm.start(sm.train_cmd(run, [*common, "--group_id", 1]))
+    out = sm.call(sm.train_cmd(run, [*common, "--group_id", 0, "--ds_config", "ds_configs/zero3.json"], ranks=ranks))
+    out1 = sm.finish(g1)
+    steps = 12 if sm.quick else 30
+    for g, o in ((0, out), (1, out1)):
+        need(f"[group {g}] step {steps}: --peer_use diloco over groups [0, 1]" in o,
+             f"group {g} did not average over both groups at step {steps}: {sm.tail(o, 800)}")
+    a, b = final_weights(run, 0), final_weights(run, 1)
+    need(set(a) == set(b) and all(torch.equal(a[n], b[n]) for n in a), "the groups' final weights differ")
+    return {"detail": f"group 0 on {ranks} rank(s) (ZeRO-3), group 1 on 1: bit-identical at the end"}
+
+
+def check_peer_models(sm: Smoke) -> dict:
+    """--peer_models any: a Transformer group (1, started first) teaches an LSTM group (0) that starts
+    once the Transformer's first export is on disk; the LSTM builds its teacher as that Transformer."""
+    run = sm.run_dir("peer_models")
+    k = 4 if sm.quick else 5
+    common = ["--peer_models", "any", "--num_groups", 2, "--poll_interval", 0.2, *sm.tiny()]
+    g1 = sm.start(sm.train_cmd(run, [*common, "--group_id", 1, "--model", "transformer", "--model_size", "tiny"]))
+    wait_for_export(sm, run, 1, k, g1)
+    out = sm.call(sm.train_cmd(run, [*common, "--group_id", 0, "--model", "lstm", "--model_size", "tiny"]))
+    sm.finish(g1)
+    expect_codistilled(sm, run, out, groups=(0,))
+    return {"detail": f"LSTM taught by a Transformer, teacher step {max(tb(run, 0, 'teacher/step/group_1').values())}"}
+
+
 def fwd_share(device: str, size: str, micro: int, seq_len: int, vocab: int, reps: int = 20) -> float:
     """F / (F + B) of one student step in plain PyTorch on ``device`` (bf16 where native)."""
     from model import build_model, preset_config
@@ -494,6 +554,9 @@ CHECKS = [Check("main", check_main, timeout=150, estimate=40),
           Check("init_from", check_init_from, timeout=100, estimate=30),
           Check("resume", check_resume, timeout=200, estimate=75),
           Check("parity", check_parity, timeout=150, estimate=30),
+          Check("average", check_average, timeout=100, estimate=25),
+          Check("diloco", check_diloco, timeout=150, estimate=40),
+          Check("peer_models", check_peer_models, timeout=150, estimate=40),
           Check("throughput", check_throughput, timeout=200, estimate=60)]
 BY_NAME = {c.name: c for c in CHECKS}
 

@@ -2,7 +2,8 @@
 (one home for what the GPU tier checks: the README's main command; bf16 with every teacher mode -
 full, --teacher_offload cpu, --teacher_topk, and on 2+ GPUs --teacher_partition with ZeRO-3 over
 a group's 2 ranks - for the LSTM, the repo's Transformer and a tied HF Llama config; ZeRO-3;
-the NCCL world split; --carry_state; --noise_scale; --init_from; an exact resume under
+the NCCL world split; --carry_state; --noise_scale; --init_from; --peer_use average and diloco
+(one launch per group, a group on 2 ZeRO-3 ranks); --peer_models any; an exact resume under
 deterministic kernels; teacher == student logits in bf16), one test per check, without the
 smoke command's time budget. A check that needs more GPUs than the node has is skipped with
 that reason; on a machine without CUDA every GPU test is skipped ("needs CUDA").
@@ -70,7 +71,8 @@ def test_the_smoke_plan_names_every_check_and_why_it_cannot_run_here(tmp_path):
     assert res["order"] == names and set(res["checks"]) == set(names) and res["dry_run"] is True
     for arch in gpu_smoke.ARCHS:  # every teacher mode for every architecture
         assert {f"teachers/{arch}/{m}" for m in ("full", "offload", "topk", "partition")} <= set(names)
-    assert {"main", "zero3", "split", "carry_state", "noise_scale", "init_from", "resume", "parity"} <= set(names)
+    assert {"main", "zero3", "split", "carry_state", "noise_scale", "init_from", "average", "diloco",
+            "peer_models", "resume", "parity"} <= set(names)
     for name, c in res["checks"].items():
         need = gpu_smoke.BY_NAME[name].gpus
         assert c["result"] == "SKIP" and c["detail"] == f"needs {need} GPUs, 0 available", (name, c)
