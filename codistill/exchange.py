@@ -50,7 +50,7 @@ from codistill.averaging import (
     with_masters,
     write_masters,
 )
-from codistill.comm import StepOutcome, flags_any
+from codistill.comm import StepOutcome, broadcast_tensors, flags_any
 from codistill.exports import Export, clean_temp_files, read_export, read_latest, write_export
 from codistill.flags import Flags, TeacherFlags
 from codistill.layout import RunLayout
@@ -74,6 +74,21 @@ def resume_prefetch(start: int, K: int) -> int | None:
     (the one its next swap uses), or None."""
     pending = (start - 1) // K * K
     return pending if start and pending >= K else None
+
+
+def broadcast_weights(weights: dict[str, torch.Tensor] | None, shapes: dict[str, torch.Size], src: int, group,
+                      device: torch.device) -> dict[str, torch.Tensor]:
+    """fp32 weights of global rank ``src`` (``weights`` there, None elsewhere) as host tensors on every
+    rank of ``group`` (None: the world): one tensor broadcast per tensor, on ``device`` (NCCL takes
+    device tensors), so the device holds one tensor at a time. Not an object broadcast, which pickles
+    the weights and stages all their bytes on the device at once. Collective over ``group``."""
+    out = {}
+    for k, shape in shapes.items():
+        buf = (weights[k].to(device, torch.float32) if weights is not None
+               else torch.empty(shape, dtype=torch.float32, device=device))
+        broadcast_tensors([buf], src, group)
+        out[k] = buf.cpu()
+    return out
 
 
 @dataclass
@@ -237,26 +252,17 @@ class Exchange:
     def all_masters(self) -> list[dict[str, torch.Tensor]]:
         """Every group's fp32 master weights, in group order, on every rank (a collective of the
         launch). One process hosting every group reads its engines (read_masters); a world split
-        (each rank hosts some groups) all-gathers the hosted groups' flattened masters over the
-        world and takes each group's leader's copy (every rank of a group holds the same full
-        values). Holds G copies of the model per rank while it runs."""
+        (each rank hosts some groups) sends each group's leader's copy to every rank, group by group
+        and tensor by tensor, over the world (``broadcast_weights``; every rank of a group holds the
+        same full values). Holds G copies of the model in host memory per rank while it runs; on
+        the device, one tensor at a time (an all-gather of every rank's flattened copy would hold
+        world-size copies of the model on each GPU: 32 GB at 8 ranks and 1 B parameters)."""
         own = {s.id: read_masters(s.engine) for s in self.students}  # a collective of each group
         if len(own) == self.G:
             return [own[g] for g in range(self.G)]
-        names = list(own[self.students[0].id])
-        shapes = {n: own[self.students[0].id][n].shape for n in names}
-        sizes = [shapes[n].numel() for n in names]
-        flat = torch.stack([torch.cat([own[g][n].reshape(-1) for n in names]) for g in self.topo.hosted])
-        flat = flat.to(self.device)
-        world = torch.distributed.get_world_size()
-        gathered = [torch.empty_like(flat) for _ in range(world)]
-        torch.distributed.all_gather(gathered, flat)
-        per = len(self.topo.hosted)  # every rank hosts as many groups (codistill/topology.py plan)
-        out = []
-        for g in range(self.G):
-            row = gathered[self.topo.group_ranks[g][0]][g % per].to("cpu")
-            out.append({n: t.reshape(shapes[n]).clone() for n, t in zip(names, row.split(sizes))})
-        return out
+        shapes = {k: t.shape for k, t in own[self.students[0].id].items()}
+        return [broadcast_weights(own.get(g), shapes, self.topo.group_ranks[g][0], None, self.device)
+                for g in range(self.G)]
 
     def _set_all(self, weights: dict[str, torch.Tensor]) -> None:
         for s in self.students:
@@ -362,29 +368,12 @@ class Exchange:
                 if p != s.id:
                     self.bytes[s.id].was_read(p, self.run.group(p).exports, step)
             self.log(f"[group {s.id}] step {step}: --peer_use {self.peer_use} over groups {groups}")
-        if s.dp_size > 1:
-            present = self._share(s, own, present)
+        if s.dp_size > 1:  # the leader's weights to the group's other ranks (broadcast_weights)
+            n = s.comm.agree([len(present) if s.leader else 0])[0]
+            shapes = {k: t.shape for k, t in own.items()}
+            present = [broadcast_weights(present[i] if s.leader else None, shapes, s.comm.src, s.dp_group,
+                                         s.comm.device) for i in range(n)]
         return present, None
-
-    @staticmethod
-    def _share(s, own: dict[str, torch.Tensor], present: list | None) -> list[dict[str, torch.Tensor]]:
-        """The leader's ``present`` (fp32 weights of each group present, in group order) on every rank
-        of group ``s``: how many (one broadcast of a number), then every tensor by a tensor broadcast
-        on the group's device, one at a time; names and shapes are the model's (``own``, every rank's
-        full masters). Not an object broadcast: that pickles the G models on the leader and stages
-        the bytes on the device (NCCL) - 2 x G x 4 bytes a parameter, 32 GB at G = 4 and 1 B
-        parameters - where this holds one tensor on the device at a time."""
-        n = s.comm.agree([len(present) if s.leader else 0])[0]
-        out = []
-        for i in range(n):
-            weights = {}
-            for k, t in own.items():
-                buf = (present[i][k].to(s.comm.device, torch.float32) if s.leader
-                       else torch.empty(t.shape, dtype=torch.float32, device=s.comm.device))
-                s.comm.broadcast([buf])
-                weights[k] = buf.cpu()
-            out.append(weights)
-        return out
 
     def _count_bytes(self, step: int, failed: list[bool]) -> None:
         """After the exports of ``step`` are settled: bytes each hosted group's leader wrote and (average,
