@@ -37,15 +37,18 @@ from conftest import ROOT, env_for_runs, ranks_command
 STEPS = 6
 
 
-def count_syncs(data, tmp_path, ds_config) -> dict:
+def count_syncs(data, tmp_path, ds_config, steps: int = STEPS, flags: tuple = ("--num_groups", "1",
+                "--export_every", "1000")) -> dict:
     out = tmp_path / "syncs.json"
     cmd = [*ranks_command(2), str(ROOT / "tests/scripts/count_syncs.py"),
            str(out), "--ds_config", str(ds_config), "--data", str(data), "--run_dir", str(tmp_path / "run"),
-           "--num_groups", "1", "--max_steps", str(STEPS), "--eval_every", "1000", "--export_every", "1000",
-           "--save_every", "1000", "--eval_batches", "1", "--seq_len", "32", "--resume", "never"]
+           "--max_steps", str(steps), "--eval_every", "1000", "--save_every", "1000", "--eval_batches", "1",
+           "--seq_len", "32", "--resume", "never", *flags]
     proc = subprocess.run(cmd, cwd=ROOT, env=env_for_runs(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0 and out.is_file(), proc.stdout[-4000:] + proc.stderr[-4000:]
-    return json.loads(out.read_text())
+    res = json.loads(out.read_text())
+    res["log"] = proc.stdout
+    return res
 
 
 NORM = "deepspeed/runtime/utils.py:is_invalid_grad_norm"
@@ -95,6 +98,18 @@ def test_shipped_configs_make_no_device_sync_and_these_host_reads_per_step(sampl
         assert len(ours) == 1 and ours[0].startswith("codistill/comm.py:sync:"), (step, ours)  # the step's sync
         if step > 2:  # steady state: ZeRO-3 checks its parameter-fetch trace across ranks in steps 1-2
             assert [kind(s) for s in sites if s.startswith("deepspeed/")] == DEEPSPEED_READS[config], (step, sites)
+
+
+def test_a_codistillation_step_reads_one_host_value_of_the_trainers(sample_data, tmp_path):
+    """2 groups on 2 ranks (the world split), sync teachers from step 9 (K = 4), top-K teachers:
+    the steps with teachers read no more host values of the trainer's than those without - the
+    teachers' probabilities, the distillation loss and the teacher guard stay on the device."""
+    res = count_syncs(sample_data, tmp_path, ROOT / "ds_configs" / "zero2.json", steps=12,
+                      flags=("--num_groups", "2", "--export_every", "4", "--burn_in_steps", "4", "--teacher_topk", "8"))
+    assert "teachers g1@4" in res["log"] and "top-8" in res["log"], res["log"][-3000:]
+    for step, n, sites in res["per_step"]:
+        ours = [s for s in sites if not s.startswith("deepspeed/")]
+        assert n == 0 and len(ours) == 1 and ours[0].startswith("codistill/comm.py:sync:"), (step, n, ours)
 
 
 def test_the_counter_sees_deepspeeds_throughput_timer(sample_data, tmp_path):
