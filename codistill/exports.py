@@ -70,6 +70,7 @@ beside the loader.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import json
@@ -319,20 +320,59 @@ class CudaPinning:
     the CachingHostAllocator, which rounds each block up to the next power of two and keeps freed
     blocks cached (2.5 GB -> 4 GiB pinned, never given back). ``fence`` marks the copies queued
     from a buffer so far (a CUDA event on the current stream); a buffer is read into again or
-    unpinned only after its fence completed."""
+    unpinned only after its fence completed.
+
+    ``device``: the rank's CUDA ordinal, made current around every registration. Pins happen on
+    the loader's reader threads and unpins wherever a buffer's last reference drops; CUDA's
+    current device is per host thread and starts at 0 in a new one, so without it every rank's
+    first pin would create a context on GPU 0 (hundreds of MiB there per rank, where the ranks
+    see every GPU of the node) - the reason torch's DataLoader pin thread calls set_device first
+    (torch/utils/data/_utils/pin_memory.py _pin_memory_loop)."""
+
+    def __init__(self, device: int | None = None):
+        self.device = device
+
+    def _on_device(self):
+        return torch.cuda.device(self.device) if self.device is not None else contextlib.nullcontext()
 
     def pin(self, buf: torch.Tensor) -> None:
         from torch.cuda import _pin_memory_utils
-        _pin_memory_utils.pin_memory(buf.data_ptr(), buf.numel())
+        with self._on_device():
+            _pin_memory_utils.pin_memory(buf.data_ptr(), buf.numel())
 
     def unpin(self, ptr: int) -> None:
         from torch.cuda import _pin_memory_utils
-        _pin_memory_utils.unpin_memory(ptr)
+        with self._on_device():
+            _pin_memory_utils.unpin_memory(ptr)
 
     def fence(self):
         ev = torch.cuda.Event()
         ev.record()
         return ev
+
+
+def pinned_copies(tensors: list[tuple[torch.Tensor, torch.dtype]], pinning: CudaPinning,
+                  align: int = 512) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Host copies of ``tensors`` (each cast to its dtype) as views into one host block of exactly
+    their bytes (each start ``align``-ed), pinned once by ``pinning`` and unpinned when the block's
+    last reference is gone: keep the returned block referenced for as long as the views are used
+    (``param.data = view`` does not hold it). Per-tensor ``pin_memory()`` instead rounds each tensor
+    up to a power of two in torch's CachingHostAllocator (a 2^k + 1-byte tensor pins 2^(k+1)) and
+    caches the blocks after they are freed (an offloaded teacher's host weights)."""
+    spans, total = [], 0
+    for t, dtype in tensors:
+        total = -(-total // align) * align
+        spans.append((total, t.numel() * dtype.itemsize))
+        total += spans[-1][1]
+    block = torch.empty(max(total, 1), dtype=torch.uint8)
+    pinning.pin(block)
+    weakref.finalize(block, pinning.unpin, block.data_ptr())
+    views = []
+    for (t, dtype), (start, n) in zip(tensors, spans):
+        v = block[start:start + n].view(dtype).view(t.shape)
+        v.copy_(t)
+        views.append(v)
+    return views, block
 
 
 class ReadBuffers:

@@ -30,8 +30,11 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import torch
+
 from codistill.exports import (
     EXPORT_NAME,
+    CudaPinning,
     Export,
     ReadBuffers,
     check_specs,
@@ -161,7 +164,9 @@ class TeacherLoader:
         self.poll_interval, self.log = poll_interval, log
         self.pin_memory, self.expect = pin_memory, expect
         self.read_timeout, self.max_stuck, self.max_step = read_timeout, max_stuck, max_step
-        self.buffers = ReadBuffers(keep=len(self.peers))  # the trainer gives swapped-in exports back
+        # the trainer gives swapped-in exports back; pinned for this rank's GPU (the current one here)
+        self.buffers = ReadBuffers(keep=len(self.peers),
+                                   pinning=CudaPinning(torch.cuda.current_device()) if pin_memory else None)
         self._lock = threading.Condition()        # the training loop's: dict operations only under it
         self._want: dict[int, int] = {}           # sync mode: peer -> step to prefetch
         self._ready: dict[int, Export] = {}       # peer -> loaded, not yet taken

@@ -13,7 +13,7 @@ from collections.abc import Callable
 import torch
 
 from codistill.comm import GroupComm, GroupSync
-from codistill.exports import Export
+from codistill.exports import CudaPinning, Export, pinned_copies
 from codistill.loss import TopK, chunk_rows, topk_of
 from codistill.teachers.placement import FullTeacher, OffloadedTeacher, PartitionedTeacher, teacher_ds_config
 from fileio import ExportError
@@ -37,9 +37,10 @@ def working_dtypes(like: torch.nn.Module | None, dtype: torch.dtype = torch.floa
 
 
 def build_frozen(model_config: ModelConfig, device: torch.device, like: torch.nn.Module | None = None,
-                 dtype: torch.dtype = torch.float32, pin: bool = False) -> torch.nn.Module:
+                 dtype: torch.dtype = torch.float32, pin: CudaPinning | None = None) -> torch.nn.Module:
     """A frozen copy of the architecture, built directly on ``device`` in its working dtype
-    (``pin``: on the CPU in pinned memory, for a teacher offloaded from a CUDA device).
+    (``pin``: on the CPU, its parameters in one exactly sized block of pinned memory registered by
+    ``pin`` - exports.pinned_copies - for a teacher offloaded from a CUDA device).
 
     With ``like`` (the student's module, as its DeepSpeed engine holds it) every parameter and
     buffer gets the dtype the student's tensor of the same name has: DeepSpeed's bf16 casts
@@ -55,10 +56,20 @@ def build_frozen(model_config: ModelConfig, device: torch.device, like: torch.nn
                 module = build_model(model_config)
         finally:
             torch.set_default_dtype(prev)
-    for n, t in [*module.named_parameters(), *module.named_buffers()]:
-        want = dtypes.get(n, dtype if isinstance(t, torch.nn.Parameter) else t.dtype)
-        if (t.dtype != want and t.is_floating_point()) or pin:
-            t.data = t.data.to(want).pin_memory() if pin else t.data.to(want)
+    def want(n, t):
+        return dtypes.get(n, dtype if isinstance(t, torch.nn.Parameter) else t.dtype) if t.is_floating_point() \
+            else t.dtype
+
+    named = [*module.named_parameters(), *module.named_buffers()]  # tied weights once
+    if pin is not None:
+        params = list(module.named_parameters())
+        views, module._pinned_block = pinned_copies([(t.data, want(n, t)) for n, t in params], pin)
+        for (_, t), v in zip(params, views):
+            t.data = v
+        named = list(module.named_buffers())  # buffers: moved to the device by OffloadedTeacher
+    for n, t in named:
+        if t.dtype != want(n, t):
+            t.data = t.data.to(want(n, t))
     return module.eval().requires_grad_(False)
 
 
@@ -169,8 +180,8 @@ class TeacherPool:
             t = PartitionedTeacher(lambda: build_model(config), teacher_ds_config(self.ds_config), self.mpu,
                                    dtypes=working_dtypes(self.like, self.dtype)[1])
         elif self.placement == "offload":
-            t = OffloadedTeacher(build_frozen(config, torch.device("cpu"), self.like, self.dtype,
-                                              pin=self.device.type == "cuda"), self.device)
+            pin = CudaPinning(self.device.index) if self.device.type == "cuda" else None
+            t = OffloadedTeacher(build_frozen(config, torch.device("cpu"), self.like, self.dtype, pin), self.device)
         else:
             t = FullTeacher(build_frozen(config, self.device, self.like, self.dtype))
         if self.topk and config.arch == "hf":

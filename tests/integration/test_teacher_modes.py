@@ -235,3 +235,40 @@ def test_offloaded_teacher_prefetches_on_a_side_stream_and_computes_what_the_ful
         torch.testing.assert_close(q_off, q_full.values if topk else q_full, rtol=0, atol=1e-6)
         torch.testing.assert_close(h_off, h_full, rtol=0, atol=1e-5)
     assert teacher.prefetched_bytes > 0
+
+
+@pytest.mark.parametrize("arch", ["lstm", "llama_tied"])
+def test_an_offloaded_teachers_host_weights_are_one_exact_pinned_block(arch):
+    """--teacher_offload on a CUDA student: the teacher's parameters are views into one host block
+    of exactly their bytes (each start 512-aligned), registered once (exports.pinned_copies) - not
+    per-tensor pin_memory(), which rounds each up to a power of two and keeps the blocks cached -
+    with the values of an unpinned build, a tied matrix once; the block is unregistered when the
+    teacher is dropped. On a CPU: the registration recorded (FakePinning, test_hostile_files)."""
+    import gc
+
+    from test_hostile_files import FakePinning
+
+    from codistill.teachers.pool import build_frozen
+    cfg = {"lstm": CFG, "llama_tied": _llama(True)}[arch]
+    pins = FakePinning()
+    torch.manual_seed(0)
+    plain = build_frozen(cfg, torch.device("cpu"), dtype=torch.bfloat16)
+    torch.manual_seed(0)
+    pinned = build_frozen(cfg, torch.device("cpu"), dtype=torch.bfloat16, pin=pins)
+    params = list(pinned.parameters())  # tied weights once
+    nbytes = [p.numel() * p.element_size() for p in params]
+    assert len(pins.pinned) == 1
+    (ptr, size), = pins.pinned.items()
+    assert sum(nbytes) <= size < sum(nbytes) + 512 * len(params)
+    assert all(ptr <= p.data_ptr() and p.data_ptr() + n <= ptr + size for p, n in zip(params, nbytes))
+    assert {p.dtype for p in params} == {torch.bfloat16}
+    for (k, a), (_, b) in zip(plain.state_dict().items(), pinned.state_dict().items()):
+        assert torch.equal(a, b) and a.dtype == b.dtype, k
+    if arch == "llama_tied":
+        sd = pinned.state_dict()
+        assert sd["hf.model.embed_tokens.weight"].data_ptr() == sd["hf.lm_head.weight"].data_ptr()
+        del sd
+    assert all(b.data_ptr() < ptr or b.data_ptr() >= ptr + size for b in pinned.buffers())  # buffers: not pinned
+    del pinned, params
+    gc.collect()
+    assert pins.unpinned == [ptr]

@@ -373,3 +373,37 @@ def test_pinned_read_buffers_are_exact_reused_after_their_fence_and_released(tmp
     assert pins.synced == 2 and bufs.pinned_bytes == size and len(pins.pinned) == 2
     assert all(torch.equal(c.state_dict[k], v) for k, v in read_export(tmp_path, 30).state_dict.items())
     assert read_export(tmp_path, 10, buffers=bufs).buffer.numel() == size  # unpinned reads: exact too
+
+
+def test_pinning_registers_on_the_ranks_gpu_from_any_thread(monkeypatch):
+    """CUDA's current device is per host thread and 0 in a new one: CudaPinning makes the rank's
+    ordinal current around every cudaHostRegister/Unregister, which run on the loader's reader
+    threads and wherever a buffer's last reference drops (else each rank opens a context on GPU 0).
+    On a CPU: torch.cuda.device and the registration calls record the device they run under."""
+    from torch.cuda import _pin_memory_utils
+
+    from codistill.exports import CudaPinning
+    current, seen = threading.local(), []
+
+    class device:  # torch.cuda.device's interface: make an ordinal current for the with-block
+        def __init__(self, idx):
+            self.idx = idx
+
+        def __enter__(self):
+            self.prev, current.idx = getattr(current, "idx", 0), self.idx
+
+        def __exit__(self, *exc):
+            current.idx = self.prev
+
+    monkeypatch.setattr(torch.cuda, "device", device)
+    monkeypatch.setattr(_pin_memory_utils, "pin_memory", lambda ptr, n: seen.append(("pin", getattr(current, "idx", 0))))
+    monkeypatch.setattr(_pin_memory_utils, "unpin_memory", lambda ptr: seen.append(("unpin", getattr(current, "idx", 0))))
+    pins, buf = CudaPinning(3), torch.empty(16, dtype=torch.uint8)
+    for fn in (lambda: pins.pin(buf), lambda: pins.unpin(buf.data_ptr())):
+        t = threading.Thread(target=fn)
+        t.start()
+        t.join()
+    assert seen == [("pin", 3), ("unpin", 3)]
+    seen.clear()
+    CudaPinning().pin(buf)  # no ordinal given: the thread's current device, as before
+    assert seen == [("pin", 0)]

@@ -176,10 +176,10 @@ def test_a_refused_export_is_read_once_until_it_is_rewritten(tmp_path, monkeypat
     """Any error of the readers is a refusal naming the file, remembered by the files' identity
     (path, inode, size, mtime): not read again every --poll_interval, read again once rewritten."""
     import codistill.teachers.loader as teacher
-    reads = []
+    reads = []  # (step, the metadata file's identity when it was read)
 
     def counting(*a, **kw):
-        reads.append(a[1])
+        reads.append((a[1], teacher.file_identity(a[0] / "step_000010.json")))
         return read_export(*a, **kw)
 
     monkeypatch.setattr(teacher, "read_export", counting)
@@ -194,13 +194,18 @@ def test_a_refused_export_is_read_once_until_it_is_rewritten(tmp_path, monkeypat
     try:
         assert _wait_for(lambda: msgs)
         time.sleep(0.5)                               # 25 polls
-        assert reads == [10], reads
+        assert reads == [(10, teacher.file_identity(meta))], reads
         assert len(msgs) == 1 and "refusing export step 10" in msgs[0] and "step_000010" in msgs[0], msgs
         assert loader.take(1) is None
+        tmp = meta.with_name(".rewrite.tmp")
+        tmp.write_text(good)
         if meta.is_dir():
             meta.rmdir()
-        meta.write_text(good)                         # the peer rewrites it: another identity, read again
+        os.replace(tmp, meta)  # the peer rewrites it (atomically, as exports are): another identity, read again
         assert _wait_for(lambda: (exp := loader.take(1)) is not None and exp.step == 10)
-        assert reads == [10, 10]
+        # the new file read once; a poll landing between the directory's removal and the rename may
+        # also have tried the missing file (the directory case: no atomic swap of a directory for a file)
+        assert reads[-1] == (10, teacher.file_identity(meta)), reads
+        assert reads[1:-1] == [] or reads[1:-1] == [(10, None)] and breakage is _json_dir, reads
     finally:
         loader.close()
