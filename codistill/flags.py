@@ -253,8 +253,11 @@ class ExchangeFlags(Group):
     teacher_sync: str = flag("auto", "on: swap teachers at fixed steps - at step s the peers' exports of step "
                              "s - K, deterministic, needs every group in this launch; off: follow each peer's "
                              "LATEST as it appears; auto: on unless --group_id", choices=["auto", "on", "off"])
-    teacher_timeout: float = flag(600.0, "sync mode: seconds to wait for a peer's export of the step a swap needs "
-                                  "before going on without that teacher", metavar="SECONDS")
+    teacher_timeout: float = flag(300.0, "sync mode: seconds to wait for a peer's export of the step a swap needs "
+                                  "before going on without that teacher (--peer_use average|diloco with "
+                                  "--group_id: for the peers' exports of an exchange step); in a launch of several "
+                                  "ranks it must be below --dist_timeout, as the other ranks wait in a collective "
+                                  "meanwhile", metavar="SECONDS")
     max_teacher_staleness: int | None = flag(None, "drop a teacher whose export is more than this many steps old "
                                              "(sync teachers are K..2K steps old)")
     poll_interval: float = flag(1.0, "seconds between looks at a peer's LATEST", metavar="SECONDS")

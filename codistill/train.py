@@ -74,6 +74,13 @@ def plan_run(cfg, log) -> Plan:
     if errors:
         raise ValueError("\nerror: ".join(errors))
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    ex, waits = cfg.exchange, leader_waits(cfg)
+    if world > 1 and waits and not ex.teacher_timeout < cfg.faults.dist_timeout:
+        raise ValueError(f"--teacher_timeout {ex.teacher_timeout:g} s must be below --dist_timeout "
+                         f"{cfg.faults.dist_timeout:g} s in a launch of {world} ranks: while a group's leader waits "
+                         f"for a peer's export ({waits}), the other ranks wait in a collective, which would "
+                         "time out first and stop the run instead of it going on without that peer. Lower "
+                         "--teacher_timeout or raise --dist_timeout")
     device = bind_device()  # on CUDA, LOCAL_RANK becomes the chosen ordinal (DeepSpeed reads it as one)
     ds_base = load_ds_config(cfg.training.ds_config)
     topo = plan_topology(world, rank, cfg.run.num_groups, cfg.run.group_id)
@@ -84,6 +91,16 @@ def plan_run(cfg, log) -> Plan:
         early.check_tokenizer()
         early.check_run(topo.hosted, cfg.run.num_groups, cfg.data.seq_len, shared=cfg.data.data_split == "shared")
     return Plan(cfg, rank, world, device, topo, ds_base, ds_cfgs, RunLayout(cfg.run.run_dir))
+
+
+def leader_waits(cfg) -> str | None:
+    """What a group's leader waits up to --teacher_timeout for, if anything: sync teachers' swaps
+    (Exchange.before_step, loader.wait) and --group_id averaging's peers (Exchange._present_separate)."""
+    if cfg.codistill and cfg.exchange.synchronous(cfg.run.group_id):
+        return "a sync teacher's swap"
+    if cfg.exchange.averaging and cfg.run.group_id is not None:
+        return f"--peer_use {cfg.exchange.peer_use} with --group_id"
+    return None
 
 
 def init_distributed(device: torch.device, timeout_s: float = 600.0) -> None:

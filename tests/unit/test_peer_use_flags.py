@@ -42,3 +42,30 @@ def test_peer_models_any_in_one_launch_of_every_group_is_warned_useless(sample_d
     log = Log()
     tl.plan_run(tl.parse_args([*e2e_args(sample_data, tmp_path / "run", group_id=0), "--peer_models", "any"]), log)
     assert not any("--peer_models any" in m for m in log.lines)
+
+
+@pytest.mark.parametrize("extra,world,refused", [
+    (["--teacher_timeout", "600"], 2, "a sync teacher's swap"),                     # the old default: equal
+    (["--group_id", "0", "--peer_use", "diloco", "--teacher_timeout", "900"], 2, "--peer_use diloco with --group_id"),
+    (["--group_id", "0", "--teacher_timeout", "900"], 2, None),  # latest teachers: the leader never waits
+    (["--teacher_timeout", "900"], 1, None),                     # one rank: no collective waits with it
+    (["--teacher_timeout", "900", "--dist_timeout", "1200"], 2, None),
+    ([], 2, None),                                               # the defaults: 300 s < 600 s
+])
+def test_a_leaders_wait_must_end_before_its_ranks_collective_times_out(sample_data, tmp_path, monkeypatch, extra,
+                                                                        world, refused):
+    """While a group's leader waits up to --teacher_timeout for a peer's export, the launch's other
+    ranks wait in a collective: with --teacher_timeout >= --dist_timeout they would time out (and
+    stop the run) before the leader gives up on the peer, so the plan refuses it, naming both flags."""
+    tl = load_script("train_lm")
+    monkeypatch.setenv("WORLD_SIZE", str(world))
+    monkeypatch.setenv("RANK", "0")
+    cfg = tl.parse_args([*e2e_args(sample_data, tmp_path / "run"), *extra])
+    if refused:
+        with pytest.raises(tl.SETUP_ERRORS, match=r"--teacher_timeout \d+ s must be below --dist_timeout 600 s in "
+                                                   rf"a launch of 2 ranks: while a group's leader waits for a "
+                                                   rf"peer's export \({refused}\)"):
+            tl.plan_run(cfg, Log())
+    else:
+        tl.plan_run(cfg, Log())
+    assert not (tmp_path / "run").exists()
