@@ -15,7 +15,8 @@ reads ``LOCAL_RANK`` as the CUDA ordinal in places no argument reaches:
   tensors on ``cuda:LOCAL_RANK``;
 - ``deepspeed/runtime/engine.py`` ``DeepSpeedEngine._set_distributed_vars``: the engine's device is
   ``args.device_rank`` if given, else ``self.local_rank`` = ``int(os.environ["LOCAL_RANK"])``
-  (``_do_args_sanity_check``, which also asserts ``args.local_rank == LOCAL_RANK``): an engine
+  (``_configure_with_arguments``; ``_do_args_sanity_check`` asserts ``args.local_rank ==
+  LOCAL_RANK``): an engine
   built without args (the optimizer-less teacher engine) would take the node-local index.
 
 The node-local index is kept as ``CODISTILL_NODE_LOCAL_RANK`` (logs, and a second call of

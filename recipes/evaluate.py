@@ -50,6 +50,7 @@ import numpy as np
 import torch
 
 from codistill.data import DataError, TokenData
+from codistill.device import cpu_requested
 from codistill.exports import export_name, read_export, read_final, read_latest
 from codistill.layout import GroupLayout, RunLayout
 from codistill.metrics import Totals, count_words_in_tokens, ensemble_log_probs, log_probs, ppl
@@ -76,7 +77,7 @@ def parse_args(argv=None):
     p.add_argument("--max_tokens", type=int, default=None, help="evaluate only the first N tokens of the split")
     p.add_argument("--batch_size", type=int, default=16)
     p.add_argument("--seq_len", type=int, default=None, help="window length (default: run A's --seq_len)")
-    p.add_argument("--device", default=None, help="cpu | cuda (default: cuda if available)")
+    p.add_argument("--device", default=None, help="cpu | cuda (default: cuda if available, cpu under DS_ACCELERATOR=cpu)")
     p.add_argument("--state", default="auto", choices=["auto", "carried", "fresh"],
                    help="carried: LSTMs carry their state across windows along --batch_size rows; fresh: every "
                         "window from scratch; auto: carried when every model is an LSTM")
@@ -255,6 +256,12 @@ def fmt_table(rows: list[list], header: list[str]) -> str:
     return "\n".join(lines)
 
 
+def eval_device(name: str | None) -> torch.device:
+    """--device, else CUDA where there is one - but CPU under DS_ACCELERATOR=cpu (the CPU test tier
+    on a GPU node), as the trainer trains there (codistill/device.py cpu_requested)."""
+    return torch.device(name or ("cuda" if torch.cuda.is_available() and not cpu_requested() else "cpu"))
+
+
 def main(argv=None) -> dict:
     if argv is not None:
         argv = [str(a) for a in argv]
@@ -279,7 +286,7 @@ def main(argv=None) -> dict:
         raise EvalError("the window length is unknown: pass --seq_len")
     if args.batch_size < 1:
         raise EvalError("--batch_size must be >= 1")
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = eval_device(args.device)
 
     labels = {run_a: run_label(run_a, run_b)}
     if run_b is not None:

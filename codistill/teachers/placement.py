@@ -96,7 +96,7 @@ class OffloadedTeacher(FullTeacher):
       pinned memory; the compute stream waits for its event before using it, and the copies
       are marked as used by the compute stream (``record_stream``) so that the caching
       allocator does not hand their memory out again before the kernels that read them ran
-      (torch/csrc/cuda/CUDACachingAllocator: a block is reused once every stream it was
+      (c10/cuda/CUDACachingAllocator.cpp: a block is reused once every stream it was
       recorded on has passed its free). On a CPU device the fetch stays synchronous
       (``prefetch=True`` runs the same bookkeeping there with synchronous copies, for tests).
     """

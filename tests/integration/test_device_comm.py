@@ -8,6 +8,7 @@ import os
 import pytest
 import torch
 import torch.multiprocessing as mp
+from conftest import load_script
 
 from codistill import comm
 from codistill.comm import GroupComm, StepControl, device_tensor
@@ -268,6 +269,11 @@ def test_ds_accelerator_cpu_trains_on_cpu_on_a_gpu_node(monkeypatch):
     assert engine_args(torch.device("cpu")) is None
     env["DS_ACCELERATOR"] = "cuda"
     assert train_device(1, 2, env) == torch.device("cuda", 1)
+    evaluate = load_script("evaluate")  # recipes/evaluate.py evaluates where the trainer trains
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    assert evaluate.eval_device(None) == torch.device("cpu") and evaluate.eval_device("cuda").type == "cuda"
+    monkeypatch.delenv("DS_ACCELERATOR")
+    assert evaluate.eval_device(None) == torch.device("cuda")
 
 
 def test_local_rank_becomes_the_mapped_ordinal_before_deepspeed_reads_it(monkeypatch):
