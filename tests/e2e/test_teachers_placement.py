@@ -1,6 +1,6 @@
 """Teachers that do not fit (issues 17 and 28) on 2 groups x 2 ranks with ZeRO-3, as a matrix
 (tests/scripts/teacher_modes.py, one launch): mode {full, partition, offload} x {dense, top-K}
-x dtype {fp32, bf16} x arch {LSTM, the repo's Transformer (RoPE), a tied HF Llama}. Every
+x dtype {fp32, bf16} x arch {LSTM, the repo's Transformer (RoPE), an HF Llama tied and untied}. Every
 combination builds, receives the weights from the group's leader, keeps its teacher when the
 leader has none to offer, and gives the probabilities of a full teacher this rank loads itself;
 its buffers keep the student's dtype (a RoPE inv_freq built inside zero.Init was bf16);
@@ -16,7 +16,7 @@ from pathlib import Path
 
 from conftest import ROOT, e2e_args, env_for_runs, launch, ranks_command, read_scalars
 
-ARCHS = ("lstm", "transformer", "llama_tied")
+ARCHS = ("lstm", "transformer", "llama_tied", "llama_untied")
 # bf16 is held to exactness too (measured: 0 on every rank): each placement runs the same bf16
 # kernels on the same bf16 weights in the same order on one CPU. A tolerance wide enough for a
 # real reordering of bf16 sums (an ulp of a logit, 2^-8 relative, through the softmax of these

@@ -45,10 +45,12 @@ def configs(tmp: Path) -> dict:
     from model.hf import read_hf_config
     tmp.mkdir(parents=True, exist_ok=True)
     (tmp / "llama_tied.json").write_text(json.dumps(LLAMA_TIED))
+    (tmp / "llama_untied.json").write_text(json.dumps(dict(LLAMA_TIED, tie_word_embeddings=False)))
     return {"lstm": preset_config("lstm", "tiny", V, d_model=64, d_embed=32),
             "transformer": preset_config("transformer", "tiny", V, max_seq_len=64, d_model=64, d_ff=128,
                                          tie_embeddings=False),
-            "llama_tied": hf_model_config(read_hf_config(tmp / "llama_tied.json"), max_seq_len=64)}
+            "llama_tied": hf_model_config(read_hf_config(tmp / "llama_tied.json"), max_seq_len=64),
+            "llama_untied": hf_model_config(read_hf_config(tmp / "llama_untied.json"), max_seq_len=64)}
 
 
 def student_like(cfg, dtype):
@@ -81,7 +83,7 @@ def snapshot(q):
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--out", required=True)
-    p.add_argument("--arch", nargs="*", default=["lstm", "transformer", "llama_tied"])
+    p.add_argument("--arch", nargs="*", default=["lstm", "transformer", "llama_tied", "llama_untied"])
     a = p.parse_args([x for x in sys.argv[1:] if not x.startswith("--local_rank")])
     import deepspeed
     import deepspeed.comm as dist
