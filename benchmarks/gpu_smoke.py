@@ -16,6 +16,14 @@ several ranks) or a real script, on bf16 where the GPU has it natively (bf16 "au
                              exports and final weights gathered over its 2 ranks, its leader's teacher
                              reaching rank 1 by NCCL), group 1 a separate launch; latest teachers, no race:
                              group 0 starts only once group 1's export is on disk (polled with a deadline)
+    teachers/llama_tied/partition_topk, .../offload_topk
+                             the same with top-K teachers, partitioned (ZeRO-3) and offloaded (ZeRO-2): a
+                             tied head under each, gathered or fetched over a group's 2 ranks
+    teachers/transformer/partition_per_task
+                             the partition check with group 0's ranks bound one GPU each (torchrun,
+                             CUDA_VISIBLE_DEVICES=LOCAL_RANK, as srun --gpus-per-task=1 binds): LOCAL_RANK 1
+                             names a GPU its rank cannot see, so zero.Init and the teacher's engine must
+                             take the mapped device (codistill/device.py bind_device)
     zero3                    ZeRO-3, 2 groups in one process
     split                    2+ GPUs: 2 ranks, one group each (NCCL world split)
     carry_state, noise_scale --carry_state (LSTM), --noise_scale (LSTM, ZeRO-2)
@@ -181,8 +189,14 @@ class Smoke:
     def run_dir(self, name: str) -> Path:
         return self.root / name.replace("/", "_")
 
-    def train_cmd(self, run: Path, flags: list, ranks: int = 1) -> list:
+    def train_cmd(self, run: Path, flags: list, ranks: int = 1, per_task: bool = False) -> list:
+        """The trainer on ``ranks`` ranks by the deepspeed launcher (every rank sees every GPU); with
+        ``per_task`` by torchrun, each rank seeing only GPU LOCAL_RANK (CUDA_VISIBLE_DEVICES), as
+        `srun --gpus-per-task=1` binds a task: every rank's LOCAL_RANK then names a GPU it cannot see."""
         script = [ROOT / "recipes" / "train_lm.py", "--run_dir", run, "--data", self.data, *flags]
+        if per_task:
+            return [Path(PY).with_name("torchrun"), "--nproc_per_node", ranks, "--master_port", free_port(),
+                    "--no-python", "bash", "-c", 'CUDA_VISIBLE_DEVICES=$LOCAL_RANK exec "$0" "$@"', PY, *script]
         return [DEEPSPEED, "--num_gpus", ranks, "--master_port", free_port(), *script]
 
     def train(self, name: str, flags: list, ranks: int = 1, env: dict | None = None) -> tuple[Path, str]:
@@ -313,19 +327,23 @@ def wait_for_export(sm: Smoke, run: Path, g: int, step: int, proc: subprocess.Po
         time.sleep(0.5)
 
 
-def partition_check(arch: str) -> Callable[[Smoke], dict]:
-    flags, words = MODE_FLAGS["partition"]
+def partition_check(arch: str, modes: tuple = ("partition",), ds: str = "zero3",
+                    per_task: bool = False) -> Callable[[Smoke], dict]:
+    flags = [f for m in modes for f in MODE_FLAGS[m][0]]
+    words = ", ".join(MODE_FLAGS[m][1] for m in modes)
+    name = f"teachers/{arch}/{'_'.join(modes)}" + ("_per_task" if per_task else "")
 
     def fn(sm: Smoke) -> dict:
-        """Group 1 (1 rank) starts first; group 0 (2 ranks, ZeRO-3, partitioned teachers) starts
-        once group 1's first export is complete, so its leader finds a teacher at its burn-in."""
-        run = sm.run_dir(f"teachers/{arch}/partition")
+        """Group 1 (1 rank) starts first; group 0 (2 ranks, ZeRO-3 by default: its teachers, exports
+        and final weights over both) starts once group 1's first export is complete, so its leader
+        finds a teacher at its burn-in; its leader's teacher reaches rank 1 by NCCL."""
+        run = sm.run_dir(name)
         k = 4 if sm.quick else 5
-        common = [*sm.model_flags(arch), *flags, "--ds_config", "ds_configs/zero3.json", "--num_groups", 2,
+        common = [*sm.model_flags(arch), *flags, "--ds_config", f"ds_configs/{ds}.json", "--num_groups", 2,
                   "--poll_interval", 0.2, *sm.tiny()]
         g1 = sm.start(sm.train_cmd(run, [*common, "--group_id", 1]))
         wait_for_export(sm, run, 1, k, g1)
-        out = sm.call(sm.train_cmd(run, [*common, "--group_id", 0], ranks=2))
+        out = sm.call(sm.train_cmd(run, [*common, "--group_id", 0], ranks=2, per_task=per_task))
         sm.finish(g1)
         need("this rank: [0], 2 rank(s) each" in out, f"group 0 is not 2 ranks: {sm.tail(out, 800)}")
         expect_codistilled(sm, run, out, groups=(0,), words=words)
@@ -547,6 +565,12 @@ def check_throughput(sm: Smoke) -> dict:
 CHECKS = [Check("main", check_main, timeout=150, estimate=40),
           *[Check(f"teachers/{a}/{m}", teacher_check(a, m), timeout=100, estimate=25) for a in ARCHS for m in MODES],
           *[Check(f"teachers/{a}/partition", partition_check(a), gpus=2, timeout=150, estimate=45) for a in ARCHS],
+          Check("teachers/llama_tied/partition_topk", partition_check("llama_tied", ("partition", "topk")), gpus=2,
+                timeout=150, estimate=45),
+          Check("teachers/llama_tied/offload_topk", partition_check("llama_tied", ("offload", "topk"), "zero2"),
+                gpus=2, timeout=150, estimate=45),
+          Check("teachers/transformer/partition_per_task", partition_check("transformer", per_task=True), gpus=2,
+                timeout=150, estimate=45),
           Check("zero3", check_zero3, timeout=100, estimate=25),
           Check("split", check_split, gpus=2, timeout=100, estimate=30),
           Check("carry_state", check_carry_state, timeout=100, estimate=25),
